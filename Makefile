@@ -1,0 +1,31 @@
+# Two commands: `make demo` and `make test`. Both set up the virtual environment first (CPU-only torch, pinned).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
+
+.PHONY: demo test venv clean bench
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt "torch==2.13.0" -e ".[test,data,batch]"
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+demo: venv
+	$(VENV)/bin/petworkbench demo --out out/demo
+
+test: venv
+	$(PY) -m pytest -q Testing
+
+bench: venv
+	$(PY) benchmarks/reconstruction.py --quick
+	$(PY) benchmarks/synthesis.py --quick
+	$(PY) benchmarks/segmentation.py --quick
+	$(PY) benchmarks/registration.py --quick
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

@@ -1,0 +1,211 @@
+"""``petworkbench``: the command line shared by batch users, cluster jobs and the Slicer worker process.
+
+Foundation commands: ``info`` and ``models list|download|verify|install|delete``. Each module engine adds its own
+commands in ``<Name>ModuleLib/cli.py`` through ``add_commands(subparsers)``; commands that several families share
+(``train``, ``evaluate``) are groups made with :func:`group`, e.g. ``petworkbench train synthesis ...``.
+
+A command is a callable ``func(args, reporter) -> dict``. The dict is its JSON summary: printed as a table, or as
+JSON with ``--json``. Progress goes through ``reporter``: a progress bar on a terminal, ``PWB_PROGRESS`` lines when
+run by the worker (``--progress-lines``). Errors print one clear line and exit non-zero: 2 bad input, 3 model
+problem, 130 cancelled, 1 anything else.
+"""
+
+import argparse
+import importlib
+import json
+import sys
+import traceback
+
+from .errors import Cancelled, InputError, ModelError, PETWorkbenchError
+from .progress import Reporter
+
+FAMILIES = ("ReconstructionModuleLib", "SynthesisModuleLib", "SegmentationModuleLib", "RegistrationModuleLib")
+_GLOBAL_FLAGS = ("--progress-lines", "--json")
+
+
+def group(subparsers, name, help=None):
+    """Get or create the command group ``name`` (e.g. "train") and return its sub-parsers object."""
+    choices = subparsers.choices
+    if name not in choices:
+        p = subparsers.add_parser(name, help=help or f"{name} commands")
+        p.set_defaults(func=None, _group=p)
+        p._pwb_sub = p.add_subparsers(dest=f"{name}_what", metavar="WHAT")
+    return choices[name]._pwb_sub
+
+
+def _cmd_info(args, rep):
+    from .device import describe
+    from .paths import models_cache_dir, resources_dir
+    info = describe()
+    info["resources"] = str(resources_dir())
+    info["models_cache"] = str(models_cache_dir())
+    info["families"] = {f: ("ok" if not err else err) for f, err in _FAMILY_STATUS.items()}
+    return info
+
+
+def _cmd_models(args, rep):
+    from . import models
+    if args.action == "list":
+        return {"models": [{"id": e.id, "family": e.family, "method": e.method, "version": e.version,
+                            "status": models.status(e), "title": e.title} for e in models.registry(args.family)]}
+    if not args.model_id:
+        raise InputError(f"'models {args.action}' needs a model id (see 'petworkbench models list')")
+    if args.action == "download":
+        return {"id": args.model_id, "path": str(models.ensure(args.model_id, progress=rep))}
+    if args.action == "verify":
+        return {"id": args.model_id, "path": str(models.verify(args.model_id)), "status": "ok"}
+    if args.action == "install":
+        if not args.file:
+            raise InputError("'models install' needs the weights file: petworkbench models install ID FILE")
+        return {"id": args.model_id, "path": str(models.install_from_file(args.model_id, args.file))}
+    if args.action == "delete":
+        return {"id": args.model_id, "deleted": models.delete(args.model_id)}
+    raise InputError(f"Unknown models action {args.action}")
+
+
+def _cmd_selftest(args, rep):
+    """Exercise the worker protocol: progress, optional child process, optional failure."""
+    import subprocess
+    import time
+    child = None
+    if args.spawn_child:
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    for i in range(args.steps):
+        rep(i / args.steps, f"step {i + 1} of {args.steps}")
+        time.sleep(args.delay)
+        if args.fail_at is not None and i + 1 == args.fail_at:
+            raise InputError(f"selftest failure requested at step {i + 1}")
+    rep(1.0, "done")
+    return {"steps": args.steps, "child_pid": child.pid if child else None}
+
+
+_FAMILY_STATUS = {}
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="petworkbench", description="PETWorkbench engines from the command line "
+                                     "(research use only, not for clinical decisions).")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument("--progress-lines", action="store_true", help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser("info", help="versions, devices, folders")
+    p.set_defaults(func=_cmd_info)
+    p = sub.add_parser("models", help="list, download, verify, install or delete model weights")
+    p.add_argument("action", choices=["list", "download", "verify", "install", "delete"])
+    p.add_argument("model_id", nargs="?")
+    p.add_argument("file", nargs="?", help="weights file (install)")
+    p.add_argument("--family", help="only this family (list)")
+    p.set_defaults(func=_cmd_models)
+    p = sub.add_parser("selftest", help="check the worker protocol (progress, cancel, errors)")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--delay", type=float, default=0.05)
+    p.add_argument("--fail-at", type=int, default=None)
+    p.add_argument("--spawn-child", action="store_true", help="start a child process (tests process-tree cancel)")
+    p.set_defaults(func=_cmd_selftest)
+    group(sub, "train", "train a model (torchrun-compatible)")
+    group(sub, "evaluate", "evaluate a model or a result against a reference")
+    for fam in FAMILIES:
+        try:
+            mod = importlib.import_module(f"{fam}.cli")
+            mod.add_commands(sub)
+            _FAMILY_STATUS[fam] = None
+        except ImportError as e:
+            _FAMILY_STATUS[fam] = f"unavailable ({e})"
+    return parser
+
+
+class _TerminalProgress:
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, fraction, message):
+        from tqdm import tqdm
+        if self.bar is None:
+            self.bar = tqdm(total=1000, unit="‰", bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}",
+                            file=sys.stderr)
+        self.bar.n = int(round(fraction * 1000))
+        self.bar.set_postfix_str(message[:60], refresh=False)
+        self.bar.refresh()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _progress_line(fraction, message):
+    print("PWB_PROGRESS " + json.dumps({"fraction": round(float(fraction), 5), "message": message}), flush=True)
+
+
+def _print_summary(summary):
+    if not isinstance(summary, dict):
+        print(summary)
+        return
+    width = max((len(str(k)) for k in summary), default=0)
+    for k, v in summary.items():
+        if isinstance(v, (list, dict)):
+            print(f"{k}:")
+            for item in (v if isinstance(v, list) else [v]):
+                print("  " + (json.dumps(item) if not isinstance(item, str) else item))
+        else:
+            print(f"{str(k).ljust(width)}  {v}")
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    flags = {f for f in _GLOBAL_FLAGS if f in argv}
+    argv = [a for a in argv if a not in _GLOBAL_FLAGS]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    lines, as_json = "--progress-lines" in flags, "--json" in flags
+    func = getattr(args, "func", None)
+    if func is None:
+        (getattr(args, "_group", None) or parser).print_help()
+        return 2
+    terminal = None
+    if lines:
+        rep = Reporter(_progress_line)
+    elif sys.stderr.isatty():
+        terminal = _TerminalProgress()
+        rep = Reporter(terminal)
+    else:
+        rep = Reporter(None)
+    code = 0
+    try:
+        summary = func(args, rep)
+        if terminal:
+            terminal.close()
+        if lines:
+            print("PWB_RESULT " + json.dumps(summary, default=str), flush=True)
+        elif as_json:
+            print(json.dumps(summary, indent=2, default=str))
+        else:
+            _print_summary(summary)
+    except PETWorkbenchError as e:
+        code = 130 if isinstance(e, Cancelled) else 2 if isinstance(e, InputError) else 3 if isinstance(e, ModelError) else 1
+        _report_error(type(e).__name__, str(e), lines)
+    except MemoryError as e:
+        code = 1
+        _report_error("MemoryError", "Out of memory: use a smaller patch batch, a GPU, or crop the volume "
+                      f"({e})", lines)
+    except Exception as e:  # a bug: keep the traceback for the log
+        code = 1
+        traceback.print_exc(file=sys.stdout if lines else sys.stderr)
+        msg = str(e)
+        if "out of memory" in msg.lower():
+            msg = "Out of memory: use a smaller patch batch or the CPU / crop the volume. " + msg
+        _report_error(type(e).__name__, msg, lines)
+    finally:
+        if terminal:
+            terminal.close()
+    return code
+
+
+def _report_error(kind, message, lines):
+    if lines:
+        print("PWB_ERROR " + json.dumps({"type": kind, "message": message}), flush=True)
+    else:
+        print(f"petworkbench: error: {message}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

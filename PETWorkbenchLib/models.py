@@ -1,0 +1,255 @@
+"""Model registry (Resources/Models.json), per-user weight cache, checksummed downloads and offline install.
+
+Every model has an entry in ``Resources/Models.json`` (schema: ``Resources/Models.schema.json``). Weights are either
+bundled with the extension (``"url": "bundled:Models/<file>"``, verified in place) or downloaded once into the
+per-user cache (:func:`PETWorkbenchLib.paths.models_cache_dir`, overridable with ``PETWORKBENCH_MODELS_DIR``).
+Downloads stream to a temporary file in the cache folder, are SHA-256 checked and only then renamed into place, so
+a failed or corrupt download never leaves a file behind. Sites without internet copy the file with
+:func:`install_from_file` (``petworkbench models install ID FILE``). Nothing is downloaded at import time.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import InputError, ModelError
+from .paths import models_cache_dir, resources_dir
+
+REQUIRED = ("id", "family", "method", "title", "version", "config", "inputs", "units", "url", "sha256",
+            "license", "training", "metrics")
+BUNDLED = "bundled:"
+CHUNK = 1 << 17
+
+
+@dataclass
+class ModelEntry:
+    id: str
+    family: str
+    method: str
+    title: str
+    version: str
+    config: dict
+    inputs: list
+    units: str
+    url: str
+    sha256: str
+    license: str
+    training: dict
+    metrics: dict
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def bundled(self):
+        return self.url.startswith(BUNDLED)
+
+    @property
+    def filename(self):
+        return Path(self.url[len(BUNDLED):] if self.bundled else self.url.split("?")[0]).name
+
+    def cached_path(self, cache_dir=None):
+        if self.bundled:
+            return resources_dir() / self.url[len(BUNDLED):]
+        return Path(cache_dir or models_cache_dir()) / self.id / self.filename
+
+
+def sha256_of(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _entry(d, source):
+    missing = [k for k in REQUIRED if k not in d]
+    if missing:
+        raise ModelError(f"Model entry {d.get('id', '?')} in {source} lacks field(s): {', '.join(missing)}")
+    known = {k: d[k] for k in REQUIRED}
+    return ModelEntry(**known, extra={k: v for k, v in d.items() if k not in REQUIRED})
+
+
+def load_registry(path=None):
+    """Read Models.json and return {id: ModelEntry}. Also reads fragments in ``Models.d/*.json`` beside it."""
+    path = Path(path) if path else resources_dir() / "Models.json"
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelError(f"Cannot read the model registry {path}: {e}") from e
+    entries = list(data.get("models", []))
+    frag_dir = Path(path).parent / "Models.d"
+    for frag in sorted(frag_dir.glob("*.json")) if frag_dir.is_dir() else []:
+        entries += json.loads(frag.read_text())
+    out = {}
+    for d in entries:
+        e = _entry(d, path)
+        if e.id in out:
+            raise ModelError(f"Model id {e.id} is listed twice in the registry")
+        out[e.id] = e
+    return out
+
+
+def registry(family=None, path=None):
+    """List of registered models, optionally of one family."""
+    return [e for e in load_registry(path).values() if family in (None, e.family)]
+
+
+def get(model_id, path=None):
+    reg = load_registry(path)
+    if model_id not in reg:
+        raise ModelError(f"Unknown model '{model_id}'. Registered models: {', '.join(sorted(reg)) or 'none'}")
+    return reg[model_id]
+
+
+def _as_entry(model):
+    return model if isinstance(model, ModelEntry) else get(model)
+
+
+def verify(model, cache_dir=None):
+    """Check that the model's file is present and matches its SHA-256. Returns the path; raises ModelError."""
+    e = _as_entry(model)
+    p = e.cached_path(cache_dir)
+    if not p.is_file():
+        how = ("the extension install is incomplete" if e.bundled else
+               f"download it (petworkbench models download {e.id}) or place it by hand "
+               f"(petworkbench models install {e.id} FILE)")
+        raise ModelError(f"Weights of model '{e.id}' not found at {p}: {how}")
+    digest = sha256_of(p)
+    if digest != e.sha256:
+        raise ModelError(f"Weights of model '{e.id}' at {p} are corrupt: SHA-256 {digest} does not match the "
+                         f"registered {e.sha256}. Delete the file (petworkbench models delete {e.id}) and download "
+                         "it again.")
+    return p
+
+
+def _atomic_copy_verified(e, write_into, cache_dir):
+    """Write the weights through a temporary file in the target folder; rename only when the hash matches."""
+    dest = e.cached_path(cache_dir)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{e.filename}.", suffix=".part", dir=dest.parent)
+    try:
+        h = hashlib.sha256()
+        with os.fdopen(fd, "wb") as f:
+            write_into(f, h)
+        digest = h.hexdigest()
+        if digest != e.sha256:
+            raise ModelError(f"Checksum mismatch for model '{e.id}': expected SHA-256 {e.sha256}, got {digest}. "
+                             "The file was not installed.")
+        os.replace(tmp, dest)
+        return dest
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        try:
+            dest.parent.rmdir()   # only succeeds if we left it empty
+        except OSError:
+            pass
+
+
+def download(model, progress=None, cache_dir=None, timeout=30):
+    """Download the weights into the per-user cache (streaming, progress, SHA-256, atomic). Returns the path."""
+    e = _as_entry(model)
+    if e.bundled:
+        return verify(e)
+    import requests
+
+    def write_into(f, h):
+        try:
+            with requests.get(e.url, stream=True, timeout=timeout) as r:
+                r.raise_for_status()
+                total = int(r.headers.get("content-length") or 0)
+                done = 0
+                for block in r.iter_content(CHUNK):
+                    f.write(block)
+                    h.update(block)
+                    done += len(block)
+                    if progress and total:
+                        progress(done / total, f"Downloading {e.id}: {done / 1e6:.1f} of {total / 1e6:.1f} MB")
+        except requests.RequestException as err:
+            raise ModelError(f"Could not download model '{e.id}' from {e.url}: {err}. Without network access, "
+                             f"place the file by hand: petworkbench models install {e.id} FILE") from err
+
+    return _atomic_copy_verified(e, write_into, cache_dir)
+
+
+def install_from_file(model, source, cache_dir=None):
+    """Offline install: copy a weights file obtained by other means into the cache, after checking its SHA-256."""
+    e = _as_entry(model)
+    source = Path(source)
+    if not source.is_file():
+        raise InputError(f"File to install for model '{e.id}' not found: {source}")
+    if e.bundled:
+        raise InputError(f"Model '{e.id}' ships with the extension; nothing to install")
+
+    def write_into(f, h):
+        with open(source, "rb") as s:
+            for block in iter(lambda: s.read(CHUNK), b""):
+                f.write(block)
+                h.update(block)
+
+    return _atomic_copy_verified(e, write_into, cache_dir)
+
+
+def ensure(model, progress=None, cache_dir=None, allow_download=True):
+    """Path of verified weights, downloading them first if needed and allowed."""
+    e = _as_entry(model)
+    p = e.cached_path(cache_dir)
+    if p.is_file() or e.bundled or not allow_download:
+        return verify(e, cache_dir)
+    return download(e, progress=progress, cache_dir=cache_dir)
+
+
+def delete(model, cache_dir=None):
+    """Remove a downloaded model from the cache. Returns True if something was removed."""
+    e = _as_entry(model)
+    if e.bundled:
+        raise InputError(f"Model '{e.id}' ships with the extension and cannot be deleted from the cache")
+    d = e.cached_path(cache_dir).parent
+    if d.is_dir():
+        shutil.rmtree(d)
+        return True
+    return False
+
+
+def status(model, cache_dir=None):
+    """'bundled', 'installed', 'missing' or 'corrupt'."""
+    e = _as_entry(model)
+    p = e.cached_path(cache_dir)
+    if not p.is_file():
+        return "missing"
+    if sha256_of(p) != e.sha256:
+        return "corrupt"
+    return "bundled" if e.bundled else "installed"
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a weights file written by :func:`save_checkpoint`: dict with 'config' and 'state_dict'."""
+    import torch
+    try:
+        ckpt = torch.load(str(path), map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises many types for damaged files
+        raise ModelError(f"Cannot read model weights {path}: {err}") from err
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "config" not in ckpt:
+        raise ModelError(f"{path} is not a PETWorkbench checkpoint (needs 'config' and 'state_dict')")
+    return ckpt
+
+
+def save_checkpoint(path, config, state_dict, **extra):
+    """Write a checkpoint that :func:`load_checkpoint` reads (plain tensors and JSON-like data only)."""
+    import torch
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".part")
+    torch.save({"config": config, "state_dict": state_dict, **extra}, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def load_model_checkpoint(model, progress=None, map_location="cpu"):
+    """Registry id or file path -> checkpoint dict (weights verified when given by id)."""
+    if isinstance(model, (str, Path)) and Path(model).suffix in (".pt", ".pth") and Path(model).is_file():
+        return load_checkpoint(model, map_location)
+    return load_checkpoint(ensure(model, progress=progress), map_location)

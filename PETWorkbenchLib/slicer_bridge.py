@@ -1,0 +1,188 @@
+"""What every module's Logic and Widget share on the Slicer side.
+
+* :func:`ensure_dependencies`: lazy installation of torch (through the PyTorch extension) and the other Python
+  packages, on first use, never at import or start-up.
+* :class:`EngineRun`: one engine command in the worker process, with inputs written from nodes to a private
+  temporary folder, and outputs read back into nodes **only after success** (cancel or failure leaves the user's
+  scene untouched). ``wait=True`` blocks (Python console, batch); otherwise the widget polls it from a timer.
+* :class:`ApplyButtonController`: Apply turns into Cancel while a run is going, with progress bar and status text.
+
+Headless (pytest, slicer-core) everything except the Qt timer works the same; the tests use ``wait=True``.
+"""
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from .errors import Cancelled, EngineError, InputError
+from .worker import run_cli
+
+PIP_REQUIREMENTS = ["monai>=1.3", "SimpleITK", "nibabel", "requests", "tqdm", "psutil", "scipy"]
+MINIMUM_TORCH = "2.1"
+
+
+def python_executable():
+    """The Python that runs engine commands: PythonSlicer inside Slicer, this interpreter elsewhere."""
+    exe = Path(sys.executable)
+    for name in ("PythonSlicer", "PythonSlicer.exe"):
+        cand = exe.parent / name
+        if cand.is_file():
+            return str(cand)
+    found = shutil.which("PythonSlicer")
+    if found and "Slicer" in exe.name:
+        return found
+    return sys.executable
+
+
+def ensure_dependencies(ask=True):
+    """Install missing packages into Slicer's Python (torch through the PyTorch extension). Returns True if all
+    is there. Outside Slicer it only checks and names what is missing."""
+    missing = []
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        missing.append("torch")
+    for mod in ("monai", "SimpleITK", "nibabel", "requests", "tqdm", "psutil", "scipy"):
+        try:
+            __import__(mod)
+        except ImportError:
+            missing.append(mod)
+    if not missing:
+        return True
+    try:
+        import slicer
+        import qt  # noqa: F401
+    except ImportError:
+        raise InputError("Missing Python packages: " + ", ".join(missing)
+                         + ". Install them with: pip install -c constraints.txt -e .")
+    if ask and not slicer.util.confirmOkCancelDisplay(
+            "PETWorkbench needs these Python packages, which will be downloaded and installed now "
+            f"(this can take several minutes): {', '.join(missing)}", "Install Python packages"):
+        raise InputError("Required Python packages are not installed: " + ", ".join(missing))
+    if "torch" in missing:
+        try:
+            import PyTorchUtils
+        except ImportError:
+            raise InputError("The PyTorch extension is required: install 'PyTorch' from the Extensions Manager "
+                             "and restart Slicer")
+        torch_logic = PyTorchUtils.PyTorchUtilsLogic()
+        if not torch_logic.torchInstalled():
+            if torch_logic.installTorch(askConfirmation=False, torchVersionRequirement=f">={MINIMUM_TORCH}") is None:
+                raise InputError("PyTorch could not be installed; see the PyTorch module for details")
+    others = [r for r in PIP_REQUIREMENTS if r.split(">")[0].split("=")[0] in missing]
+    if others:
+        slicer.util.pip_install(others)
+    return True
+
+
+class EngineRun:
+    """Run ``petworkbench <args>`` with files in a private temporary folder.
+
+    ``prepare(tmpdir) -> list of extra CLI args`` writes the inputs; ``finish(tmpdir, result) -> value`` reads the
+    outputs into nodes. ``finish`` runs only when the command succeeded; the folder is removed afterwards.
+    """
+
+    def __init__(self, args, prepare=None, finish=None, progress=None, log=None, done=None, env=None):
+        self.tmpdir = tempfile.mkdtemp(prefix="petworkbench-")
+        self.finish_cb, self.done_cb = finish, done
+        self.value = None
+        self.error = None
+        try:
+            extra = prepare(self.tmpdir) if prepare else []
+            self.job = run_cli(list(args) + list(extra), progress=progress, log=log, done=self._done,
+                               python=python_executable(), env=env)
+        except Exception:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+            raise
+
+    def _done(self, job):
+        try:
+            if job.error is None and self.finish_cb is not None:
+                self.value = self.finish_cb(self.tmpdir, job.result)
+            elif job.error is None:
+                self.value = job.result
+        except Exception as e:  # importing results failed: report like an engine error
+            self.error = e
+        finally:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+        if self.error is None:
+            self.error = job.error
+        if self.done_cb:
+            self.done_cb(self)
+
+    def poll(self):
+        return self.job.poll()
+
+    def cancel(self):
+        self.job.cancel()
+
+    @property
+    def running(self):
+        return self.job.running
+
+    def wait(self, timeout=None):
+        try:
+            self.job.wait(timeout=timeout)
+        except (EngineError, Cancelled):
+            pass
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def temp_path(tmpdir, name):
+    return os.path.join(tmpdir, name)
+
+
+class ApplyButtonController:
+    """Apply <-> Cancel, progress bar and status label for one module widget (Slicer GUI only)."""
+
+    def __init__(self, applyButton, progressBar, statusLabel, applyText="Apply"):
+        import qt
+        self.button, self.bar, self.label, self.applyText = applyButton, progressBar, statusLabel, applyText
+        self.run = None
+        self.timer = qt.QTimer()
+        self.timer.setInterval(200)
+        self.timer.connect("timeout()", self._poll)
+        self.bar.setVisible(False)
+
+    @property
+    def busy(self):
+        return self.run is not None
+
+    def start(self, run):
+        self.run = run
+        self.button.text = "Cancel"
+        self.button.toolTip = "Stop the running job; the scene is left as it was"
+        self.bar.setVisible(True)
+        self.bar.setValue(0)
+        self.timer.start()
+
+    def progress(self, fraction, message):
+        self.bar.setValue(int(round(100 * fraction)))
+        self.label.text = message
+
+    def cancel(self):
+        if self.run is not None:
+            self.label.text = "Cancelling..."
+            self.run.cancel()
+
+    def _poll(self):
+        if self.run is not None and not self.run.poll():
+            self.finished(self.run)
+
+    def finished(self, run):
+        import slicer
+        self.timer.stop()
+        self.run = None
+        self.button.text = self.applyText
+        self.bar.setVisible(False)
+        if run.error is None:
+            self.label.text = "Done."
+        elif isinstance(run.error, Cancelled):
+            self.label.text = "Cancelled; nothing was changed."
+        else:
+            self.label.text = "Failed; nothing was changed."
+            slicer.util.errorDisplay(str(run.error), detailedText=getattr(run.error, "log", "") or None)

@@ -1,0 +1,63 @@
+"""PET intensity units: Bq/ml <-> SUV (body weight).
+
+SUVbw = activity concentration [Bq/ml] / (injected dose [Bq] decayed to scan time / body weight [g]).
+Models work in SUV; this module converts when the patient weight and injected dose are known, and refuses to guess
+when they are not.
+"""
+
+from .errors import InputError
+
+KNOWN_UNITS = ("SUV", "BQML")
+
+
+def normalise_units(units):
+    u = (units or "").strip().upper().replace("/", "").replace(" ", "")
+    if u in ("SUV", "SUVBW", "G/ML", "GML"):
+        return "SUV"
+    if u in ("BQML", "BQ/ML", "BQPERML"):
+        return "BQML"
+    raise InputError(f"Unknown PET units '{units}': expected SUV (g/ml) or Bq/ml")
+
+
+def suv_factor(weight_kg, injected_dose_bq, decay_factor=1.0):
+    """Multiply Bq/ml by this to get SUVbw."""
+    if not weight_kg or weight_kg <= 0:
+        raise InputError(f"Patient weight must be positive to compute SUV, got {weight_kg}")
+    if not injected_dose_bq or injected_dose_bq <= 0:
+        raise InputError(f"Injected dose must be positive to compute SUV, got {injected_dose_bq}")
+    return (weight_kg * 1000.0) / (injected_dose_bq * decay_factor)
+
+
+def to_suv(array, units, weight_kg=None, injected_dose_bq=None, decay_factor=1.0):
+    """Array in ``units`` -> SUV (new array). Bq/ml needs weight and dose."""
+    u = normalise_units(units)
+    if u == "SUV":
+        return array
+    return array * suv_factor(weight_kg, injected_dose_bq, decay_factor)
+
+
+def from_suv(array, units, weight_kg=None, injected_dose_bq=None, decay_factor=1.0):
+    u = normalise_units(units)
+    if u == "SUV":
+        return array
+    return array / suv_factor(weight_kg, injected_dose_bq, decay_factor)
+
+
+def check_pet_range(array, units="SUV"):
+    """Reject data that cannot be PET in these units (e.g. a CT in HU given as PET)."""
+    import numpy as np
+    a = np.asarray(array)
+    if a.size == 0:
+        raise InputError("The PET volume is empty (no voxels)")
+    if not np.isfinite(a).all():
+        raise InputError("The PET volume contains NaN or infinite values")
+    lo, hi = float(a.min()), float(a.max())
+    if hi <= 0:
+        raise InputError("The PET volume has no positive values (all voxels <= 0)")
+    if normalise_units(units) == "SUV":
+        if lo < -50:
+            raise InputError(f"Minimum value {lo:.0f} is far below 0: this looks like a CT in HU, not PET in SUV")
+        if hi > 1000:
+            raise InputError(f"Maximum value {hi:.0f} is implausible for SUV: the volume is probably in Bq/ml; "
+                             "convert it to SUV (needs patient weight and injected dose) or set the units")
+    return lo, hi

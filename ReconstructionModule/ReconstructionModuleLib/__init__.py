@@ -1,0 +1,1 @@
+"""ReconstructionModuleLib: PET reconstruction engine (placeholder docstring, completed below)."""

@@ -1,0 +1,87 @@
+"""Organ label conventions.
+
+``LDOS_ORGANS``: the 18 organ classes of LDOS (CT-free low-dose PET organ segmentation) with the label values
+used by every PETWorkbench data set and model.  ``TS_TO_LDOS`` maps TotalSegmentator ("total" task, v2) class
+names to those values (left/right, vertebrae and lung lobes merged).
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["LDOS_ORGANS", "LDOS_NAMES", "LDOS_VALUES", "TS_TO_LDOS", "ts_name_to_ldos", "read_ts_label_table",
+           "ts_to_ldos_lut", "segment_specs"]
+
+LDOS_ORGANS = [
+    (1, "spleen"), (2, "colon"), (3, "urinary_bladder"), (4, "sacrum"), (5, "vertebrae"), (6, "heart"),
+    (7, "aorta"), (8, "clavicula"), (9, "femur"), (10, "hip"), (11, "autochthon"), (12, "kidney"),
+    (13, "brain"), (14, "liver"), (15, "stomach"), (16, "pancreas"), (17, "lung"), (18, "esophagus"),
+]
+LDOS_NAMES = {v: n for v, n in LDOS_ORGANS}
+LDOS_VALUES = {n: v for v, n in LDOS_ORGANS}
+
+_EXACT = {
+    "spleen": 1, "colon": 2, "urinary_bladder": 3, "sacrum": 4, "heart": 6, "atrial_appendage_left": 6,
+    "aorta": 7, "clavicula_left": 8, "clavicula_right": 8, "femur_left": 9, "femur_right": 9,
+    "hip_left": 10, "hip_right": 10, "autochthon_left": 11, "autochthon_right": 11,
+    "kidney_left": 12, "kidney_right": 12, "kidney_cyst_left": 12, "kidney_cyst_right": 12,
+    "brain": 13, "liver": 14, "stomach": 15, "pancreas": 16, "esophagus": 18,
+}
+
+
+def ts_name_to_ldos(name: str) -> int:
+    """LDOS value of a TotalSegmentator class name (0 when the class is not one of the 18 organs)."""
+    if name in _EXACT:
+        return _EXACT[name]
+    if name.startswith("vertebrae_"):
+        return 5
+    if name.startswith("lung_"):
+        return 17
+    return 0
+
+
+def read_ts_label_table(path) -> dict:
+    """{value: name} from a TotalSegmentator ``labels_total_v2.tsv`` style table (header ``label<TAB>name``)."""
+    out = {}
+    with open(path, newline="") as f:
+        for row in csv.reader(f, delimiter="\t"):
+            if not row or not row[0].strip().isdigit():
+                continue
+            out[int(row[0])] = row[1].strip()
+    return out
+
+
+def ts_to_ldos_lut(ts_names: dict) -> np.ndarray:
+    """Lookup table ``lut[ts_value] = ldos_value`` for a {value: name} TotalSegmentator table."""
+    lut = np.zeros(max(ts_names) + 1 if ts_names else 1, dtype=np.uint8)
+    for v, n in ts_names.items():
+        lut[v] = ts_name_to_ldos(n)
+    return lut
+
+
+# TotalSegmentator v2 class names (value -> name) of the "total" task, for the classes the mapping uses
+TS_TO_LDOS = {n: v for n, v in _EXACT.items()}
+TS_TO_LDOS.update({f"vertebrae_{s}": 5 for s in
+                   ["S1"] + [f"L{i}" for i in range(1, 6)] + [f"T{i}" for i in range(1, 13)] +
+                   [f"C{i}" for i in range(1, 8)]})
+TS_TO_LDOS.update({n: 17 for n in ["lung_upper_lobe_left", "lung_lower_lobe_left", "lung_upper_lobe_right",
+                                   "lung_middle_lobe_right", "lung_lower_lobe_right"]})
+
+_COLORS = [(0.62, 0.35, 0.65), (0.8, 0.6, 0.4), (0.85, 0.85, 0.3), (0.95, 0.9, 0.8), (0.9, 0.85, 0.7),
+           (0.8, 0.2, 0.2), (0.9, 0.3, 0.3), (0.95, 0.95, 0.85), (0.9, 0.9, 0.75), (0.85, 0.85, 0.7),
+           (0.7, 0.35, 0.3), (0.75, 0.4, 0.3), (0.95, 0.75, 0.7), (0.6, 0.3, 0.2), (0.85, 0.55, 0.45),
+           (0.95, 0.8, 0.5), (0.5, 0.7, 0.9), (0.75, 0.5, 0.45)]
+
+
+def segment_specs():
+    """Segment specs (value, name, color) of the LDOS-18 label map, as in docs/ARCHITECTURE.md."""
+    return [{"value": v, "name": n, "color": list(_COLORS[v - 1])} for v, n in LDOS_ORGANS]
+
+
+def default_ts_table() -> Path:
+    """Location of the TotalSegmentator label table shipped with the shared example data (may not exist)."""
+    return Path(__file__).resolve().parents[2].parent / "shared" / "data" / "totalsegmentator_example_ct" / \
+        "labels_total_v2.tsv"

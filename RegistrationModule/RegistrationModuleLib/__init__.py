@@ -1,0 +1,45 @@
+"""RegistrationModuleLib: deformable image registration engine of PETWorkbench (2D and 3D).
+
+Engine API (no Slicer imports; images are SimpleITK, see docs/ARCHITECTURE.md)::
+
+    from RegistrationModuleLib import register
+    res = register(fixed, moving,
+                   method="instance",          # "instance": weight-free multi-resolution instance optimisation
+                                               # "dca": TM-DCA network prediction + instance-optimisation refinement
+                                               #        (needs model=<model id | checkpoint path>)
+                   similarity="lncc",          # "lncc" (same modality) | "mind" (multi-modal: CT/MR/PET)
+                                               # | "mse" | "dice" (label-driven; needs the label maps)
+                   smoothness=1.0,             # γ of the implicit regulariser, in (fixed voxel size)²
+                   regularizer="diffusion",    # "diffusion" | "elastic" | "curvature" (FFT implicit solve)
+                   iterations=(100, 60, 30),   # Adam iterations per pyramid level, coarse -> fine (NIO schedule);
+                                               # the number of entries is the number of levels (factor 2 each)
+                   diffeomorphic=False,        # True: optimise a stationary velocity field, scaling and squaring
+                   prealign="affine",          # "affine" | "rigid" | "none" | "center" (MI, SimpleITK)
+                   fixed_mask=None, moving_mask=None,          # restrict the similarity (images > 0)
+                   fixed_labels=None, moving_labels=None,      # label maps: Dice term (weight label_weight)
+                   device="auto",              # "auto" | "cpu" | "cuda[:N]" | "mps"
+                   progress=None, cancel=None) # progress(fraction, message), cancel() -> bool
+    res.displacement            # SimpleITK vector image (float64) on the fixed grid, LPS mm:
+                                #   x_moving = x_fixed + u(x_fixed)  (ITK DisplacementFieldTransform convention)
+                                #   it already contains the pre-alignment
+    res.warp(moving_image, is_label=False)   # moving image (or label map, nearest) resampled onto the fixed grid
+    res.jacobian_determinant()  # SimpleITK float32 image on the fixed grid
+    res.transform()             # sitk.DisplacementFieldTransform
+    res.transform_points(pts)   # fixed-space LPS points (N, d) -> moving space
+    res.summary                 # dict: folding_pct, std_log_j, jacobian_min/max, timings {prealign_s,
+                                #   network_s, deformable_s, total_s}, similarity per level, parameters
+
+Errors: :class:`PETWorkbenchLib.errors.InputError` for bad input (different dimensionality, empty mask,
+non-overlapping images, colour images, unknown options...), ``ModelError`` for missing/corrupt TM-DCA weights,
+``Cancelled`` when ``cancel()`` returns True.
+
+Metrics (:mod:`RegistrationModuleLib.metrics`): ``dice``, ``hd95``, ``folding`` (% |J| <= 0, std(log J)), ``tre``.
+Network (:mod:`RegistrationModuleLib.dca`): the TM-DCA model, its unsupervised training (NCC + diffusion) and
+inference.  CLI: ``petworkbench register FIXED MOVING --output FIELD.nii.gz [--warped ...] [--jacobian ...]``.
+Method notes and deviations from the papers: ``METHOD.md`` in this folder.
+"""
+
+from .engine import check_inputs, register, prealign_transform  # noqa: F401
+from .result import RegistrationResult  # noqa: F401
+
+__all__ = ["register", "RegistrationResult", "check_inputs", "prealign_transform"]

@@ -1,0 +1,137 @@
+"""Tensor operations shared by the registration engine (2D and 3D).
+
+Conventions used throughout the engine:
+
+* images are tensors ``(1, C, *spatial)`` with the spatial axes in SimpleITK array order ((z,) y, x);
+* displacement fields are tensors ``(1, ndim, *spatial)`` whose channel ``c`` is the displacement **in mm along
+  image index axis c** (c = 0 is x / i, 1 is y / j, 2 is z / k), i.e. ``D^T u_LPS`` for the image direction
+  matrix ``D``.  Expressed in mm the field does not depend on the pyramid level;
+* sampling uses ``grid_sample(..., align_corners=True)``, so a level with ``N_l`` samples along an axis spans the
+  same physical extent ``extent = spacing * (N - 1)`` as the full-resolution image.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def spatial_ndim(t):
+    return t.dim() - 2
+
+
+def identity_grid(shape, device, dtype=torch.float32):
+    """Normalised identity grid ``(1, *shape, ndim)`` with last axis ordered (x, y[, z])."""
+    axes = [torch.linspace(-1.0, 1.0, n, device=device, dtype=dtype) if n > 1
+            else torch.zeros(1, device=device, dtype=dtype) for n in shape]
+    mesh = torch.meshgrid(*axes, indexing="ij")          # order (z, y, x)
+    return torch.stack(mesh[::-1], dim=-1).unsqueeze(0)   # last axis (x, y, z)
+
+
+def mm_to_norm(field, extent):
+    """Field in mm (channel = index axis) -> normalised grid offsets ``(1, *spatial, ndim)``."""
+    scale = torch.as_tensor([2.0 / max(e, 1e-6) for e in extent], device=field.device, dtype=field.dtype)
+    nd = field.shape[1]
+    return (field * scale.view(1, nd, *([1] * nd))).movedim(1, -1)
+
+
+def warp(image, field, extent, mode="bilinear", padding_mode="border", grid=None):
+    """Sample ``image`` at ``x + u(x)`` (pull-back).  ``field`` in mm on the grid of the output."""
+    if grid is None:
+        grid = identity_grid(field.shape[2:], field.device, field.dtype)
+    g = grid + mm_to_norm(field, extent)
+    return F.grid_sample(image, g, mode=mode, padding_mode=padding_mode, align_corners=True)
+
+
+def compose_exp(velocity, extent, steps=7):
+    """Scaling and squaring: displacement of ``exp(v)`` for a stationary velocity field in mm."""
+    grid = identity_grid(velocity.shape[2:], velocity.device, velocity.dtype)
+    u = velocity / (2 ** steps)
+    for _ in range(steps):
+        u = u + warp(u, u, extent, grid=grid)
+    return u
+
+
+def resize(t, shape, mode="linear"):
+    nd = spatial_ndim(t)
+    if tuple(t.shape[2:]) == tuple(shape):
+        return t
+    m = {"linear": "bilinear" if nd == 2 else "trilinear", "nearest": "nearest"}[mode]
+    if m == "nearest":
+        return F.interpolate(t, size=tuple(shape), mode=m)
+    return F.interpolate(t, size=tuple(shape), mode=m, align_corners=True)
+
+
+def gaussian_blur(t, sigmas):
+    """Separable Gaussian blur; ``sigmas`` in voxels per spatial axis (array order)."""
+    nd = spatial_ndim(t)
+    C = t.shape[1]
+    out = t
+    for ax, s in enumerate(sigmas):
+        if s <= 0.1:
+            continue
+        r = max(1, int(math.ceil(3 * s)))
+        x = torch.arange(-r, r + 1, device=t.device, dtype=t.dtype)
+        k = torch.exp(-0.5 * (x / s) ** 2)
+        k = k / k.sum()
+        shape = [1] * nd
+        shape[ax] = k.numel()
+        w = k.view(1, 1, *shape).repeat(C, 1, *([1] * nd))
+        pad = [0] * (2 * nd)
+        # F.pad takes pads from the last axis backwards
+        pad[2 * (nd - 1 - ax)] = r
+        pad[2 * (nd - 1 - ax) + 1] = r
+        n_ax = out.shape[2 + ax]
+        mode = "replicate" if r >= n_ax else "reflect"
+        out = F.pad(out, pad, mode=mode)
+        conv = F.conv2d if nd == 2 else F.conv3d
+        out = conv(out, w, groups=C)
+    return out
+
+
+def box_filter(t, size):
+    """Separable mean filter of odd ``size`` (zero-flux borders: means over the valid part of the window)."""
+    nd = spatial_ndim(t)
+    pool = F.avg_pool2d if nd == 2 else F.avg_pool3d
+    out = t
+    for ax in range(nd):
+        k = [1] * nd
+        k[ax] = size
+        p = [0] * nd
+        p[ax] = size // 2
+        out = pool(out, kernel_size=tuple(k), stride=1, padding=tuple(p), count_include_pad=False)
+    return out
+
+
+def downsample(t, shape, factor):
+    """Anti-aliased resampling to ``shape`` (Gaussian pre-filter of sigma 0.5*factor voxels)."""
+    if tuple(t.shape[2:]) == tuple(shape):
+        return t
+    sig = [0.5 * factor * 0.85] * spatial_ndim(t)
+    return resize(gaussian_blur(t, sig), shape)
+
+
+def spatial_gradient_mm(field, spacing):
+    """Central-difference Jacobian of a mm field: ``J[c, d] = d u_c / d x_d`` (d = index axis, in mm).
+
+    Returns a tensor ``(ndim, ndim, *spatial)``; ``spacing`` ordered by index axis (x, y, z).
+    """
+    nd = field.shape[1]
+    u = field[0]
+    rows = []
+    for c in range(nd):
+        cols = []
+        for d in range(nd):
+            dim = nd - 1 - d  # tensor axis of index axis d inside u[c]
+            g = torch.gradient(u[c], spacing=float(spacing[d]), dim=dim)[0]
+            cols.append(g)
+        rows.append(torch.stack(cols))
+    return torch.stack(rows)
+
+
+def jacobian_determinant(field, spacing):
+    J = spatial_gradient_mm(field, spacing)
+    nd = J.shape[0]
+    eye = torch.eye(nd, dtype=J.dtype, device=J.device).view(nd, nd, *([1] * nd))
+    A = (J + eye).movedim(0, -1).movedim(0, -1)  # (..., nd, nd) with [..., c, d]
+    return torch.linalg.det(A)

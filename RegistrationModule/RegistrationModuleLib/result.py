@@ -1,0 +1,91 @@
+"""Registration result: displacement field (fixed grid, LPS mm, ``x_moving = x_fixed + u(x_fixed)``)."""
+
+import numpy as np
+import SimpleITK as sitk
+
+from PETWorkbenchLib.errors import InputError
+
+
+def jacobian_array(field):
+    """Jacobian determinant (numpy, array order) of a SimpleITK displacement field in LPS mm."""
+    nd = field.GetDimension()
+    u = sitk.GetArrayFromImage(field).astype(np.float64)          # (*spatial, nd) LPS
+    D = np.asarray(field.GetDirection()).reshape(nd, nd)
+    sp = np.asarray(field.GetSpacing())
+    # d u_lps / d x_lps = G D^T, with G[c, d] = d u_c / d (index axis d in mm); det(I + G D^T) over LPS
+    grads = []
+    for d in range(nd):
+        ax = nd - 1 - d
+        if u.shape[ax] < 2:
+            grads.append(np.zeros_like(u))
+        else:
+            grads.append(np.gradient(u, sp[d], axis=ax))
+    G = np.stack(grads, axis=-1)                                   # (*spatial, c, d)
+    J = G @ D.T + np.eye(nd)
+    return np.linalg.det(J)
+
+
+def jacobian_stats(det, mask=None):
+    """Folding percentage (|J| <= 0) and std(log J) over ``mask`` (or everywhere)."""
+    vals = det[mask > 0] if mask is not None else det.ravel()
+    if vals.size == 0:
+        raise InputError("the mask for Jacobian statistics is empty")
+    fold = float(np.mean(vals <= 0) * 100.0)
+    logj = np.log(np.clip(vals, 1e-9, None))
+    return {"folding_pct": round(fold, 5), "std_log_j": round(float(np.std(logj)), 5),
+            "jacobian_min": round(float(vals.min()), 5), "jacobian_max": round(float(vals.max()), 5)}
+
+
+class RegistrationResult:
+    """Output of :func:`register`.
+
+    Attributes: ``displacement`` (SimpleITK vector image, float64, fixed grid, LPS mm, pull-back convention),
+    ``affine`` (the pre-alignment, fixed->moving, already contained in ``displacement``), ``summary`` (dict).
+    """
+
+    def __init__(self, displacement, fixed=None, affine=None, summary=None):
+        if displacement.GetNumberOfComponentsPerPixel() != displacement.GetDimension():
+            raise InputError("a displacement field needs one vector component per dimension, got "
+                             f"{displacement.GetNumberOfComponentsPerPixel()} for a "
+                             f"{displacement.GetDimension()}D image")
+        self.displacement = sitk.Cast(displacement, sitk.sitkVectorFloat64)
+        self.fixed = fixed
+        self.affine = affine
+        self.summary = dict(summary or {})
+
+    # ---- transforms
+    def transform(self):
+        """``sitk.DisplacementFieldTransform`` (fixed -> moving points), a copy of the field."""
+        return sitk.DisplacementFieldTransform(sitk.Image(self.displacement))
+
+    def transform_points(self, points):
+        """Map fixed-space physical points (N, ndim) to moving space: ``x + u(x)`` (linear interpolation)."""
+        tx = self.transform()
+        return np.array([tx.TransformPoint([float(v) for v in p]) for p in np.asarray(points, float)])
+
+    def warp(self, moving_image, is_label=False, default_value=None, reference=None):
+        """Resample ``moving_image`` onto the fixed grid (or ``reference``) through the field."""
+        if moving_image.GetDimension() != self.displacement.GetDimension():
+            raise InputError(f"cannot warp a {moving_image.GetDimension()}D image with a "
+                             f"{self.displacement.GetDimension()}D displacement field")
+        ref = reference if reference is not None else self.displacement
+        if default_value is None:
+            default_value = 0.0 if is_label else float(sitk.GetArrayViewFromImage(moving_image).min())
+        interp = sitk.sitkNearestNeighbor if is_label else sitk.sitkLinear
+        out = sitk.Resample(moving_image, ref, self.transform(), interp, default_value,
+                            moving_image.GetPixelID())
+        return out
+
+    # ---- quality
+    def jacobian_determinant(self):
+        """Jacobian determinant of ``x -> x + u(x)`` as a float32 image on the fixed grid."""
+        img = sitk.GetImageFromArray(jacobian_array(self.displacement).astype(np.float32))
+        img.CopyInformation(self.displacement)
+        return img
+
+    def jacobian_stats(self, mask=None):
+        m = sitk.GetArrayFromImage(mask) if isinstance(mask, sitk.Image) else mask
+        return jacobian_stats(jacobian_array(self.displacement), m)
+
+    def save(self, path):
+        sitk.WriteImage(self.displacement, str(path))

@@ -1,0 +1,57 @@
+"""SegmentationModuleLib: LDOS CT-free organ segmentation of (ultra-)low-dose PET (engine; no Slicer imports).
+
+Method: Ye et al., "Self is the Best Learner: CT-free Ultra-Low-Dose PET Organ Segmentation via Collaborating
+Denoising and Segmentation Learning" (LDOS, MICCAI 2025). See METHOD.md for details and deviations.
+
+Engine API (images are SimpleITK images in SUV; label maps use the values of
+``Resources/Terminology/PETWorkbenchOrgans.json``)::
+
+    from SegmentationModuleLib import segment, organ_uptake, region_at_click, organ_specs, evaluate
+
+    label, probs = segment(image, checkpoint, organs=None, device="auto", progress=None, cancel=None,
+                           return_probabilities=False)
+        # checkpoint: registry id ("segmentation-ldos-cpu"), a .pt path or a loaded checkpoint dict
+        # organs: None (all 18) or names / label values; other organs are set to 0
+        # label: uint8 SimpleITK image on the input grid; probs: None or a vector image (one component per class)
+        # raises InputError (not a 3-D scalar SUV volume, Bq/ml or CT range, nothing found) or ModelError
+
+    rows = organ_uptake(pet_image, label_image, specs)
+        # [{"name", "value", "volume_ml", "suv_mean", "suv_max", "suv_peak" (PERCIST 1 cm^3 sphere, None < 1 ml)}]
+        # the two images must share the grid (InputError otherwise)
+
+    mask = region_at_click(label_array, organ_value_or_None, ijk)
+        # label_array in numpy (k, j, i) order, ijk the clicked voxel in Slicer IJK order; boolean mask of the
+        # connected component of the organ under the click (all False on background / another organ)
+
+    specs = organ_specs(organs=None)          # segment specs: value, name, displayName, color, terminology
+    result = evaluate(pred_label, ref_label, specs)   # Dice, IoU, HD95, ASD (mm) per organ + means
+    fd = denoise(image, checkpoint)           # LDOS's denoising decoder output (full-dose estimate, SUV)
+    label, _ = segment_fake_fdpet(image, denoiser, segmenter)   # the paper's Fake-FDPET baseline
+
+Training: :func:`SegmentationModuleLib.train.train` (configs in ``configs/``), CLI ``petworkbench segment``,
+``petworkbench train segmentation``, ``petworkbench evaluate segmentation`` (see ``cli.py``).
+"""
+
+from .interactive import region_at_click
+from .metrics import evaluate
+from .organs import organ_specs, resolve_organs
+from .uptake import organ_uptake
+
+
+def segment(*args, **kwargs):
+    from .infer import segment as _segment
+    return _segment(*args, **kwargs)
+
+
+def denoise(*args, **kwargs):
+    from .infer import denoise as _denoise
+    return _denoise(*args, **kwargs)
+
+
+def segment_fake_fdpet(*args, **kwargs):
+    from .infer import segment_fake_fdpet as _f
+    return _f(*args, **kwargs)
+
+
+__all__ = ["segment", "denoise", "segment_fake_fdpet", "organ_uptake", "region_at_click", "organ_specs",
+           "resolve_organs", "evaluate"]

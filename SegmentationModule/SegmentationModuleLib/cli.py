@@ -1,0 +1,164 @@
+"""Command-line commands of the segmentation family.
+
+* ``petworkbench segment --input PET.nii.gz --model ID|file.pt --output labels.nii.gz [--organs liver,spleen]
+  [--probabilities probs.nii.gz] [--uptake uptake.json] [--device auto]``
+* ``petworkbench train segmentation --config ldos_cpu_demo --manifest .../manifest.csv --out DIR
+  [--task ldos|segonly|denoise] [--input-key low_dose_drf20|full_dose] [--max-minutes M] [--threads N]``
+  (use ``torchrun --nproc_per_node N -m PETWorkbenchLib.cli train segmentation ...`` for DDP)
+* ``petworkbench evaluate segmentation --pred P.nii.gz --ref R.nii.gz`` or
+  ``--model ID|file.pt --manifest manifest.csv [--split test] [--input-key low_dose_drf20]
+  [--denoiser ID|file.pt (Fake-FDPET)] [--output metrics.json]``
+"""
+
+import json
+from pathlib import Path
+
+from PETWorkbenchLib.errors import InputError
+
+
+def _group(subparsers, name):
+    try:
+        from PETWorkbenchLib.cli import group
+        return group(subparsers, name)
+    except ImportError:  # pragma: no cover
+        return subparsers
+
+
+def _read(path, what):
+    import SimpleITK as sitk
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{what} file not found: {path}")
+    try:
+        return sitk.ReadImage(str(p))
+    except RuntimeError as e:
+        raise InputError(f"Cannot read {what} {path}: {e}") from e
+
+
+def _organs_arg(s):
+    return None if not s else [o.strip() for o in s.split(",") if o.strip()]
+
+
+def _cmd_segment(args, rep):
+    import SimpleITK as sitk
+    from .infer import segment
+    from .organs import organ_specs
+    from .uptake import organ_uptake
+    pet = _read(args.input, "PET")
+    label, probs = segment(pet, args.model, organs=_organs_arg(args.organs), device=args.device,
+                           progress=rep.sub(0.0, 0.95), return_probabilities=bool(args.probabilities))
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(label, str(args.output), True)
+    if probs is not None:
+        sitk.WriteImage(probs, str(args.probabilities), True)
+    rows = organ_uptake(sitk.Cast(pet, sitk.sitkFloat64), label, organ_specs())
+    if args.uptake:
+        with open(args.uptake, "w") as f:
+            json.dump(rows, f, indent=1)
+    return {"output": str(args.output), "organs_found": [r["name"] for r in rows], "uptake": rows}
+
+
+def _cmd_train(args, rep):
+    from .train import load_config, train
+    cfg = load_config(args.config)
+    if args.task:
+        cfg["task"] = args.task
+    if args.input_key:
+        cfg["input_key"] = args.input_key
+    if args.epochs:
+        cfg["epochs"] = args.epochs
+    return train(cfg, args.out, manifest=args.manifest, resume=not args.no_resume, max_minutes=args.max_minutes,
+                 device=args.device, threads=args.threads, progress=rep)
+
+
+def evaluate_manifest(model, manifest, split="test", input_key=None, denoiser=None, device="auto", progress=None,
+                      tracer=None):
+    """Segment every case of ``split`` and score it against its labels. Returns per-case and aggregate metrics."""
+    import time
+    import SimpleITK as sitk
+    from PETWorkbenchLib.progress import Reporter
+    from .data import case_path, read_manifest, select
+    from .infer import load_model, segment, segment_fake_fdpet
+    from .metrics import aggregate, evaluate
+    from .organs import organ_specs
+    rep = Reporter(progress)
+    rows = select(read_manifest(manifest), split=split, tracer=tracer)
+    if not rows:
+        raise InputError(f"No cases with split '{split}' in {manifest}")
+    _, cfg = load_model(model)
+    key = input_key or cfg.get("input_key", "low_dose_drf20")
+    specs = organ_specs()
+    per_case, times = [], []
+    for i, r in enumerate(rows):
+        sub = rep.sub(i / len(rows), (i + 1) / len(rows))
+        pet = sitk.ReadImage(str(case_path(r, key)), sitk.sitkFloat32)
+        ref = sitk.ReadImage(str(case_path(r, "labels")), sitk.sitkUInt8)
+        t = time.time()
+        if denoiser:
+            pred, _ = segment_fake_fdpet(pet, denoiser, model, device=device, progress=sub)
+        else:
+            pred, _ = segment(pet, model, device=device, progress=sub, allow_empty=True)
+        times.append(time.time() - t)
+        res = evaluate(pred, ref, specs)
+        res["case_id"] = r["case_id"]
+        per_case.append(res)
+    agg = aggregate(per_case)
+    agg.update(cases=[c["case_id"] for c in per_case], input_key=key, split=split,
+               seconds_per_case=sum(times) / len(times), per_case=per_case)
+    return agg
+
+
+def _cmd_evaluate(args, rep):
+    from .metrics import evaluate
+    from .organs import organ_specs
+    if args.pred or args.ref:
+        if not (args.pred and args.ref):
+            raise InputError("--pred and --ref go together")
+        res = evaluate(_read(args.pred, "prediction"), _read(args.ref, "reference"), organ_specs())
+    else:
+        if not (args.model and args.manifest):
+            raise InputError("give --pred/--ref, or --model and --manifest")
+        res = evaluate_manifest(args.model, args.manifest, args.split, args.input_key, args.denoiser, args.device,
+                                rep)
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(res, f, indent=1)
+    return {"mean": res["mean"], "organs": {k: {m: v for m, v in o.items() if m in ("status", "dice", "hd95")}
+                                            for k, o in res["organs"].items()}}
+
+
+def add_commands(subparsers):
+    p = subparsers.add_parser("segment", help="LDOS organ segmentation of a PET volume in SUV")
+    p.add_argument("--input", required=True, help="PET volume (SUV), NIfTI or NRRD")
+    p.add_argument("--model", default="segmentation-ldos-cpu", help="model id or checkpoint file")
+    p.add_argument("--output", required=True, help="output label map")
+    p.add_argument("--organs", default="", help="comma-separated organ names or values (default: all 18)")
+    p.add_argument("--probabilities", default="", help="also write class probabilities here")
+    p.add_argument("--uptake", default="", help="write the organ uptake table (JSON) here")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_cmd_segment)
+
+    t = _group(subparsers, "train").add_parser("segmentation", help="train LDOS or a baseline")
+    t.add_argument("--config", default="ldos_cpu_demo", help="config name (configs/) or JSON file")
+    t.add_argument("--manifest", required=True)
+    t.add_argument("--out", required=True, help="output folder (checkpoints, model.pt)")
+    t.add_argument("--task", choices=("ldos", "segonly", "denoise"), default=None)
+    t.add_argument("--input-key", default=None, help="manifest column of the network input")
+    t.add_argument("--epochs", type=int, default=None)
+    t.add_argument("--max-minutes", type=float, default=None)
+    t.add_argument("--threads", type=int, default=None)
+    t.add_argument("--no-resume", action="store_true")
+    t.add_argument("--device", default="auto")
+    t.set_defaults(func=_cmd_train)
+
+    e = _group(subparsers, "evaluate").add_parser("segmentation", help="Dice, IoU, HD95, ASD per organ")
+    e.add_argument("--pred", default="")
+    e.add_argument("--ref", default="")
+    e.add_argument("--model", default="")
+    e.add_argument("--denoiser", default="", help="Fake-FDPET: denoise with this model first")
+    e.add_argument("--manifest", default="")
+    e.add_argument("--split", default="test")
+    e.add_argument("--input-key", default=None)
+    e.add_argument("--output", default="")
+    e.add_argument("--device", default="auto")
+    e.set_defaults(func=_cmd_evaluate)

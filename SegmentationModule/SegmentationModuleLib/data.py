@@ -1,0 +1,146 @@
+"""Training data: the simulated multi-centre PET set (manifest.csv) resampled to the model spacing, and patches.
+
+manifest.csv columns used: case_id, split, full_dose, low_dose, low_dose_drf20, labels (paths relative to the
+manifest), tracer, center. Volumes are resampled once to the config spacing and cached as .npz next to the
+``cache_dir`` given (default: ``<manifest dir>/../seg_cache``).
+"""
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from PETWorkbenchLib.errors import InputError
+
+
+def read_manifest(manifest):
+    manifest = Path(manifest)
+    if not manifest.is_file():
+        raise InputError(f"Manifest not found: {manifest}")
+    with open(manifest, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise InputError(f"Manifest {manifest} has no rows")
+    for r in rows:
+        r["_root"] = str(manifest.parent)
+    return rows
+
+
+def select(rows, split=None, tracer=None):
+    out = [r for r in rows if (split is None or r.get("split") in _as_set(split))
+           and (tracer is None or r.get("tracer", "").lower() in {t.lower() for t in _as_set(tracer)})]
+    return out
+
+
+def _as_set(x):
+    return {x} if isinstance(x, str) else set(x)
+
+
+def case_path(row, key):
+    p = row.get(key)
+    if not p:
+        raise InputError(f"Case {row.get('case_id')} has no '{key}' column value")
+    p = Path(p)
+    return p if p.is_absolute() else Path(row["_root"]) / p
+
+
+def normalise(suv, norm):
+    """SUV -> network intensity: clip to [0, clip] and divide by scale."""
+    return np.clip(suv, 0.0, norm.get("clip", 50.0)) / norm.get("scale", 5.0)
+
+
+def denormalise(x, norm):
+    return x * norm.get("scale", 5.0)
+
+
+def resample_to_spacing(image, spacing, is_label=False):
+    import SimpleITK as sitk
+    spacing = [float(s) for s in spacing]
+    if np.allclose(image.GetSpacing(), spacing, rtol=1e-4):
+        return image
+    size = [max(1, int(round(n * s / t))) for n, s, t in zip(image.GetSize(), image.GetSpacing(), spacing)]
+    interp = sitk.sitkNearestNeighbor if is_label else sitk.sitkLinear
+    return sitk.Resample(image, size, sitk.Transform(), interp, image.GetOrigin(), spacing, image.GetDirection(),
+                         0, image.GetPixelID())
+
+
+def load_case(row, cfg, cache_dir, input_key=None, target_key=None):
+    """Dict with arrays x (input, normalised), y (full dose, normalised), label (int), spacing (z, y, x)."""
+    import SimpleITK as sitk
+    input_key = input_key or cfg.get("input_key", "low_dose_drf20")
+    target_key = target_key or cfg.get("target_key", "full_dose")
+    spacing = cfg["spacing"]
+    tag = hashlib.sha1(json.dumps([row["case_id"], input_key, target_key, spacing], sort_keys=True).encode())
+    cache = Path(cache_dir) / f"{row['case_id']}_{tag.hexdigest()[:10]}.npz"
+    if cache.is_file():
+        d = np.load(cache)
+        arrs = {k: d[k] for k in d.files}
+    else:
+        xi = resample_to_spacing(sitk.ReadImage(str(case_path(row, input_key)), sitk.sitkFloat32), spacing)
+        yi = resample_to_spacing(sitk.ReadImage(str(case_path(row, target_key)), sitk.sitkFloat32), spacing)
+        li = resample_to_spacing(sitk.ReadImage(str(case_path(row, "labels")), sitk.sitkUInt8), spacing, True)
+        arrs = dict(x=sitk.GetArrayFromImage(xi).astype(np.float32), y=sitk.GetArrayFromImage(yi).astype(np.float32),
+                    label=sitk.GetArrayFromImage(li).astype(np.uint8))
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp.npz")
+        np.savez_compressed(tmp, **arrs)
+        tmp.replace(cache)
+    norm = cfg.get("norm", {})
+    return dict(case_id=row["case_id"], x=normalise(arrs["x"], norm).astype(np.float32),
+                y=normalise(arrs["y"], norm).astype(np.float32), label=arrs["label"],
+                spacing=tuple(reversed([float(s) for s in spacing])))
+
+
+class PatchSampler:
+    """Random patches, a fraction forced to contain foreground (nnU-Net oversampling)."""
+
+    def __init__(self, cases, patch_size, fg_fraction=0.33, seed=0):
+        if not cases:
+            raise InputError("No training cases")
+        self.cases = cases
+        self.patch = tuple(int(p) for p in patch_size)
+        self.fg_fraction = fg_fraction
+        self.rng = np.random.default_rng(seed)
+        self.fg = [np.argwhere(c["label"] > 0) for c in cases]
+
+    def _pad(self, a, value=0):
+        pad = [(0, max(0, p - s)) for p, s in zip(self.patch, a.shape)]
+        return np.pad(a, pad, constant_values=value) if any(p[1] for p in pad) else a
+
+    def sample(self, batch_size):
+        xs, ys, ls = [], [], []
+        for b in range(batch_size):
+            ci = int(self.rng.integers(len(self.cases)))
+            c = self.cases[ci]
+            x, y, lab = self._pad(c["x"]), self._pad(c["y"]), self._pad(c["label"])
+            shape = np.array(x.shape)
+            ps = np.array(self.patch)
+            force_fg = b >= batch_size * (1 - self.fg_fraction) and len(self.fg[ci])
+            if force_fg:
+                centre = self.fg[ci][int(self.rng.integers(len(self.fg[ci])))]
+                lo = np.clip(centre - ps // 2 + self.rng.integers(-ps // 4, ps // 4 + 1), 0, shape - ps)
+            else:
+                lo = np.array([int(self.rng.integers(0, s - p + 1)) for s, p in zip(shape, ps)])
+            sl = tuple(slice(int(a), int(a) + int(p)) for a, p in zip(lo, ps))
+            xs.append(x[sl]), ys.append(y[sl]), ls.append(lab[sl])
+        return np.stack(xs)[:, None], np.stack(ys)[:, None], np.stack(ls).astype(np.int64)
+
+
+def random_cases(n, shape=(32, 32, 32), n_classes=19, seed=0, spacing=(4.0, 4.0, 4.0)):
+    """Tiny synthetic cases (blobs of organ labels, uptake per organ, Poisson-like noise) for tests."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    for i in range(n):
+        lab = np.zeros(shape, np.uint8)
+        zz, yy, xx = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
+        for v in range(1, n_classes):
+            c = rng.uniform(0.2, 0.8, 3) * np.array(shape)
+            r = rng.uniform(2.5, 5.0)
+            lab[(zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 < r * r] = v
+        uptake = np.concatenate([[0.5], rng.uniform(1.0, 6.0, n_classes - 1)])
+        fd = uptake[lab].astype(np.float32)
+        ld = (rng.poisson(fd * 4.0) / 4.0).astype(np.float32)
+        cases.append(dict(case_id=f"rand{i}", x=ld / 5.0, y=fd / 5.0, label=lab, spacing=spacing))
+    return cases

@@ -1,0 +1,146 @@
+"""Inference: organ label map (and optionally probabilities / the denoised PET) for a PET volume in SUV."""
+
+from pathlib import Path
+
+import numpy as np
+
+from PETWorkbenchLib.errors import InputError, ModelError
+from PETWorkbenchLib.progress import Reporter
+
+
+def load_model(checkpoint, device="cpu", progress=None):
+    """Checkpoint (path, registry id or loaded dict) -> (network in eval mode, config)."""
+    import torch
+    from PETWorkbenchLib.models import load_checkpoint, load_model_checkpoint
+    from .network import build_network
+    if isinstance(checkpoint, dict):
+        ckpt = checkpoint
+    elif isinstance(checkpoint, (str, Path)) and Path(checkpoint).is_file():
+        ckpt = load_checkpoint(checkpoint)
+    else:
+        ckpt = load_model_checkpoint(str(checkpoint), progress=progress)
+    cfg = ckpt.get("config")
+    if not isinstance(cfg, dict) or "network" not in cfg:
+        raise ModelError("The checkpoint has no network configuration")
+    try:
+        net = build_network(cfg)
+        missing, unexpected = net.load_state_dict(ckpt["state_dict"], strict=False)
+    except (ValueError, RuntimeError, TypeError) as e:
+        raise ModelError(f"The weights do not match their configuration: {e}") from e
+    seg_missing = [k for k in missing if k.startswith(("encoder", "seg_decoder"))]
+    if seg_missing or unexpected:
+        raise ModelError(f"The weights do not match their configuration: missing {seg_missing[:3]}, "
+                         f"unexpected {list(unexpected)[:3]}")
+    net.eval()
+    return net.to(torch.device(device) if isinstance(device, str) else device), cfg
+
+
+def check_pet_image(image):
+    import SimpleITK as sitk
+    if image is None:
+        raise InputError("No PET volume given")
+    if not isinstance(image, sitk.Image):
+        raise InputError(f"The PET volume must be a SimpleITK image, got {type(image).__name__}")
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"The PET volume must be a 3-D scalar image, got dimension {image.GetDimension()} with "
+                         f"{image.GetNumberOfComponentsPerPixel()} components")
+    if min(image.GetSize()) < 2:
+        raise InputError(f"The PET volume is too small: size {image.GetSize()}")
+    from PETWorkbenchLib.units import check_pet_range
+    check_pet_range(sitk.GetArrayViewFromImage(image), "SUV")
+
+
+def _predict(net, cfg, image, dev, rep, heads):
+    import SimpleITK as sitk
+    import torch
+    from PETWorkbenchLib.inference import sliding_window
+    from .data import normalise, resample_to_spacing
+    img = resample_to_spacing(sitk.Cast(image, sitk.sitkFloat32), cfg["spacing"])
+    x = normalise(sitk.GetArrayFromImage(img).astype(np.float32), cfg.get("norm", {}))
+    t = torch.from_numpy(x)[None, None]
+    inf = cfg.get("inference", {})
+
+    def predictor(patch):
+        with torch.no_grad():
+            out = net(patch, heads=heads)
+        return tuple(out[h] for h in heads)
+
+    out = sliding_window(predictor, t, tuple(cfg["patch_size"]), overlap=inf.get("overlap", 0.5),
+                         sw_batch_size=inf.get("sw_batch_size", 2), device=dev, progress=rep.sub(0.05, 0.9))
+    if torch.is_tensor(out):
+        out = (out,)
+    return img, dict(zip(heads, out))
+
+
+def _to_image(arr, like):
+    import SimpleITK as sitk
+    im = sitk.GetImageFromArray(arr)
+    im.CopyInformation(like)
+    return im
+
+
+def _back_to_input(img_model, image, is_label):
+    import SimpleITK as sitk
+    if img_model.GetSize() == image.GetSize() and np.allclose(img_model.GetSpacing(), image.GetSpacing()):
+        return img_model
+    interp = sitk.sitkNearestNeighbor if is_label else sitk.sitkLinear
+    return sitk.Resample(img_model, image, sitk.Transform(), interp, 0, img_model.GetPixelID())
+
+
+def segment(image, checkpoint, organs=None, device="auto", progress=None, cancel=None,
+            return_probabilities=False, allow_empty=False):
+    """Organ label map on the input grid (uint8, values of Resources/Terminology/PETWorkbenchOrgans.json).
+
+    Returns ``(label_image, probabilities)``; ``probabilities`` is None unless ``return_probabilities``, then a
+    float32 vector image (one component per class, background first) on the input grid.
+    """
+    import SimpleITK as sitk
+    import torch
+    from PETWorkbenchLib.device import choose_device
+    from .organs import resolve_organs
+    rep = Reporter(progress, cancel)
+    check_pet_image(image)
+    keep = resolve_organs(organs)
+    dev = choose_device(device).torch()
+    rep(0.0, "loading model")
+    net, cfg = load_model(checkpoint, dev)
+    img, out = _predict(net, cfg, image, dev, rep, ("seg",))
+    logits = out["seg"][0]
+    rep(0.92, "assembling label map")
+    lab = logits.argmax(0).numpy().astype(np.uint8)
+    lab[~np.isin(lab, keep)] = 0
+    if not allow_empty and not lab.any():
+        raise InputError("The model found none of the requested organs in this volume: check that it is a "
+                         "whole-body PET in SUV (not CT, not Bq/ml) with the patient inside the field of view")
+    label = _back_to_input(_to_image(lab, img), image, True)
+    probs = None
+    if return_probabilities:
+        p = torch.softmax(logits.float(), 0).numpy()
+        comps = [_back_to_input(_to_image(np.ascontiguousarray(c), img), image, False) for c in p]
+        probs = sitk.Compose(comps)
+    rep(1.0, "done")
+    return label, probs
+
+
+def denoise(image, checkpoint, device="auto", progress=None, cancel=None):
+    """Full-dose estimate (SUV, input grid) from an LDOS or denoiser checkpoint's denoising decoder."""
+    import SimpleITK as sitk
+    from PETWorkbenchLib.device import choose_device
+    from .data import denormalise
+    rep = Reporter(progress, cancel)
+    check_pet_image(image)
+    dev = choose_device(device).torch()
+    net, cfg = load_model(checkpoint, dev)
+    if not net.has_denoiser:
+        raise ModelError("This model has no denoising decoder (segmentation-only)")
+    img, out = _predict(net, cfg, image, dev, rep, ("den",))
+    arr = denormalise(out["den"][0, 0].numpy(), cfg.get("norm", {})).astype(np.float32)
+    rep(1.0, "done")
+    return _back_to_input(_to_image(np.maximum(arr, 0), img), image, False)
+
+
+def segment_fake_fdpet(image, denoiser, segmenter, organs=None, device="auto", progress=None, cancel=None):
+    """Fake-FDPET baseline: denoise with ``denoiser`` then segment the result with ``segmenter``."""
+    rep = Reporter(progress, cancel)
+    fake = denoise(image, denoiser, device, progress=rep.sub(0.0, 0.5))
+    return segment(fake, segmenter, organs, device, progress=rep.sub(0.5, 1.0))

@@ -1,0 +1,215 @@
+"""LDOS training (and the paper's baselines) with checkpoints, resume and torchrun DDP.
+
+Tasks (``cfg["task"]``):
+* ``"ldos"``: shared encoder + segmentation and denoising decoders, loss ``phi(E) L_g + lambda L_s``;
+* ``"segonly"``: the same network without the denoising decoder, loss ``L_s`` (paper's LDPET / FDPET baselines,
+  depending on ``input_key``);
+* ``"denoise"``: encoder + denoising decoder only, loss ``L_g`` (first stage of the Fake-FDPET baseline).
+
+Multi-process: start with ``torchrun --nproc_per_node N -m PETWorkbenchLib.cli train segmentation ...``; the
+process group is made from the torchrun environment (RANK, WORLD_SIZE, MASTER_ADDR...), NCCL on CUDA, gloo on
+CPU. Each rank samples its own patches; gradients are averaged by DistributedDataParallel; rank 0 writes the
+checkpoints. ``checkpoint_latest.pt`` is written every epoch and when a time limit stops the run; training
+resumes from it.
+"""
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from PETWorkbenchLib.errors import InputError
+from PETWorkbenchLib.progress import Reporter
+
+from .augment import misalign_labels
+from .losses import denoising_loss, ldos_loss
+from .network import build_network
+
+TASKS = ("ldos", "segonly", "denoise")
+
+
+def load_config(path_or_name):
+    """A config dict from a JSON file or the name of a bundled config (``ldos_cpu_demo``, ``ldos_resenc_l``)."""
+    if isinstance(path_or_name, dict):
+        return json.loads(json.dumps(path_or_name))
+    p = Path(path_or_name)
+    if not p.is_file():
+        p = Path(__file__).resolve().parent / "configs" / f"{path_or_name}.json"
+    if not p.is_file():
+        raise InputError(f"Config not found: {path_or_name}")
+    with open(p) as f:
+        return json.load(f)
+
+
+def network_config_for_task(cfg):
+    cfg = json.loads(json.dumps(cfg))
+    task = cfg.get("task", "ldos")
+    if task not in TASKS:
+        raise InputError(f"Unknown task '{task}': choose one of {', '.join(TASKS)}")
+    cfg["network"]["denoise"] = task in ("ldos", "denoise")
+    return cfg
+
+
+def dist_info():
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return rank, world, local
+
+
+def _init_dist(device):
+    import torch.distributed as dist
+    rank, world, local = dist_info()
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return rank, world
+
+
+def _make_optimizer(params, ocfg):
+    name = ocfg.get("name", "sgd").lower()
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=ocfg.get("lr", 1e-2), momentum=ocfg.get("momentum", 0.99),
+                               nesterov=ocfg.get("nesterov", True), weight_decay=ocfg.get("weight_decay", 3e-5))
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=ocfg.get("lr", 1e-3), weight_decay=ocfg.get("weight_decay", 3e-5))
+    raise InputError(f"Unknown optimizer '{name}' (sgd or adamw)")
+
+
+def poly_lr(lr0, it, total, exponent=0.9):
+    return lr0 * (1 - min(it, total) / max(total, 1)) ** exponent
+
+
+def train(cfg, out_dir, cases=None, manifest=None, resume=True, max_minutes=None, device="auto", threads=None,
+          progress=None, cancel=None, log=print):
+    """Train a model; returns a summary dict. ``cases`` (list of dicts from :mod:`.data`) or ``manifest``."""
+    from PETWorkbenchLib.device import choose_device
+    cfg = network_config_for_task(load_config(cfg))
+    task = cfg["task"]
+    rep = Reporter(progress, cancel)
+    if threads:
+        torch.set_num_threads(int(threads))
+    dev = choose_device(device).torch()
+    rank, world = _init_dist(dev)
+    if dev.type == "cuda" and world > 1:
+        dev = torch.device(f"cuda:{dist_info()[2]}")
+    out_dir = Path(out_dir)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    if cases is None:
+        if manifest is None:
+            raise InputError("train() needs cases or a manifest")
+        from .data import load_case, read_manifest, select
+        rows = select(read_manifest(manifest), split=cfg.get("train_split", "train"), tracer=cfg.get("tracers"))
+        if not rows:
+            raise InputError(f"No training cases with split '{cfg.get('train_split', 'train')}' in {manifest}")
+        cache_dir = Path(manifest).parent.parent / "seg_cache"
+        cases = [load_case(r, cfg, cache_dir) for r in rows]
+    from .data import PatchSampler
+    seed = int(cfg.get("seed", 0))
+    torch.manual_seed(seed)  # same initial weights on every rank
+    sampler = PatchSampler(cases, cfg["patch_size"], cfg.get("foreground_oversample", 0.33), seed + 1000 * rank)
+    spacing = cases[0]["spacing"]
+
+    model = build_network(cfg).to(dev)
+    opt = _make_optimizer(model.parameters(), cfg.get("optimizer", {}))
+    ipe = int(cfg.get("iterations_per_epoch", 250))
+    epochs = int(cfg.get("epochs", 500))
+    total = ipe * epochs
+    start_it, history = 0, []
+    ck = out_dir / "checkpoint_latest.pt"
+    if resume and ck.is_file():
+        state = torch.load(str(ck), map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start_it, history = int(state["iteration"]), state.get("history", [])
+        sampler.rng.bit_generator.state = state["sampler_rng"][rank] if rank < len(state["sampler_rng"]) \
+            else sampler.rng.bit_generator.state
+        torch.set_rng_state(state["torch_rng"])
+        log(f"resumed from {ck} at iteration {start_it}")
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        net = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None,
+                  find_unused_parameters=(task == "denoise"))
+    heads = {"ldos": ("seg", "den"), "segonly": ("seg",), "denoise": ("den",)}[task]
+    mis = cfg.get("misalignment", {})
+    lr0 = cfg.get("optimizer", {}).get("lr", 1e-2)
+    bs = int(cfg.get("batch_size", 2))
+    t0 = time.time()
+    it = start_it
+    stopped = "finished"
+    run_loss = []
+
+    def save_latest():  # called by every rank at the same iteration
+        rngs = [sampler.rng.bit_generator.state]
+        if world > 1:
+            import torch.distributed as dist
+            rngs = [None] * world
+            dist.all_gather_object(rngs, sampler.rng.bit_generator.state)
+        if rank != 0:
+            return
+        tmp = ck.with_suffix(".part")
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "iteration": it,
+                    "history": history, "sampler_rng": rngs, "torch_rng": torch.get_rng_state(), "config": cfg},
+                   str(tmp))
+        os.replace(tmp, ck)
+
+    net.train()
+    while it < total:
+        epoch = it // ipe
+        for g in opt.param_groups:
+            g["lr"] = poly_lr(lr0, it, total)
+        x, y, lab = sampler.sample(bs)
+        x, y, lab = torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev), torch.from_numpy(lab).to(dev)
+        if task != "denoise" and mis.get("p", 0) > 0:
+            lab = misalign_labels(lab, spacing, p=mis["p"], max_shift_mm=mis.get("max_shift_mm", 6.0),
+                                  max_deform_mm=mis.get("max_deform_mm", 4.0),
+                                  control_points=mis.get("control_points", 4))
+        out = net(x, heads=heads)
+        if task == "denoise":
+            loss = denoising_loss(out["den"], y)
+            parts = {"L_g": float(loss.detach()), "total": float(loss.detach())}
+        else:
+            loss, parts = ldos_loss(out, lab, y if task == "ldos" else None, epoch=epoch,
+                                    ell=cfg.get("phi_ell", 0.002), lam=cfg.get("lambda", 1.0))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
+        opt.step()
+        it += 1
+        run_loss.append(parts)
+        if it % ipe == 0 or it == total:
+            mean = {k: float(np.mean([p[k] for p in run_loss if k in p])) for k in run_loss[-1]}
+            history.append({"epoch": epoch, "iteration": it, "seconds": time.time() - t0, **mean})
+            run_loss = []
+            if rank == 0:
+                log(f"epoch {epoch} it {it}/{total} " + " ".join(f"{k}={v:.4f}" for k, v in mean.items()))
+            save_latest()
+        rep(it / total, f"{task} iteration {it}/{total}")
+        stop = max_minutes is not None and (time.time() - t0) > 60.0 * max_minutes
+        if world > 1:
+            import torch.distributed as dist
+            flag = torch.tensor([1.0 if stop else 0.0])
+            dist.all_reduce(flag)
+            stop = flag.item() > 0
+        if stop and it < total:
+            stopped = "time_limit"
+            save_latest()
+            break
+    model_path = out_dir / "model.pt"
+    if rank == 0:
+        from PETWorkbenchLib.models import save_checkpoint
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        save_checkpoint(model_path, cfg, state, training={"iterations": it, "total_iterations": total,
+                                                          "stopped": stopped, "history": history[-5:]})
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+    return {"task": task, "iterations": it, "total_iterations": total, "stopped": stopped,
+            "seconds": time.time() - t0, "model": str(model_path), "world_size": world, "rank": rank,
+            "last": history[-1] if history else None}

@@ -1,0 +1,167 @@
+"""Images, units, resampling and multi-centre patch sampling for DRMC.
+
+Intensity normalisation (documented in METHOD.md): the network works on SUV (body weight) divided by
+``suv_scale`` (config key, default 1.0), after clipping negatives to 0. Volumes are resampled to 2 mm isotropic
+(linear interpolation for PET, nearest neighbour for label maps) before patches are drawn.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from PETWorkbenchLib.errors import InputError
+
+TARGET_SPACING = (2.0, 2.0, 2.0)
+SUV_UNITS = ("suv", "suvbw", "g/ml", "suv (bw)")
+
+
+# --------------------------------------------------------------------------------------------------- checks
+def check_pet_image(image, name="input PET", units="SUV", max_voxels=None):
+    """Validate a PET image given to the engine; raise InputError naming the problem."""
+    if not isinstance(image, sitk.Image):
+        raise InputError(f"{name} must be a SimpleITK.Image, got {type(image).__name__}")
+    if image.GetDimension() != 3:
+        raise InputError(f"{name} must be a 3D volume; got a {image.GetDimension()}D image of size {image.GetSize()}")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{name} must be a scalar volume; it has {image.GetNumberOfComponentsPerPixel()} components")
+    size = image.GetSize()
+    if min(size) < 2:
+        raise InputError(f"{name} is degenerate (size {size}); a 3D volume with at least 2 voxels per axis is needed")
+    if max_voxels is not None and math.prod(size) > max_voxels:
+        raise InputError(f"{name} has {math.prod(size)} voxels, more than the limit {max_voxels}")
+    if units is None or str(units).strip().lower() not in SUV_UNITS:
+        raise InputError(
+            f"{name} units are {units!r}; the model expects SUV (body weight). Convert Bq/ml to SUV first "
+            "(PETWorkbenchLib.units, needs patient weight and injected dose)")
+    arr = sitk.GetArrayViewFromImage(image)
+    if not np.all(np.isfinite(arr)):
+        n = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+        raise InputError(f"{name} contains {n} NaN or infinite voxels")
+    amax = float(arr.max())
+    if amax <= 0:
+        raise InputError(f"{name} is empty (maximum value {amax}); nothing to synthesise")
+    if amax > 1e4:
+        raise InputError(
+            f"{name} maximum is {amax:.4g}, implausible for SUV (expected < 1000); is it in Bq/ml? "
+            "Convert to SUV first")
+    return image
+
+
+# ----------------------------------------------------------------------------------------------- resampling
+def resample_to_spacing(image, spacing=TARGET_SPACING, interpolator=sitk.sitkLinear, default=0.0):
+    """Resample ``image`` onto a grid with ``spacing`` covering the same physical extent (same origin/direction)."""
+    in_sp = np.array(image.GetSpacing(), float)
+    in_sz = np.array(image.GetSize(), float)
+    out_sp = np.array(spacing, float)
+    out_sz = [max(1, int(round(n))) for n in in_sz * in_sp / out_sp]
+    # keep the centre of the field of view: shift the origin by half the extent difference along each axis
+    d = np.array(image.GetDirection(), float).reshape(3, 3)
+    extent_in = (in_sz - 1) * in_sp
+    extent_out = (np.array(out_sz) - 1) * out_sp
+    origin = np.array(image.GetOrigin(), float) + d @ ((extent_in - extent_out) / 2.0)
+    return sitk.Resample(image, [int(s) for s in out_sz], sitk.Transform(), interpolator, origin.tolist(),
+                         out_sp.tolist(), image.GetDirection(), default, image.GetPixelID())
+
+
+def resample_like(image, reference, interpolator=sitk.sitkLinear, default=0.0):
+    return sitk.Resample(image, reference, sitk.Transform(), interpolator, default, image.GetPixelID())
+
+
+def to_2mm_array(image, label=False):
+    """(array (z, y, x) float32 or int, resampled image) on the 2 mm isotropic grid."""
+    if label:
+        img = resample_to_spacing(image, interpolator=sitk.sitkNearestNeighbor)
+        return sitk.GetArrayFromImage(img).astype(np.int32), img
+    img = resample_to_spacing(sitk.Cast(image, sitk.sitkFloat32))
+    return sitk.GetArrayFromImage(img).astype(np.float32), img
+
+
+def normalise(suv, suv_scale=1.0):
+    return np.clip(suv, 0.0, None) / float(suv_scale)
+
+
+# -------------------------------------------------------------------------------------------------- manifest
+def read_manifest(path):
+    """Rows of a simulated multi-centre manifest.csv with absolute paths; see the package docstring for columns."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"manifest not found: {path}")
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        raise InputError(f"manifest {path} has no rows")
+    need = {"case_id", "center", "split", "full_dose", "low_dose"}
+    missing = need - set(rows[0])
+    if missing:
+        raise InputError(f"manifest {path} lacks columns {sorted(missing)}")
+    for r in rows:
+        for key in ("full_dose", "low_dose", "low_dose_drf20", "ct", "labels", "lesions"):
+            if r.get(key):
+                r[key] = str((path.parent / r[key]).resolve())
+        r["known"] = str(r.get("known", "1")).strip().lower() in ("1", "true", "yes", "known")
+    return rows
+
+
+def select(rows, split=None, known=None, centers=None):
+    out = []
+    for r in rows:
+        if split is not None and r["split"] not in ([split] if isinstance(split, str) else split):
+            continue
+        if known is not None and r["known"] != known:
+            continue
+        if centers is not None and r["center"] not in centers:
+            continue
+        out.append(r)
+    return out
+
+
+def load_pair_2mm(row, suv_scale=1.0, low_key="low_dose"):
+    """(low, full) normalised float32 arrays on the 2 mm grid for one manifest row."""
+    low, _ = to_2mm_array(sitk.ReadImage(row[low_key]))
+    full, _ = to_2mm_array(sitk.ReadImage(row["full_dose"]))
+    return normalise(low, suv_scale), normalise(full, suv_scale)
+
+
+# ------------------------------------------------------------------------------------------- patch sampling
+def _crop(arr, start, size):
+    z, y, x = start
+    sl = arr[z:z + size[0], y:y + size[1], x:x + size[2]]
+    if sl.shape != tuple(size):  # volume smaller than the patch along some axis: zero-pad
+        pad = [(0, s - n) for s, n in zip(size, sl.shape)]
+        sl = np.pad(sl, pad)
+    return sl
+
+
+class CenterPatchSampler:
+    """Uniform random patches per centre: ``sample(center, batch, rng) -> (low, full)`` of shape (B, 1, p, p, p)."""
+
+    def __init__(self, volumes_by_center: dict, patch_size):
+        if not volumes_by_center:
+            raise InputError("no training volumes")
+        self.volumes = volumes_by_center  # center -> list of (low, full) arrays
+        self.patch = (patch_size,) * 3 if isinstance(patch_size, int) else tuple(patch_size)
+        self.centers = sorted(volumes_by_center)
+
+    def sample(self, center, batch, rng):
+        vols = self.volumes[center]
+        lows, fulls = [], []
+        for _ in range(batch):
+            low, full = vols[rng.integers(len(vols))]
+            start = [int(rng.integers(0, max(1, n - p + 1))) for n, p in zip(low.shape, self.patch)]
+            lows.append(_crop(low, start, self.patch))
+            fulls.append(_crop(full, start, self.patch))
+        return np.stack(lows)[:, None], np.stack(fulls)[:, None]
+
+    @classmethod
+    def from_manifest(cls, rows, patch_size, suv_scale=1.0, progress=None):
+        vols = {}
+        for i, r in enumerate(rows):
+            if progress:
+                progress(i / max(1, len(rows)), f"loading {r['case_id']}")
+            vols.setdefault(r["center"], []).append(load_pair_2mm(r, suv_scale))
+        return cls(vols, patch_size)

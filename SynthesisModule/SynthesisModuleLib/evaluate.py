@@ -1,0 +1,140 @@
+"""Evaluation on held-out cases of a multi-centre manifest: per-centre tables, routing report, interference."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from PETWorkbenchLib.errors import InputError
+from PETWorkbenchLib.progress import Reporter
+
+from .data import normalise, read_manifest, resample_like, select, to_2mm_array
+from .infer import load_model, predict_array, resolve_device, routing_summary
+from .metrics import lesion_suv_bias, psnr, routing_plot, ssim
+
+METRICS = ("psnr", "ssim", "b_mean", "b_max")
+
+
+def load_case_2mm(row):
+    """(low SUV, full SUV, lesion mask or None) on the full-dose image's 2 mm grid."""
+    full, full_img = to_2mm_array(sitk.ReadImage(row["full_dose"]))
+    low_img = sitk.Cast(sitk.ReadImage(row["low_dose"]), sitk.sitkFloat32)
+    low = sitk.GetArrayFromImage(resample_like(low_img, full_img)).astype(np.float32)
+    les = None
+    if row.get("lesions"):
+        li = sitk.ReadImage(row["lesions"])
+        les = sitk.GetArrayFromImage(resample_like(li, full_img, sitk.sitkNearestNeighbor, 0))
+    return np.clip(low, 0, None), np.clip(full, 0, None), les
+
+
+def case_metrics(est, full, lesions):
+    out = {"psnr": psnr(est, full), "ssim": ssim(est, full)}
+    if lesions is not None and np.any(lesions > 0):
+        out["b_mean"], out["b_max"], out["n_lesions"] = lesion_suv_bias(est, full, lesions)
+    else:
+        out["b_mean"], out["b_max"], out["n_lesions"] = float("nan"), float("nan"), 0
+    return out
+
+
+def _nanmean(v):
+    v = [x for x in v if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return float(np.mean(v)) if v else float("nan")
+
+
+def tables(rows):
+    """method -> center -> metric -> mean; plus method -> {'known': avg, 'unknown': avg} over centre means."""
+    per = {}
+    for r in rows:
+        per.setdefault(r["method"], {}).setdefault(r["center"], []).append(r)
+    table, avg = {}, {}
+    for meth, centers in per.items():
+        table[meth] = {}
+        for c, rs in sorted(centers.items()):
+            table[meth][c] = {m: round(_nanmean([r[m] for r in rs]), 5) for m in METRICS}
+            table[meth][c]["n"] = len(rs)
+            table[meth][c]["known"] = rs[0]["known"]
+        avg[meth] = {}
+        for kind, flag in (("known", True), ("unknown", False)):
+            cs = [v for v in table[meth].values() if v["known"] == flag]
+            if cs:
+                avg[meth][kind] = {m: round(_nanmean([v[m] for v in cs]), 5) for m in METRICS}
+    return table, avg
+
+
+def markdown_table(table, avg):
+    lines = ["| method | centre | known | n | PSNR | SSIM | B_mean | B_max |", "|---|---|---|---|---|---|---|---|"]
+    for meth, cs in table.items():
+        for c, v in cs.items():
+            lines.append(f"| {meth} | {c} | {'yes' if v['known'] else 'no'} | {v['n']} | {v['psnr']:.2f} | "
+                         f"{v['ssim']:.4f} | {v['b_mean']:.4f} | {v['b_max']:.4f} |")
+        for kind, v in avg.get(meth, {}).items():
+            lines.append(f"| {meth} | **avg {kind}** | | | {v['psnr']:.2f} | {v['ssim']:.4f} | {v['b_mean']:.4f} | "
+                         f"{v['b_max']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def evaluate(models: dict, manifest, out_dir=None, split="test", patch=None, overlap=0.5, sw_batch_size=2,
+             device="auto", max_cases_per_center=None, include_unknown=True, progress=None, cancel=None) -> dict:
+    """Evaluate ``models`` (name -> weights path / checkpoint dict / Generator) and the low-dose input.
+
+    Known centres: rows with ``split`` (held-out patients). Unknown centres: all their rows (test only).
+    Writes per_case.csv, results.json, table.md and routing_<name>.png into ``out_dir`` when given.
+    """
+    rep = Reporter(progress, cancel)
+    all_rows = read_manifest(manifest)
+    rows = select(all_rows, split=split, known=True)
+    if include_unknown:
+        rows += select(all_rows, known=False)
+    if max_cases_per_center:
+        kept, count = [], {}
+        for r in rows:
+            if count.get(r["center"], 0) < int(max_cases_per_center):
+                kept.append(r)
+                count[r["center"]] = count.get(r["center"], 0) + 1
+        rows = kept
+    if not rows:
+        raise InputError(f"manifest {manifest} has no evaluation rows (split {split!r})")
+    dev = resolve_device(device)
+    nets = {name: load_model(m, dev) for name, m in models.items()}
+    results, logs = [], {name: {} for name in nets}
+    for i, row in enumerate(rows):
+        r0 = rep.sub(i / len(rows), (i + 1) / len(rows))
+        r0(0.0, f"case {row['case_id']} ({row['center']})")
+        low, full, les = load_case_2mm(row)
+        base = {"case_id": row["case_id"], "center": row["center"], "known": row["known"]}
+        results.append({**base, "method": "low", **case_metrics(low, full, les)})
+        for k, (name, (net, cfg)) in enumerate(nets.items()):
+            scale = float(cfg["train"]["suv_scale"])
+            p = patch or cfg["train"]["patch_size"]
+            est, log = predict_array(net, normalise(low, scale), p, overlap, sw_batch_size, dev,
+                                     progress=r0.sub(k / len(nets), (k + 1) / len(nets)))
+            est = np.clip(est * scale, 0.0, None)
+            results.append({**base, "method": name, **case_metrics(est, full, les)})
+            if log:
+                logs[name].setdefault(row["center"], []).extend(log)
+    table, avg = tables(results)
+    summary = {"n_cases": len(rows), "table": table, "average": avg, "routing": {}}
+    for name, (net, _) in nets.items():
+        if net.num_banks and logs[name]:
+            summary["routing"][name] = {c: routing_summary(lg, net.num_banks) for c, lg in logs[name].items()}
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        keys = ["case_id", "center", "known", "method", "psnr", "ssim", "b_mean", "b_max", "n_lesions"]
+        with open(out / "per_case.csv", "w", newline="") as fh:
+            w = csv.DictWriter(fh, keys)
+            w.writeheader()
+            for r in results:
+                w.writerow({k: r[k] for k in keys})
+        (out / "table.md").write_text(markdown_table(table, avg))
+        for name, summ in summary["routing"].items():
+            summary.setdefault("routing_png", {})[name] = routing_plot(
+                summ, out / f"routing_{name}.png", title=f"{name}: top-1 expert per layer per centre")
+        (out / "results.json").write_text(json.dumps(summary, indent=1))
+    rep(1.0, "evaluation done")
+    return summary

@@ -1,0 +1,147 @@
+"""Inference: load a model, resample to 2 mm, sliding-window synthesis, back to the input grid."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from PETWorkbenchLib.errors import Cancelled, InputError, ModelError
+from PETWorkbenchLib.progress import Reporter
+
+from .data import check_pet_image, normalise, resample_like, resample_to_spacing
+from .model import build_model
+from .train import load_config
+
+# A 2 mm grid of more voxels than this (~ 0.8 x 0.8 x 2 m) is refused: arrays would exceed ~1 GB.
+MAX_VOXELS_2MM = 400 * 400 * 1000
+
+
+def resolve_device(device="auto") -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    from PETWorkbenchLib.device import choose_device
+    return choose_device(str(device or "auto")).torch()
+
+
+def load_model(model, device="cpu"):
+    """(Generator in eval mode, full config) from a path, a model id, a checkpoint dict or a Generator."""
+    if isinstance(model, torch.nn.Module):
+        cfg = getattr(model, "full_config", None) or {"model": model.config, "train": {}}
+        return model.to(device).eval(), load_config(cfg)
+    if isinstance(model, (str, Path)):
+        from PETWorkbenchLib.models import load_model_checkpoint
+        try:
+            model = load_model_checkpoint(model)
+        except ModelError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - unknown id, unreadable file
+            raise ModelError(f"model {str(model)!r} is neither a readable weights file nor a usable registered "
+                             f"model: {exc}") from exc
+    if not isinstance(model, dict) or "config" not in model or "state_dict" not in model:
+        raise ModelError("a checkpoint must be a dict with 'config' and 'state_dict'")
+    try:
+        cfg = load_config(model["config"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"incompatible model config: {exc}") from exc
+    net = build_model(cfg["model"])
+    try:
+        net.load_state_dict(model["state_dict"])
+    except RuntimeError as exc:
+        raise ModelError(f"weights do not match the model config: {str(exc).splitlines()[0]}") from exc
+    net.full_config = cfg
+    return net.to(device).eval(), cfg
+
+
+def sliding_window(predictor, image_tensor, roi_size, overlap=0.5, sw_batch_size=4, mode="gaussian",
+                   device=None, progress=None, cancel=None):
+    """Thin indirection to PETWorkbenchLib.inference.sliding_window (MONAI sliding_window_inference)."""
+    from PETWorkbenchLib.inference import sliding_window as shared
+    return shared(predictor, image_tensor, roi_size, overlap=overlap, sw_batch_size=sw_batch_size, mode=mode,
+                  device=device, progress=progress, cancel=cancel)
+
+
+def predict_array(model, arr, patch=64, overlap=0.5, sw_batch_size=2, device="cpu", progress=None, cancel=None):
+    """Run the network on a normalised (z, y, x) array on the 2 mm grid; returns (array, routing_log)."""
+    dev = resolve_device(device)
+    model = model.to(dev).eval()
+    x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None, None]
+    roi = (int(patch),) * 3 if np.isscalar(patch) else tuple(int(p) for p in patch)
+    model.routing_log = [] if model.num_banks else None
+    try:
+        with torch.inference_mode():
+            y = sliding_window(model, x, roi, overlap=overlap, sw_batch_size=sw_batch_size, mode="gaussian",
+                               device=dev, progress=progress, cancel=cancel)
+        log = model.routing_log
+    finally:
+        model.routing_log = None
+    return y[0, 0].numpy(), log
+
+
+def routing_summary(log, num_banks):
+    """Per bank (block b attention / FFN): mean weight per expert, top-1 expert fractions, sparsity."""
+    if not log:
+        return {"routed": False}
+    w = torch.cat([torch.stack(log[i:i + num_banks], 1) for i in range(0, len(log), num_banks)], 0)  # (P, banks, M)
+    w = w.float().cpu()
+    top1 = w.argmax(-1)
+    m = w.shape[-1]
+    names = [f"block{b // 2 + 1}.{'attention' if b % 2 == 0 else 'ffn'}" for b in range(num_banks)]
+    return {
+        "routed": True,
+        "n_patches": int(w.shape[0]),
+        "banks": names,
+        "mean_weight": [[round(float(v), 5) for v in row] for row in w.mean(0)],
+        "top1_fraction": [[round(float((top1[:, b] == e).float().mean()), 4) for e in range(m)]
+                          for b in range(num_banks)],
+        "active_fraction": round(float((w != 0).float().mean()), 4),
+        "all_zero_fraction": round(float((w == 0).all(-1).float().mean()), 4),
+    }
+
+
+def synthesize(image, model, device="auto", patch=None, overlap=0.5, sw_batch_size=2, units="SUV",
+               progress=None, cancel=None):
+    """Full-dose estimate of a low-dose PET ``image`` (SUV). Returns (SimpleITK.Image SUV on the input grid,
+    routing summary dict). See the package docstring."""
+    rep = Reporter(progress, cancel)
+    check_pet_image(image, "input PET", units=units)
+    if not 0.0 <= float(overlap) < 1.0:
+        raise InputError(f"overlap must be in [0, 1), got {overlap}")
+    if int(sw_batch_size) < 1:
+        raise InputError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
+    dev = resolve_device(device)
+    rep(0.0, "loading model")
+    net, cfg = load_model(model, dev)
+    if patch is None:
+        patch = cfg["train"]["patch_size"]
+    if int(np.min(patch)) < 8:
+        raise InputError(f"patch size must be at least 8 voxels, got {patch}")
+    img = sitk.Cast(image, sitk.sitkFloat32)
+    rep(0.05, "resampling to 2 mm")
+    img2 = resample_to_spacing(img)
+    nvox = math.prod(img2.GetSize())
+    if nvox > MAX_VOXELS_2MM:
+        raise InputError(f"input covers {img2.GetSize()} voxels at 2 mm ({nvox}), more than the limit "
+                         f"{MAX_VOXELS_2MM}; crop the volume first")
+    scale = float(cfg["train"]["suv_scale"])
+    arr = normalise(sitk.GetArrayFromImage(img2), scale)
+    out, log = predict_array(net, arr, patch, overlap, sw_batch_size, dev, progress=rep.sub(0.1, 0.9), cancel=None)
+    out = np.clip(out * scale, 0.0, None).astype(np.float32)
+    rep(0.9, "resampling back to the input grid")
+    res2 = sitk.GetImageFromArray(out)
+    res2.CopyInformation(img2)
+    res = resample_like(res2, img)
+    res = sitk.Clamp(res, sitk.sitkFloat32, 0.0)
+    for key in image.GetMetaDataKeys():
+        res.SetMetaData(key, image.GetMetaData(key))
+    summary = routing_summary(log, net.num_banks)
+    summary.update({"model": cfg.get("name"), "device": str(dev), "patch": int(np.min(patch)),
+                    "overlap": float(overlap), "grid_2mm": list(img2.GetSize())})
+    rep(1.0, "done")
+    return res, summary
+
+
+__all__ = ["synthesize", "load_model", "predict_array", "routing_summary", "sliding_window", "Cancelled"]

@@ -1,0 +1,171 @@
+"""Metrics of the DRMC paper: PSNR, SSIM, lesion SUVmean / SUVmax bias, centre interference I_ij, routing plot.
+
+* PSNR = 10 log10(R^2 / MSE) with R = maximum of the full-dose (reference) volume, over the whole 2 mm volume.
+* SSIM: 3D SSIM (Gaussian window sigma 1.5 voxels, K1 = 0.01, K2 = 0.03) with the same data range R.
+* B_mean / B_max (as Zhou et al. 2020, ref. [3] of the paper): for each lesion l,
+  |SUVmean_l(estimate) - SUVmean_l(full)| / SUVmean_l(full) and the same for SUVmax; averaged over lesions.
+  Lesions are the connected components (26-connectivity) of the non-zero lesion mask, or its distinct label
+  values when the mask is already instance-labelled.
+* I_ij (supplement eq. 4-5): interference of centre j on centre i, first-order estimate from gradients.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from PETWorkbenchLib.errors import InputError
+
+
+def _check_pair(pred, ref):
+    pred = np.asarray(pred, np.float64)
+    ref = np.asarray(ref, np.float64)
+    if pred.shape != ref.shape:
+        raise InputError(f"estimate shape {pred.shape} differs from reference shape {ref.shape}")
+    return pred, ref
+
+
+def psnr(pred, ref, data_range=None):
+    pred, ref = _check_pair(pred, ref)
+    r = float(ref.max()) if data_range is None else float(data_range)
+    if r <= 0:
+        raise InputError("reference image is empty (maximum <= 0); PSNR undefined")
+    mse = float(np.mean((pred - ref) ** 2))
+    return float("inf") if mse == 0 else float(10.0 * np.log10(r * r / mse))
+
+
+def ssim(pred, ref, data_range=None, sigma=1.5):
+    pred, ref = _check_pair(pred, ref)
+    r = float(ref.max()) if data_range is None else float(data_range)
+    if r <= 0:
+        raise InputError("reference image is empty (maximum <= 0); SSIM undefined")
+    c1, c2 = (0.01 * r) ** 2, (0.03 * r) ** 2
+    f = lambda a: ndimage.gaussian_filter(a, sigma, truncate=3.5)  # noqa: E731
+    mx, my = f(pred), f(ref)
+    sxx = f(pred * pred) - mx * mx
+    syy = f(ref * ref) - my * my
+    sxy = f(pred * ref) - mx * my
+    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
+    return float(s.mean())
+
+
+def lesion_components(lesions):
+    lesions = np.asarray(lesions)
+    vals = np.unique(lesions[lesions > 0])
+    if len(vals) > 1:  # already instance-labelled
+        return [lesions == v for v in vals]
+    lab, n = ndimage.label(lesions > 0, structure=np.ones((3, 3, 3)))
+    return [lab == i for i in range(1, n + 1)]
+
+
+def lesion_suv_bias(pred, ref, lesions, min_voxels=1):
+    """(B_mean, B_max, n_lesions): mean relative absolute bias of SUVmean and SUVmax over the lesions."""
+    pred, ref = _check_pair(pred, ref)
+    if np.shape(lesions) != ref.shape:
+        raise InputError(f"lesion mask shape {np.shape(lesions)} differs from image shape {ref.shape}")
+    bm, bx = [], []
+    for mask in lesion_components(lesions):
+        if mask.sum() < min_voxels:
+            continue
+        rm, rx = ref[mask].mean(), ref[mask].max()
+        if rm <= 0 or rx <= 0:
+            continue
+        bm.append(abs(pred[mask].mean() - rm) / rm)
+        bx.append(abs(pred[mask].max() - rx) / rx)
+    if not bm:
+        return float("nan"), float("nan"), 0
+    return float(np.mean(bm)), float(np.mean(bx)), len(bm)
+
+
+# ------------------------------------------------------------------------------------------- interference
+def interference(model, sampler, n_batches=4, batch_size=1, param_prefixes=None, eps=1e-3, seed=0, device="cpu"):
+    """Centre interference I_ij (supplement eq. 4-5) for each parameter group.
+
+    For each centre c, ``n_batches`` batches X_c^k are drawn and the loss gradients g_c^k computed. With
+    d_j = E_k[g_j^k / ||g_j^k||] (the expected normalised update direction of centre j), the first-order loss
+    change of centre i caused by a step along centre j is Delta_j L_i(X_i^k) ~ lambda d_j . g_i^k and
+    I_ij = E_k[(d_j . g_i^k) / (d_i . g_i^k)] (lambda cancels). Positive: j helps i; negative: j harms i.
+    ``param_prefixes``: dict name -> parameter-name prefix (default: one group per block ``body.<b>.``).
+    Returns {"centers": [...], "groups": {name: I matrix as nested lists}}.
+    """
+    import torch
+
+    from .model import charbonnier_loss
+
+    model = model.to(device).train()
+    names = [n for n, _ in model.named_parameters()]
+    if param_prefixes is None:
+        param_prefixes = {f"block{b + 1}": f"body.{b}." for b in range(len(model.body))}
+    groups = {g: [i for i, n in enumerate(names) if n.startswith(p)] for g, p in param_prefixes.items()}
+    params = list(model.parameters())
+    centers = sampler.centers
+    grads = {}  # center -> group -> (K, P) array
+    for ci, c in enumerate(centers):
+        per = {g: [] for g in groups}
+        for k in range(n_batches):
+            rng = np.random.default_rng([seed, ci, k])
+            low, full = sampler.sample(c, batch_size, rng)
+            model.zero_grad(set_to_none=True)
+            loss = charbonnier_loss(model(torch.from_numpy(low).to(device)), torch.from_numpy(full).to(device),
+                                    eps)
+            loss.backward()
+            for g, idx in groups.items():
+                vec = torch.cat([params[i].grad.flatten() if params[i].grad is not None
+                                 else torch.zeros(params[i].numel(), device=device) for i in idx])
+                per[g].append(vec.detach().cpu().double().numpy())
+        grads[c] = {g: np.stack(v) for g, v in per.items()}
+    model.zero_grad(set_to_none=True)
+    out = {}
+    for g in groups:
+        d = {}
+        for c in centers:
+            gk = grads[c][g]
+            norms = np.linalg.norm(gk, axis=1, keepdims=True)
+            d[c] = (gk / np.where(norms > 0, norms, 1.0)).mean(0)
+        mat = np.zeros((len(centers), len(centers)))
+        for i, ci in enumerate(centers):
+            denom = grads[ci][g] @ d[ci]
+            for j, cj in enumerate(centers):
+                num = grads[ci][g] @ d[cj]
+                ok = np.abs(denom) > 0
+                mat[i, j] = float(np.mean(num[ok] / denom[ok])) if ok.any() else float("nan")
+        out[g] = mat.round(4).tolist()
+    model.eval()
+    return {"centers": centers, "groups": out}
+
+
+# ---------------------------------------------------------------------------------------------- routing plot
+def routing_plot(summaries: dict, path, title="Top-1 expert per layer per centre"):
+    """PNG in the spirit of Fig. 3(b): for each centre, stacked bars of the top-1 expert fraction per bank.
+
+    ``summaries``: centre -> routing summary (from ``infer.routing_summary``). Needs matplotlib (imported here).
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    centers = [c for c in summaries if summaries[c].get("routed")]
+    if not centers:
+        raise InputError("no routed model summaries to plot (the baseline has no routing)")
+    banks = summaries[centers[0]]["banks"]
+    m = len(summaries[centers[0]]["top1_fraction"][0])
+    fig, axes = plt.subplots(1, len(centers), figsize=(2.2 + 1.6 * len(centers), 3.6), sharey=True, squeeze=False)
+    colors = plt.get_cmap("tab10").colors
+    for ax, c in zip(axes[0], centers):
+        frac = np.array(summaries[c]["top1_fraction"])  # (banks, M)
+        bottom = np.zeros(len(banks))
+        for e in range(m):
+            ax.barh(np.arange(len(banks)), frac[:, e], left=bottom, color=colors[e % 10], label=f"expert {e + 1}")
+            bottom += frac[:, e]
+        ax.set_title(c, fontsize=9)
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("fraction of patches", fontsize=8)
+    axes[0][0].set_yticks(np.arange(len(banks)))
+    axes[0][0].set_yticklabels(banks, fontsize=7)
+    axes[0][0].invert_yaxis()
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)

@@ -1,0 +1,285 @@
+"""DRMC network (Yang et al., MICCAI 2023) and the base-block Transformer baseline.
+
+Module and parameter names follow the authors' public 3D model (``Generator``, ``Transformer_Block``,
+``Attention_Bank``/``MLP_Bank``, ``Routing_Module``) so that a state dict of theirs maps onto ours key by key
+(``head_conv``, ``body.<i>.norm1.norm``, ``body.<i>.attention.att_experts.<m>.{temperature,qkv,dwconv,project_out}``,
+``body.<i>.attention.routing.{conv1,conv3}``, ``body.<i>.mlp.mpl_experts.<m>.{fc1,fc2}``, ``body.<i>.{beta,gamma}``,
+``tail_conv``, ``hidden``).
+
+Configuration keys (all optional, defaults = paper):
+    arch        "drmc" (dynamic routing blocks) or "baseline" (base blocks, one expert each, no routing)
+    n_feats     C, intermediate channels (64)
+    res_num     N, number of blocks (5 for DRMC; the paper's baseline uses 15)
+    num_experts M, experts per bank (3)
+    mlp_ratio   FFN hidden width = mlp_ratio * C (2)
+    num_heads   heads of the channel attention (16)
+    hidden_dim  width of the routing hidden representation H (16)
+    gating      "relu" (DRMC), "softmax" or "top2" (ablations)
+    use_hidden  True: DRM sees [GAP(X), H] (cross-layer connection); False: GAP(X) only (ablation "w/o H")
+    qk_norm     L2-normalise q and k along the voxel axis before the channel attention (True)
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+DEFAULT_CONFIG = {
+    "arch": "drmc",
+    "n_feats": 64,
+    "res_num": 5,
+    "num_experts": 3,
+    "mlp_ratio": 2,
+    "num_heads": 16,
+    "hidden_dim": 16,
+    "gating": "relu",
+    "use_hidden": True,
+    "qk_norm": True,
+}
+
+GATINGS = ("relu", "softmax", "top2")
+
+
+def model_config(config: dict | None = None) -> dict:
+    """Full network configuration: defaults overlaid with the network keys of ``config``."""
+    cfg = copy.deepcopy(DEFAULT_CONFIG)
+    for k in DEFAULT_CONFIG:
+        if config and k in config:
+            cfg[k] = config[k]
+    if cfg["arch"] not in ("drmc", "baseline"):
+        raise ValueError(f"unknown arch {cfg['arch']!r}; expected 'drmc' or 'baseline'")
+    if cfg["gating"] not in GATINGS:
+        raise ValueError(f"unknown gating {cfg['gating']!r}; expected one of {GATINGS}")
+    if cfg["n_feats"] % cfg["num_heads"]:
+        raise ValueError(f"n_feats={cfg['n_feats']} is not divisible by num_heads={cfg['num_heads']}")
+    if cfg["gating"] == "top2" and cfg["num_experts"] < 2:
+        raise ValueError("top2 gating needs num_experts >= 2")
+    return cfg
+
+
+class LayerNorm3d(nn.Module):
+    """LayerNorm over the channel axis of a (B, C, D, H, W) tensor."""
+
+    def __init__(self, n_feats):
+        super().__init__()
+        self.norm = nn.LayerNorm(n_feats)
+
+    def forward(self, x):
+        return self.norm(x.permute(0, 2, 3, 4, 1)).permute(0, 4, 1, 2, 3)
+
+
+class Routing_Module(nn.Module):  # noqa: N801 (name kept for state-dict compatibility)
+    """DRM: W = gate(MLP([GAP(X), H])); returns (W (B, M), new hidden H (B, hidden_dim, 1, 1, 1))."""
+
+    def __init__(self, global_dim, hidden_dim, num_experts, gating="relu", use_hidden=True):
+        super().__init__()
+        self.use_hidden = use_hidden
+        self.gating = gating
+        in_dim = global_dim + (hidden_dim if use_hidden else 0)
+        self.conv1 = nn.Conv3d(in_dim, hidden_dim, kernel_size=1, bias=True)
+        self.gelu = nn.GELU()
+        self.conv3 = nn.Conv3d(hidden_dim, num_experts, kernel_size=1, bias=True)
+
+    def forward(self, x_global, h):
+        inp = torch.cat([x_global, h], dim=1) if self.use_hidden else x_global
+        hidden = self.gelu(self.conv1(inp))
+        logit = self.conv3(hidden).flatten(1)  # (B, M)
+        if self.gating == "relu":
+            w = F.relu(logit)
+        elif self.gating == "softmax":
+            w = logit.softmax(dim=1)
+        else:  # top-2 gating (Shazeer et al.): softmax over the two largest logits, zero elsewhere
+            top, idx = logit.topk(2, dim=1)
+            w = torch.zeros_like(logit).scatter(1, idx, top.softmax(dim=1))
+        return w, hidden
+
+
+class Attention_Expert(nn.Module):  # noqa: N801
+    """Global channel attention (linear in the number of voxels) followed by a depth-wise 3x3x3 convolution."""
+
+    def __init__(self, n_feats, num_heads=16, bias=False, qk_norm=True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qk_norm = qk_norm
+        self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1))
+        self.qkv = nn.Conv3d(n_feats, n_feats * 3, kernel_size=1, bias=bias)
+        self.dwconv = nn.Conv3d(n_feats, n_feats, kernel_size=3, padding=1, groups=n_feats, bias=bias)
+        self.project_out = nn.Conv3d(n_feats, n_feats, kernel_size=1, bias=bias)
+
+    def forward(self, x):
+        b, c, d, h, w = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=1)
+        q = q.reshape(b, self.num_heads, c // self.num_heads, d * h * w)
+        k = k.reshape(b, self.num_heads, c // self.num_heads, d * h * w)
+        v = v.reshape(b, self.num_heads, c // self.num_heads, d * h * w)
+        if self.qk_norm:
+            q = F.normalize(q, dim=-1)
+            k = F.normalize(k, dim=-1)
+        attn = (q @ k.transpose(-2, -1)) * self.temperature  # (B, heads, c/h, c/h): channel attention
+        out = attn.softmax(dim=-1) @ v
+        out = self.dwconv(out.reshape(b, c, d, h, w))
+        return self.project_out(out)
+
+
+class MLP_Expert(nn.Module):  # noqa: N801
+    """FFN expert: 1x1x1 conv -> GELU -> 1x1x1 conv."""
+
+    def __init__(self, in_feat, h_feat, out_feat):
+        super().__init__()
+        self.fc1 = nn.Conv3d(in_feat, h_feat, kernel_size=1, bias=True)
+        self.act = nn.GELU()
+        self.fc2 = nn.Conv3d(h_feat, out_feat, kernel_size=1, bias=True)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class _ExpertBank(nn.Module):
+    """sum_m W^m E^m(X) with W from a DRM; experts whose weight is exactly zero are skipped when sparse."""
+
+    experts_attr = "experts"
+
+    def _experts(self):
+        return getattr(self, self.experts_attr)
+
+    def forward(self, x, hidden, sparse=True, log=None):
+        w, hidden_new = self.routing(self.avg_pool(x), hidden)
+        if log is not None:
+            log.append(w.detach())
+        experts = self._experts()
+        if not sparse:
+            out = torch.stack([e(x) for e in experts], dim=1)  # (B, M, C, D, H, W)
+            return (out * w.view(*w.shape, 1, 1, 1, 1)).sum(dim=1), hidden_new
+        out = None
+        active = w != 0
+        for m, expert in enumerate(experts):
+            sel = active[:, m]
+            if not bool(sel.any()):
+                continue  # zero weight for every sample: the expert is not computed
+            wm = w[:, m].view(-1, 1, 1, 1, 1)
+            if bool(sel.all()):
+                contrib = wm * expert(x)
+            else:
+                idx = sel.nonzero().flatten()
+                contrib = torch.zeros_like(x).index_copy(0, idx, wm[idx] * expert(x[idx]))
+            out = contrib if out is None else out + contrib
+        if out is None:
+            out = x * 0.0  # every weight is zero; keeps the graph connected
+        return out, hidden_new
+
+
+class Attention_Bank(_ExpertBank):  # noqa: N801
+    experts_attr = "att_experts"
+
+    def __init__(self, n_feats, num_experts=3, num_heads=16, hidden_dim=16, gating="relu", use_hidden=True,
+                 qk_norm=True):
+        super().__init__()
+        self.num_experts = num_experts
+        self.att_experts = nn.ModuleList(
+            [Attention_Expert(n_feats, num_heads=num_heads, qk_norm=qk_norm) for _ in range(num_experts)])
+        self.avg_pool = nn.AdaptiveAvgPool3d(1)
+        self.routing = Routing_Module(n_feats, hidden_dim, num_experts, gating=gating, use_hidden=use_hidden)
+
+
+class MLP_Bank(_ExpertBank):  # noqa: N801
+    experts_attr = "mpl_experts"  # (sic) upstream spelling, kept for state-dict compatibility
+
+    def __init__(self, n_feats, num_experts=3, mlp_ratio=2, hidden_dim=16, gating="relu", use_hidden=True):
+        super().__init__()
+        self.num_experts = num_experts
+        self.mpl_experts = nn.ModuleList(
+            [MLP_Expert(n_feats, int(mlp_ratio * n_feats), n_feats) for _ in range(num_experts)])
+        self.avg_pool = nn.AdaptiveAvgPool3d(1)
+        self.routing = Routing_Module(n_feats, hidden_dim, num_experts, gating=gating, use_hidden=use_hidden)
+
+
+class Transformer_Block(nn.Module):  # noqa: N801
+    """Dynamic routing block (pre-norm, learnable per-channel residual scales beta/gamma initialised to 1)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        c = cfg["n_feats"]
+        common = dict(num_experts=cfg["num_experts"], hidden_dim=cfg["hidden_dim"], gating=cfg["gating"],
+                      use_hidden=cfg["use_hidden"])
+        self.norm1 = LayerNorm3d(c)
+        self.attention = Attention_Bank(c, num_heads=cfg["num_heads"], qk_norm=cfg["qk_norm"], **common)
+        self.norm2 = LayerNorm3d(c)
+        self.mlp = MLP_Bank(c, mlp_ratio=cfg["mlp_ratio"], **common)
+        self.beta = nn.Parameter(torch.ones(1, c, 1, 1, 1))
+        self.gamma = nn.Parameter(torch.ones(1, c, 1, 1, 1))
+
+    def forward(self, x, hidden, sparse=True, log=None):
+        out, hidden = self.attention(self.norm1(x), hidden, sparse, log)
+        out = out + self.beta * x
+        y, hidden = self.mlp(self.norm2(out), hidden, sparse, log)
+        return y + self.gamma * out, hidden
+
+
+class Base_Block(nn.Module):  # noqa: N801
+    """Base Transformer block (Fig. 2(b)): one attention expert and one FFN expert, no routing."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        c = cfg["n_feats"]
+        self.norm1 = LayerNorm3d(c)
+        self.attention = Attention_Expert(c, num_heads=cfg["num_heads"], qk_norm=cfg["qk_norm"])
+        self.norm2 = LayerNorm3d(c)
+        self.mlp = MLP_Expert(c, int(cfg["mlp_ratio"] * c), c)
+        self.beta = nn.Parameter(torch.ones(1, c, 1, 1, 1))
+        self.gamma = nn.Parameter(torch.ones(1, c, 1, 1, 1))
+
+    def forward(self, x, hidden, sparse=True, log=None):
+        out = self.attention(self.norm1(x)) + self.beta * x
+        return self.mlp(self.norm2(out)) + self.gamma * out, hidden
+
+
+class Generator(nn.Module):
+    """DRMC (arch="drmc") or the baseline Transformer (arch="baseline").
+
+    ``forward(x)`` maps a (B, 1, D, H, W) normalised low-dose patch to the full-dose estimate (global residual).
+    ``self.sparse`` (default True) skips experts whose routing weight is exactly zero; ``self.routing_log`` (a list
+    or None) receives one (B, M) weight tensor per expert bank and forward call, in bank order.
+    """
+
+    def __init__(self, config: dict | None = None):
+        super().__init__()
+        cfg = model_config(config)
+        self.config = cfg
+        c = cfg["n_feats"]
+        self.head_conv = nn.Conv3d(1, c, 3, padding=1)
+        block = Transformer_Block if cfg["arch"] == "drmc" else Base_Block
+        self.body = nn.Sequential(*[block(cfg) for _ in range(cfg["res_num"])])
+        self.tail_conv = nn.Conv3d(c, 1, 3, padding=1)
+        if cfg["arch"] == "drmc" and cfg["use_hidden"]:
+            self.hidden = nn.Parameter(torch.ones(1, cfg["hidden_dim"], 1, 1, 1))
+        self.sparse = True
+        self.routing_log = None
+
+    @property
+    def num_banks(self) -> int:
+        return 2 * len(self.body) if self.config["arch"] == "drmc" else 0
+
+    def forward(self, x):
+        if x.dim() != 5 or x.shape[1] != 1:
+            raise ValueError(f"expected input of shape (B, 1, D, H, W), got {tuple(x.shape)}")
+        hidden = self.hidden.expand(x.shape[0], -1, -1, -1, -1) if hasattr(self, "hidden") else None
+        out = self.head_conv(x)
+        for blk in self.body:
+            out, hidden = blk(out, hidden, self.sparse, self.routing_log)
+        return self.tail_conv(out) + x
+
+
+def build_model(config: dict | None = None) -> Generator:
+    return Generator(config)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def charbonnier_loss(pred, target, eps: float = 1e-3):
+    """Charbonnier loss mean(sqrt((Y - Y_hat)^2 + eps^2)) (Sec. 2.4, eps = 1e-3)."""
+    return torch.sqrt((pred - target) ** 2 + eps * eps).mean()

@@ -1,0 +1,216 @@
+"""Training of DRMC / baseline as in the paper (Sec. 3.2).
+
+Charbonnier loss (eps 1e-3), Adam (lr 1e-4), patches sampled uniformly from volumes resampled to 2 mm; at every
+step each process samples ONE centre (process ``rank`` at step ``s`` uses centre ``(s * world + rank) mod K``, so
+with K processes every process keeps its own centre, as the paper's one-GPU-per-centre setup) and the gradients
+are averaged across processes with torch DDP (gloo on CPU, NCCL on GPUs). Launch several processes with
+``torchrun --standalone --nproc_per_node P -m SynthesisModuleLib.train --config C --manifest M --out DIR``
+(the ``train synthesis`` CLI command does this for ``--nproc P``). Checkpoints (``last.pt``) are written every
+``checkpoint_every`` steps and at the end; training resumes from ``last.pt`` when it exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from PETWorkbenchLib.errors import InputError, ModelError
+from PETWorkbenchLib.progress import Reporter
+
+from .data import CenterPatchSampler, read_manifest, select
+from .model import build_model, charbonnier_loss, count_parameters, model_config
+
+DEFAULT_TRAIN = {
+    "patch_size": 64,
+    "batch_size": 1,
+    "lr": 1e-4,
+    "loss_eps": 1e-3,
+    "max_steps": 1000,
+    "max_minutes": None,
+    "checkpoint_every": 100,
+    "log_every": 10,
+    "seed": 0,
+    "suv_scale": 1.0,
+    "num_threads": None,
+    "sparse": True,
+    "train_split": "train",
+}
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def load_config(config) -> dict:
+    """Config dict from a dict, a JSON file path or the name of a file in ``configs/`` (without .json)."""
+    if isinstance(config, dict):
+        cfg = copy.deepcopy(config)
+    else:
+        p = Path(config)
+        if not p.is_file():
+            p = CONFIG_DIR / f"{config}.json"
+        if not p.is_file():
+            raise InputError(f"config {config!r} not found (neither a file nor one of "
+                             f"{sorted(q.stem for q in CONFIG_DIR.glob('*.json'))})")
+        cfg = json.loads(p.read_text())
+    cfg["model"] = model_config(cfg.get("model"))
+    tr = copy.deepcopy(DEFAULT_TRAIN)
+    tr.update(cfg.get("train") or {})
+    cfg["train"] = tr
+    cfg.setdefault("name", cfg["model"]["arch"])
+    return cfg
+
+
+def _dist_env():
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    return world, rank
+
+
+def _save_atomic(obj, path):
+    tmp = Path(str(path) + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def export_weights(checkpoint_path, out_path):
+    """Write the shipped form {config, state_dict, meta} of a training checkpoint; returns its path."""
+    ck = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    meta = {"step": ck.get("step"), "elapsed_s": ck.get("elapsed_s")}
+    state = {k: v.clone() for k, v in ck["state_dict"].items()}
+    _save_atomic({"config": ck["config"], "state_dict": state, "meta": meta}, out_path)
+    return Path(out_path)
+
+
+def train(config, manifest=None, out_dir=".", sampler=None, resume=True, device="cpu", progress=None,
+          cancel=None) -> dict:
+    """Train one model; returns a summary dict. ``sampler`` (a CenterPatchSampler) replaces ``manifest``."""
+    cfg = load_config(config)
+    tr = cfg["train"]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rep = Reporter(progress, cancel)
+    world, rank = _dist_env()
+    distributed = world > 1
+    if tr["num_threads"]:
+        torch.set_num_threads(int(tr["num_threads"]))
+    dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if distributed:
+        import torch.distributed as dist
+        if dev.type == "cuda":
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(dev)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+
+    if sampler is None:
+        if manifest is None:
+            raise InputError("either a manifest or a sampler is needed for training")
+        rows = select(read_manifest(manifest), split=tr["train_split"], known=True)
+        if not rows:
+            raise InputError(f"manifest {manifest} has no known-centre rows with split {tr['train_split']!r}")
+        sampler = CenterPatchSampler.from_manifest(rows, tr["patch_size"], tr["suv_scale"])
+    centers = sampler.centers
+
+    torch.manual_seed(int(tr["seed"]))
+    model = build_model(cfg["model"]).to(dev)
+    model.sparse = bool(tr["sparse"])
+    opt = torch.optim.Adam(model.parameters(), lr=float(tr["lr"]))
+    step, elapsed0 = 0, 0.0
+    ck_path = out_dir / "last.pt"
+    if resume and ck_path.is_file():
+        ck = torch.load(ck_path, map_location=dev, weights_only=False)
+        if ck["config"]["model"] != cfg["model"]:
+            raise ModelError(f"checkpoint {ck_path} was made with another model config; use a new output folder")
+        model.load_state_dict(ck["state_dict"])
+        opt.load_state_dict(ck["optimizer"])
+        step, elapsed0 = int(ck["step"]), float(ck.get("elapsed_s", 0.0))
+    net = model
+    if distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        net = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None,
+                  find_unused_parameters=model.sparse and model.config["arch"] == "drmc")
+
+    def save():
+        if rank == 0:
+            _save_atomic({"config": cfg, "state_dict": model.state_dict(), "optimizer": opt.state_dict(),
+                          "step": step, "elapsed_s": elapsed0 + time.time() - t0, "centers": centers}, ck_path)
+
+    log_path = out_dir / f"train_log_rank{rank}.csv"
+    if not log_path.exists():
+        log_path.write_text("step,center,loss,elapsed_s\n")
+    t0 = time.time()
+    max_steps = int(tr["max_steps"])
+    max_s = None if tr["max_minutes"] in (None, 0) else 60.0 * float(tr["max_minutes"])
+    losses = []
+    start_step = step
+    while step < max_steps:
+        center = centers[(step * world + rank) % len(centers)]
+        rng = np.random.default_rng([int(tr["seed"]), rank, step])
+        low, full = sampler.sample(center, int(tr["batch_size"]), rng)
+        x = torch.from_numpy(low).to(dev)
+        y = torch.from_numpy(full).to(dev)
+        loss = charbonnier_loss(net(x), y, float(tr["loss_eps"]))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        lv = float(loss.detach())
+        if not math.isfinite(lv):
+            raise ModelError(f"training diverged at step {step} (loss {lv})")
+        losses.append(lv)
+        elapsed = elapsed0 + time.time() - t0
+        if step % int(tr["log_every"]) == 0 or step == max_steps:
+            with open(log_path, "a") as fh:
+                fh.write(f"{step},{center},{lv:.6g},{elapsed:.1f}\n")
+        stop = max_s is not None and elapsed >= max_s
+        if distributed:
+            import torch.distributed as dist
+            flag = torch.tensor([1.0 if stop else 0.0])
+            dist.all_reduce(flag)
+            stop = bool(flag.item() > 0)
+        if step % int(tr["checkpoint_every"]) == 0:
+            save()
+        rep(step / max_steps, f"step {step}/{max_steps} {center} loss {lv:.4g}")
+        if stop:
+            break
+    save()
+    summary = {"name": cfg["name"], "steps": step, "steps_this_run": step - start_step,
+               "final_loss_mean10": float(np.mean(losses[-10:])) if losses else None,
+               "elapsed_s": round(elapsed0 + time.time() - t0, 1), "params": count_parameters(model),
+               "centers": centers, "world_size": world, "checkpoint": str(ck_path)}
+    if distributed:
+        import torch.distributed as dist
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Train DRMC / baseline (use torchrun for several processes)")
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--manifest", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--max-steps", type=int, default=None)
+    ap.add_argument("--max-minutes", type=float, default=None)
+    ap.add_argument("--no-resume", action="store_true")
+    a = ap.parse_args(argv)
+    cfg = load_config(a.config)
+    if a.max_steps is not None:
+        cfg["train"]["max_steps"] = a.max_steps
+    if a.max_minutes is not None:
+        cfg["train"]["max_minutes"] = a.max_minutes
+    summary = train(cfg, a.manifest, a.out, resume=not a.no_resume, device=a.device)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""Headless 3D Slicer for tests: a real MRML scene from slicer-core with the module logics registered, plus
+stand-ins for the parts of Slicer's Python API that need the GUI application (qt, ctk, ScriptedLoadableModule,
+parameterNodeWrapper), so that each <Name>Module.py can be imported and its Logic class exercised."""
+
+import sys
+import types
+
+import slicer
+from vtkmodules.vtkCommonCore import vtkCollection
+
+
+def _logic_name(logic):
+    n = type(logic).__name__
+    for s in ("vtkSlicer", "ModuleLogic", "Logic"):
+        n = n.replace(s, "")
+    return n
+
+
+def init_headless_slicer():
+    """New scene + application logic + Colors/Volumes/Segmentations/Transforms/SubjectHierarchy logics."""
+    scene = slicer.vtkMRMLScene()
+    app_logic = slicer.vtkSlicerApplicationLogic()
+    app_logic.SetMRMLScene(scene)
+    app_logic.GetColorLogic().SetMRMLScene(scene)
+    app_logic.GetColorLogic().AddDefaultColorNodes()
+    app_logic.SetSliceLogics(vtkCollection())
+    app_logic.SetViewLogics(vtkCollection())
+    logics = {}
+
+    def reg(logic, name=None):
+        name = name or _logic_name(logic)
+        logic.SetMRMLScene(scene)
+        logic.SetMRMLApplicationLogic(app_logic)
+        app_logic.SetModuleLogic(name, logic)
+        logics[name.lower()] = logic
+        return logic
+
+    reg(app_logic.GetColorLogic(), "Colors")
+    reg(slicer.vtkSlicerVolumesLogic(), "Volumes")
+    reg(slicer.vtkSlicerSegmentationsModuleLogic(), "Segmentations")
+    reg(slicer.vtkSlicerTransformLogic(), "Transforms")
+    reg(slicer.vtkSlicerSubjectHierarchyModuleLogic(), "SubjectHierarchy")
+    slicer.mrmlScene = scene
+    slicer.modules = types.SimpleNamespace(**{k: types.SimpleNamespace(logic=(lambda l=l: l))
+                                              for k, l in logics.items()})
+    slicer.app = types.SimpleNamespace(applicationLogic=lambda: app_logic, mrmlScene=lambda: scene,
+                                       testingEnabled=lambda: True, processEvents=lambda: None,
+                                       commandOptions=lambda: types.SimpleNamespace(noMainWindow=True))
+    return scene, app_logic, logics
+
+
+class _Anything:
+    """Stand-in object: any attribute or call returns another stand-in (GUI calls do nothing headless)."""
+
+    def __init__(self, *a, **k):
+        pass
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _Anything()
+
+    def __call__(self, *a, **k):
+        return _Anything()
+
+    def __bool__(self):
+        return False
+
+    def __iter__(self):
+        return iter(())
+
+
+def _anything_module(name):
+    m = types.ModuleType(name)
+    m.__getattr__ = lambda attr: _Anything if attr[:1].isupper() else _Anything()
+    return m
+
+
+def install_module_shims():
+    """Make `import qt, ctk`, `from slicer.ScriptedLoadableModule import *` and
+    `from slicer.parameterNodeWrapper import ...` work headless. Real Slicer provides the real ones."""
+    for name in ("qt", "ctk", "slicer.i18n"):
+        if name not in sys.modules:
+            sys.modules[name] = _anything_module(name)
+    sys.modules["slicer.i18n"].tr = lambda s: s
+    sys.modules["slicer.i18n"].translate = lambda ctx, s: s
+    slm = types.ModuleType("slicer.ScriptedLoadableModule")
+
+    class ScriptedLoadableModule:
+        def __init__(self, parent):
+            self.parent = parent
+
+    class ScriptedLoadableModuleWidget:
+        def __init__(self, parent=None):
+            self.parent = parent
+
+    class ScriptedLoadableModuleLogic:
+        def __init__(self, parent=None):
+            pass
+
+        def getParameterNode(self):
+            return slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScriptedModuleNode")
+
+    class ScriptedLoadableModuleTest:
+        def delayDisplay(self, message, msec=None):
+            pass
+
+    for c in (ScriptedLoadableModule, ScriptedLoadableModuleWidget, ScriptedLoadableModuleLogic,
+              ScriptedLoadableModuleTest):
+        setattr(slm, c.__name__, c)
+    slm.__all__ = [c.__name__ for c in (ScriptedLoadableModule, ScriptedLoadableModuleWidget,
+                                        ScriptedLoadableModuleLogic, ScriptedLoadableModuleTest)]
+    sys.modules["slicer.ScriptedLoadableModule"] = slm
+    slicer.ScriptedLoadableModule = slm
+
+    pnw = types.ModuleType("slicer.parameterNodeWrapper")
+
+    def parameterNodeWrapper(cls):
+        cls.__pwb_shim__ = True
+        return cls
+
+    pnw.parameterNodeWrapper = parameterNodeWrapper
+    pnw.parameterPack = lambda cls: cls
+    for n in ("WithinRange", "Choice", "Default", "Minimum", "Maximum", "Decimals", "SingleStep"):
+        setattr(pnw, n, lambda *a, **k: None)
+    sys.modules["slicer.parameterNodeWrapper"] = pnw
+    slicer.parameterNodeWrapper = pnw
+    if not hasattr(slicer.util, "VTKObservationMixin"):
+        class VTKObservationMixin:
+            def addObserver(self, *a, **k):
+                pass
+
+            def removeObserver(self, *a, **k):
+                pass
+
+            def removeObservers(self, *a, **k):
+                pass
+        slicer.util.VTKObservationMixin = VTKObservationMixin
