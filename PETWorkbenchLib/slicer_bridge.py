@@ -152,8 +152,9 @@ class ApplyButtonController:
     def busy(self):
         return self.run is not None
 
-    def start(self, run):
+    def start(self, run, on_success=None):
         self.run = run
+        self.on_success = on_success
         self.button.text = "Cancel"
         self.button.toolTip = "Stop the running job; the scene is left as it was"
         self.bar.setVisible(True)
@@ -181,8 +182,110 @@ class ApplyButtonController:
         self.bar.setVisible(False)
         if run.error is None:
             self.label.text = "Done."
+            if self.on_success is not None:
+                self.on_success(run.value)
         elif isinstance(run.error, Cancelled):
             self.label.text = "Cancelled; nothing was changed."
         else:
             self.label.text = "Failed; nothing was changed."
             slicer.util.errorDisplay(str(run.error), detailedText=getattr(run.error, "log", "") or None)
+
+
+class ModuleWidgetMixin:
+    """Parameter-node lifecycle, model list, device choice and Apply/Cancel shared by the module widgets.
+
+    The widget class defines ``moduleName``, ``family`` (model family or None), ``logicClass``,
+    ``canApply(parameterNode) -> (bool, reason)``, ``startRun() -> EngineRun`` (started with ``wait=False`` and
+    ``progress=self.controller.progress``) and ``onRunSucceeded(value)`` (GUI updates after success).
+    """
+
+    def setupModuleUi(self):
+        import slicer
+        uiWidget = slicer.util.loadUI(self.resourcePath(f"UI/{self.moduleName}.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = self.logicClass()
+        self.controller = ApplyButtonController(self.ui.applyButton, self.ui.progressBar, self.ui.statusLabel)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        if self.family:
+            self.fillModels()
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self.initializeParameterNode()
+
+    def fillModels(self):
+        from . import models
+        self.ui.modelComboBox.clear()
+        try:
+            for e in models.registry(self.family):
+                self.ui.modelComboBox.addItem(f"{e.title} ({models.status(e)})", e.id)
+        except Exception as err:  # a broken registry must not break the module GUI
+            self.ui.statusLabel.text = f"Model registry problem: {err}"
+
+    def selectedModel(self):
+        return self.ui.modelComboBox.currentData
+
+    def cleanup(self):
+        if self.controller.busy:
+            self.controller.cancel()
+        self.removeObservers()
+
+    def enter(self):
+        self.initializeParameterNode()
+
+    def exit(self):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtkModifiedEvent(), self._checkCanApply)
+
+    def onSceneStartClose(self, caller, event):
+        if self.controller.busy:
+            self.controller.cancel()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self):
+        self.setParameterNode(self.logic.getParameterNode())
+
+    def setParameterNode(self, inputParameterNode):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtkModifiedEvent(), self._checkCanApply)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtkModifiedEvent(), self._checkCanApply)
+            self._checkCanApply()
+
+    def _checkCanApply(self, caller=None, event=None):
+        if self.controller.busy:
+            self.ui.applyButton.enabled = True
+            return
+        ok, reason = self.canApply(self._parameterNode) if self._parameterNode else (False, "")
+        self.ui.applyButton.enabled = ok
+        self.ui.applyButton.toolTip = "Run" if ok else reason
+
+    def onApplyButton(self):
+        import slicer
+        if self.controller.busy:
+            self.controller.cancel()
+            return
+        try:
+            ensure_dependencies(ask=True)
+            run = self.startRun()
+        except Exception as e:
+            slicer.util.errorDisplay(f"Cannot start: {e}")
+            return
+        self.controller.start(run, self.onRunSucceeded)
+
+
+def vtkModifiedEvent():
+    import vtk
+    return vtk.vtkCommand.ModifiedEvent

@@ -372,11 +372,24 @@ def _smooth_field(shape, rng, amp=0.1, coarse=6):
     return (1.0 + amp * np.clip(f, -2.5, 2.5)).astype(np.float32)
 
 
+def _dense_transform(tx, ref, factor=4):
+    """The patient transform sampled as a displacement field on a coarse grid (fast to apply; it is smooth)."""
+    sz = np.array(ref.GetSize())
+    sp = np.array(ref.GetSpacing())
+    csz = np.maximum(2, np.ceil(sz / factor).astype(int) + 2)
+    csp = sp * (sz - 1) / np.maximum(csz - 3, 1)
+    d = np.array(ref.GetDirection()).reshape(3, 3)
+    corg = np.array(ref.GetOrigin()) - d @ csp
+    disp = sitk.TransformToDisplacementField(tx, sitk.sitkVectorFloat64, [int(v) for v in csz], corg.tolist(),
+                                             csp.tolist(), ref.GetDirection())
+    return sitk.DisplacementFieldTransform(disp)
+
+
 def truth_on_grid(anatomy, patient, ref, tracer: str):
     """Ground truth on the reference grid: dict(suv, ct, ldos, lesions, mu) numpy (z, y, x) arrays."""
     if tracer not in TRACERS:
         raise InputError(f"unknown tracer {tracer!r}; choose one of {', '.join(TRACERS)}")
-    tx = patient["transform"]
+    tx = _dense_transform(patient["transform"], ref)
     ct = sitk.GetArrayFromImage(_resample(anatomy["ct"], ref, tx, sitk.sitkLinear, -1000.0))
     ts = sitk.GetArrayFromImage(_resample(anatomy["ts"], ref, tx, sitk.sitkNearestNeighbor, 0))
     ti = TRACERS.index(tracer) if tracer in TRACERS else 0
@@ -415,9 +428,7 @@ def truth_on_grid(anatomy, patient, ref, tracer: str):
     # lesions: ellipsoids defined in anatomy space, mapped through the patient transform
     les = np.zeros(ct.shape, np.uint8)
     if patient["lesions"]:
-        disp = sitk.TransformToDisplacementField(tx, sitk.sitkVectorFloat64, ref.GetSize(), ref.GetOrigin(),
-                                                 ref.GetSpacing(), ref.GetDirection())
-        u = sitk.GetArrayFromImage(disp)  # (z, y, x, 3)
+        u = sitk.GetArrayFromImage(sitk.Resample(tx.GetDisplacementField(), ref, sitk.Transform(), sitk.sitkLinear))
         zz, yy, xx = np.meshgrid(*[np.arange(s) for s in ct.shape], indexing="ij")
         d = np.array(ref.GetDirection()).reshape(3, 3)
         idx = np.stack([xx, yy, zz], -1).astype(np.float64) * np.array(ref.GetSpacing())
@@ -532,7 +543,7 @@ def _plan(n_patients, centers, tracers, n_test, n_unknown, second_tracer_every):
             split = "test" if (not prof["known"] or p >= n - n_test) else "train"
             trs = [tracers[0]]
             for t in tracers[1:]:
-                if prof["region"] == "body" or prof["region"] == "whole_body":
+                if prof["region"] == "whole_body":
                     if second_tracer_every <= 1 or p % second_tracer_every == 0:
                         trs.append(t)
             for t in trs:
@@ -543,7 +554,7 @@ def _plan(n_patients, centers, tracers, n_test, n_unknown, second_tracer_every):
 def generate_dataset(out_dir, n_patients, centers=None, tracers=("FDG",), extra_drfs=(20,), seed=0,
                      progress=None, cancel=None, n_test: int | None = None, n_unknown: int | None = None,
                      second_tracer_every: int = 1, max_slices: int | None = 110, max_voxels: int | None = 2_500_000,
-                     device="cpu", anatomy_dir=None) -> Path:
+                     device="cpu", anatomy_dir=None, resume: bool = False) -> Path:
     """Write a multi-center data set and return the path of its ``manifest.csv``.
 
     ``n_patients`` per known centre (the last ``n_test`` of them, default 25 % rounded up, are test patients);
@@ -581,25 +592,31 @@ def generate_dataset(out_dir, n_patients, centers=None, tracers=("FDG",), extra_
         if pid not in patients:
             patients[pid] = make_patient(anatomy, seed, pid, tracers=TRACERS, with_lesions=prof["lesions"])
         pat = patients[pid]
+        case = f"{pid}_{tracer}"
+        cdir = out / case
+        if resume and (cdir / "case.json").exists():
+            try:
+                meta = json.loads((cdir / "case.json").read_text())
+                rows.append({k: meta[k] for k in meta if k not in ("profile", "lesions_info", "acquisition",
+                                                                  "seed")})
+                continue
+            except (ValueError, KeyError):
+                pass
+        cdir.mkdir(exist_ok=True)
         drfs = [prof["drf"]] + [d for d in extra if d != prof["drf"]]
         res = simulate_case(anatomy, pat, prof, tracer, drfs, seed=seed, max_slices=max_slices,
                             max_voxels=max_voxels, device=device, progress=sub)
-        case = f"{pid}_{tracer}"
-        cdir = out / case
-        cdir.mkdir(exist_ok=True)
         files = {}
         for k, im in res["images"].items():
             name = {"full_dose": "full_dose", f"drf{float(prof['drf']):g}": "low_dose"}.get(k, k)
+            if name.startswith("drf"):
+                name = "low_dose_" + name
             fn = cdir / f"{name}.nii.gz"
             sitk.WriteImage(im, str(fn), True)
             files[name] = fn.relative_to(out).as_posix()
         for d in extra:
-            key = f"low_dose_drf{d:g}"
-            src = f"drf{d:g}"
             if d == prof["drf"]:
-                files[key] = files["low_dose"]
-            elif src in files:
-                files[key] = files.pop(src)
+                files[f"low_dose_drf{d:g}"] = files["low_dose"]
         if "low_dose_drf20" not in files:
             files["low_dose_drf20"] = ""
         sp = res["images"]["full_dose"].GetSpacing()
@@ -636,9 +653,9 @@ def generate_dataset(out_dir, n_patients, centers=None, tracers=("FDG",), extra_
     return man
 
 
-def generate_standard_set(out_dir, seed=0, progress=None, cancel=None) -> Path:
+def generate_standard_set(out_dir, seed=0, progress=None, cancel=None, resume=True) -> Path:
     """The standard training/test set: 6 train + 2 test patients per known centre (FDG; FAPI for every second
     patient), 2 test patients per unknown centre; extra DRF 20 for every case."""
     return generate_dataset(out_dir, 8, centers=list(CENTERS), tracers=("FDG", "FAPI"), extra_drfs=(20,),
                             seed=seed, n_test=2, n_unknown=2, second_tracer_every=2, progress=progress,
-                            cancel=cancel)
+                            cancel=cancel, max_slices=110, max_voxels=1_800_000, resume=resume)

@@ -65,8 +65,7 @@ def optimise(F_np, M_np, spacing, extent, iterations=(100, 60, 30), similarity="
     if init_field is not None:
         u = torch.as_tensor(init_field, dtype=torch.float32, device=device)[None]
     history = []
-    with torch.no_grad():
-        loss_before = None
+    loss_before = None
     for lv, (shape, n_it) in enumerate(zip(shapes, iterations)):
         factor = 2 ** (n_levels - 1 - lv)
         lspacing = [extent[c] / max(shape[nd - 1 - c] - 1, 1) for c in range(nd)]
@@ -128,7 +127,7 @@ def optimise(F_np, M_np, spacing, extent, iterations=(100, 60, 30), similarity="
             opt.step()
             if it == n_it - 1:
                 history.append({"level": lv + 1, "shape": list(shape[::-1]), "iterations": n_it,
-                                "similarity": round(float(d_loss), 5), "penalty": round(float(reg), 6)})
+                                "similarity": round(float(d_loss.detach()), 5), "penalty": round(float(reg.detach()), 6)})
         done += n_it
         with torch.no_grad():
             u = param.detach()
@@ -139,8 +138,5 @@ def optimise(F_np, M_np, spacing, extent, iterations=(100, 60, 30), similarity="
             u = torch.zeros((1, nd) + tuple(full), device=device)
         u = ops.resize(u, full)
         final = ops.compose_exp(u, extent) if diffeomorphic else u
-        # similarity after, evaluated at full resolution with the same measure
-        F, M = F0, M0
-        grid = ops.identity_grid(full, device)
     info = {"similarity_before": None if loss_before is None else round(loss_before, 5), "levels": history}
     return final[0].double().cpu().numpy(), info

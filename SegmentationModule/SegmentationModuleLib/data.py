@@ -128,7 +128,7 @@ class PatchSampler:
         return np.stack(xs)[:, None], np.stack(ys)[:, None], np.stack(ls).astype(np.int64)
 
 
-def random_cases(n, shape=(32, 32, 32), n_classes=19, seed=0, spacing=(4.0, 4.0, 4.0)):
+def random_cases(n, shape=(32, 32, 32), n_classes=19, seed=0, spacing=(4.0, 4.0, 4.0), radius=(2.5, 5.0)):
     """Tiny synthetic cases (blobs of organ labels, uptake per organ, Poisson-like noise) for tests."""
     rng = np.random.default_rng(seed)
     cases = []
@@ -137,7 +137,7 @@ def random_cases(n, shape=(32, 32, 32), n_classes=19, seed=0, spacing=(4.0, 4.0,
         zz, yy, xx = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
         for v in range(1, n_classes):
             c = rng.uniform(0.2, 0.8, 3) * np.array(shape)
-            r = rng.uniform(2.5, 5.0)
+            r = rng.uniform(*radius)
             lab[(zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 < r * r] = v
         uptake = np.concatenate([[0.5], rng.uniform(1.0, 6.0, n_classes - 1)])
         fd = uptake[lab].astype(np.float32)

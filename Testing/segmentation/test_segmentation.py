@@ -68,12 +68,12 @@ def test_shared_encoder_two_decoders_same_architecture_and_deep_supervision():
     assert sum(a != b for a, b in zip(seg_shapes, den_shapes)) == 2 * 2  # weight + bias of the 2 heads (one per decoder stage)
     net.train()
     out = net(torch.randn(2, 1, 16, 16, 16))
-    assert [o.shape[2:] for o in out["seg"]] == [(16, 16, 16), (8, 8, 8), (4, 4, 4)]
+    assert [o.shape[2:] for o in out["seg"]] == [(16, 16, 16), (8, 8, 8)]  # one output per decoder stage
     assert out["seg"][0].shape[1] == 5 and out["den"][0].shape[1] == 1
     # both losses reach the shared encoder
     ldos_loss(out, torch.randint(0, 5, (2, 16, 16, 16)), torch.rand(2, 1, 16, 16, 16))[0].backward()
     g_enc = net.encoder.stem[0].weight.grad.abs().sum()
-    assert g_enc > 0 and net.den_decoder.heads[0].weight.grad.abs().sum() > 0
+    assert g_enc > 0 and net.den_decoder.heads[-1].weight.grad.abs().sum() > 0
     net.eval()
     with torch.no_grad():
         out = net(torch.randn(1, 1, 16, 16, 16))
@@ -159,9 +159,10 @@ def test_metrics_known_values_missing_and_not_predicted():
 # ---------------------------------------------------------------- uptake
 def test_organ_uptake_matches_direct_array_computation():
     rng = np.random.default_rng(3)
-    pet = rng.uniform(0.5, 2.0, (30, 30, 30))
+    pet = rng.uniform(0.2, 1.0, (30, 30, 30))   # background below the liver's uptake
     lab = np.zeros(pet.shape, np.uint8)
     lab[5:25, 5:25, 5:25] = 14
+    pet[lab == 14] = 2.0
     pet[15, 15, 15] = 40.0  # hot spot inside the liver
     lab[0:2, 0:2, 0:2] = 1  # spleen of 8 voxels * 8 mm^3 < 1 ml -> no SUVpeak
     sp = (2.0, 2.0, 2.0)
@@ -170,10 +171,12 @@ def test_organ_uptake_matches_direct_array_computation():
     m = lab == 14
     assert math.isclose(rows["liver"]["volume_ml"], m.sum() * 8 / 1000)
     assert math.isclose(rows["liver"]["suv_mean"], pet[m].mean()) and rows["liver"]["suv_max"] == 40.0
-    # SUVpeak: sphere of radius 6.2 mm around the hot spot = voxels within 3 (2-mm) voxels
+    # SUVpeak: best 1 cm^3 sphere (radius 6.2 mm = voxels within 3.1 2-mm voxels) holds the hot spot
     zz, yy, xx = np.meshgrid(*[np.arange(30)] * 3, indexing="ij")
     sphere = ((zz - 15) ** 2 + (yy - 15) ** 2 + (xx - 15) ** 2) * 4 <= 6.2035 ** 2
+    assert sphere.sum() == 123  # voxel centres inside the sphere
     assert math.isclose(rows["liver"]["suv_peak"], pet[sphere].mean(), rel_tol=1e-9)
+    assert math.isclose(rows["liver"]["suv_peak"], (122 * 2.0 + 40.0) / 123, rel_tol=1e-9)
     assert rows["liver"]["suv_mean"] < rows["liver"]["suv_peak"] < rows["liver"]["suv_max"]
     assert rows["spleen"]["suv_peak"] is None
     with pytest.raises(InputError, match="differ in spacing"):
@@ -235,18 +238,18 @@ def test_training_learns_organs_on_tiny_blobs(tmp_path):
     """A few dozen steps on two easy cases must beat chance clearly (the training loop really optimises)."""
     from SegmentationModuleLib.train import train
     from SegmentationModuleLib.infer import load_model
-    cases = random_cases(1, shape=(16, 16, 16), n_classes=3, seed=5)
+    cases = random_cases(1, shape=(16, 16, 16), n_classes=3, seed=3, radius=(3.5, 5.0))
     cfg = json.loads(json.dumps(TINY))
-    cfg.update(epochs=1, iterations_per_epoch=40, misalignment={"p": 0.0}, foreground_oversample=1.0)
+    cfg.update(epochs=1, iterations_per_epoch=120, misalignment={"p": 0.0}, foreground_oversample=1.0)
     cfg["network"]["n_classes"] = 3
-    cfg["optimizer"]["lr"] = 1e-2
+    cfg["optimizer"] = {"name": "sgd", "lr": 2e-2}
     train(cfg, tmp_path, cases=cases, device="cpu", log=lambda *a: None)
     net, _ = load_model(tmp_path / "model.pt")
     with torch.no_grad():
         pred = net(torch.from_numpy(cases[0]["x"])[None, None])["seg"].argmax(1)[0].numpy()
     ref = cases[0]["label"]
     dice = [2 * ((pred == v) & (ref == v)).sum() / ((pred == v).sum() + (ref == v).sum()) for v in (1, 2)]
-    assert np.mean(dice) > 0.5, dice
+    assert np.mean(dice) > 0.6, dice
 
 
 def _pet_image(case, spacing=(4.0, 4.0, 4.0)):
@@ -269,9 +272,10 @@ def test_segment_returns_labels_on_the_input_grid_and_checks_input(trained):
     assert np.allclose(p.sum(-1), 1.0, atol=1e-4)
     sub, _ = segment(im, out / "model.pt", organs=["liver", "spleen"], device="cpu", allow_empty=True)
     assert set(np.unique(sitk.GetArrayFromImage(sub))) <= {0, 1, 14}
-    ct = sitk.GetImageFromArray(np.full((8, 8, 8), -1000.0, np.float32))
+    ct = np.full((8, 8, 8), -1000.0, np.float32)
+    ct[2:6, 2:6, 2:6] = 40.0  # soft tissue
     with pytest.raises(InputError, match="CT in HU"):
-        segment(ct + sitk.GetImageFromArray(np.ones((8, 8, 8), np.float32)), out / "model.pt")
+        segment(sitk.GetImageFromArray(ct), out / "model.pt")
     with pytest.raises(InputError, match="Bq/ml"):
         segment(im * 5000.0, out / "model.pt")
     with pytest.raises(InputError, match="No PET volume"):

@@ -1,0 +1,335 @@
+"""Tests of RegistrationModuleLib (engine, regulariser, similarity, metrics, CLI). Tiny synthetic data."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+ROOT = Path(__file__).resolve().parents[2]
+for p in (ROOT, ROOT / "RegistrationModule"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+torch = pytest.importorskip("torch")
+torch.set_num_threads(1)
+
+from PETWorkbenchLib.errors import Cancelled, InputError  # noqa: E402
+from RegistrationModuleLib import register  # noqa: E402
+from RegistrationModuleLib import metrics, ops  # noqa: E402
+from RegistrationModuleLib.regularizers import implicit_solve  # noqa: E402
+from RegistrationModuleLib.result import RegistrationResult  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def blobs(shape, seed=0, n=12):
+    rng = np.random.default_rng(seed)
+    grids = np.meshgrid(*[np.arange(s, dtype=np.float64) for s in shape], indexing="ij")
+    img = np.zeros(shape)
+    for _ in range(n):
+        c = [rng.uniform(0.2 * s, 0.8 * s) for s in shape]
+        r = rng.uniform(2.0, 0.12 * min(shape))
+        img += rng.uniform(0.5, 1.0) * np.exp(-sum((g - ci) ** 2 for g, ci in zip(grids, c)) / (2 * r * r))
+    return img.astype(np.float32)
+
+
+def make_image(arr, spacing=None, direction=None, origin=None):
+    img = sitk.GetImageFromArray(arr)
+    nd = arr.ndim
+    img.SetSpacing(spacing or (1.0,) * nd)
+    if direction is not None:
+        img.SetDirection(direction)
+    if origin is not None:
+        img.SetOrigin(origin)
+    return img
+
+
+def smooth_field(ref, amp, sigma_frac=0.25, seed=0):
+    """Smooth pull-back field (LPS mm, array (*spatial, nd)) on ref's grid: one Gaussian bump per component."""
+    nd = ref.GetDimension()
+    shape = sitk.GetArrayViewFromImage(ref).shape
+    rng = np.random.default_rng(seed)
+    grids = np.meshgrid(*[np.linspace(0, 1, s) for s in shape], indexing="ij")
+    u = np.zeros(shape + (nd,))
+    for c in range(nd):
+        ctr = rng.uniform(0.35, 0.65, nd)
+        g = np.exp(-sum((gr - ci) ** 2 for gr, ci in zip(grids, ctr)) / (2 * sigma_frac ** 2))
+        u[..., c] = amp * rng.choice([-1, 1]) * g
+    return u
+
+
+def warp_known(img, u):
+    f = sitk.GetImageFromArray(u.astype(np.float64), isVector=True)
+    f.CopyInformation(img)
+    return sitk.Resample(img, img, sitk.DisplacementFieldTransform(f), sitk.sitkLinear, 0.0)
+
+
+FAST = dict(iterations=(60, 40), prealign="none", device="cpu")
+
+
+# ------------------------------------------------------------------------------------------------ regulariser
+def test_implicit_solver_keeps_constants_and_damps_high_frequencies():
+    rng = np.random.default_rng(0)
+    const = torch.full((1, 2, 32, 32), 3.0)
+    out = implicit_solve(const, 4.0, (1.0, 1.0), "diffusion")
+    assert torch.allclose(out, const, atol=1e-4)
+    noise = torch.from_numpy(rng.normal(size=(1, 2, 32, 32)).astype(np.float32))
+    for kind in ("diffusion", "elastic", "curvature"):
+        sm = implicit_solve(noise, 4.0, (1.0, 1.0), kind)
+        assert sm.shape == noise.shape
+        assert float(sm.std()) < 0.5 * float(noise.std()), kind
+    # larger gamma -> smoother
+    a = implicit_solve(noise, 1.0, (1.0, 1.0), "diffusion")
+    b = implicit_solve(noise, 10.0, (1.0, 1.0), "diffusion")
+    assert float(b.std()) < float(a.std())
+
+
+def test_implicit_solver_satisfies_its_equation_in_the_interior():
+    # (I - gamma * Laplacian) ubar = u at interior points (periodic solve after mirror padding)
+    rng = np.random.default_rng(1)
+    u = torch.from_numpy(rng.normal(size=(1, 1, 40, 40)).astype(np.float32))
+    u = ops.gaussian_blur(u, [1.5, 1.5])
+    gamma = 2.0
+    ub = implicit_solve(u.expand(1, 2, 40, 40).contiguous(), gamma, (1.0, 1.0), "diffusion")[:, :1]
+    lap = (ub[..., 2:, 1:-1] + ub[..., :-2, 1:-1] + ub[..., 1:-1, 2:] + ub[..., 1:-1, :-2] - 4 * ub[..., 1:-1, 1:-1])
+    resid = ub[..., 1:-1, 1:-1] - gamma * lap - u[..., 1:-1, 1:-1]
+    inner = resid[..., 8:-8, 8:-8]
+    assert float(inner.abs().max()) < 0.05 * float(u.abs().max())
+
+
+def test_elastic_penalises_compression_more_than_diffusion():
+    # curl-free field (gradient of a potential): elastic (mu=1, lambda=0) adds the grad-div term -> smoother;
+    # divergence-free field: elastic equals diffusion
+    n = 48
+    y, x = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    phi = np.sin(2 * np.pi * 3 * x / n) * np.sin(2 * np.pi * 3 * y / n)
+    gy, gx = np.gradient(phi)
+    curl_free = torch.from_numpy(np.stack([gx, gy])[None].astype(np.float32))
+    div_free = torch.from_numpy(np.stack([-gy, gx])[None].astype(np.float32))
+    sd, se = (implicit_solve(curl_free, 3.0, (1.0, 1.0), k) for k in ("diffusion", "elastic"))
+    assert float(se.norm()) < 0.8 * float(sd.norm())
+    dd, de = (implicit_solve(div_free, 3.0, (1.0, 1.0), k) for k in ("diffusion", "elastic"))
+    assert abs(float(de.norm()) - float(dd.norm())) < 0.1 * float(dd.norm())
+
+
+# ------------------------------------------------------------------------------------------------ engine
+def test_recovers_known_smooth_deformation_2d_without_folding():
+    fixed0 = make_image(blobs((64, 64), seed=1), spacing=(1.5, 1.5))
+    u_true = smooth_field(fixed0, amp=4.0)
+    moving = fixed0
+    fixed = warp_known(fixed0, u_true)          # fixed(x) = moving(x + u_true(x))
+    res = register(fixed, moving, smoothness=1.0, **FAST)
+    u = sitk.GetArrayFromImage(res.displacement)
+    mag = np.linalg.norm(u_true, axis=-1)
+    roi = mag > 1.0
+    err = np.linalg.norm(u - u_true, axis=-1)[roi].mean()
+    assert err < 0.35 * mag[roi].mean(), (err, mag[roi].mean())
+    assert res.summary["folding_pct"] == 0.0
+    # the warped moving image matches the fixed one much better than before
+    before = np.abs(sitk.GetArrayFromImage(fixed) - sitk.GetArrayFromImage(moving)).mean()
+    after = np.abs(sitk.GetArrayFromImage(fixed) - sitk.GetArrayFromImage(res.warp(moving))).mean()
+    assert after < 0.5 * before
+
+
+def test_displacement_convention_lps_with_oblique_direction():
+    # moving(x) = fixed(x - t)  =>  x_moving = x_fixed + t  =>  u == t (LPS mm) whatever the grid orientation
+    a = math.radians(30)
+    direction = (math.cos(a), -math.sin(a), math.sin(a), math.cos(a))
+    arr = blobs((48, 48), seed=2)
+    fixed = make_image(arr, spacing=(2.0, 1.5), direction=direction, origin=(10.0, -5.0))
+    t = np.array([3.0, -2.0])
+    tx = sitk.TranslationTransform(2, (-t).tolist())     # resampling transform: moving(x) = fixed(x - t)
+    moving = sitk.Resample(fixed, fixed, tx, sitk.sitkLinear, 0.0)
+    res = register(fixed, moving, smoothness=4.0, **FAST)
+    u = sitk.GetArrayFromImage(res.displacement)
+    inner = u[12:-12, 12:-12].reshape(-1, 2)
+    assert np.allclose(np.median(inner, axis=0), t, atol=0.5), np.median(inner, axis=0)
+    # transform_points agrees with x + u(x)
+    p = np.array(fixed.TransformContinuousIndexToPhysicalPoint((24.0, 24.0)))
+    q = res.transform_points([p])[0]
+    assert np.allclose(q - p, u[24, 24], atol=1e-6)
+
+
+def test_3d_pair_improves_similarity_and_warp_matches_sitk_resampling():
+    fixed0 = make_image(blobs((24, 28, 26), seed=3), spacing=(2.0, 2.0, 3.0))
+    u_true = smooth_field(fixed0, amp=4.0, sigma_frac=0.3, seed=4)
+    fixed = warp_known(fixed0, u_true)
+    res = register(fixed, fixed0, iterations=(40, 20), prealign="none", device="cpu")
+    u = sitk.GetArrayFromImage(res.displacement)
+    assert u.shape == (24, 28, 26, 3)
+    mag = np.linalg.norm(u_true, axis=-1)
+    roi = mag > 1.0
+    assert np.linalg.norm(u - u_true, axis=-1)[roi].mean() < 0.5 * mag[roi].mean()
+    w = res.warp(fixed0)
+    ref = sitk.Resample(fixed0, fixed, sitk.DisplacementFieldTransform(sitk.Image(res.displacement)),
+                        sitk.sitkLinear, float(sitk.GetArrayViewFromImage(fixed0).min()))
+    assert np.allclose(sitk.GetArrayFromImage(w), sitk.GetArrayFromImage(ref))
+    assert res.jacobian_determinant().GetSize() == fixed.GetSize()
+
+
+def test_affine_prealignment_recovers_a_large_shift():
+    arr = blobs((64, 64), seed=5, n=8)
+    fixed = make_image(arr)
+    moving = sitk.Resample(fixed, fixed, sitk.TranslationTransform(2, (-9.0, 6.0)), sitk.sitkLinear, 0.0)
+    res = register(fixed, moving, iterations=(20,), prealign="rigid", device="cpu")
+    u = sitk.GetArrayFromImage(res.displacement)
+    assert np.allclose(np.median(u[16:-16, 16:-16].reshape(-1, 2), 0), [9.0, -6.0], atol=1.0)
+
+
+def test_diffeomorphic_mode_has_no_folding_where_plain_mode_folds():
+    fixed0 = make_image(blobs((64, 64), seed=6, n=20))
+    u_true = smooth_field(fixed0, amp=7.0, sigma_frac=0.12, seed=7)
+    fixed = warp_known(fixed0, u_true)
+    kw = dict(iterations=(80, 60), prealign="none", device="cpu", smoothness=0.05, learning_rate=1.0)
+    plain = register(fixed, fixed0, **kw)
+    diffeo = register(fixed, fixed0, diffeomorphic=True, **kw)
+    assert diffeo.summary["folding_pct"] == 0.0
+    assert diffeo.summary["jacobian_min"] > 0
+    assert diffeo.summary["jacobian_min"] >= plain.summary["jacobian_min"]
+
+
+def test_mind_handles_a_non_monotonic_intensity_mapping():
+    arr = blobs((64, 64), seed=8)
+    fixed0 = make_image(arr)
+    u_true = smooth_field(fixed0, amp=3.0, sigma_frac=0.3, seed=9)
+    fixed = warp_known(fixed0, u_true)
+    a = arr / arr.max()
+    moving = make_image((np.sin(3.0 * a) * (1.2 - a)).astype(np.float32))   # another "modality"
+    res = register(fixed, moving, similarity="mind", smoothness=2.0, **FAST)
+    u = sitk.GetArrayFromImage(res.displacement)
+    roi = np.linalg.norm(u_true, axis=-1) > 1.0
+    err0 = np.linalg.norm(u_true, axis=-1)[roi].mean()
+    err = np.linalg.norm(u - u_true, axis=-1)[roi].mean()
+    assert err < 0.6 * err0
+
+
+def test_label_driven_mode_raises_dice():
+    lab = np.zeros((64, 64), np.uint8)
+    lab[20:44, 16:30] = 1
+    lab[18:40, 34:50] = 2
+    fl = make_image(lab)
+    u_true = smooth_field(fl, amp=4.0, sigma_frac=0.3, seed=10)
+    f = sitk.Resample(fl, fl, sitk.DisplacementFieldTransform(
+        _vec(u_true, fl)), sitk.sitkNearestNeighbor, 0)
+    img_f = sitk.Cast(f, sitk.sitkFloat32)
+    img_m = sitk.Cast(fl, sitk.sitkFloat32)
+    _, before = metrics.dice(f, fl)
+    res = register(img_f, img_m, similarity="dice", fixed_labels=f, moving_labels=fl, **FAST)
+    _, after = metrics.dice(f, res.warp(fl, is_label=True))
+    assert after > before + 0.05 and after > 0.9
+
+
+def _vec(u, ref):
+    img = sitk.GetImageFromArray(u.astype(np.float64), isVector=True)
+    img.CopyInformation(ref)
+    return img
+
+
+def test_fixed_mask_restricts_the_similarity():
+    arr = blobs((64, 64), seed=11)
+    fixed0 = make_image(arr)
+    u_true = smooth_field(fixed0, amp=4.0, sigma_frac=0.3, seed=12)
+    fixed = warp_known(fixed0, u_true)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, :20] = 1          # only the left part counts
+    res = register(fixed, fixed0, fixed_mask=make_image(mask), smoothness=1.0, **FAST)
+    full = register(fixed, fixed0, smoothness=1.0, **FAST)
+    u, uf = sitk.GetArrayFromImage(res.displacement), sitk.GetArrayFromImage(full.displacement)
+    right = np.s_[:, 44:]
+    e_mask = np.linalg.norm(u[right] - u_true[right], axis=-1).mean()
+    e_full = np.linalg.norm(uf[right] - u_true[right], axis=-1).mean()
+    assert e_full < e_mask     # outside the mask the masked run has no image information
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def test_bad_inputs_get_clear_messages():
+    f2 = make_image(blobs((32, 32)))
+    f3 = make_image(blobs((16, 16, 16)))
+    with pytest.raises(InputError, match="2D.*3D|3D.*2D"):
+        register(f2, f3)
+    far = make_image(blobs((32, 32)), origin=(1000.0, 1000.0))
+    with pytest.raises(InputError, match="do not overlap"):
+        register(f2, far)
+    empty = make_image(np.zeros((32, 32), np.uint8))
+    with pytest.raises(InputError, match="mask is empty"):
+        register(f2, f2, fixed_mask=empty)
+    with pytest.raises(InputError, match="similarity"):
+        register(f2, f2, similarity="magic")
+    rgb = sitk.Compose([f2, f2, f2])
+    with pytest.raises(InputError, match="scalar"):
+        register(rgb, f2)
+    with pytest.raises(InputError, match="constant"):
+        register(f2, make_image(np.ones((32, 32), np.float32)))
+    with pytest.raises(InputError, match="smoothness"):
+        register(f2, f2, smoothness=-1)
+
+
+def test_progress_and_cancel():
+    f = make_image(blobs((32, 32)))
+    seen = []
+    register(f, f, iterations=(10, 10), prealign="none", device="cpu", progress=lambda x, m: seen.append(x))
+    assert seen[0] == 0.0 and seen[-1] == 1.0 and all(0 <= s <= 1 for s in seen)
+    assert all(b >= a for a, b in zip(seen, seen[1:]))
+    with pytest.raises(Cancelled):
+        register(f, f, iterations=(10, 10), prealign="none", device="cpu", cancel=lambda: True)
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+def test_jacobian_of_a_linear_field():
+    img = make_image(np.zeros((10, 12, 14), np.float32), spacing=(2.0, 1.0, 3.0))
+    shape = (10, 12, 14)
+    idx = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")[::-1], -1).astype(float)
+    x = idx * np.array([2.0, 1.0, 3.0])
+    u = 0.1 * x                             # x -> 1.1 x  => J = 1.1^3
+    res = RegistrationResult(_vec(u, img))
+    J = sitk.GetArrayFromImage(res.jacobian_determinant())
+    assert np.allclose(J, 1.1 ** 3, atol=1e-4)
+    fold = -2.0 * x                         # x -> -x => J = -1 everywhere
+    st = metrics.folding(_vec(fold, img))
+    assert st["folding_pct"] == 100.0
+
+
+def test_dice_hd95_tre():
+    a = np.zeros((40, 40), np.uint8)
+    a[10:30, 10:30] = 1
+    b = np.roll(a, 3, axis=1)
+    per, mean = metrics.dice(make_image(a), make_image(a))
+    assert mean == 1.0
+    _, m2 = metrics.dice(make_image(a), make_image(b))
+    assert abs(m2 - 2 * 17 * 20 / 800) < 1e-9
+    _, h = metrics.hd95(make_image(a, spacing=(2.0, 1.0)), make_image(b, spacing=(2.0, 1.0)))
+    assert abs(h - 6.0) < 1e-6          # 3 voxels of 2 mm along x
+    ref = make_image(np.zeros((20, 20), np.float32))
+    u = np.zeros((20, 20, 2))
+    u[..., 0] = 2.0
+    errs, mean = metrics.tre(_vec(u, ref), [[5.0, 5.0], [10.0, 3.0]], [[7.0, 5.0], [12.0, 6.0]])
+    assert np.allclose(errs, [0.0, 3.0])
+    with pytest.raises(InputError):
+        metrics.tre(_vec(u, ref), [[1.0, 2.0]], [[1.0, 2.0], [3.0, 4.0]])
+    with pytest.raises(InputError, match="empty"):
+        metrics.dice(make_image(np.zeros((5, 5), np.uint8)), make_image(np.zeros((5, 5), np.uint8)))
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def test_cli_register_writes_outputs(tmp_path):
+    import argparse
+    from RegistrationModuleLib.cli import add_commands
+    fixed0 = make_image(blobs((48, 48), seed=13))
+    fixed = warp_known(fixed0, smooth_field(fixed0, amp=3.0, seed=14))
+    fp, mp = tmp_path / "f.nii.gz", tmp_path / "m.nii.gz"
+    sitk.WriteImage(fixed, str(fp))
+    sitk.WriteImage(fixed0, str(mp))
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers(dest="cmd"))
+    args = parser.parse_args(["register", str(fp), str(mp), "--output", str(tmp_path / "u.nii.gz"),
+                              "--warped", str(tmp_path / "w.nii.gz"), "--jacobian", str(tmp_path / "j.nii.gz"),
+                              "--iterations", "20,10", "--prealign", "none", "--device", "cpu"])
+    summary = args.func(args, None)
+    json.dumps(summary)
+    u = sitk.ReadImage(str(tmp_path / "u.nii.gz"))
+    assert u.GetNumberOfComponentsPerPixel() == 2 and u.GetSize() == fixed.GetSize()
+    assert (tmp_path / "w.nii.gz").exists() and (tmp_path / "j.nii.gz").exists()
+    assert "folding_pct" in summary

@@ -1,0 +1,162 @@
+"""Inference pipeline, bad input, metrics, interference, evaluation tables, routing plot, CLI."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import TINY_MODEL, phantom, write_image
+from PETWorkbenchLib.errors import Cancelled, InputError, ModelError
+from SynthesisModuleLib import infer
+from SynthesisModuleLib.data import CenterPatchSampler
+from SynthesisModuleLib.evaluate import evaluate
+from SynthesisModuleLib.infer import synthesize
+from SynthesisModuleLib.metrics import interference, lesion_suv_bias, psnr, routing_plot, ssim
+from SynthesisModuleLib.model import build_model
+
+torch.set_num_threads(1)
+
+
+def _ckpt(identity=False, seed=0):
+    torch.manual_seed(seed)
+    net = build_model(TINY_MODEL)
+    if identity:
+        with torch.no_grad():
+            net.tail_conv.weight.zero_()
+            net.tail_conv.bias.zero_()
+    return {"config": {"name": "tiny", "model": TINY_MODEL, "train": {"patch_size": 12}},
+            "state_dict": net.state_dict()}
+
+
+def _image(spacing=(2.0, 2.0, 2.0), shape=(14, 16, 16)):
+    full, _ = phantom(shape)
+    img = sitk.GetImageFromArray(full)
+    img.SetSpacing(spacing)
+    img.SetOrigin((-10.0, 5.0, 30.0))
+    return img
+
+
+def test_identity_network_reproduces_input_on_input_grid():
+    img = _image()
+    out, summ = synthesize(img, _ckpt(identity=True), device="cpu", overlap=0.25)
+    assert out.GetSize() == img.GetSize() and out.GetSpacing() == img.GetSpacing()
+    assert out.GetOrigin() == img.GetOrigin()
+    np.testing.assert_allclose(sitk.GetArrayFromImage(out), sitk.GetArrayFromImage(img), atol=1e-5)
+    assert summ["routed"] and len(summ["banks"]) == 4 and summ["n_patches"] >= 8
+    assert np.allclose(np.sum(summ["top1_fraction"], axis=1), 1.0)
+
+
+def test_any_grid_goes_through_2mm_and_back_nonnegative():
+    img = _image(spacing=(3.1, 3.1, 1.8), shape=(12, 11, 13))
+    out, summ = synthesize(img, _ckpt(seed=1), device="cpu", patch=12)
+    assert out.GetSize() == img.GetSize() and np.allclose(out.GetSpacing(), img.GetSpacing())
+    arr = sitk.GetArrayFromImage(out)
+    assert arr.min() >= 0 and np.isfinite(arr).all()
+    assert summ["grid_2mm"] == [round(n * sp / 2.0) for n, sp in zip(img.GetSize(), img.GetSpacing())]
+
+
+def test_bad_inputs_get_clear_messages(monkeypatch):
+    ck = _ckpt()
+    with pytest.raises(InputError, match="3D"):
+        synthesize(sitk.Image(16, 16, sitk.sitkFloat32), ck, device="cpu")
+    with pytest.raises(InputError, match="SUV"):
+        synthesize(_image(), ck, device="cpu", units="Bq/ml")
+    with pytest.raises(InputError, match="empty"):
+        synthesize(sitk.Image(16, 16, 16, sitk.sitkFloat32), ck, device="cpu")
+    nan = sitk.GetArrayFromImage(_image())
+    nan[3, 3, 3] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        synthesize(sitk.GetImageFromArray(nan), ck, device="cpu")
+    big = sitk.GetArrayFromImage(_image()) * 30000.0
+    with pytest.raises(InputError, match="Bq/ml"):
+        synthesize(sitk.GetImageFromArray(big), ck, device="cpu")
+    monkeypatch.setattr(infer, "MAX_VOXELS_2MM", 1000)
+    with pytest.raises(InputError, match="limit"):
+        synthesize(_image(), ck, device="cpu")
+    monkeypatch.undo()
+    bad = _ckpt()
+    bad["config"] = {"model": {**TINY_MODEL, "n_feats": 16, "num_heads": 2}, "train": {}}
+    with pytest.raises(ModelError, match="do not match"):
+        synthesize(_image(), bad, device="cpu")
+    with pytest.raises(ModelError):
+        synthesize(_image(), "/nonexistent/weights.pt", device="cpu")
+    with pytest.raises(Cancelled):
+        synthesize(_image(), ck, device="cpu", cancel=lambda: True)
+
+
+def test_progress_is_reported_and_bounded():
+    seen = []
+    synthesize(_image(), _ckpt(), device="cpu", progress=lambda f, m: seen.append(f))
+    assert seen and all(0 <= f <= 1 for f in seen) and seen[-1] == 1.0 and seen == sorted(seen)
+
+
+def test_metrics_definitions():
+    rng = np.random.default_rng(0)
+    ref, les = phantom((12, 14, 14))
+    assert psnr(ref, ref) == math.inf and abs(ssim(ref, ref) - 1) < 1e-9
+    c = 0.05
+    assert abs(psnr(ref + c, ref) - 20 * np.log10(ref.max() / c)) < 1e-6
+    noisy = ref + 0.3 * rng.standard_normal(ref.shape)
+    noisier = ref + 0.6 * rng.standard_normal(ref.shape)
+    assert ssim(noisier, ref) < ssim(noisy, ref) < 1
+    bm, bx, n = lesion_suv_bias(1.1 * ref, ref, les)
+    assert n == 1 and abs(bm - 0.1) < 1e-6 and abs(bx - 0.1) < 1e-6
+    two = les.copy()
+    two[0, 7, 2] = 1  # a second, separate lesion inside the body (connected components)
+    assert lesion_suv_bias(ref, ref, two)[2] == 2
+    with pytest.raises(InputError, match="shape"):
+        psnr(ref[:-1], ref)
+
+
+def test_interference_is_one_for_identical_centres_and_normalised():
+    torch.manual_seed(0)
+    net = build_model(TINY_MODEL)
+    vol, _ = phantom((12, 12, 12))  # volume = patch: every batch of a centre is the same
+    low = vol + 0.2 * np.random.default_rng(0).standard_normal(vol.shape).astype(np.float32)
+    same = CenterPatchSampler({"A": [(low, vol)], "B": [(low, vol)]}, 12)
+    res = interference(net, same, n_batches=2, batch_size=1)
+    for g, mat in res["groups"].items():
+        mat = np.array(mat)
+        assert np.allclose(np.diag(mat), 1.0)
+        assert np.allclose(mat, 1.0, atol=1e-6)  # same data: identical gradients
+    flipped = CenterPatchSampler({"A": [(low, vol)], "B": [(vol, low)]}, 12)  # opposite residual direction
+    mat = np.array(interference(net, flipped, n_batches=2, batch_size=1)["groups"]["block2"])
+    assert mat[0, 1] < 1.0
+
+
+def test_evaluate_tables_unknown_centre_and_routing_png(tiny_manifest, tmp_path):
+    s = evaluate({"drmc": _ckpt(identity=True)}, tiny_manifest, out_dir=tmp_path / "ev", device="cpu", patch=12)
+    t = s["table"]
+    assert set(t) == {"low", "drmc"}
+    assert set(t["low"]) == {"A", "B", "U"} and t["low"]["U"]["known"] is False
+    # an identity network reproduces the low-dose input: same metrics
+    for c in ("A", "B", "U"):
+        assert abs(t["low"][c]["psnr"] - t["drmc"][c]["psnr"]) < 1e-3
+    assert "known" in s["average"]["low"] and "unknown" in s["average"]["low"]
+    png = tmp_path / "ev" / "routing_drmc.png"
+    assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
+    assert set(s["routing"]["drmc"]) == {"A", "B", "U"}
+    assert (tmp_path / "ev" / "table.md").read_text().count("| drmc |") >= 3
+    with pytest.raises(InputError):
+        routing_plot({"x": {"routed": False}}, tmp_path / "none.png")
+
+
+def test_cli_synthesize_and_train(tiny_manifest, tmp_path):
+    from PETWorkbenchLib.cli import main
+    torch.save(_ckpt(), tmp_path / "w.pt")
+    write_image(phantom()[0], tmp_path / "in.nii.gz")
+    rc = main(["synthesize", str(tmp_path / "in.nii.gz"), str(tmp_path / "out.nii.gz"), "--model",
+               str(tmp_path / "w.pt"), "--device", "cpu", "--routing-json", str(tmp_path / "r.json")])
+    assert rc == 0 and (tmp_path / "out.nii.gz").is_file()
+    assert json.loads((tmp_path / "r.json").read_text())["routed"]
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"model": TINY_MODEL, "train": {"patch_size": 12, "batch_size": 1}}))
+    rc = main(["train", "synthesis", "--config", str(cfg), "--manifest", str(tiny_manifest), "--out",
+               str(tmp_path / "tr"), "--max-steps", "2", "--export", str(tmp_path / "e.pt")])
+    assert rc == 0 and (tmp_path / "e.pt").is_file()
+    rc = main(["synthesize", str(tmp_path / "in.nii.gz"), str(tmp_path / "o2.nii.gz"), "--model", "x.pt",
+               "--units", "Bq/ml"])
+    assert rc == 2  # InputError
