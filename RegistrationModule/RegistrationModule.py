@@ -53,7 +53,7 @@ class RegistrationModuleParameterNode:
     fixedLabels: vtkMRMLLabelMapVolumeNode
     movingLabels: vtkMRMLLabelMapVolumeNode
     method: Annotated[str, Choice(["instance", "dca"])] = "instance"
-    similarity: Annotated[str, Choice(["lncc", "mind", "ngf"])] = "lncc"
+    similarity: Annotated[str, Choice(["lncc", "mind", "mse"])] = "lncc"
     smoothness: Annotated[float, WithinRange(0.0, 10.0)] = 1.0
     iterations: Annotated[int, WithinRange(10, 2000)] = 100
     diffeomorphic: bool = False
@@ -146,9 +146,13 @@ class RegistrationModuleLogic(ScriptedLoadableModuleLogic):
             p = lambda n: os.path.join(tmp, n)
             sitk.WriteImage(fixed, p("fixed.nii.gz"))
             sitk.WriteImage(moving, p("moving.nii.gz"))
-            args = ["--fixed", p("fixed.nii.gz"), "--moving", p("moving.nii.gz"), "--output-field", p("field.nii.gz"),
-                    "--summary", p("summary.json"), "--method", method, "--similarity", similarity,
-                    "--smoothness", str(float(smoothness)), "--iterations", str(int(iterations)), "--device", device]
+            args = [p("fixed.nii.gz"), p("moving.nii.gz"), "--output", p("field.nii.gz"), "--method", method,
+                    "--similarity", similarity, "--smoothness", str(float(smoothness)), "--device", device]
+            if iterations:
+                args += ["--iterations", str(iterations) if isinstance(iterations, str) else
+                         ",".join(str(int(i)) for i in (iterations if hasattr(iterations, "__len__")
+                                                         else (iterations, max(int(iterations) * 6 // 10, 1),
+                                                               max(int(iterations) * 3 // 10, 1))))]
             for flag, img in extra.items():
                 sitk.WriteImage(img, p(flag.strip("-") + ".nii.gz"))
                 args += [flag, p(flag.strip("-") + ".nii.gz")]
@@ -167,10 +171,7 @@ class RegistrationModuleLogic(ScriptedLoadableModuleLogic):
             transform = mrml.displacement_to_transform(field, outputTransformNode, name=None if outputTransformNode
                                                        else name, fixedNode=fixedVolumeNode,
                                                        movingNode=movingVolumeNode)
-            summary = {}
-            if os.path.exists(p("summary.json")):
-                with open(p("summary.json")) as f:
-                    summary = json.load(f)
+            summary = dict(result or {})
             transform.SetAttribute("PETWorkbench.summary", json.dumps(summary))
             if warpVolume:
                 out = mrml.image_to_volume(sitk.ReadImage(p("warped.nii.gz")), outputVolumeNode,

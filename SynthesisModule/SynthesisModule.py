@@ -116,10 +116,10 @@ class SynthesisModuleLogic(ScriptedLoadableModuleLogic):
 
         def prepare(tmp):
             sitk.WriteImage(image * scale if scale != 1.0 else image, os.path.join(tmp, "input.nii.gz"))
-            return ["--input", os.path.join(tmp, "input.nii.gz"), "--output", os.path.join(tmp, "output.nii.gz"),
-                    "--routing", os.path.join(tmp, "routing.json"), "--model", str(model), "--device", device,
+            return [os.path.join(tmp, "input.nii.gz"), os.path.join(tmp, "output.nii.gz"),
+                    "--routing-json", os.path.join(tmp, "routing.json"), "--model", str(model), "--device", device,
                     "--patch", str(int(patchSize)), "--overlap", str(float(overlap)),
-                    "--batch", str(int(patchBatch))]
+                    "--sw-batch-size", str(int(patchBatch))]
 
         def finish(tmp, result):
             out = sitk.ReadImage(os.path.join(tmp, "output.nii.gz"))
@@ -148,8 +148,11 @@ class SynthesisModuleLogic(ScriptedLoadableModuleLogic):
             r = json.loads(routingJson)
         except json.JSONDecodeError:
             return ""
-        layers = r.get("top1_per_layer") or []
-        return "Top-1 expert per routing layer: " + ", ".join(str(x) for x in layers) if layers else ""
+        banks, top1 = r.get("banks") or [], r.get("top1_fraction") or []
+        if not banks or not top1:
+            return "Baseline model (no routing)" if r.get("routed") is False else ""
+        best = [max(range(len(f)), key=lambda m: f[m]) + 1 for f in top1]
+        return "Most used expert per routing bank: " + ", ".join(f"{b} E{m}" for b, m in zip(banks, best))
 
 
 class SynthesisModuleTest(ScriptedLoadableModuleTest):

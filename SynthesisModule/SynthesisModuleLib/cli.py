@@ -74,6 +74,7 @@ def _cmd_evaluate(args, rep):
         models[name] = path
     summary = evaluate(models, args.manifest, out_dir=args.out, split=args.split, patch=args.patch,
                        overlap=args.overlap, device=args.device, max_cases_per_center=args.max_cases,
+                       tracers=args.tracer,
                        progress=rep.sub(0.0, 0.9 if args.interference else 1.0))
     if args.interference:
         from .data import CenterPatchSampler, read_manifest, select
@@ -125,6 +126,7 @@ def add_commands(subparsers) -> None:
             q.add_argument("--patch", type=int, default=None)
             q.add_argument("--overlap", type=float, default=0.5)
             q.add_argument("--max-cases", type=int, default=None, help="at most this many cases per centre")
+            q.add_argument("--tracer", action="append", default=None, help="only this tracer (repeatable)")
             q.add_argument("--interference", type=int, default=0,
                            help="also compute I_ij of the first model with this many batches per centre")
             q.set_defaults(func=_cmd_evaluate)

@@ -107,9 +107,11 @@ def read_manifest(path):
     return rows
 
 
-def select(rows, split=None, known=None, centers=None):
+def select(rows, split=None, known=None, centers=None, tracers=None):
     out = []
     for r in rows:
+        if tracers and r.get("tracer") and r["tracer"] not in tracers:
+            continue
         if split is not None and r["split"] not in ([split] if isinstance(split, str) else split):
             continue
         if known is not None and r["known"] != known:

@@ -79,7 +79,8 @@ def markdown_table(table, avg):
 
 
 def evaluate(models: dict, manifest, out_dir=None, split="test", patch=None, overlap=0.5, sw_batch_size=2,
-             device="auto", max_cases_per_center=None, include_unknown=True, progress=None, cancel=None) -> dict:
+             device="auto", max_cases_per_center=None, include_unknown=True, tracers=None, progress=None,
+             cancel=None) -> dict:
     """Evaluate ``models`` (name -> weights path / checkpoint dict / Generator) and the low-dose input.
 
     Known centres: rows with ``split`` (held-out patients). Unknown centres: all their rows (test only).
@@ -87,9 +88,9 @@ def evaluate(models: dict, manifest, out_dir=None, split="test", patch=None, ove
     """
     rep = Reporter(progress, cancel)
     all_rows = read_manifest(manifest)
-    rows = select(all_rows, split=split, known=True)
+    rows = select(all_rows, split=split, known=True, tracers=tracers)
     if include_unknown:
-        rows += select(all_rows, known=False)
+        rows += select(all_rows, known=False, tracers=tracers)
     if max_cases_per_center:
         kept, count = [], {}
         for r in rows:

@@ -17,6 +17,8 @@ Configuration keys (all optional, defaults = paper):
     gating      "relu" (DRMC), "softmax" or "top2" (ablations)
     use_hidden  True: DRM sees [GAP(X), H] (cross-layer connection); False: GAP(X) only (ablation "w/o H")
     qk_norm     L2-normalise q and k along the voxel axis before the channel attention (True)
+    tail_init   "default" (PyTorch init, as the authors) or "zero": the last conv starts at zero so the network
+                starts as the identity (global residual); used by the short CPU demo training
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ DEFAULT_CONFIG = {
     "gating": "relu",
     "use_hidden": True,
     "qk_norm": True,
+    "tail_init": "default",
 }
 
 GATINGS = ("relu", "softmax", "top2")
@@ -55,6 +58,8 @@ def model_config(config: dict | None = None) -> dict:
         raise ValueError(f"unknown gating {cfg['gating']!r}; expected one of {GATINGS}")
     if cfg["n_feats"] % cfg["num_heads"]:
         raise ValueError(f"n_feats={cfg['n_feats']} is not divisible by num_heads={cfg['num_heads']}")
+    if cfg["tail_init"] not in ("default", "zero"):
+        raise ValueError(f"unknown tail_init {cfg['tail_init']!r}; expected 'default' or 'zero'")
     if cfg["gating"] == "top2" and cfg["num_experts"] < 2:
         raise ValueError("top2 gating needs num_experts >= 2")
     return cfg
@@ -253,6 +258,9 @@ class Generator(nn.Module):
         block = Transformer_Block if cfg["arch"] == "drmc" else Base_Block
         self.body = nn.Sequential(*[block(cfg) for _ in range(cfg["res_num"])])
         self.tail_conv = nn.Conv3d(c, 1, 3, padding=1)
+        if cfg["tail_init"] == "zero":
+            nn.init.zeros_(self.tail_conv.weight)
+            nn.init.zeros_(self.tail_conv.bias)
         if cfg["arch"] == "drmc" and cfg["use_hidden"]:
             self.hidden = nn.Parameter(torch.ones(1, cfg["hidden_dim"], 1, 1, 1))
         self.sparse = True

@@ -42,6 +42,7 @@ DEFAULT_TRAIN = {
     "num_threads": None,
     "sparse": True,
     "train_split": "train",
+    "tracers": None,
 }
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -112,7 +113,7 @@ def train(config, manifest=None, out_dir=".", sampler=None, resume=True, device=
     if sampler is None:
         if manifest is None:
             raise InputError("either a manifest or a sampler is needed for training")
-        rows = select(read_manifest(manifest), split=tr["train_split"], known=True)
+        rows = select(read_manifest(manifest), split=tr["train_split"], known=True, tracers=tr["tracers"])
         if not rows:
             raise InputError(f"manifest {manifest} has no known-centre rows with split {tr['train_split']!r}")
         sampler = CenterPatchSampler.from_manifest(rows, tr["patch_size"], tr["suv_scale"])
@@ -144,7 +145,7 @@ def train(config, manifest=None, out_dir=".", sampler=None, resume=True, device=
 
     log_path = out_dir / f"train_log_rank{rank}.csv"
     if not log_path.exists():
-        log_path.write_text("step,center,loss,elapsed_s\n")
+        log_path.write_text("step,center,loss,loss_identity,elapsed_s\n")
     t0 = time.time()
     max_steps = int(tr["max_steps"])
     max_s = None if tr["max_minutes"] in (None, 0) else 60.0 * float(tr["max_minutes"])
@@ -167,8 +168,9 @@ def train(config, manifest=None, out_dir=".", sampler=None, resume=True, device=
         losses.append(lv)
         elapsed = elapsed0 + time.time() - t0
         if step % int(tr["log_every"]) == 0 or step == max_steps:
+            ident = float(charbonnier_loss(x, y, float(tr["loss_eps"])))  # loss of returning the input
             with open(log_path, "a") as fh:
-                fh.write(f"{step},{center},{lv:.6g},{elapsed:.1f}\n")
+                fh.write(f"{step},{center},{lv:.6g},{ident:.6g},{elapsed:.1f}\n")
         stop = max_s is not None and elapsed >= max_s
         if distributed:
             import torch.distributed as dist
