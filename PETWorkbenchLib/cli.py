@@ -79,6 +79,59 @@ def _cmd_selftest(args, rep):
     return {"steps": args.steps, "child_pid": child.pid if child else None}
 
 
+def _steps(text):
+    return [x.strip() for x in text.split(",") if x.strip()] if text else None
+
+
+def _cmd_pipeline(args, rep):
+    from .pipeline import run_study
+    spec = {"id": args.id}
+    if args.low_dose:
+        spec.update({k: getattr(args, k) for k in ("low_dose", "ct", "full_dose", "labels", "lesions")
+                     if getattr(args, k)})
+    else:
+        spec["anatomy"] = args.anatomy or "sample"
+    return run_study(spec, args.out, steps=_steps(args.steps), device=args.device, seed=args.seed, progress=rep)
+
+
+def _cmd_batch(args, rep):
+    from .batch import format_table, load_studies, run_batch
+    summary = run_batch(load_studies(args.studies), args.out, steps=_steps(args.steps), device=args.device,
+                        seed=args.seed, scheduler=args.scheduler, progress=rep)
+    if not args.json:
+        print(format_table(summary))
+        return {"done": summary["done"], "skipped": summary["skipped"], "failed": summary["failed"]}
+    return summary
+
+
+def _cmd_demo(args, rep):
+    """The main job on the embedded sample data, then the Slicer scene and a one-screen summary."""
+    import time
+    from pathlib import Path
+    from .batch import format_table
+    from .pipeline import run_study
+    t0 = time.perf_counter()
+    summary = run_study({"id": "demo", "anatomy": "sample"}, args.out, device=args.device, seed=args.seed,
+                        progress=rep.sub(0.0, 0.95))
+    study_dir = Path(summary["dir"])
+    try:
+        from .scene_export import write_study_scene
+        scene_path, _ = write_study_scene(study_dir)
+        scene_note = str(scene_path)
+    except ImportError:
+        scene_note = "not written (slicer-core not installed: pip install slicer-core)"
+    rep(1.0, "demo done")
+    table = {"studies": [{"id": "demo", "status": "done", "seconds": summary["seconds"],
+                          "metrics": summary.get("metrics", {})}], "done": 1, "skipped": 0, "failed": 0,
+             "out": str(study_dir)}
+    if not args.json:
+        print(format_table(table))
+        print(f"report: {study_dir / 'report.md'}\nscene:  {scene_note}\n"
+              f"total:  {time.perf_counter() - t0:.0f} s")
+    return {"report": str(study_dir / "report.md"), "scene": scene_note,
+            "seconds": round(time.perf_counter() - t0, 1), **summary.get("metrics", {})}
+
+
 _FAMILY_STATUS = {}
 
 
@@ -102,6 +155,30 @@ def build_parser():
     p.add_argument("--fail-at", type=int, default=None)
     p.add_argument("--spawn-child", action="store_true", help="start a child process (tests process-tree cancel)")
     p.set_defaults(func=_cmd_selftest)
+    p = sub.add_parser("demo", help="run the main job end to end on the embedded sample data")
+    p.add_argument("--out", default="out/demo")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_demo)
+    p = sub.add_parser("pipeline", help="the main job (or some steps) for one study")
+    p.add_argument("--id", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--low-dose", help="low-dose PET (SUV); without it the study is simulated from --anatomy")
+    p.add_argument("--anatomy", help="folder with example_ct.nii.gz + labels, or 'sample' (default)")
+    for k in ("ct", "full-dose", "labels", "lesions"):
+        p.add_argument(f"--{k}", help=f"optional {k.replace('-', ' ')} image (used for alignment / metrics)")
+    p.add_argument("--steps", help="comma-separated subset of simulate,synthesize,segment,uptake,register,report")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_pipeline)
+    p = sub.add_parser("batch", help="the pipeline over a folder or CSV of studies (resumable; Dask optional)")
+    p.add_argument("studies", help="CSV (id, low_dose|anatomy, ct, full_dose, labels, lesions) or folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", help="comma-separated subset of the pipeline steps")
+    p.add_argument("--scheduler", help="Dask scheduler address (tcp://host:8786) or local:N for N local workers")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_batch)
     group(sub, "train", "train a model (torchrun-compatible)")
     group(sub, "evaluate", "evaluate a model or a result against a reference")
     for fam in FAMILIES:
@@ -156,6 +233,7 @@ def main(argv=None):
     argv = [a for a in argv if a not in _GLOBAL_FLAGS]
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.json = "--json" in flags
     lines, as_json = "--progress-lines" in flags, "--json" in flags
     func = getattr(args, "func", None)
     if func is None:

@@ -6,47 +6,14 @@ import sys
 import types
 
 import slicer
-from vtkmodules.vtkCommonCore import vtkCollection
-
-
-def _logic_name(logic):
-    n = type(logic).__name__
-    for s in ("vtkSlicer", "ModuleLogic", "Logic"):
-        n = n.replace(s, "")
-    return n
 
 
 def init_headless_slicer():
     """New scene + application logic + Colors/Volumes/Segmentations/Transforms/SubjectHierarchy logics."""
-    scene = slicer.vtkMRMLScene()
-    app_logic = slicer.vtkSlicerApplicationLogic()
-    app_logic.SetMRMLScene(scene)
-    app_logic.GetColorLogic().SetMRMLScene(scene)
-    app_logic.GetColorLogic().AddDefaultColorNodes()
-    app_logic.SetSliceLogics(vtkCollection())
-    app_logic.SetViewLogics(vtkCollection())
-    logics = {}
-
-    def reg(logic, name=None):
-        name = name or _logic_name(logic)
-        logic.SetMRMLScene(scene)
-        logic.SetMRMLApplicationLogic(app_logic)
-        app_logic.SetModuleLogic(name, logic)
-        logics[name.lower()] = logic
-        return logic
-
-    reg(app_logic.GetColorLogic(), "Colors")
-    reg(slicer.vtkSlicerVolumesLogic(), "Volumes")
-    reg(slicer.vtkSlicerSegmentationsModuleLogic(), "Segmentations")
-    reg(slicer.vtkSlicerTransformLogic(), "Transforms")
-    reg(slicer.vtkSlicerSubjectHierarchyModuleLogic(), "SubjectHierarchy")
-    slicer.mrmlScene = scene
-    slicer.modules = types.SimpleNamespace(**{k: types.SimpleNamespace(logic=(lambda l=l: l))
-                                              for k, l in logics.items()})
-    slicer.app = types.SimpleNamespace(applicationLogic=lambda: app_logic, mrmlScene=lambda: scene,
-                                       testingEnabled=lambda: True, processEvents=lambda: None,
-                                       commandOptions=lambda: types.SimpleNamespace(noMainWindow=True))
-    return scene, app_logic, logics
+    from PETWorkbenchLib.scene_export import headless_scene
+    scene, logics = headless_scene()
+    slicer.app.commandOptions = lambda: types.SimpleNamespace(noMainWindow=True)
+    return scene, slicer.app.applicationLogic(), logics
 
 
 class _Anything:

@@ -7,7 +7,8 @@ simulated multi-centre set (input ``low_dose_drf20``, 5% dose), the segmentation
 on the full-dose images (paper's FDPET reference) and, when its denoiser is present, the Fake-FDPET baseline
 (denoise, then segment with the full-dose model). Means are over the organs present in each case's reference
 (missing organs are not scored). ``infer_s`` is the time of one whole-volume LDOS segmentation on the CPU.
-``--quick`` uses at most 4 test cases. The last line is one ``key=value`` line:
+Only whole-body cases are used (the brain-only centre has no trunk organs). ``--quick`` uses at most 4 test
+cases, spread over the centres. The last line is one ``key=value`` line:
 dice_ldos dice_segonly dice_fullDose_segonly hd95_ldos hd95_segonly infer_s.
 """
 
@@ -28,6 +29,15 @@ SEGONLY_FD = MODELS / "segmentation-segonly-fulldose-cpu.pt"
 DENOISER = MODELS / "segmentation-denoiser-cpu.pt"
 
 
+def _region(row):
+    """Body region of a case from the generator's case.json (brain-only centres are not organ-segmentation data)."""
+    from SegmentationModuleLib.data import case_path
+    info = case_path(row, "labels").parent / "case.json"
+    if info.is_file():
+        return json.loads(info.read_text()).get("profile", {}).get("region", "whole_body")
+    return "whole_body"
+
+
 def _fmt(v):
     return "nan" if v is None else f"{v:.4f}"
 
@@ -40,9 +50,14 @@ def run(manifest, quick=False, threads=2, split="test", out=None):
     from SegmentationModuleLib.data import case_path, read_manifest, select
     from SegmentationModuleLib.infer import segment
 
-    rows = select(read_manifest(manifest), split=split)
-    if quick:
-        rows = rows[:4]
+    rows = [r for r in select(read_manifest(manifest), split=split) if _region(r) == "whole_body"]
+    if not rows:
+        sys.exit(f"no whole-body cases with split '{split}' in {manifest}")
+    if quick:  # spread over centres
+        by = {}
+        for r in rows:
+            by.setdefault(r.get("center"), []).append(r)
+        rows = [r for i in range(4) for c in sorted(by) for r in by[c][i:i + 1]][:4]
     sub = Path(manifest).parent / f".bench_{split}_{len(rows)}.csv"
     import csv
     cols = [c for c in rows[0] if not c.startswith("_")]
@@ -99,6 +114,66 @@ def run(manifest, quick=False, threads=2, split="test", out=None):
     return results, line
 
 
+TITLES = {
+    "ldos": ("segmentation-ldos-cpu", LDOS, "LDOS organ segmentation of 5%-dose PET (CPU demo size)",
+             "shared residual encoder + segmentation and denoising decoders, phi*L_g + L_s", "low_dose_drf20"),
+    "segonly": ("segmentation-segonly-cpu", SEGONLY, "Segmentation-only baseline on 5%-dose PET (CPU demo size)",
+                "same network without the denoising decoder, same data and budget as LDOS", "low_dose_drf20"),
+    "fullDose_segonly": ("segmentation-segonly-fulldose-cpu", SEGONLY_FD,
+                         "Segmentation-only reference on full-dose PET (CPU demo size)",
+                         "same network without the denoising decoder, trained on full-dose PET", "full_dose"),
+    "denoiser": ("segmentation-denoiser-cpu", DENOISER, "Denoiser of the Fake-FDPET baseline (CPU demo size)",
+                 "encoder + denoising decoder only (L_g), first stage of Fake-FDPET", "low_dose_drf20"),
+}
+
+
+def write_models_d(results, infer_s, manifest, command, path=ROOT / "Resources" / "Models.d" / "segmentation.json"):
+    """Models.d entries for the weights present, with the metrics measured by this run."""
+    import hashlib
+    from PETWorkbenchLib.models import load_checkpoint
+    entries = []
+    for name, (mid, file, title, desc, key) in TITLES.items():
+        if not file.is_file():
+            continue
+        ck = load_checkpoint(file)
+        cfg, tr = ck["config"], ck.get("training", {})
+        metrics = {"measured_on": f"test split of {Path(manifest).parent.name} simulated set ({key} input)",
+                   "command": command}
+        res = results.get(name) or (results.get("fakeFDPET") if name == "denoiser" else None)
+        if res:
+            if name == "denoiser":
+                metrics["measured_as"] = "Fake-FDPET pipeline (this denoiser + segmentation-segonly-fulldose-cpu)"
+            metrics.update({k: res["mean"][k] for k in ("dice", "iou", "hd95", "asd", "n_scored")})
+            metrics["cases"] = res["cases"]
+            metrics["per_organ_dice"] = {n: o.get("dice") for n, o in res["organs"].items()
+                                         if o.get("status") != "missing"}
+            metrics["organs_missing_from_reference"] = [n for n, o in res["organs"].items()
+                                                        if o.get("status") == "missing"]
+        if name == "ldos" and infer_s is not None:
+            metrics["infer_s_one_volume_cpu"] = round(infer_s, 2)
+        entries.append({
+            "id": mid, "family": "segmentation",
+            "method": "LDOS (Ye et al., MICCAI 2025, arXiv 2503.03786)" if name in ("ldos", "denoiser") else
+                      "LDOS paper baseline (Ye et al., MICCAI 2025)",
+            "title": title, "version": "1.0", "config": cfg,
+            "inputs": [{"modality": "PT", "units": "SUV", "spacing_mm": cfg["spacing"],
+                        "dose": "5% (DRF 20)" if key == "low_dose_drf20" else "full dose"}],
+            "units": "SUV", "url": f"bundled:Models/{file.name}",
+            "sha256": hashlib.sha256(file.read_bytes()).hexdigest(), "license": "Apache-2.0",
+            "training": {"description": desc, "data": f"train split of the simulated multi-centre pseudo-PET set "
+                         f"({tr.get('n_cases')} cases, input {cfg.get('input_key')}, target {cfg.get('target_key')})",
+                         "iterations": tr.get("iterations"), "total_iterations": tr.get("total_iterations"),
+                         "stopped": tr.get("stopped"), "seconds": tr.get("seconds_total"),
+                         "hardware": f"CPU, {tr.get('torch_threads')} thread(s)",
+                         "command": f"petworkbench train segmentation --config ldos_cpu_demo --task {cfg['task']} "
+                                    f"--input-key {cfg.get('input_key')}"},
+            "metrics": metrics,
+        })
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(entries, indent=1))
+    print(f"wrote {len(entries)} entries to {path.relative_to(ROOT)}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--manifest", default=str(ROOT / ".cache" / "simdata" / "v1" / "manifest.csv"))
@@ -106,10 +181,16 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--split", default="test")
     ap.add_argument("--out", default="", help="write the full metrics (JSON) here")
+    ap.add_argument("--write-models-d", action="store_true",
+                    help="write Resources/Models.d/segmentation.json with the metrics of this run")
     a = ap.parse_args()
     if not Path(a.manifest).is_file():
         sys.exit(f"manifest not found: {a.manifest} (run the data generator first)")
-    run(a.manifest, a.quick, a.threads, a.split, a.out or None)
+    results, line = run(a.manifest, a.quick, a.threads, a.split, a.out or None)
+    if a.write_models_d:
+        cmd = "python benchmarks/segmentation.py" + (" --quick" if a.quick else "") + f" --split {a.split}"
+        write_models_d(results, line["infer_s"], a.manifest, cmd)
+        print(" ".join(f"{k}={_fmt(v)}" for k, v in line.items()))
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ def _cmd_train(args, rep):
     if args.epochs:
         cfg["epochs"] = args.epochs
     return train(cfg, args.out, manifest=args.manifest, resume=not args.no_resume, max_minutes=args.max_minutes,
-                 device=args.device, threads=args.threads, progress=rep)
+                 device=args.device, threads=args.threads, progress=rep, cache_dir=args.cache_dir)
 
 
 def evaluate_manifest(model, manifest, split="test", input_key=None, denoiser=None, device="auto", progress=None,
@@ -148,6 +148,7 @@ def add_commands(subparsers):
     t.add_argument("--max-minutes", type=float, default=None)
     t.add_argument("--threads", type=int, default=None)
     t.add_argument("--no-resume", action="store_true")
+    t.add_argument("--cache-dir", default=None, help="where resampled volumes are cached (default OUT/cache)")
     t.add_argument("--device", default="auto")
     t.set_defaults(func=_cmd_train)
 

@@ -84,8 +84,9 @@ def poly_lr(lr0, it, total, exponent=0.9):
 
 
 def train(cfg, out_dir, cases=None, manifest=None, resume=True, max_minutes=None, device="auto", threads=None,
-          progress=None, cancel=None, log=print):
-    """Train a model; returns a summary dict. ``cases`` (list of dicts from :mod:`.data`) or ``manifest``."""
+          progress=None, cancel=None, log=print, cache_dir=None):
+    """Train a model; returns a summary dict. ``cases`` (list of dicts from :mod:`.data`) or ``manifest``
+    (volumes resampled once and cached as .npz in ``cache_dir``, default ``<out_dir>/cache``)."""
     from PETWorkbenchLib.device import choose_device
     cfg = network_config_for_task(load_config(cfg))
     task = cfg["task"]
@@ -107,8 +108,7 @@ def train(cfg, out_dir, cases=None, manifest=None, resume=True, max_minutes=None
         rows = select(read_manifest(manifest), split=cfg.get("train_split", "train"), tracer=cfg.get("tracers"))
         if not rows:
             raise InputError(f"No training cases with split '{cfg.get('train_split', 'train')}' in {manifest}")
-        cache_dir = Path(manifest).parent.parent / "seg_cache"
-        cases = [load_case(r, cfg, cache_dir) for r in rows]
+        cases = [load_case(r, cfg, cache_dir or (out_dir / "cache")) for r in rows]
     from .data import PatchSampler
     seed = int(cfg.get("seed", 0))
     torch.manual_seed(seed)  # same initial weights on every rank
@@ -120,13 +120,14 @@ def train(cfg, out_dir, cases=None, manifest=None, resume=True, max_minutes=None
     ipe = int(cfg.get("iterations_per_epoch", 250))
     epochs = int(cfg.get("epochs", 500))
     total = ipe * epochs
-    start_it, history = 0, []
+    start_it, history, resumed_seconds = 0, [], 0.0
     ck = out_dir / "checkpoint_latest.pt"
     if resume and ck.is_file():
         state = torch.load(str(ck), map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start_it, history = int(state["iteration"]), state.get("history", [])
+        resumed_seconds = float(state.get("seconds_total", 0.0))
         sampler.rng.bit_generator.state = state["sampler_rng"][rank] if rank < len(state["sampler_rng"]) \
             else sampler.rng.bit_generator.state
         torch.set_rng_state(state["torch_rng"])
@@ -141,6 +142,7 @@ def train(cfg, out_dir, cases=None, manifest=None, resume=True, max_minutes=None
     lr0 = cfg.get("optimizer", {}).get("lr", 1e-2)
     bs = int(cfg.get("batch_size", 2))
     t0 = time.time()
+    elapsed_before = resumed_seconds
     it = start_it
     stopped = "finished"
     run_loss = []
@@ -155,7 +157,8 @@ def train(cfg, out_dir, cases=None, manifest=None, resume=True, max_minutes=None
             return
         tmp = ck.with_suffix(".part")
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "iteration": it,
-                    "history": history, "sampler_rng": rngs, "torch_rng": torch.get_rng_state(), "config": cfg},
+                    "history": history, "sampler_rng": rngs, "seconds_total": elapsed_before + time.time() - t0,
+                    "torch_rng": torch.get_rng_state(), "config": cfg},
                    str(tmp))
         os.replace(tmp, ck)
 
@@ -185,7 +188,8 @@ def train(cfg, out_dir, cases=None, manifest=None, resume=True, max_minutes=None
         run_loss.append(parts)
         if it % ipe == 0 or it == total:
             mean = {k: float(np.mean([p[k] for p in run_loss if k in p])) for k in run_loss[-1]}
-            history.append({"epoch": epoch, "iteration": it, "seconds": time.time() - t0, **mean})
+            history.append({"epoch": epoch, "iteration": it, "seconds_total": elapsed_before + time.time() - t0,
+                            **mean})
             run_loss = []
             if rank == 0:
                 log(f"epoch {epoch} it {it}/{total} " + " ".join(f"{k}={v:.4f}" for k, v in mean.items()))
@@ -205,8 +209,11 @@ def train(cfg, out_dir, cases=None, manifest=None, resume=True, max_minutes=None
     if rank == 0:
         from PETWorkbenchLib.models import save_checkpoint
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        save_checkpoint(model_path, cfg, state, training={"iterations": it, "total_iterations": total,
-                                                          "stopped": stopped, "history": history[-5:]})
+        save_checkpoint(model_path, cfg, state, training={
+            "iterations": it, "total_iterations": total, "stopped": stopped, "history": history[-5:],
+            "seconds_total": round(elapsed_before + time.time() - t0, 1), "n_cases": len(cases),
+            "cases": [c.get("case_id") for c in cases][:200], "world_size": world,
+            "torch_threads": torch.get_num_threads()})
     if world > 1:
         import torch.distributed as dist
         dist.barrier()

@@ -16,8 +16,9 @@ from .data import check_pet_image, normalise, resample_like, resample_to_spacing
 from .model import build_model
 from .train import load_config
 
-# A 2 mm grid of more voxels than this (~ 0.8 x 0.8 x 2 m) is refused: arrays would exceed ~1 GB.
-MAX_VOXELS_2MM = 400 * 400 * 1000
+# A 2 mm grid of more voxels than this (60 x 60 x 140 cm) is refused: input, output and blending weights would
+# together exceed ~1 GB of RAM.
+MAX_VOXELS_2MM = 300 * 300 * 700
 
 
 def resolve_device(device="auto") -> torch.device:

@@ -1,0 +1,285 @@
+"""The main job, end to end, for one study: low-dose PET in; full-dose estimate, organs, uptake and alignment out.
+
+Steps (each writes into ``<out>/<study id>/`` and can be run alone; a step whose outputs exist is not redone):
+
+``simulate``    (only for studies made from anatomy) whole-body pseudo-PET on real CT anatomy, full-dose and
+                low-dose (DRF 10) OSEM reconstructions, and a CT carrying a known breathing-like misalignment
+``synthesize``  DRMC full-dose estimate from the low-dose PET (+ routing summary)
+``segment``     LDOS organs on the low-dose and on the synthesized PET
+``uptake``      organ uptake table (volume, SUVmean, SUVmax, SUVpeak) on the synthesized PET
+``register``    PET -> CT deformable registration (MIND, instance optimisation), scored against the known field
+``report``      metrics (PSNR, SSIM, lesion SUV bias, Dice, registration error), figures and report.md
+
+A study is a dict: ``{"id": ..., "anatomy": "sample" | folder}`` (simulated from real anatomy) or
+``{"id": ..., "low_dose": path, "ct": path?, "full_dose": path?, "labels": path?, "lesions": path?}``
+(reference images, when given, are used for metrics).
+
+Engine code: no Slicer. The Slicer scene is written by :mod:`PETWorkbenchLib.scene_export` when slicer-core (or
+Slicer) is available.
+"""
+
+import json
+import time
+from pathlib import Path
+
+from .errors import InputError
+from .paths import resources_dir
+from .progress import Reporter
+
+STEPS = ("simulate", "synthesize", "segment", "uptake", "register", "report")
+SYNTHESIS_MODEL = "synthesis-drmc-cpu"
+SEGMENTATION_MODEL = "segmentation-ldos-cpu"
+DEMO_DRF = 10
+DEMO_CENTER = "C1"
+
+
+def sample_anatomy_dir():
+    return resources_dir() / "SampleData" / "TotalSegmentatorExampleCT"
+
+
+def _read(path, what):
+    import SimpleITK as sitk
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{what} not found: {p}")
+    try:
+        img = sitk.ReadImage(str(p))
+    except RuntimeError as e:
+        raise InputError(f"{what} {p.name} cannot be read (corrupt or unknown format): "
+                         f"{str(e).strip().splitlines()[-1]}") from e
+    if img.GetDimension() != 3:
+        raise InputError(f"{what} {p.name} is {img.GetDimension()}D; a 3D volume is needed")
+    return img
+
+
+def _write(img, path):
+    import SimpleITK as sitk
+    tmp = Path(str(path) + ".part.nii.gz")
+    sitk.WriteImage(img, str(tmp), True)
+    tmp.replace(path)
+    return path
+
+
+class Study:
+    """Files of one study in its output folder."""
+
+    def __init__(self, spec, out_root):
+        if "id" not in spec or not str(spec["id"]).strip():
+            raise InputError(f"Study without an id: {spec}")
+        self.spec = dict(spec)
+        self.id = str(spec["id"]).strip()
+        self.dir = Path(out_root) / self.id
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def path(self, name):
+        return self.dir / name
+
+    def has(self, *names):
+        return all(self.path(n).is_file() for n in names)
+
+    def input(self, key):
+        """Path of an input image: given in the spec, or produced by the simulate step."""
+        if self.spec.get(key):
+            return Path(self.spec[key])
+        p = self.path(f"{key}.nii.gz")
+        return p if p.is_file() else None
+
+
+# ----------------------------------------------------------------------------------------------- steps
+
+def step_simulate(st, rep, device="cpu", seed=0, max_slices=64):
+    """Pseudo-PET on real anatomy at DRF 10, and the CT with a known breathing-like misalignment."""
+    if st.has("full_dose.nii.gz", "low_dose.nii.gz", "ct.nii.gz", "true_field.nii.gz"):
+        return {"skipped": True}
+    import numpy as np
+    import SimpleITK as sitk
+    from ReconstructionModuleLib import simulate as sim
+    from RegistrationModuleLib.synthetic import body_mask, field_image, known_deformation, warp_with
+
+    anatomy_dir = sample_anatomy_dir() if st.spec.get("anatomy") in ("sample", None, "") else st.spec["anatomy"]
+    anatomy = sim.load_body_anatomy(anatomy_dir)
+    patient = sim.make_patient(anatomy, seed, f"{st.id}")
+    profile = dict(sim.CENTERS[DEMO_CENTER], name=DEMO_CENTER, drf=DEMO_DRF)
+    res = sim.simulate_case(anatomy, patient, profile, "FDG", drfs=(DEMO_DRF,), seed=seed, max_slices=max_slices,
+                            device=device, progress=rep.sub(0.0, 0.9))
+    im = res["images"]
+    ct_aligned = im["ct"]
+    body = body_mask(ct_aligned)
+    u = known_deformation(ct_aligned, body, amp_si=9.0, amp_ap=3.0, bumps=3, bump_amp=4.0, seed=seed)
+    ct_acquired = warp_with(ct_aligned, u, ct_aligned, default=-1000.0)       # CT(x + u(x)): breathing offset
+    _write(im["full_dose"], st.path("full_dose.nii.gz"))
+    _write(im[f"drf{DEMO_DRF:g}"], st.path("low_dose.nii.gz"))
+    _write(im["labels"], st.path("labels.nii.gz"))
+    _write(im["lesions"], st.path("lesions.nii.gz"))
+    _write(ct_acquired, st.path("ct.nii.gz"))
+    _write(field_image(u, ct_aligned), st.path("true_field.nii.gz"))
+    vox = float(np.mean(ct_aligned.GetSpacing()))
+    mag = np.linalg.norm(u, axis=-1)[body]
+    info = {"center": DEMO_CENTER, "drf": DEMO_DRF, "shape": list(im["full_dose"].GetSize()),
+            "spacing_mm": list(im["full_dose"].GetSpacing()), "prompts": res["info"].get("prompts"),
+            "misalignment_mean_mm": float(mag.mean()), "misalignment_max_mm": float(mag.max()),
+            "misalignment_mean_vox": float(mag.mean() / vox)}
+    (st.path("simulation.json")).write_text(json.dumps(info, indent=1))
+    rep(1.0, "simulated")
+    return info
+
+
+def step_synthesize(st, rep, device="cpu", model=SYNTHESIS_MODEL):
+    if st.has("synthesized.nii.gz", "routing.json"):
+        return {"skipped": True}
+    from SynthesisModuleLib import synthesize
+    low = _read(st.input("low_dose") or "", "low-dose PET")
+    out, routing = synthesize(low, model, device=device, progress=rep)
+    _write(out, st.path("synthesized.nii.gz"))
+    st.path("routing.json").write_text(json.dumps(routing, indent=1, default=float))
+    return {"model": model}
+
+
+def step_segment(st, rep, device="cpu", model=SEGMENTATION_MODEL):
+    if st.has("organs_low.nii.gz", "organs_synth.nii.gz"):
+        return {"skipped": True}
+    from SegmentationModuleLib import segment
+    low = _read(st.input("low_dose") or "", "low-dose PET")
+    lab, _ = segment(low, model, device=device, progress=rep.sub(0.0, 0.5))
+    _write(lab, st.path("organs_low.nii.gz"))
+    if st.has("synthesized.nii.gz"):
+        syn = _read(st.path("synthesized.nii.gz"), "synthesized PET")
+        lab2, _ = segment(syn, model, device=device, progress=rep.sub(0.5, 1.0))
+        _write(lab2, st.path("organs_synth.nii.gz"))
+    return {"model": model}
+
+
+def step_uptake(st, rep):
+    if st.has("uptake.json"):
+        return {"skipped": True}
+    from SegmentationModuleLib import organ_specs, organ_uptake
+    pet_path = st.path("synthesized.nii.gz") if st.has("synthesized.nii.gz") else st.input("low_dose")
+    pet = _read(pet_path, "PET")
+    labels = _read(st.path("organs_low.nii.gz"), "organ labels")
+    rows = organ_uptake(pet, labels, organ_specs())
+    full = st.input("full_dose")
+    if full is not None:
+        ref_rows = {r["name"]: r for r in organ_uptake(_read(full, "full-dose PET"), labels, organ_specs())}
+        for r in rows:
+            ref = ref_rows.get(r["name"])
+            r["suv_mean_full_dose"] = ref["suv_mean"] if ref else None
+    st.path("uptake.json").write_text(json.dumps({"pet": Path(pet_path).name, "rows": rows}, indent=1))
+    rep(1.0, "uptake done")
+    return {"organs": len(rows)}
+
+
+def step_register(st, rep, device="cpu", iterations=(80, 50, 25)):
+    """Moving = synthesized (or low-dose) PET, fixed = CT; multi-modal MIND similarity."""
+    if st.has("field.nii.gz", "registration.json"):
+        return {"skipped": True}
+    ct_path = st.input("ct")
+    if ct_path is None:
+        return {"skipped": True, "reason": "no CT for this study"}
+    import SimpleITK as sitk
+    from RegistrationModuleLib import register
+    ct = _read(ct_path, "CT")
+    pet_path = st.path("synthesized.nii.gz") if st.has("synthesized.nii.gz") else st.input("low_dose")
+    pet = _read(pet_path, "PET")
+    t0 = time.perf_counter()
+    res = register(ct, pet, method="instance", similarity="mind", smoothness=1.0, iterations=tuple(iterations),
+                   prealign="none", device=device, progress=rep)
+    summary = dict(res.summary)
+    summary["time_s"] = time.perf_counter() - t0
+    _write(res.displacement, st.path("field.nii.gz"))
+    _write(res.warp(pet), st.path("pet_on_ct.nii.gz"))
+    true = st.path("true_field.nii.gz")
+    if true.is_file():
+        import numpy as np
+        from RegistrationModuleLib.synthetic import body_mask
+        u_true = sitk.GetArrayFromImage(sitk.ReadImage(str(true)))
+        u = sitk.GetArrayFromImage(res.displacement)
+        body = body_mask(ct) if u.shape[:3] == u_true.shape[:3] else None
+        if body is not None:
+            vox = float(np.mean(ct.GetSpacing()))
+            summary["disp_true_mm"] = float(np.linalg.norm(u_true, axis=-1)[body].mean())
+            summary["disp_err_mm"] = float(np.linalg.norm(u - u_true, axis=-1)[body].mean())
+            summary["disp_err_vox"] = summary["disp_err_mm"] / vox
+    st.path("registration.json").write_text(json.dumps(summary, indent=1, default=float))
+    return {k: summary[k] for k in ("folding_pct", "disp_err_mm") if k in summary}
+
+
+def compute_metrics(st):
+    """PSNR/SSIM/lesion SUV bias against the full dose (when known), Dice against reference labels."""
+    import SimpleITK as sitk
+    from SegmentationModuleLib import evaluate, organ_specs
+    from SynthesisModuleLib.metrics import lesion_suv_bias, psnr, ssim
+    m = {}
+    full = st.input("full_dose")
+    arr = lambda p: sitk.GetArrayFromImage(_read(p, Path(p).name)).astype("float64")  # noqa: E731
+    if full is not None and st.has("synthesized.nii.gz"):
+        f, lo, sy = arr(full), arr(st.input("low_dose")), arr(st.path("synthesized.nii.gz"))
+        m["psnr_low"], m["psnr_synth"] = psnr(lo, f), psnr(sy, f)
+        m["ssim_low"], m["ssim_synth"] = ssim(lo, f), ssim(sy, f)
+        les = st.input("lesions")
+        if les is not None:
+            L = arr(les)
+            m["suvmax_bias_low"], m["suvmax_bias_synth"] = lesion_suv_bias(lo, f, L)[1], lesion_suv_bias(sy, f, L)[1]
+            m["suvmean_bias_low"], m["suvmean_bias_synth"] = (lesion_suv_bias(lo, f, L)[0],
+                                                              lesion_suv_bias(sy, f, L)[0])
+    ref = st.input("labels")
+    if ref is not None:
+        for key, name in (("dice_low", "organs_low.nii.gz"), ("dice_synth", "organs_synth.nii.gz")):
+            if st.has(name):
+                ev = evaluate(_read(st.path(name), name), _read(ref, "reference labels"), organ_specs())
+                m[key] = ev["mean"].get("dice")
+                m[key.replace("dice", "organs")] = {k: v.get("dice") for k, v in ev["organs"].items()
+                                                    if v.get("status") != "missing"}
+    if st.has("registration.json"):
+        r = json.loads(st.path("registration.json").read_text())
+        for k in ("folding_pct", "std_log_j", "disp_true_mm", "disp_err_mm", "disp_err_vox", "time_s"):
+            if k in r:
+                m[f"reg_{k}"] = r[k]
+    return m
+
+
+def step_report(st, rep):
+    from .report import write_report
+    metrics = compute_metrics(st)
+    st.path("metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
+    write_report(st, metrics)
+    rep(1.0, "report written")
+    return {k: v for k, v in metrics.items() if not isinstance(v, dict)}
+
+
+def run_study(spec, out_root, steps=None, device="cpu", seed=0, progress=None, cancel=None):
+    """Run the requested steps (default: all that apply) for one study. Returns a summary dict; a study that
+    finished has ``<out>/<id>/DONE.json`` and is skipped on the next run."""
+    rep = Reporter(progress, cancel)
+    st = Study(spec, out_root)
+    done = st.path("DONE.json")
+    wanted = [s for s in (steps or STEPS) if s in STEPS]
+    unknown = [s for s in (steps or []) if s not in STEPS]
+    if unknown:
+        raise InputError(f"Unknown step(s) {', '.join(unknown)}; steps are {', '.join(STEPS)}")
+    if done.is_file() and set(wanted) <= set(json.loads(done.read_text()).get("steps", [])):
+        return dict(json.loads(done.read_text()), skipped=True)
+    simulated = bool(st.spec.get("anatomy")) or not st.spec.get("low_dose")
+    if "simulate" in wanted and not simulated:
+        wanted.remove("simulate")
+    if "low_dose" in st.spec and "simulate" not in wanted:
+        _read(st.spec["low_dose"], "low-dose PET")          # fail early on unreadable input
+    t0 = time.perf_counter()
+    results = {}
+    runners = {"simulate": lambda r: step_simulate(st, r, device, seed),
+               "synthesize": lambda r: step_synthesize(st, r, device),
+               "segment": lambda r: step_segment(st, r, device),
+               "uptake": lambda r: step_uptake(st, r),
+               "register": lambda r: step_register(st, r, device),
+               "report": lambda r: step_report(st, r)}
+    for i, name in enumerate(wanted):
+        sub = rep.sub(i / len(wanted), (i + 1) / len(wanted))
+        sub(0.0, f"{st.id}: {name}")
+        results[name] = runners[name](sub)
+    summary = {"id": st.id, "steps": wanted, "seconds": round(time.perf_counter() - t0, 1), "results": results,
+               "dir": str(st.dir)}
+    if st.has("metrics.json"):
+        summary["metrics"] = {k: v for k, v in json.loads(st.path("metrics.json").read_text()).items()
+                              if not isinstance(v, dict)}
+    done.write_text(json.dumps(summary, indent=1, default=float))
+    rep(1.0, f"{st.id}: done")
+    return summary

@@ -1,0 +1,119 @@
+"""Study report: Markdown with PNG figures (slices, routing, organ overlay) and the metrics table."""
+
+import json
+
+import numpy as np
+
+FIG_DPI = 100
+
+
+def _arr(path):
+    import SimpleITK as sitk
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(np.float32)
+
+
+def _coronal(a, j=None):
+    """(z, y, x) -> coronal slice through the middle (superior up)."""
+    j = a.shape[1] // 2 if j is None else j
+    return a[::-1, j, :]
+
+
+def _fmt(v):
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
+    return str(v)
+
+
+def write_figures(st):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figs = {}
+    panels = [("low_dose", "Low dose (DRF 10)"), ("synthesized", "DRMC synthesized"), ("full_dose", "Full dose")]
+    images = [(st.input(k) if k != "synthesized" else st.path("synthesized.nii.gz"), t) for k, t in panels]
+    images = [(p, t) for p, t in images if p is not None and p.is_file()]
+    if images:
+        arrays = [_arr(p) for p, _ in images]
+        vmax = float(np.percentile(arrays[-1], 99.8)) or 1.0
+        # choose the coronal plane through the hottest lesion if known, else the middle
+        j = None
+        les = st.input("lesions")
+        if les is not None and les.is_file():
+            L = _arr(les)
+            if L.any():
+                j = int(np.argwhere(L > 0)[:, 1].mean())
+        fig, axes = plt.subplots(1, len(arrays), figsize=(3.2 * len(arrays), 4.2))
+        for ax, a, (_, title) in zip(np.atleast_1d(axes), arrays, images):
+            ax.imshow(_coronal(a, j), cmap="gray_r", vmin=0, vmax=vmax, aspect="auto")
+            ax.set_title(title, fontsize=9)
+            ax.axis("off")
+        fig.suptitle("Coronal slices, SUV 0–%.1f" % vmax, fontsize=10)
+        fig.tight_layout()
+        fig.savefig(st.path("fig_slices.png"), dpi=FIG_DPI)
+        plt.close(fig)
+        figs["slices"] = "fig_slices.png"
+    if st.has("routing.json"):
+        routing = json.loads(st.path("routing.json").read_text())
+        if routing.get("routed"):
+            from SynthesisModuleLib.metrics import routing_plot
+            routing_plot({st.id: routing}, st.path("fig_routing.png"), title="DRMC routing: top-1 expert per bank")
+            figs["routing"] = "fig_routing.png"
+    if st.has("organs_low.nii.gz"):
+        base = st.path("synthesized.nii.gz") if st.has("synthesized.nii.gz") else st.input("low_dose")
+        pet, lab = _arr(base), _arr(st.path("organs_low.nii.gz"))
+        j = int(np.argwhere(lab > 0)[:, 1].mean()) if lab.any() else None
+        fig, ax = plt.subplots(figsize=(4.2, 4.6))
+        ax.imshow(_coronal(pet, j), cmap="gray_r", vmin=0, vmax=float(np.percentile(pet, 99.5)) or 1, aspect="auto")
+        masked = np.ma.masked_equal(_coronal(lab, j), 0)
+        ax.imshow(masked, cmap="tab20", alpha=0.55, vmin=1, vmax=20, aspect="auto", interpolation="nearest")
+        ax.set_title("LDOS organs on the low-dose PET", fontsize=9)
+        ax.axis("off")
+        fig.tight_layout()
+        fig.savefig(st.path("fig_organs.png"), dpi=FIG_DPI)
+        plt.close(fig)
+        figs["organs"] = "fig_organs.png"
+    return figs
+
+
+def write_report(st, metrics):
+    figs = write_figures(st)
+    lines = [f"# PETWorkbench report: {st.id}", "",
+             "Research use only. " + ("The PET images of this study are **simulated** on real CT anatomy "
+                                      "(no real patient PET); see simulation.json." if st.has("simulation.json")
+                                      else ""), ""]
+    if st.has("simulation.json"):
+        sim = json.loads(st.path("simulation.json").read_text())
+        lines += ["## Acquisition (simulated)", "",
+                  f"Centre profile {sim.get('center')}, dose reduction factor {sim.get('drf')}, grid "
+                  f"{sim.get('shape')} at {[round(s, 2) for s in sim.get('spacing_mm', [])]} mm; known PET/CT "
+                  f"misalignment {sim.get('misalignment_mean_mm', 0):.1f} mm mean, "
+                  f"{sim.get('misalignment_max_mm', 0):.1f} mm max inside the body.", ""]
+    rows = [("PSNR (dB)", "psnr_low", "psnr_synth"), ("SSIM", "ssim_low", "ssim_synth"),
+            ("Lesion SUVmax bias", "suvmax_bias_low", "suvmax_bias_synth"),
+            ("Lesion SUVmean bias", "suvmean_bias_low", "suvmean_bias_synth"),
+            ("Organ Dice (mean)", "dice_low", "dice_synth")]
+    if any(metrics.get(a) is not None or metrics.get(b) is not None for _, a, b in rows):
+        lines += ["## Image quality and organs", "", "| metric | low-dose input | DRMC synthesized |", "|---|---|---|"]
+        lines += [f"| {n} | {_fmt(metrics.get(a))} | {_fmt(metrics.get(b))} |" for n, a, b in rows
+                  if metrics.get(a) is not None or metrics.get(b) is not None]
+        lines.append("")
+    reg = {k[4:]: v for k, v in metrics.items() if k.startswith("reg_")}
+    if reg:
+        lines += ["## PET to CT registration", "", "| " + " | ".join(reg) + " |", "|" + "---|" * len(reg),
+                  "| " + " | ".join(_fmt(v) for v in reg.values()) + " |", ""]
+    if st.has("uptake.json"):
+        up = json.loads(st.path("uptake.json").read_text())
+        lines += [f"## Organ uptake ({up['pet']})", "",
+                  "| organ | volume (ml) | SUVmean | SUVmax | SUVpeak | SUVmean full dose |", "|---|---|---|---|---|---|"]
+        for r in up["rows"]:
+            lines.append(f"| {r['name']} | {_fmt(r['volume_ml'])} | {_fmt(r['suv_mean'])} | {_fmt(r['suv_max'])} | "
+                         f"{_fmt(r.get('suv_peak'))} | {_fmt(r.get('suv_mean_full_dose'))} |")
+        lines.append("")
+    titles = {"slices": "Low-dose, synthesized and full-dose PET", "routing": "Routing of experts",
+              "organs": "Organ segmentation"}
+    for key, fn in figs.items():
+        lines += [f"## {titles[key]}", "", f"![{titles[key]}]({fn})", ""]
+    st.path("report.md").write_text("\n".join(lines))
+    return st.path("report.md")

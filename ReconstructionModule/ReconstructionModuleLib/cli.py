@@ -1,0 +1,156 @@
+"""Command-line commands of the reconstruction family (registered by ``petworkbench``).
+
+    petworkbench simulate    --out DIR --patients N [--centers C1,C2] [--tracers FDG,FAPI] [--standard]
+    petworkbench reconstruct --sinogram FILE.npz --out IMAGE.nii.gz [--iterations 3 --subsets 8]
+    petworkbench lowdose     --input PET.nii.gz --drf 10 --out LOW.nii.gz [--ct CT.nii.gz]
+    petworkbench sr4zct      --input CT.nii.gz --out SR.nii.gz [--epochs N]
+    petworkbench listmode    --header FILE.l.hdr --out IMAGE.nii.gz [--time-window 0 10]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PETWorkbenchLib.errors import InputError
+
+
+def _csv(s):
+    return [x.strip() for x in s.split(",") if x.strip()] if s else None
+
+
+def _set_threads(args):
+    import torch
+    if getattr(args, "threads", None):
+        torch.set_num_threads(int(args.threads))
+
+
+def _cmd_simulate(args, rep):
+    _set_threads(args)
+    from .simulate import generate_dataset, generate_standard_set
+    if args.standard:
+        man = generate_standard_set(args.out, seed=args.seed, progress=rep)
+    else:
+        if args.patients is None:
+            raise InputError("simulate needs --patients N (patients per known centre) or --standard")
+        man = generate_dataset(args.out, args.patients, centers=_csv(args.centers),
+                               tracers=tuple(_csv(args.tracers) or ["FDG"]),
+                               extra_drfs=tuple(float(d) for d in (_csv(args.extra_drfs) or [])), seed=args.seed,
+                               n_test=args.test_patients, n_unknown=args.unknown_patients,
+                               second_tracer_every=args.second_tracer_every, max_slices=args.max_slices,
+                               max_voxels=args.max_voxels, resume=args.resume, progress=rep)
+    import csv
+    with open(man) as f:
+        n = sum(1 for _ in csv.DictReader(f))
+    return {"manifest": str(man), "cases": n}
+
+
+def _cmd_reconstruct(args, rep):
+    _set_threads(args)
+    from .io import reconstruct_sinogram_file
+    out = reconstruct_sinogram_file(args.sinogram, args.out, n_iter=args.iterations, n_subsets=args.subsets,
+                                    psf_fwhm_mm=args.psf, post_filter_mm=args.post_filter, progress=rep)
+    return out
+
+
+def _cmd_lowdose(args, rep):
+    _set_threads(args)
+    import SimpleITK as sitk
+    from .imagedomain import simulate_lowdose_image
+    if not Path(args.input).exists():
+        raise InputError(f"input image not found: {args.input}")
+    img = sitk.ReadImage(str(args.input))
+    ct = sitk.ReadImage(str(args.ct)) if args.ct else None
+    out = simulate_lowdose_image(img, args.drf, ct=ct, counts_per_cm=args.counts_per_cm, psf_fwhm_mm=args.psf,
+                                 n_iter=args.iterations, n_subsets=args.subsets, seed=args.seed, progress=rep)
+    sitk.WriteImage(out["low_dose"], str(args.out), True)
+    res = {"output": str(args.out), "drf": float(args.drf), "prompts": out["prompts"],
+           "prompts_low": out["prompts_low"]}
+    if args.full_out:
+        sitk.WriteImage(out["full_dose"], str(args.full_out), True)
+        res["full_dose"] = str(args.full_out)
+    return res
+
+
+def _cmd_sr4zct(args, rep):
+    _set_threads(args)
+    import SimpleITK as sitk
+    from .sr4zct import sr4zct
+    if not Path(args.input).exists():
+        raise InputError(f"input image not found: {args.input}")
+    img = sitk.ReadImage(str(args.input))
+    out, info = sr4zct(img, out_spacing_z=args.out_spacing, thickness_mm=args.thickness, epochs=args.epochs,
+                       seed=args.seed, progress=rep)
+    sitk.WriteImage(out, str(args.out), True)
+    return dict(info, output=str(args.out))
+
+
+def _cmd_listmode(args, rep):
+    _set_threads(args)
+    from .listmode import reconstruct_listmode_file
+    tw = tuple(args.time_window) if args.time_window else None
+    return reconstruct_listmode_file(args.header, args.out, time_window_s=tw, n_iter=args.iterations,
+                                     n_subsets=args.subsets, progress=rep)
+
+
+def add_commands(subparsers) -> None:
+    p = subparsers.add_parser("simulate", help="multi-center pseudo-PET data generator (full/low dose, CT, labels)")
+    p.add_argument("--out", required=True, help="output folder (manifest.csv + one folder per case)")
+    p.add_argument("--patients", type=int, help="patients per known centre")
+    p.add_argument("--centers", help="comma-separated centre profiles (default: C1..C6)")
+    p.add_argument("--tracers", default="FDG", help="comma-separated tracers: FDG,FAPI")
+    p.add_argument("--extra-drfs", default="20", help="comma-separated extra DRFs written for every case")
+    p.add_argument("--test-patients", type=int, default=None, help="test patients per known centre")
+    p.add_argument("--unknown-patients", type=int, default=None, help="patients per unknown centre")
+    p.add_argument("--second-tracer-every", type=int, default=1,
+                   help="further tracers only for every N-th patient of whole-body centres")
+    p.add_argument("--max-slices", type=int, default=110)
+    p.add_argument("--max-voxels", type=int, default=2_500_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="keep cases already written")
+    p.add_argument("--standard", action="store_true", help="the standard training/test set (ignores sizes)")
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=_cmd_simulate)
+
+    p = subparsers.add_parser("reconstruct", help="OSEM reconstruction of a 2D multi-slice sinogram file (.npz)")
+    p.add_argument("--sinogram", required=True, help=".npz with prompts (nz, views, bins), spacing; optional "
+                   "additive, norm, mu")
+    p.add_argument("--out", required=True)
+    p.add_argument("--iterations", type=int, default=3)
+    p.add_argument("--subsets", type=int, default=8)
+    p.add_argument("--psf", type=float, default=0.0, help="resolution model FWHM in mm")
+    p.add_argument("--post-filter", type=float, default=0.0, help="Gaussian post-filter FWHM in mm")
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=_cmd_reconstruct)
+
+    p = subparsers.add_parser("lowdose", help="image-domain low-dose simulation of a PET volume")
+    p.add_argument("--input", required=True)
+    p.add_argument("--drf", type=float, required=True, help="dose reduction factor (>= 1)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--full-out", help="also write the re-simulated full-dose image")
+    p.add_argument("--ct", help="CT on any grid (attenuation); without it no attenuation is modelled")
+    p.add_argument("--counts-per-cm", type=float, default=2.0e6, help="full-dose true counts per cm axial")
+    p.add_argument("--psf", type=float, default=4.0)
+    p.add_argument("--iterations", type=int, default=3)
+    p.add_argument("--subsets", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=_cmd_lowdose)
+
+    p = subparsers.add_parser("sr4zct", help="SR4ZCT self-supervised through-plane resolution enhancement")
+    p.add_argument("--input", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--out-spacing", type=float, default=None, help="output slice spacing (default: in-plane)")
+    p.add_argument("--thickness", type=float, default=None, help="slice thickness in mm (default: metadata)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=_cmd_sr4zct)
+
+    p = subparsers.add_parser("listmode", help="histogram + reconstruct Siemens mMR PETLINK list-mode")
+    p.add_argument("--header", required=True, help="interfile list-mode header (.l.hdr) or the .l file")
+    p.add_argument("--out", required=True)
+    p.add_argument("--time-window", type=float, nargs=2, metavar=("START_S", "END_S"))
+    p.add_argument("--iterations", type=int, default=3)
+    p.add_argument("--subsets", type=int, default=6)
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=_cmd_listmode)
