@@ -66,13 +66,13 @@ def load_studies(source):
     return studies
 
 
-def _run_one(spec, out_root, steps, device, seed):
+def _run_one(spec, out_root, steps, device, seed, models=None):
     """Run one study; never raises: returns a status dict (also written to DONE.json / FAILED.json)."""
     from .pipeline import run_study
     d = Path(out_root) / str(spec.get("id", "unnamed"))
     failed = d / "FAILED.json"
     try:
-        summary = run_study(spec, out_root, steps=steps, device=device, seed=seed)
+        summary = run_study(spec, out_root, steps=steps, device=device, seed=seed, models=models)
         if failed.exists():
             failed.unlink()
         return {"id": spec["id"], "status": "skipped" if summary.get("skipped") else "done",
@@ -85,7 +85,8 @@ def _run_one(spec, out_root, steps, device, seed):
         return {k: info[k] for k in ("id", "status", "error")}
 
 
-def run_batch(studies, out_root, steps=None, device="cpu", seed=0, scheduler=None, progress=None, cancel=None):
+def run_batch(studies, out_root, steps=None, device="cpu", seed=0, scheduler=None, models=None, progress=None,
+              cancel=None):
     """Run the pipeline on every study. Returns {"studies": [status...], "done", "skipped", "failed"}."""
     rep = Reporter(progress, cancel)
     out_root = Path(out_root)
@@ -101,7 +102,7 @@ def run_batch(studies, out_root, steps=None, device="cpu", seed=0, scheduler=Non
         else:
             client = Client(scheduler)
         try:
-            futures = [client.submit(_run_one, s, str(out_root), steps, device, seed, key=f"study-{s['id']}",
+            futures = [client.submit(_run_one, s, str(out_root), steps, device, seed, models, key=f"study-{s['id']}",
                                      pure=False) for s in studies]
             for i, fut in enumerate(as_completed(futures)):
                 results.append(fut.result())
@@ -114,7 +115,7 @@ def run_batch(studies, out_root, steps=None, device="cpu", seed=0, scheduler=Non
         for i, s in enumerate(studies):
             sub = rep.sub(i / len(studies), (i + 1) / len(studies))
             sub(0.0, f"study {s.get('id')} ({i + 1} of {len(studies)})")
-            results.append(_run_one(s, out_root, steps, device, seed))
+            results.append(_run_one(s, out_root, steps, device, seed, models))
     order = {s["id"]: i for i, s in enumerate(studies)}
     results.sort(key=lambda r: order.get(r["id"], 0))
     counts = {k: sum(r["status"] == k for r in results) for k in ("done", "skipped", "failed")}

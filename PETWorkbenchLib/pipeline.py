@@ -128,17 +128,19 @@ def step_synthesize(st, rep, device="cpu", model=SYNTHESIS_MODEL):
     if st.has("synthesized.nii.gz", "routing.json"):
         return {"skipped": True}
     from SynthesisModuleLib import synthesize
+    model = str(model)
     low = _read(st.input("low_dose") or "", "low-dose PET")
     out, routing = synthesize(low, model, device=device, progress=rep)
     _write(out, st.path("synthesized.nii.gz"))
     st.path("routing.json").write_text(json.dumps(routing, indent=1, default=float))
-    return {"model": model}
+    return {"model": Path(model).name}
 
 
 def step_segment(st, rep, device="cpu", model=SEGMENTATION_MODEL):
     if st.has("organs_low.nii.gz", "organs_synth.nii.gz"):
         return {"skipped": True}
     from SegmentationModuleLib import segment
+    model = str(model)
     low = _read(st.input("low_dose") or "", "low-dose PET")
     lab, _ = segment(low, model, device=device, progress=rep.sub(0.0, 0.5))
     _write(lab, st.path("organs_low.nii.gz"))
@@ -146,7 +148,7 @@ def step_segment(st, rep, device="cpu", model=SEGMENTATION_MODEL):
         syn = _read(st.path("synthesized.nii.gz"), "synthesized PET")
         lab2, _ = segment(syn, model, device=device, progress=rep.sub(0.5, 1.0))
         _write(lab2, st.path("organs_synth.nii.gz"))
-    return {"model": model}
+    return {"model": Path(str(model)).name}
 
 
 def step_uptake(st, rep):
@@ -246,9 +248,11 @@ def step_report(st, rep):
     return {k: v for k, v in metrics.items() if not isinstance(v, dict)}
 
 
-def run_study(spec, out_root, steps=None, device="cpu", seed=0, progress=None, cancel=None):
+def run_study(spec, out_root, steps=None, device="cpu", seed=0, models=None, progress=None, cancel=None):
     """Run the requested steps (default: all that apply) for one study. Returns a summary dict; a study that
-    finished has ``<out>/<id>/DONE.json`` and is skipped on the next run."""
+    finished has ``<out>/<id>/DONE.json`` and is skipped on the next run. ``models`` overrides the model ids or
+    weights files: {"synthesis": ..., "segmentation": ...}."""
+    models = dict(models or {})
     rep = Reporter(progress, cancel)
     st = Study(spec, out_root)
     done = st.path("DONE.json")
@@ -266,8 +270,8 @@ def run_study(spec, out_root, steps=None, device="cpu", seed=0, progress=None, c
     t0 = time.perf_counter()
     results = {}
     runners = {"simulate": lambda r: step_simulate(st, r, device, seed),
-               "synthesize": lambda r: step_synthesize(st, r, device),
-               "segment": lambda r: step_segment(st, r, device),
+               "synthesize": lambda r: step_synthesize(st, r, device, models.get("synthesis", SYNTHESIS_MODEL)),
+               "segment": lambda r: step_segment(st, r, device, models.get("segmentation", SEGMENTATION_MODEL)),
                "uptake": lambda r: step_uptake(st, r),
                "register": lambda r: step_register(st, r, device),
                "report": lambda r: step_report(st, r)}

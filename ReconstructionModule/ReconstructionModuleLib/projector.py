@@ -40,11 +40,13 @@ def default_sinogram_shape(nx: int, ny: int, angle_factor: float = 0.75):
     return n_angles, n_bins
 
 
-def joseph_matrix(nx: int, ny: int, pixel_mm: float, angles, n_bins: int, bin_mm: float | None = None):
+def joseph_matrix(nx: int, ny: int, pixel_mm: float, angles, n_bins: int, bin_mm: float | None = None,
+                  bin_positions_mm=None):
     """Sparse (len(angles)*n_bins, ny*nx) scipy CSR matrix of line-integral weights (mm).
 
     Pixel (iy, ix) has its centre at ((ix - (nx-1)/2) * pixel_mm, (iy - (ny-1)/2) * pixel_mm); the line of
-    view angle theta and radial offset s is {(x, y): x cos(theta) + y sin(theta) = s}.
+    view angle theta and radial offset s is {(x, y): x cos(theta) + y sin(theta) = s}.  Radial offsets are
+    uniform (``bin_mm``) unless ``bin_positions_mm`` (length n_bins, e.g. non-arc-corrected scanner bins) is given.
     """
     if nx < 1 or ny < 1 or n_bins < 1:
         raise InputError(f"projector size must be positive, got nx={nx}, ny={ny}, n_bins={n_bins}")
@@ -52,7 +54,12 @@ def joseph_matrix(nx: int, ny: int, pixel_mm: float, angles, n_bins: int, bin_mm
         raise InputError(f"pixel size must be > 0 mm, got {pixel_mm}")
     bin_mm = float(pixel_mm if bin_mm is None else bin_mm)
     angles = np.asarray(angles, dtype=np.float64).ravel()
-    s = (np.arange(n_bins) - (n_bins - 1) / 2.0) * bin_mm
+    if bin_positions_mm is not None:
+        s = np.asarray(bin_positions_mm, dtype=np.float64).ravel()
+        if s.size != n_bins:
+            raise InputError(f"{s.size} bin positions given for {n_bins} bins")
+    else:
+        s = (np.arange(n_bins) - (n_bins - 1) / 2.0) * bin_mm
     cx, cy = (nx - 1) / 2.0, (ny - 1) / 2.0
     rows_all, cols_all, vals_all = [], [], []
     for k, th in enumerate(angles):
@@ -117,7 +124,8 @@ class ParallelProjector:
     """
 
     def __init__(self, nx: int, ny: int, pixel_mm: float, n_angles: int | None = None, n_bins: int | None = None,
-                 n_subsets: int = 1, bin_mm: float | None = None, dtype=torch.float32, device="cpu"):
+                 n_subsets: int = 1, bin_mm: float | None = None, dtype=torch.float32, device="cpu",
+                 bin_positions_mm=None):
         da, db = default_sinogram_shape(nx, ny)
         self.nx, self.ny = int(nx), int(ny)
         self.pixel_mm = float(pixel_mm)
@@ -132,7 +140,8 @@ class ParallelProjector:
         self.subset_views = [np.arange(k, self.n_angles, self.n_subsets) for k in range(self.n_subsets)]
         self._A, self._AT = [], []
         for views in self.subset_views:
-            A = joseph_matrix(self.nx, self.ny, self.pixel_mm, self.angles[views], self.n_bins, self.bin_mm)
+            A = joseph_matrix(self.nx, self.ny, self.pixel_mm, self.angles[views], self.n_bins, self.bin_mm,
+                              bin_positions_mm)
             self._A.append(_to_torch_csr(A, dtype, self.device))
             self._AT.append(_to_torch_csr(A.T.tocsr(), dtype, self.device))
 

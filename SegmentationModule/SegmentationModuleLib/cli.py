@@ -95,7 +95,7 @@ def evaluate_manifest(model, manifest, split="test", input_key=None, denoiser=No
         ref = sitk.ReadImage(str(case_path(r, "labels")), sitk.sitkUInt8)
         t = time.time()
         if denoiser:
-            pred, _ = segment_fake_fdpet(pet, denoiser, model, device=device, progress=sub)
+            pred, _ = segment_fake_fdpet(pet, denoiser, model, device=device, progress=sub, allow_empty=True)
         else:
             pred, _ = segment(pet, model, device=device, progress=sub, allow_empty=True)
         times.append(time.time() - t)

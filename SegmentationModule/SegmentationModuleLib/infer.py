@@ -139,8 +139,10 @@ def denoise(image, checkpoint, device="auto", progress=None, cancel=None):
     return _back_to_input(_to_image(np.maximum(arr, 0), img), image, False)
 
 
-def segment_fake_fdpet(image, denoiser, segmenter, organs=None, device="auto", progress=None, cancel=None):
-    """Fake-FDPET baseline: denoise with ``denoiser`` then segment the result with ``segmenter``."""
+def segment_fake_fdpet(image, denoiser, segmenter, organs=None, device="auto", progress=None, cancel=None,
+                       **kwargs):
+    """Fake-FDPET baseline: denoise with ``denoiser`` then segment the result with ``segmenter`` (a model trained
+    on full-dose PET). ``kwargs`` go to :func:`segment`."""
     rep = Reporter(progress, cancel)
     fake = denoise(image, denoiser, device, progress=rep.sub(0.0, 0.5))
-    return segment(fake, segmenter, organs, device, progress=rep.sub(0.5, 1.0))
+    return segment(fake, segmenter, organs, device, progress=rep.sub(0.5, 1.0), **kwargs)

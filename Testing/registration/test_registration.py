@@ -25,15 +25,12 @@ from RegistrationModuleLib.result import RegistrationResult  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def blobs(shape, seed=0, n=12):
+def blobs(shape, seed=0, n=None, sigma=1.5):
+    """Textured test image: Gaussian-filtered white noise scaled to 0..1 (structure everywhere)."""
+    from scipy import ndimage
     rng = np.random.default_rng(seed)
-    grids = np.meshgrid(*[np.arange(s, dtype=np.float64) for s in shape], indexing="ij")
-    img = np.zeros(shape)
-    for _ in range(n):
-        c = [rng.uniform(0.2 * s, 0.8 * s) for s in shape]
-        r = rng.uniform(2.0, 0.12 * min(shape))
-        img += rng.uniform(0.5, 1.0) * np.exp(-sum((g - ci) ** 2 for g, ci in zip(grids, c)) / (2 * r * r))
-    return img.astype(np.float32)
+    a = ndimage.gaussian_filter(rng.normal(size=shape), sigma)
+    return ((a - a.min()) / (a.max() - a.min())).astype(np.float32)
 
 
 def make_image(arr, spacing=None, direction=None, origin=None):
