@@ -289,3 +289,20 @@ class ModuleWidgetMixin:
 def vtkModifiedEvent():
     import vtk
     return vtk.vtkCommand.ModifiedEvent
+
+
+def register_sample_data():
+    """Register PETWorkbench's sample data with Slicer's Sample Data module (URLs + SHA-256 checksums, from
+    Resources/SampleData/SampleData.json). Called once Slicer has started, never at import."""
+    import json
+    import SampleData
+    from .paths import resources_dir
+    spec = json.loads((resources_dir() / "SampleData" / "SampleData.json").read_text())
+    icon = str(resources_dir() / "Icons" / "PETWorkbench.png")
+    for src in spec["sources"]:
+        files = src["files"]
+        SampleData.SampleDataLogic.registerCustomSampleDataSource(
+            category=src["category"], sampleName=src["name"], thumbnailFileName=icon,
+            uris=[f["url"] for f in files], fileNames=[f["url"].rsplit("/", 1)[-1] for f in files],
+            nodeNames=[f["nodeName"] for f in files], checksums=[f"SHA256:{f['sha256']}" for f in files],
+            loadFileType=[f["loadType"] for f in files])

@@ -119,26 +119,14 @@ class SegmentationModuleLogic(ScriptedLoadableModuleLogic):
         segmentation node as "PETWorkbench.uptakeTable"; organs not found are listed in its attribute
         "PETWorkbench.missingOrgans".
         """
-        import SimpleITK as sitk
-        from PETWorkbenchLib import mrml, units
+        from PETWorkbenchLib import mrml
         from PETWorkbenchLib.errors import InputError
-        from PETWorkbenchLib.slicer_bridge import EngineRun
         from PETWorkbenchLib.terminology import organ_specs
 
-        image = mrml.volume_to_image(petVolumeNode, dtype="float32")
-        units.check_pet_range(sitk.GetArrayViewFromImage(image), "SUV")
         specs = organ_specs(organs)
 
-        def prepare(tmp):
-            args = ["--input", os.path.join(tmp, "pet.nii.gz"), "--output", os.path.join(tmp, "labels.nii.gz"),
-                    "--model", str(model), "--device", device]
-            if organs:
-                args += ["--organs", ",".join(s["name"] for s in specs)]
-            sitk.WriteImage(image, args[1])
-            return args
-
-        def finish(tmp, result):
-            labels = sitk.ReadImage(os.path.join(tmp, "labels.nii.gz"))
+        def finish(labels):
+            import SimpleITK as sitk
             if not sitk.GetArrayViewFromImage(labels).any():
                 raise InputError("The model found none of the requested organs in this volume (empty "
                                  "prediction). Is it a PET in SUV covering these organs?")
@@ -153,7 +141,33 @@ class SegmentationModuleLogic(ScriptedLoadableModuleLogic):
                                                                     if s["value"] in missing))
             return seg
 
-        run = EngineRun(["segment"], prepare=prepare, finish=finish, progress=progress, log=log)
+        return self.predictLabels(petVolumeNode, organs=[s["name"] for s in specs] if organs else None,
+                                  model=model, device=device, finish=finish, wait=wait, progress=progress, log=log)
+
+    def predictLabels(self, petVolumeNode, organs=None, model=DEFAULT_MODEL, device="auto", finish=None, wait=True,
+                      progress=None, log=None):
+        """Run the model in the worker and return the predicted label image (SimpleITK, on the PET grid), or
+        ``finish(labelImage)`` when given. Nothing in the scene is changed here."""
+        import SimpleITK as sitk
+        from PETWorkbenchLib import mrml, units
+        from PETWorkbenchLib.slicer_bridge import EngineRun
+
+        image = mrml.volume_to_image(petVolumeNode, dtype="float32")
+        units.check_pet_range(sitk.GetArrayViewFromImage(image), "SUV")
+
+        def prepare(tmp):
+            args = ["--input", os.path.join(tmp, "pet.nii.gz"), "--output", os.path.join(tmp, "labels.nii.gz"),
+                    "--model", str(model), "--device", device]
+            if organs:
+                args += ["--organs", ",".join(organs)]
+            sitk.WriteImage(image, args[1])
+            return args
+
+        def read(tmp, result):
+            labels = sitk.ReadImage(os.path.join(tmp, "labels.nii.gz"))
+            return finish(labels) if finish else labels
+
+        run = EngineRun(["segment"], prepare=prepare, finish=read, progress=progress, log=log)
         return run.wait() if wait else run
 
     def organUptake(self, petVolumeNode, labels, specs, tableNode=None):

@@ -41,6 +41,11 @@ class SynthesisModule(ScriptedLoadableModule):
             "Method: Yang Z., Zhou Y., Zhang H., Wei B., Fan Y., Xu Y. 'DRMC: A Generalist Model with Dynamic "
             "Routing for Multi-Center PET Image Synthesis', MICCAI 2023 (arXiv:2307.05249). Model code follows the "
             "authors' public implementation (Apache-2.0) in structure.")
+        slicer.app.connect("startupCompleted()", self.registerSampleData)
+
+    def registerSampleData(self):
+        from PETWorkbenchLib.slicer_bridge import register_sample_data
+        register_sample_data()
 
 
 @parameterNodeWrapper

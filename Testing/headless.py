@@ -13,6 +13,7 @@ def init_headless_slicer():
     from PETWorkbenchLib.scene_export import headless_scene
     scene, logics = headless_scene()
     slicer.app.commandOptions = lambda: types.SimpleNamespace(noMainWindow=True)
+    slicer.app.connect = lambda *a, **k: None
     return scene, slicer.app.applicationLogic(), logics
 
 
