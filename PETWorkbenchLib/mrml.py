@@ -127,7 +127,8 @@ def reference_result(outputNode, inputNode, role="PETWorkbench.input"):
     outputNode.SetNodeReferenceID(role, inputNode.GetID())
     sh = outputNode.GetScene().GetSubjectHierarchyNode() if outputNode.GetScene() else None
     if sh is not None:
-        parent = sh.GetItemParent(sh.GetItemByDataNode(inputNode))
+        item = sh.GetItemByDataNode(inputNode)
+        parent = sh.GetItemParent(item) if item else 0
         if parent:
             sh.SetItemParent(sh.GetItemByDataNode(outputNode), parent)
     return outputNode

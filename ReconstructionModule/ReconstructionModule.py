@@ -124,7 +124,7 @@ class ReconstructionModuleLogic(ScriptedLoadableModuleLogic):
         from PETWorkbenchLib.slicer_bridge import EngineRun
 
         def prepare(tmp):
-            extra = ["--output", os.path.join(tmp, "output.nii.gz")]
+            extra = ["--out", os.path.join(tmp, "output.nii.gz")]
             if image is not None:
                 sitk.WriteImage(image, os.path.join(tmp, "input.nii.gz"))
                 extra += ["--input", os.path.join(tmp, "input.nii.gz")]
@@ -145,16 +145,20 @@ class ReconstructionModuleLogic(ScriptedLoadableModuleLogic):
 
     def reconstruct(self, dataFile, outputVolumeNode=None, iterations=4, subsets=8, postFilterMm=0.0,
                     timeWindow=None, device="auto", wait=True, progress=None, log=None):
-        """OSEM reconstruction of a list-mode (PETLINK .l.hdr) or sinogram file into a volume node."""
+        """OSEM reconstruction of a Siemens mMR PETLINK list-mode file (.l.hdr / .l; prompts minus delays,
+        optional time window in seconds from the start) or of a 2D multi-slice sinogram file (.npz)."""
         from PETWorkbenchLib.errors import InputError
         if not dataFile or not os.path.isfile(dataFile):
             raise InputError(f"Data file not found: {dataFile}")
-        args = ["--data", dataFile, "--iterations", str(int(iterations)), "--subsets", str(int(subsets)),
-                "--post-filter", str(float(postFilterMm)), "--device", device]
-        if timeWindow:
-            args += ["--time-window", str(float(timeWindow))]
+        if dataFile.endswith(".npz"):
+            command, args = "reconstruct", ["--sinogram", dataFile, "--post-filter", str(float(postFilterMm))]
+        else:
+            command, args = "listmode", ["--header", dataFile]
+            if timeWindow:
+                args += ["--time-window", "0", str(float(timeWindow))]
+        args += ["--iterations", str(int(iterations)), "--subsets", str(int(subsets))]
         name = os.path.basename(dataFile).split(".")[0] + " OSEM"
-        return self._run("reconstruct", args, None, outputVolumeNode, name, wait, progress, log)
+        return self._run(command, args, None, outputVolumeNode, name, wait, progress, log)
 
     def simulateLowDose(self, inputVolumeNode, drf=10.0, seed=0, outputVolumeNode=None, device="auto", wait=True,
                         progress=None, log=None):
@@ -164,7 +168,7 @@ class ReconstructionModuleLogic(ScriptedLoadableModuleLogic):
         if drf < 1:
             raise InputError(f"Dose reduction factor must be >= 1, got {drf}")
         image = mrml.volume_to_image(inputVolumeNode, dtype="float32")
-        args = ["--drf", str(float(drf)), "--seed", str(int(seed)), "--device", device]
+        args = ["--drf", str(float(drf)), "--seed", str(int(seed))]
         return self._run("lowdose", args, inputVolumeNode, outputVolumeNode,
                          f"{inputVolumeNode.GetName()} DRF{drf:g}", wait, progress, log, image=image)
 
@@ -174,9 +178,9 @@ class ReconstructionModuleLogic(ScriptedLoadableModuleLogic):
         from PETWorkbenchLib import mrml
         image = mrml.volume_to_image(inputVolumeNode, dtype="float32")
         thickness = inputVolumeNode.GetAttribute("DICOM.SliceThickness")
-        args = ["--epochs", str(int(epochs)), "--device", device]
+        args = ["--epochs", str(int(epochs))]
         if thickness:
-            args += ["--slice-thickness", thickness]
+            args += ["--thickness", thickness]
         return self._run("sr4zct", args, inputVolumeNode, outputVolumeNode, f"{inputVolumeNode.GetName()} SR4ZCT",
                          wait, progress, log, image=image)
 

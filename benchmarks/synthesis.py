@@ -62,8 +62,8 @@ def main(argv=None):
 
     t0 = time.time()
     ev = evaluate({"drmc": a.drmc, "baseline": a.baseline}, a.manifest, out_dir=a.out, device="cpu",
-                  overlap=0.25 if a.quick else 0.5, max_cases_per_center=2 if a.quick else None,
-                  tracers=["FDG"])
+                  sw_batch_size=4, overlap=0.25 if a.quick else 0.5,
+                  max_cases_per_center=2 if a.quick else None, tracers=["FDG"])
     print((Path(a.out) / "table.md").read_text())
     print(f"evaluation: {ev['n_cases']} cases, {time.time() - t0:.0f} s", flush=True)
     avg = ev["average"]

@@ -11,6 +11,7 @@ diffeomorphic mode ``u`` is a stationary velocity field and the deformation is i
 """
 
 import math
+import time
 
 import numpy as np
 import torch
@@ -31,6 +32,30 @@ def _onehot(lab_f, lab_m, device):
     f = np.stack([(lab_f == v) for v in values]).astype(np.float32)
     m = np.stack([(lab_m == v) for v in values]).astype(np.float32)
     return torch.from_numpy(f)[None].to(device), torch.from_numpy(m)[None].to(device), values
+
+
+class Adam:
+    """Plain Adam (Kingma & Ba) on one tensor.  ``torch.optim`` is avoided on purpose: importing it pulls in
+    torch._dynamo, which costs ~10 s on a small CPU machine for every command-line run."""
+
+    def __init__(self, param, lr, betas=(0.9, 0.999), eps=1e-8):
+        self.p, self.lr, self.b1, self.b2, self.eps = param, lr, betas[0], betas[1], eps
+        self.m = torch.zeros_like(param)
+        self.v = torch.zeros_like(param)
+        self.t = 0
+
+    def zero_grad(self, set_to_none=True):
+        self.p.grad = None
+
+    @torch.no_grad()
+    def step(self):
+        g = self.p.grad
+        self.t += 1
+        self.m.mul_(self.b1).add_(g, alpha=1 - self.b1)
+        self.v.mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
+        mhat = self.m / (1 - self.b1 ** self.t)
+        vhat = self.v / (1 - self.b2 ** self.t)
+        self.p.sub_(self.lr * mhat / (vhat.sqrt() + self.eps))
 
 
 def optimise(F_np, M_np, spacing, extent, iterations=(100, 60, 30), similarity="lncc", smoothness=1.0,
@@ -74,6 +99,9 @@ def optimise(F_np, M_np, spacing, extent, iterations=(100, 60, 30), similarity="
         fm = (ops.resize(fm0, shape) > 0.5).float() if fm0 is not None else None
         mm = ops.resize(mm0, shape) if mm0 is not None else None
         grid = ops.identity_grid(shape, device)
+        win = lncc_window if lv == n_levels - 1 else max(3, lncc_window - 2)
+        if similarity == "lncc":
+            lncc_f = sim.LNCC(F, win)
         if similarity == "mind":
             Fd = sim.mind(F)
             Md = sim.mind(M)
@@ -84,10 +112,9 @@ def optimise(F_np, M_np, spacing, extent, iterations=(100, 60, 30), similarity="
             u0 = torch.zeros((1, nd) + shape, device=device)
         else:
             u0 = ops.resize(u, shape)
-        param = torch.nn.Parameter(u0.clone())
+        param = u0.clone().requires_grad_(True)
         lr = learning_rate * float(np.mean(lspacing))
-        opt = torch.optim.Adam([param], lr=lr)
-        win = lncc_window if lv == n_levels - 1 else max(3, lncc_window - 2)
+        opt = Adam(param, lr=lr)
 
         def deformation(p):
             return ops.compose_exp(p, extent) if diffeomorphic else p
@@ -100,7 +127,7 @@ def optimise(F_np, M_np, spacing, extent, iterations=(100, 60, 30), similarity="
             loss = 0.0
             if use_image:
                 if similarity == "lncc":
-                    loss = sim.lncc(F, ops.warp(M, disp, extent, grid=grid), win, weight)
+                    loss = lncc_f(ops.warp(M, disp, extent, grid=grid), weight)
                 elif similarity == "mse":
                     loss = sim.mse(F, ops.warp(M, disp, extent, grid=grid), weight)
                 else:
@@ -113,6 +140,7 @@ def optimise(F_np, M_np, spacing, extent, iterations=(100, 60, 30), similarity="
         if lv == 0:
             with torch.no_grad():
                 loss_before = float(similarity_loss(torch.zeros_like(u0)))
+        t_level = time.perf_counter()
         sub = rep.sub(done / total_it, (done + n_it) / total_it) if rep is not None else None
         for it in range(n_it):
             if sub is not None and it % 5 == 0:
@@ -127,7 +155,8 @@ def optimise(F_np, M_np, spacing, extent, iterations=(100, 60, 30), similarity="
             opt.step()
             if it == n_it - 1:
                 history.append({"level": lv + 1, "shape": list(shape[::-1]), "iterations": n_it,
-                                "similarity": round(float(d_loss.detach()), 5), "penalty": round(float(reg.detach()), 6)})
+                                "similarity": round(float(d_loss.detach()), 5), "penalty": round(float(reg.detach()), 6),
+                                "time_s": round(time.perf_counter() - t_level, 2)})
         done += n_it
         with torch.no_grad():
             u = param.detach()

@@ -90,16 +90,22 @@ def gaussian_blur(t, sigmas):
 
 
 def box_filter(t, size):
-    """Separable mean filter of odd ``size`` (zero-flux borders: means over the valid part of the window)."""
-    nd = spatial_ndim(t)
-    pool = F.avg_pool2d if nd == 2 else F.avg_pool3d
+    """Separable mean filter of odd ``size`` by running sums (mean over the valid part of the window)."""
+    r = size // 2
     out = t
-    for ax in range(nd):
-        k = [1] * nd
-        k[ax] = size
-        p = [0] * nd
-        p[ax] = size // 2
-        out = pool(out, kernel_size=tuple(k), stride=1, padding=tuple(p), count_include_pad=False)
+    nd = spatial_ndim(t)
+    for ax in range(2, 2 + nd):
+        n = out.shape[ax]
+        pad = [0] * (2 * nd)
+        i = 2 * (t.dim() - 1 - ax)
+        pad[i], pad[i + 1] = r + 1, r
+        c = F.pad(out, pad).cumsum(ax)
+        s = c.narrow(ax, size, n) - c.narrow(ax, 0, n)
+        idx = torch.arange(n, device=t.device)
+        cnt = (torch.clamp(idx + r, max=n - 1) - torch.clamp(idx - r, min=0) + 1).to(t.dtype)
+        shape = [1] * t.dim()
+        shape[ax] = n
+        out = s / cnt.view(shape)
     return out
 
 

@@ -24,14 +24,25 @@ def _wmean(x, weight):
     return (x * weight).sum() / (weight.sum() * x.shape[1] + EPS)
 
 
+class LNCC:
+    """LNCC against a fixed image whose local statistics are computed once (3 box filters per evaluation)."""
+
+    def __init__(self, fixed, window=7):
+        self.f, self.window = fixed, window
+        self.mu_f = ops.box_filter(fixed, window)
+        self.var_f = (ops.box_filter(fixed * fixed, window) - self.mu_f ** 2).clamp_min(0)
+
+    def __call__(self, warped, weight=None):
+        stats = ops.box_filter(torch.cat([warped, warped * warped, self.f * warped], 1), self.window)
+        mu_w = stats[:, 0:1]
+        var_w = (stats[:, 1:2] - mu_w * mu_w).clamp_min(0)
+        cov = stats[:, 2:3] - self.mu_f * mu_w
+        cc = cov * cov / (self.var_f * var_w + EPS)
+        return -_wmean(cc, weight)
+
+
 def lncc(fixed, warped, window=7, weight=None):
-    mu_f = ops.box_filter(fixed, window)
-    mu_w = ops.box_filter(warped, window)
-    f2 = ops.box_filter(fixed * fixed, window) - mu_f * mu_f
-    w2 = ops.box_filter(warped * warped, window) - mu_w * mu_w
-    fw = ops.box_filter(fixed * warped, window) - mu_f * mu_w
-    cc = fw * fw / (f2.clamp_min(0) * w2.clamp_min(0) + EPS)
-    return -_wmean(cc, weight)
+    return LNCC(fixed, window)(warped, weight)
 
 
 def mse(fixed, warped, weight=None):

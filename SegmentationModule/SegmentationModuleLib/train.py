@@ -14,7 +14,6 @@ resumes from it.
 """
 
 import json
-import math
 import os
 import time
 from pathlib import Path

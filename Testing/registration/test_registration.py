@@ -168,24 +168,25 @@ def test_3d_pair_improves_similarity_and_warp_matches_sitk_resampling():
 
 
 def test_affine_prealignment_recovers_a_large_shift():
-    arr = blobs((64, 64), seed=5, n=8)
+    arr = blobs((96, 96), seed=5, sigma=4.0)
     fixed = make_image(arr)
     moving = sitk.Resample(fixed, fixed, sitk.TranslationTransform(2, (-9.0, 6.0)), sitk.sitkLinear, 0.0)
-    res = register(fixed, moving, iterations=(20,), prealign="rigid", device="cpu")
+    res = register(fixed, moving, iterations=(10,), prealign="rigid", device="cpu")
     u = sitk.GetArrayFromImage(res.displacement)
-    assert np.allclose(np.median(u[16:-16, 16:-16].reshape(-1, 2), 0), [9.0, -6.0], atol=1.0)
+    assert np.allclose(np.median(u[24:-24, 24:-24].reshape(-1, 2), 0), [9.0, -6.0], atol=1.0)
+    assert np.allclose(res.affine.GetTranslation(), [9.0, -6.0], atol=1.0)
 
 
 def test_diffeomorphic_mode_has_no_folding_where_plain_mode_folds():
-    fixed0 = make_image(blobs((64, 64), seed=6, n=20))
+    fixed0 = make_image(blobs((64, 64), seed=6))
     u_true = smooth_field(fixed0, amp=7.0, sigma_frac=0.12, seed=7)
     fixed = warp_known(fixed0, u_true)
-    kw = dict(iterations=(80, 60), prealign="none", device="cpu", smoothness=0.05, learning_rate=1.0)
+    kw = dict(iterations=(80, 60), prealign="none", device="cpu", smoothness=0.2, learning_rate=1.0)
     plain = register(fixed, fixed0, **kw)
     diffeo = register(fixed, fixed0, diffeomorphic=True, **kw)
+    assert plain.summary["folding_pct"] > 0          # weak regularisation: the plain field folds
     assert diffeo.summary["folding_pct"] == 0.0
     assert diffeo.summary["jacobian_min"] > 0
-    assert diffeo.summary["jacobian_min"] >= plain.summary["jacobian_min"]
 
 
 def test_mind_handles_a_non_monotonic_intensity_mapping():
@@ -330,3 +331,58 @@ def test_cli_register_writes_outputs(tmp_path):
     assert u.GetNumberOfComponentsPerPixel() == 2 and u.GetSize() == fixed.GetSize()
     assert (tmp_path / "w.nii.gz").exists() and (tmp_path / "j.nii.gz").exists()
     assert "folding_pct" in summary
+
+
+# ------------------------------------------------------------------------------------------------ TM-DCA
+TINY = {"img_size": [16, 16, 16], "patch_size": 4, "embed_dim": 8, "depths": [2, 2], "num_heads": [2, 2],
+        "window_size": [2, 2, 2], "offset_kernels": [3, 3], "mlp_ratio": 2.0, "reg_head_chan": 4}
+
+
+def test_dca_network_shapes_identity_start_and_offsets_move_queries():
+    from RegistrationModuleLib import dca
+    torch.manual_seed(0)
+    net = dca.TMDCA(TINY)
+    m = torch.rand(1, 1, 16, 16, 16)
+    f = torch.rand(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        flow = net(m, f)
+    assert flow.shape == (1, 3, 16, 16, 16)
+    assert float(flow.abs().max()) < 1e-2          # head initialised N(0, 1e-5): starts near identity
+    # the deformable cross-attention depends on the reference path through the sampled queries
+    blk = net.stages[0][0].attn_a
+    xb, xr = torch.rand(1, 4, 4, 4, 8), torch.rand(1, 4, 4, 4, 8)
+    with torch.no_grad():
+        out1 = blk(xb, xr, shift=False)
+        blk.offset.pw.bias.fill_(0.5)              # non-zero offsets -> different query positions
+        out2 = blk(xb, xr, shift=False)
+    assert out1.shape == (1, 4, 4, 4, 8) and not torch.allclose(out1, out2)
+    with pytest.raises(ValueError, match="window"):
+        dca.TMDCA(dict(TINY, img_size=[20, 16, 16]))
+
+
+def test_dca_unsupervised_training_lowers_the_loss(tmp_path):
+    from RegistrationModuleLib import dca
+    torch.manual_seed(0)
+    base = torch.from_numpy(blobs((16, 16, 16), seed=20, sigma=2.0))[None, None]
+    shifted = torch.roll(base, 1, dims=4)
+
+    def sampler():
+        return shifted, base
+
+    ck = tmp_path / "dca.pt"
+    logs = []
+    net = dca.train(sampler, TINY, steps=30, lr=3e-3, device="cpu", checkpoint=str(ck), log=logs.append,
+                    save_every=30)
+    first = float(logs[0].split("ncc ")[1].split()[0])
+    last = float(logs[-1].split("ncc ")[1].split()[0])
+    assert last < first
+    loaded = dca.load(str(ck))
+    field = dca.predict_field(loaded, base[0, 0].numpy(), shifted[0, 0].numpy(), (2.0, 2.0, 2.0))
+    assert field.shape == (3, 16, 16, 16)
+
+
+def test_dca_without_weights_is_a_model_error():
+    from PETWorkbenchLib.errors import ModelError
+    f = make_image(blobs((16, 16, 16)))
+    with pytest.raises(ModelError, match="weights"):
+        register(f, f, method="dca", prealign="none", device="cpu")
