@@ -188,3 +188,27 @@ def test_registration_logic_bad_inputs(mrml):
     with pytest.raises(InputError, match="No volume"):
         RegistrationModuleLogic().register(a, None)
     assert scene.GetNumberOfNodesByClass("vtkMRMLTransformNode") == before
+
+
+def test_reconstruction_logic_lowdose_keeps_mean_adds_noise(mrml):
+    from PETWorkbenchLib import mrml as bridge
+    from PETWorkbenchLib.errors import InputError
+    from ReconstructionModule import ReconstructionModuleLogic
+    arr = np.zeros((6, 40, 40), np.float32)
+    yy, xx = np.mgrid[:40, :40]
+    arr[:, (yy - 20) ** 2 + (xx - 20) ** 2 < 15 ** 2] = 1.0
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing((4.0, 4.0, 4.0))
+    node = bridge.image_to_volume(img, name="phantom")
+    logic = ReconstructionModuleLogic()
+    low = logic.simulateLowDose(node, drf=10, seed=1)
+    low2 = logic.simulateLowDose(node, drf=10, seed=1)
+    out = sitk.GetArrayFromImage(bridge.volume_to_image(low))
+    inner = np.zeros_like(arr, bool)
+    inner[:, (yy - 20) ** 2 + (xx - 20) ** 2 < 10 ** 2] = True
+    assert out.shape == arr.shape and low.GetNodeReference("PETWorkbench.input") is node
+    assert abs(out[inner].mean() - 1.0) < 0.1
+    assert out[inner].std() > 0.02                                                        # noise was added
+    assert np.array_equal(out, sitk.GetArrayFromImage(bridge.volume_to_image(low2)))      # seeded
+    with pytest.raises(InputError, match="Dose reduction factor"):
+        logic.simulateLowDose(node, drf=0.5)
