@@ -13,6 +13,7 @@ dice_ldos dice_segonly dice_fullDose_segonly hd95_ldos hd95_segonly infer_s.
 """
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -23,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "SegmentationModule"))
 
 MODELS = ROOT / "Resources" / "Models"
+CACHE = ROOT / ".cache" / "seg" / "bench"
 LDOS = MODELS / "segmentation-ldos-cpu.pt"
 SEGONLY = MODELS / "segmentation-segonly-cpu.pt"
 SEGONLY_FD = MODELS / "segmentation-segonly-fulldose-cpu.pt"
@@ -75,8 +77,19 @@ def run(manifest, quick=False, threads=2, split="test", out=None):
             print(f"{name}: model not present, skipped", flush=True)
             continue
         t = time.time()
-        res = evaluate_manifest(str(model), str(sub), split=split, input_key=key,
-                                denoiser=str(den) if den else None, device="cpu")
+        # results are cached per (model bytes, denoiser bytes, cases, input): re-running after adding a model
+        # only evaluates the new one
+        tag = hashlib.sha256(b"".join([model.read_bytes(), den.read_bytes() if den else b"",
+                                       json.dumps([key, [r["case_id"] for r in rows]]).encode()])).hexdigest()[:16]
+        cached = CACHE / f"{name}_{tag}.json"
+        if cached.is_file():
+            res = json.loads(cached.read_text())
+            print(f"{name}: cached result {cached.name}")
+        else:
+            res = evaluate_manifest(str(model), str(sub), split=split, input_key=key,
+                                    denoiser=str(den) if den else None, device="cpu")
+            CACHE.mkdir(parents=True, exist_ok=True)
+            cached.write_text(json.dumps(res, default=float))
         results[name] = res
         m = res["mean"]
         print(f"{name}: dice={_fmt(m['dice'])} iou={_fmt(m['iou'])} hd95={_fmt(m['hd95'])} asd={_fmt(m['asd'])} "
@@ -129,7 +142,6 @@ TITLES = {
 
 def write_models_d(results, infer_s, manifest, command, path=ROOT / "Resources" / "Models.d" / "segmentation.json"):
     """Models.d entries for the weights present, with the metrics measured by this run."""
-    import hashlib
     from PETWorkbenchLib.models import load_checkpoint
     entries = []
     for name, (mid, file, title, desc, key) in TITLES.items():
@@ -181,9 +193,16 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--split", default="test")
     ap.add_argument("--out", default="", help="write the full metrics (JSON) here")
+    ap.add_argument("--models-dir", default="", help="take the .pt files from here instead of Resources/Models")
     ap.add_argument("--write-models-d", action="store_true",
                     help="write Resources/Models.d/segmentation.json with the metrics of this run")
     a = ap.parse_args()
+    if a.models_dir:
+        global LDOS, SEGONLY, SEGONLY_FD, DENOISER
+        d = Path(a.models_dir)
+        LDOS, SEGONLY, SEGONLY_FD, DENOISER = (d / f.name for f in (LDOS, SEGONLY, SEGONLY_FD, DENOISER))
+        for k, v in list(TITLES.items()):
+            TITLES[k] = v[:1] + (d / v[1].name,) + v[2:]
     if not Path(a.manifest).is_file():
         sys.exit(f"manifest not found: {a.manifest} (run the data generator first)")
     results, line = run(a.manifest, a.quick, a.threads, a.split, a.out or None)

@@ -8,8 +8,6 @@ names to those values (left/right, vertebrae and lung lobes merged).
 from __future__ import annotations
 
 import csv
-from pathlib import Path
-
 import numpy as np
 
 __all__ = ["LDOS_ORGANS", "LDOS_NAMES", "LDOS_VALUES", "TS_TO_LDOS", "ts_name_to_ldos", "read_ts_label_table",
@@ -80,8 +78,3 @@ def segment_specs():
     """Segment specs (value, name, color) of the LDOS-18 label map, as in docs/ARCHITECTURE.md."""
     return [{"value": v, "name": n, "color": list(_COLORS[v - 1])} for v, n in LDOS_ORGANS]
 
-
-def default_ts_table() -> Path:
-    """Location of the TotalSegmentator label table shipped with the shared example data (may not exist)."""
-    return Path(__file__).resolve().parents[2].parent / "shared" / "data" / "totalsegmentator_example_ct" / \
-        "labels_total_v2.tsv"

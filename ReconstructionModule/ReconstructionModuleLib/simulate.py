@@ -500,8 +500,8 @@ def simulate_case(anatomy, patient, profile, tracer="FDG", drfs=(12,), seed=0, m
     rep(0.1, "system model")
     cache_key = (shape, spacing_zyx, profile["n_subsets"], str(device))
     proj = _PROJ_CACHE.get(cache_key)
-    sys_ = PETSystem(shape, spacing_zyx, psf_fwhm_mm=profile["psf_fwhm_mm"], mu=gt["mu"], n_subsets=profile["n_subsets"],
-                     device=device, projector=proj)
+    sys_ = PETSystem(shape, spacing_zyx, psf_fwhm_mm=profile["psf_fwhm_mm"], mu=gt["mu"],
+                     n_subsets=profile["n_subsets"], device=device, projector=proj)
     _PROJ_CACHE.clear()
     _PROJ_CACHE[cache_key] = sys_.proj
     sys_.mult = sys_.mult * _normalisation(sys_.sino_shape, profile.get("name", "centre")).to(sys_.device)

@@ -83,8 +83,8 @@ class MSDNet(nn.Module):
             dil = 1 + i % max_dilation
             self.layers.append(nn.Conv2d(1 + i, 1, 3, padding=dil, dilation=dil, padding_mode="reflect"))
         self.out = nn.Conv2d(1 + self.depth, 1, 1)
-        if self.residual:  # start as the identity: the network learns the correction to the interpolated image
-            nn.init.zeros_(self.out.weight)
+        if self.residual:  # start (almost) as the identity: it learns the correction to the interpolated image
+            nn.init.normal_(self.out.weight, std=1e-3)
             nn.init.zeros_(self.out.bias)
 
     def forward(self, x):
@@ -104,7 +104,7 @@ class ResCNN(nn.Module):
         for _ in range(layers - 2):
             mods += [nn.Conv2d(width, width, 3, padding=1, padding_mode="reflect"), nn.ReLU()]
         last = nn.Conv2d(width, 1, 3, padding=1, padding_mode="reflect")
-        nn.init.zeros_(last.weight)
+        nn.init.normal_(last.weight, std=1e-3)  # near-identity start that still passes gradients to the body
         nn.init.zeros_(last.bias)
         self.body = nn.Sequential(*mods, last)
 
@@ -158,7 +158,7 @@ def cubic_upsample(thick, centres, n, r_xy):
 
 def sr4zct_array(vol, r_xy, r_z, o_z=0.0, epochs=None, depth=20, batch=8, lr=1e-3, seed=0, max_seconds=None,
                  patch=None, target_thickness_mm=None, target_overlap_mm=0.0, network="msd", width=24,
-                 augment=True, device="cpu", progress=None, cancel=None):
+                 augment=False, lr_schedule="constant", device="cpu", progress=None, cancel=None):
     """SR4ZCT on a (z, y, x) array with in-plane pixel r_xy and slices of thickness r_z, overlap o_z.
 
     Returns (volume on an r_xy grid along z (n_z_out, y, x), info).  ``epochs`` defaults to 200 (the paper's
@@ -216,8 +216,9 @@ def sr4zct_array(vol, r_xy, r_z, o_z=0.0, epochs=None, depth=20, batch=8, lr=1e-
         frac = ep / epochs
         if max_seconds:
             frac = max(frac, (time.time() - t0) / max_seconds)
-        for g in opt.param_groups:  # cosine learning-rate decay over the (epoch or time) budget
-            g["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * min(frac, 1.0)))
+        if lr_schedule == "cosine":  # cosine learning-rate decay over the (epoch or time) budget
+            for g in opt.param_groups:
+                g["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * min(frac, 1.0)))
         tot = 0.0
         for inp, tgt in pairs:
             order = rng.permutation(inp.shape[0])

@@ -285,7 +285,7 @@ def train(pair_sampler, config=None, steps=1000, lr=1e-4, reg_weight=1.0, device
         scaler.step(opt)
         scaler.update()
         if step % 20 == 0 or step == steps - 1:
-            log(f"step {step + 1}/{steps} ncc {float(loss_sim):.4f} diff {float(loss_reg):.5f} "
+            log(f"step {step + 1}/{steps} ncc {float(loss_sim.detach()):.4f} diff {float(loss_reg.detach()):.5f} "
                 f"{time.time() - t0:.0f}s")
         if checkpoint and ((step + 1) % save_every == 0 or step == steps - 1):
             save_checkpoint(checkpoint, net.config, net.state_dict(), optimizer=opt.state_dict(), step=step + 1)
