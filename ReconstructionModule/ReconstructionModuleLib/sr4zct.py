@@ -83,8 +83,8 @@ class MSDNet(nn.Module):
             dil = 1 + i % max_dilation
             self.layers.append(nn.Conv2d(1 + i, 1, 3, padding=dil, dilation=dil, padding_mode="reflect"))
         self.out = nn.Conv2d(1 + self.depth, 1, 1)
-        if self.residual:  # start (almost) as the identity: it learns the correction to the interpolated image
-            nn.init.normal_(self.out.weight, std=1e-3)
+        if self.residual:  # start as the identity: the network learns the correction to the interpolated image
+            nn.init.zeros_(self.out.weight)
             nn.init.zeros_(self.out.bias)
 
     def forward(self, x):
@@ -100,11 +100,11 @@ class ResCNN(nn.Module):
 
     def __init__(self, width: int = 24, layers: int = 5):
         super().__init__()
-        mods = [nn.Conv2d(1, width, 3, padding=1, padding_mode="reflect"), nn.ReLU()]
+        mods = [nn.Conv2d(1, width, 3, padding=1, padding_mode="reflect"), nn.LeakyReLU(0.1)]
         for _ in range(layers - 2):
-            mods += [nn.Conv2d(width, width, 3, padding=1, padding_mode="reflect"), nn.ReLU()]
+            mods += [nn.Conv2d(width, width, 3, padding=1, padding_mode="reflect"), nn.LeakyReLU(0.1)]
         last = nn.Conv2d(width, 1, 3, padding=1, padding_mode="reflect")
-        nn.init.normal_(last.weight, std=1e-3)  # near-identity start that still passes gradients to the body
+        nn.init.zeros_(last.weight)  # identity at the start; the body's random features stay alive early on
         nn.init.zeros_(last.bias)
         self.body = nn.Sequential(*mods, last)
 
@@ -158,7 +158,7 @@ def cubic_upsample(thick, centres, n, r_xy):
 
 def sr4zct_array(vol, r_xy, r_z, o_z=0.0, epochs=None, depth=20, batch=8, lr=1e-3, seed=0, max_seconds=None,
                  patch=None, target_thickness_mm=None, target_overlap_mm=0.0, network="msd", width=24,
-                 augment=False, lr_schedule="constant", device="cpu", progress=None, cancel=None):
+                 augment=False, lr_schedule="cosine", device="cpu", progress=None, cancel=None):
     """SR4ZCT on a (z, y, x) array with in-plane pixel r_xy and slices of thickness r_z, overlap o_z.
 
     Returns (volume on an r_xy grid along z (n_z_out, y, x), info).  ``epochs`` defaults to 200 (the paper's
@@ -265,7 +265,7 @@ def sr4zct_array(vol, r_xy, r_z, o_z=0.0, epochs=None, depth=20, batch=8, lr=1e-
         for x0 in range(0, nx, batch):  # sagittal images: (z, y) at fixed x
             x = up[:, :, x0:x0 + batch].permute(2, 0, 1)[:, None].to(device)
             sag[:, :, x0:x0 + batch] = net(x)[:, 0].permute(1, 2, 0).cpu()
-        outs = (cor + sag) / 2
+        outs = ((cor + sag) / 2).clamp(0.0, 1.0)  # clipped to the input's range, as in the reference code
     out = outs.numpy() * scale + lo
     rep(1.0, "SR4ZCT done")
     info = dict(epochs=ep_done, train_seconds=round(train_s, 1), final_loss=losses[-1] if losses else None,

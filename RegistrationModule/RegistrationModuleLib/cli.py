@@ -33,6 +33,35 @@ def add_commands(subparsers):
     p.add_argument("--device", default="auto")
     p.set_defaults(func=run_register)
 
+    try:
+        from PETWorkbenchLib.cli import group
+    except ImportError:          # older foundation without command groups
+        return
+    t = group(subparsers, "train").add_parser(
+        "registration", help="train TM-DCA (unsupervised: NCC + diffusion) on a GPU",
+        description="Unsupervised TM-DCA training on random pairs of the given images (resampled to --img-size, "
+                    "intensities scaled to 0..1 by percentiles). Resumable checkpoint.")
+    t.add_argument("images", nargs="+", help="3D images (NIfTI/NRRD), or one folder of them")
+    t.add_argument("--out", required=True, help="checkpoint file (.pt)")
+    t.add_argument("--steps", type=int, default=100000)
+    t.add_argument("--img-size", type=_levels, default=(160, 192, 224), help="z,y,x (multiple of 32*window)")
+    t.add_argument("--window", type=_levels, default=None, help="attention window z,y,x (default img_size//32)")
+    t.add_argument("--embed-dim", type=int, default=96)
+    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--reg-weight", type=float, default=1.0)
+    t.add_argument("--device", default="cuda")
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=run_train)
+    e = group(subparsers, "evaluate").add_parser(
+        "registration", help="Dice/HD95 of warped labels, folding and std(log J) of a field, landmark TRE")
+    e.add_argument("field", help="displacement field written by `register`")
+    e.add_argument("--fixed-labels")
+    e.add_argument("--warped-labels", help="moving label map already warped onto the fixed grid")
+    e.add_argument("--moving-labels", help="moving label map (warped here with the field)")
+    e.add_argument("--fixed-points", help="CSV x,y,z (LPS mm) landmarks in the fixed image")
+    e.add_argument("--moving-points", help="CSV x,y,z (LPS mm) corresponding landmarks in the moving image")
+    e.set_defaults(func=run_evaluate)
+
 
 def run_register(args, reporter=None):
     import SimpleITK as sitk
@@ -75,3 +104,91 @@ def run_register(args, reporter=None):
     summary = dict(res.summary)
     summary["outputs"] = out
     return summary
+
+
+def _read_points(path):
+    import numpy as np
+    return np.loadtxt(path, delimiter=",", ndmin=2)
+
+
+def run_evaluate(args, reporter=None):
+    import SimpleITK as sitk
+
+    from PETWorkbenchLib.errors import InputError
+    from . import metrics
+    from .result import RegistrationResult
+
+    field = sitk.ReadImage(str(args.field))
+    res = RegistrationResult(field)
+    out = {"folding": metrics.folding(res.displacement)}
+    if args.fixed_labels:
+        fixed_labels = sitk.ReadImage(str(args.fixed_labels))
+        if args.warped_labels:
+            warped = sitk.ReadImage(str(args.warped_labels))
+        elif args.moving_labels:
+            warped = res.warp(sitk.ReadImage(str(args.moving_labels)), is_label=True)
+        else:
+            raise InputError("--fixed-labels needs --warped-labels or --moving-labels")
+        per, mean = metrics.dice(fixed_labels, warped)
+        hper, hmean = metrics.hd95(fixed_labels, warped)
+        out.update({"dice_mean": mean, "dice": per, "hd95_mean_mm": hmean, "hd95_mm": hper})
+    if args.fixed_points or args.moving_points:
+        if not (args.fixed_points and args.moving_points):
+            raise InputError("landmark TRE needs both --fixed-points and --moving-points")
+        errs, mean = metrics.tre(res.displacement, _read_points(args.fixed_points), _read_points(args.moving_points))
+        out.update({"tre_mean_mm": mean, "tre_mm": errs.tolist()})
+    return out
+
+
+def run_train(args, reporter=None):
+    import numpy as np
+    import SimpleITK as sitk
+    import torch
+    import torch.nn.functional as F
+
+    from PETWorkbenchLib.errors import InputError
+    from . import dca
+
+    paths = []
+    for p in args.images:
+        p = Path(p)
+        if p.is_dir():
+            paths += sorted(q for q in p.iterdir() if q.name.endswith((".nii", ".nii.gz", ".nrrd", ".mha")))
+        else:
+            paths.append(p)
+    if len(paths) < 2:
+        raise InputError(f"training needs at least 2 images, got {len(paths)}")
+    size = tuple(args.img_size)
+    vols = []
+    for p in paths:
+        a = sitk.GetArrayFromImage(sitk.ReadImage(str(p), sitk.sitkFloat32))
+        if a.ndim != 3:
+            raise InputError(f"{p} is not a 3D image")
+        lo, hi = np.percentile(a, [0.5, 99.5])
+        a = np.clip((a - lo) / max(hi - lo, 1e-6), 0, 1)
+        t = torch.from_numpy(a)[None, None]
+        vols.append(F.interpolate(t, size=size, mode="trilinear", align_corners=True))
+    rng = np.random.default_rng(args.seed)
+
+    def sampler():
+        i, j = rng.choice(len(vols), 2, replace=False)
+        m, f = vols[i], vols[j]
+        if rng.random() < 0.5:                       # random flip (the paper's IXI augmentation)
+            ax = int(rng.integers(2, 5))
+            m, f = m.flip(ax), f.flip(ax)
+        return m, f
+
+    window = tuple(args.window) if args.window else tuple(max(1, s // 32) for s in size)
+    config = {"img_size": list(size), "window_size": list(window), "embed_dim": args.embed_dim}
+    torch.manual_seed(args.seed)
+    log = []
+
+    def logger(msg):
+        log.append(msg)
+        if reporter is not None:
+            step = int(msg.split()[1].split("/")[0])
+            reporter(step / args.steps, msg)
+
+    dca.train(sampler, config, steps=args.steps, lr=args.lr, reg_weight=args.reg_weight, device=args.device,
+              checkpoint=args.out, log=logger)
+    return {"checkpoint": str(args.out), "images": len(paths), "steps": args.steps, "last": log[-1] if log else ""}

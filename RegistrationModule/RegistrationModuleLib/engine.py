@@ -215,7 +215,7 @@ def register(fixed, moving, method="instance", similarity="lncc", smoothness=1.0
              diffeomorphic=False, fixed_mask=None, moving_mask=None, fixed_labels=None, moving_labels=None,
              device="auto", progress=None, cancel=None, regularizer="diffusion", prealign="affine",
              learning_rate=0.5, penalty=1.0, label_weight=1.0, lncc_window=7, model=None,
-             output_field="smooth", seed=0):
+             output_field="smooth", final_scale=1, seed=0):
     """Register ``moving`` to ``fixed``; see the package docstring for the parameters."""
     import torch
 
@@ -240,6 +240,8 @@ def register(fixed, moving, method="instance", similarity="lncc", smoothness=1.0
     iterations = tuple(int(i) for i in iterations)
     if not iterations or any(i < 0 for i in iterations):
         raise InputError(f"iterations must be non-negative integers (one per pyramid level), got {iterations}")
+    if final_scale not in (1, 2, 4):
+        raise InputError(f"final_scale must be 1 (full resolution), 2 or 4, got {final_scale!r}")
     if similarity == "dice" and fixed_labels is None:
         raise InputError("similarity 'dice' needs fixed_labels and moving_labels")
     center = prealign == "center"
@@ -307,7 +309,7 @@ def register(fixed, moving, method="instance", similarity="lncc", smoothness=1.0
         smoothness=smoothness, regularizer=regularizer, diffeomorphic=diffeomorphic, fixed_mask=fmask,
         moving_mask=mmask, domain=domain, fixed_labels=flab, moving_labels=mlab, label_weight=label_weight,
         learning_rate=learning_rate, penalty=penalty, lncc_window=lncc_window, device=tdev, rep=sub,
-        init_field=init_field, output_field=output_field)
+        init_field=init_field, output_field=output_field, final_scale=final_scale)
     t_def = time.perf_counter() - t1
 
     # 3. physical field, composition with the pre-alignment -----------------------------------------------------

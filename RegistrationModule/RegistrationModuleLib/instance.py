@@ -61,7 +61,7 @@ class Adam:
 def optimise(F_np, M_np, spacing, extent, iterations=(100, 60, 30), similarity="lncc", smoothness=1.0,
              regularizer="diffusion", diffeomorphic=False, fixed_mask=None, moving_mask=None, domain=None,
              fixed_labels=None, moving_labels=None, label_weight=1.0, learning_rate=0.5, penalty=1.0,
-             lncc_window=7, device="cpu", rep=None, init_field=None, output_field="smooth"):
+             lncc_window=7, device="cpu", rep=None, init_field=None, output_field="smooth", final_scale=1):
     """Return ``(field, info)``: field ``(ndim, *spatial)`` float64 numpy in mm along index axes."""
     nd = F_np.ndim
     full = F_np.shape
@@ -82,7 +82,7 @@ def optimise(F_np, M_np, spacing, extent, iterations=(100, 60, 30), similarity="
     n_levels = len(iterations)
     shapes = []
     for lv in range(n_levels):
-        f = 2 ** (n_levels - 1 - lv)
+        f = 2 ** (n_levels - 1 - lv) * final_scale
         shapes.append(tuple(max(4, int(math.ceil((n - 1) / f)) + 1) for n in full))
     total_it = max(1, sum(iterations))
     done = 0
@@ -92,14 +92,14 @@ def optimise(F_np, M_np, spacing, extent, iterations=(100, 60, 30), similarity="
     history = []
     loss_before = None
     for lv, (shape, n_it) in enumerate(zip(shapes, iterations)):
-        factor = 2 ** (n_levels - 1 - lv)
+        factor = 2 ** (n_levels - 1 - lv) * final_scale
         lspacing = [extent[c] / max(shape[nd - 1 - c] - 1, 1) for c in range(nd)]
         F = ops.downsample(F0, shape, factor)
         M = ops.downsample(M0, shape, factor)
         fm = (ops.resize(fm0, shape) > 0.5).float() if fm0 is not None else None
         mm = ops.resize(mm0, shape) if mm0 is not None else None
         grid = ops.identity_grid(shape, device)
-        win = lncc_window if lv == n_levels - 1 else max(3, lncc_window - 2)
+        win = lncc_window if factor == 1 else max(3, lncc_window - 2)
         if similarity == "lncc":
             lncc_f = sim.LNCC(F, win)
         if similarity == "mind":

@@ -83,7 +83,7 @@ def test_sr4zct_improves_real_ct_block():
     cub = S.cubic_upsample(thick, centres, vol.shape[0], 3.0)
     _, U, _ = S.slice_profile_matrices(vol.shape[0], 3.0, 6.0, 0.0)
     lin = np.tensordot(U, thick, axes=(1, 0))
-    out, info = S.sr4zct_array(thick, 3.0, 6.0, 0.0, epochs=80, network="cnn", depth=5, lr=5e-3, batch=8,
+    out, info = S.sr4zct_array(thick, 3.0, 6.0, 0.0, epochs=60, network="cnn", depth=5, lr=3e-3, batch=8,
                                patch=32, seed=0)
     m = slice(1, vol.shape[0] - 1)
     p_sr, p_cub, p_lin = (S.psnr(vol[m], a[m], 3024.0) for a in (out, cub, lin))
