@@ -13,7 +13,13 @@ Cases
 The last printed line is ``key=value`` pairs for the CT case:
 disp_true_vox disp_err_vox dice_before dice_ours dice_peer fold_pct time_ours_s time_peer_s.
 
-Usage: python benchmarks/registration.py [--quick] [--threads 2] [--no-peer]
+Settings.  Ours: NIO schedule iterations (100, 60, 30), LNCC, diffusion implicit regulariser, smoothness 1, no
+pre-alignment (the pairs share a frame); ``--quick`` stops the pyramid at half resolution (``final_scale=2``).
+Peer: ANTs SyN, deformable only, with the ANTs authors' presets ``antsRegistrationSyN[so]`` (CC) or, with
+``--quick``, ``antsRegistrationSyNQuick[so]`` (MI).  Times are wall-clock seconds in this process (CPU seconds
+are printed too).
+
+Usage: python benchmarks/registration.py [--quick] [--threads 2] [--torch-threads 1] [--no-peer]
 """
 
 import argparse
@@ -225,7 +231,10 @@ def slices_case(args, ours_kw):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="CT + MNI + two 2D pairs (< 10 min on 2 cores)")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads for both methods (default 2)")
+    p.add_argument("--threads", type=int, default=2, help="ITK/ANTs threads (default 2)")
+    p.add_argument("--torch-threads", type=int, default=1,
+                   help="torch threads for ours (default 1: torch's OpenMP threads stall when the 2 cores are "
+                        "shared with other work; 1 thread is the slower choice on an idle machine)")
     p.add_argument("--no-peer", action="store_true", help="skip ANTs")
     p.add_argument("--cases", default="ct,mni,2d")
     p.add_argument("--smoothness", type=float, default=None)
@@ -233,10 +242,11 @@ def main(argv=None):
     p.add_argument("--similarity", default="lncc")
     args = p.parse_args(argv)
     import torch
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.torch_threads)
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
-    kw = {"similarity": args.similarity, "prealign": "none", "device": "cpu"}
+    # quick: the finest optimisation level is half resolution (field upsampled), full: full resolution
+    kw = {"similarity": args.similarity, "prealign": "none", "device": "cpu", "final_scale": 2 if args.quick else 1}
     if args.smoothness is not None:
         kw["smoothness"] = args.smoothness
     if args.iterations:

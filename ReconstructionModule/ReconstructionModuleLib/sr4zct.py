@@ -274,10 +274,11 @@ def sr4zct_array(vol, r_xy, r_z, o_z=0.0, epochs=None, depth=20, batch=8, lr=1e-
     return out.astype(np.float32), info
 
 
-def sr4zct(img: sitk.Image, out_spacing_z=None, thickness_mm=None, epochs=None, depth=20, seed=0,
-           max_seconds=None, device="cpu", progress=None, cancel=None):
+def sr4zct(img: sitk.Image, out_spacing_z=None, thickness_mm=None, epochs=None, depth=5, seed=0,
+           max_seconds=None, network="cnn", lr=2e-3, patch=48, device="cpu", progress=None, cancel=None):
     """SR4ZCT on a SimpleITK CT volume.  Thickness: ``thickness_mm``, else DICOM metadata, else the z spacing
     (the source is reported in ``info['thickness_source']``); overlap = thickness - spacing when positive.
+    Defaults: the configuration of benchmarks/reconstruction.py (residual CNN, 60 epochs, 48-pixel crops).
     Returns (image with z spacing = in-plane pixel (or ``out_spacing_z``), info)."""
     if not isinstance(img, sitk.Image) or img.GetDimension() != 3:
         raise InputError("SR4ZCT needs a 3D SimpleITK image")
@@ -290,8 +291,9 @@ def sr4zct(img: sitk.Image, out_spacing_z=None, thickness_mm=None, epochs=None, 
     t, src = slice_thickness(img, thickness_mm)
     o = max(0.0, t - sz)
     arr = sitk.GetArrayFromImage(img).astype(np.float32)
-    out, info = sr4zct_array(arr, sx, t, o, epochs=epochs, depth=depth, seed=seed, max_seconds=max_seconds,
-                             device=device, progress=progress, cancel=cancel)
+    out, info = sr4zct_array(arr, sx, t, o, epochs=60 if epochs is None else epochs, depth=depth, seed=seed,
+                             max_seconds=max_seconds, network=network, lr=lr, patch=patch, device=device,
+                             progress=progress, cancel=cancel)
     res = sitk.GetImageFromArray(out)
     res.SetSpacing((sx, sy, sx))
     res.SetDirection(img.GetDirection())

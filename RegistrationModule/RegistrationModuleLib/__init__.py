@@ -13,6 +13,8 @@ Engine API (no Slicer imports; images are SimpleITK, see docs/ARCHITECTURE.md)::
                    regularizer="diffusion",    # "diffusion" | "elastic" | "curvature" (FFT implicit solve)
                    iterations=(100, 60, 30),   # Adam iterations per pyramid level, coarse -> fine (NIO schedule);
                                                # the number of entries is the number of levels (factor 2 each)
+                   final_scale=1,              # 1: finest level at full resolution; 2 (or 4): stop the pyramid at
+                                               # half (quarter) resolution and upsample the field (fast mode)
                    diffeomorphic=False,        # True: optimise a stationary velocity field, scaling and squaring
                    prealign="affine",          # "affine" | "rigid" | "none" | "center" (MI, SimpleITK)
                    fixed_mask=None, moving_mask=None,          # restrict the similarity (images > 0)
