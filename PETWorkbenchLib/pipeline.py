@@ -87,6 +87,24 @@ class Study:
 
 # ----------------------------------------------------------------------------------------------- steps
 
+def _axial_window_on_lesions(anatomy, patient, profile, max_slices):
+    """axial_u placing a ``max_slices`` window of the centre grid over the median lesion position, so that
+    the demo's short field of view shows lesions (the generator places it at random)."""
+    import numpy as np
+    ct = anatomy["ct"]
+    if not patient["lesions"]:
+        return patient["axial_u"]
+    d = np.array(ct.GetDirection()).reshape(3, 3)
+    c = np.array(ct.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2.0 for n in ct.GetSize()]))
+    z = np.median([(d.T @ (np.array(L["center_mm"]) - c))[2] for L in patient["lesions"]])
+    sp = float(profile["spacing"][2])
+    nz_all = int(np.floor(ct.GetSpacing()[2] * ct.GetSize()[2] / sp))
+    n = min(nz_all, int(max_slices))
+    if n >= nz_all:
+        return 0.5
+    return float(np.clip(0.5 + z / ((nz_all - n) * sp), 0.0, 1.0))
+
+
 def step_simulate(st, rep, device="cpu", seed=0, max_slices=64):
     """Pseudo-PET on real anatomy at DRF 10, and the CT with a known breathing-like misalignment."""
     if st.has("full_dose.nii.gz", "low_dose.nii.gz", "ct.nii.gz", "true_field.nii.gz"):
@@ -100,6 +118,7 @@ def step_simulate(st, rep, device="cpu", seed=0, max_slices=64):
     anatomy = sim.load_body_anatomy(anatomy_dir)
     patient = sim.make_patient(anatomy, seed, f"{st.id}")
     profile = dict(sim.CENTERS[DEMO_CENTER], name=DEMO_CENTER, drf=DEMO_DRF)
+    patient["axial_u"] = _axial_window_on_lesions(anatomy, patient, profile, max_slices)
     res = sim.simulate_case(anatomy, patient, profile, "FDG", drfs=(DEMO_DRF,), seed=seed, max_slices=max_slices,
                             device=device, progress=rep.sub(0.0, 0.9))
     im = res["images"]
@@ -118,7 +137,8 @@ def step_simulate(st, rep, device="cpu", seed=0, max_slices=64):
     info = {"center": DEMO_CENTER, "drf": DEMO_DRF, "shape": list(im["full_dose"].GetSize()),
             "spacing_mm": list(im["full_dose"].GetSpacing()), "prompts": res["info"].get("prompts"),
             "misalignment_mean_mm": float(mag.mean()), "misalignment_max_mm": float(mag.max()),
-            "misalignment_mean_vox": float(mag.mean() / vox)}
+            "misalignment_mean_vox": float(mag.mean() / vox),
+            "lesions_in_view": int(len(np.unique(sitk.GetArrayViewFromImage(im["lesions"]))) - 1)}
     (st.path("simulation.json")).write_text(json.dumps(info, indent=1))
     rep(1.0, "simulated")
     return info

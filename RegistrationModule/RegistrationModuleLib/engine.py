@@ -304,12 +304,20 @@ def register(fixed, moving, method="instance", similarity="lncc", smoothness=1.0
         init_field = dca.predict_field(model, F_np, M_np, spacing, tdev)
         t_net = time.perf_counter() - tn
     t1 = time.perf_counter()
-    field, info = instance.optimise(
-        F_np, M_np, spacing=spacing, extent=extent, iterations=iterations, similarity=similarity,
-        smoothness=smoothness, regularizer=regularizer, diffeomorphic=diffeomorphic, fixed_mask=fmask,
-        moving_mask=mmask, domain=domain, fixed_labels=flab, moving_labels=mlab, label_weight=label_weight,
-        learning_rate=learning_rate, penalty=penalty, lncc_window=lncc_window, device=tdev, rep=sub,
-        init_field=init_field, output_field=output_field, final_scale=final_scale)
+    # small problems run faster on one CPU thread (OpenMP start-up/synchronisation dominates, and stalls badly
+    # when the cores are shared); large volumes use up to the configured number of threads
+    n_threads = torch.get_num_threads()
+    if tdev.type == "cpu":
+        torch.set_num_threads(max(1, min(n_threads, int(np.prod(shape)) // 250_000)))
+    try:
+        field, info = instance.optimise(
+            F_np, M_np, spacing=spacing, extent=extent, iterations=iterations, similarity=similarity,
+            smoothness=smoothness, regularizer=regularizer, diffeomorphic=diffeomorphic, fixed_mask=fmask,
+            moving_mask=mmask, domain=domain, fixed_labels=flab, moving_labels=mlab, label_weight=label_weight,
+            learning_rate=learning_rate, penalty=penalty, lncc_window=lncc_window, device=tdev, rep=sub,
+            init_field=init_field, output_field=output_field, final_scale=final_scale)
+    finally:
+        torch.set_num_threads(n_threads)
     t_def = time.perf_counter() - t1
 
     # 3. physical field, composition with the pre-alignment -----------------------------------------------------

@@ -379,6 +379,11 @@ def test_dca_unsupervised_training_lowers_the_loss(tmp_path):
     loaded = dca.load(str(ck))
     field = dca.predict_field(loaded, base[0, 0].numpy(), shifted[0, 0].numpy(), (2.0, 2.0, 2.0))
     assert field.shape == (3, 16, 16, 16)
+    # end to end: network prediction + instance-optimisation refinement through the engine
+    f, m = make_image(base[0, 0].numpy()), make_image(shifted[0, 0].numpy())
+    res = register(f, m, method="dca", model=str(ck), iterations=(5,), prealign="none", device="cpu")
+    assert res.displacement.GetSize() == (16, 16, 16) and res.summary["method"] == "dca"
+    assert res.summary["timings"]["network_s"] > 0
 
 
 def test_dca_without_weights_is_a_model_error():
