@@ -92,6 +92,26 @@ def load_registry(path=None):
     return out
 
 
+def upsert_entries(entries, path=None):
+    """Add or replace (by id) model entries in Models.json, keeping the others and their order. Used by the
+    training/benchmark scripts that measure a model, so the registry always carries the measured numbers."""
+    path = Path(path) if path else resources_dir() / "Models.json"
+    data = json.loads(path.read_text())
+    models = data.setdefault("models", [])
+    index = {m["id"]: i for i, m in enumerate(models)}
+    for e in entries:
+        _entry(e, path)                                  # validates the fields
+        if e["id"] in index:
+            models[index[e["id"]]] = e
+        else:
+            index[e["id"]] = len(models)
+            models.append(e)
+    tmp = path.with_suffix(".json.part")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
 def registry(family=None, path=None):
     """List of registered models, optionally of one family."""
     return [e for e in load_registry(path).values() if family in (None, e.family)]

@@ -84,6 +84,15 @@ def optimise(F_np, M_np, spacing, extent, iterations=(100, 60, 30), similarity="
     for lv in range(n_levels):
         f = 2 ** (n_levels - 1 - lv) * final_scale
         shapes.append(tuple(max(4, int(math.ceil((n - 1) / f)) + 1) for n in full))
+    # image pyramid, built fine to coarse (each level blurred and resampled from the previous one)
+    pyr_F, pyr_M = {}, {}
+    prevF, prevM, prev_f = F0, M0, 1
+    for lv in reversed(range(n_levels)):
+        f = 2 ** (n_levels - 1 - lv) * final_scale
+        rel = f // prev_f
+        prevF = ops.downsample(prevF, shapes[lv], rel) if rel > 1 else prevF
+        prevM = ops.downsample(prevM, shapes[lv], rel) if rel > 1 else prevM
+        pyr_F[lv], pyr_M[lv], prev_f = prevF, prevM, f
     total_it = max(1, sum(iterations))
     done = 0
     u = None
@@ -94,8 +103,7 @@ def optimise(F_np, M_np, spacing, extent, iterations=(100, 60, 30), similarity="
     for lv, (shape, n_it) in enumerate(zip(shapes, iterations)):
         factor = 2 ** (n_levels - 1 - lv) * final_scale
         lspacing = [extent[c] / max(shape[nd - 1 - c] - 1, 1) for c in range(nd)]
-        F = ops.downsample(F0, shape, factor)
-        M = ops.downsample(M0, shape, factor)
+        F, M = pyr_F[lv], pyr_M[lv]
         fm = (ops.resize(fm0, shape) > 0.5).float() if fm0 is not None else None
         mm = ops.resize(mm0, shape) if mm0 is not None else None
         grid = ops.identity_grid(shape, device)

@@ -7,22 +7,29 @@ from PETWorkbenchLib.errors import InputError
 
 
 def jacobian_array(field):
-    """Jacobian determinant (numpy, array order) of a SimpleITK displacement field in LPS mm."""
+    """Jacobian determinant (numpy, array order) of a SimpleITK displacement field in LPS mm.
+
+    With ``G[c, d] = d u_c / d s_d`` (LPS component c, index axis d in mm) and the direction matrix D, the
+    Jacobian of ``x -> x + u`` is ``I + G Dᵀ``, and ``det(I + G Dᵀ) = det(D + G) · det(D)``.
+    """
     nd = field.GetDimension()
-    u = sitk.GetArrayFromImage(field).astype(np.float64)          # (*spatial, nd) LPS
+    u = sitk.GetArrayViewFromImage(field)                          # (*spatial, nd) LPS
     D = np.asarray(field.GetDirection()).reshape(nd, nd)
     sp = np.asarray(field.GetSpacing())
-    # d u_lps / d x_lps = G D^T, with G[c, d] = d u_c / d (index axis d in mm); det(I + G D^T) over LPS
-    grads = []
-    for d in range(nd):
-        ax = nd - 1 - d
-        if u.shape[ax] < 2:
-            grads.append(np.zeros_like(u))
-        else:
-            grads.append(np.gradient(u, sp[d], axis=ax))
-    G = np.stack(grads, axis=-1)                                   # (*spatial, c, d)
-    J = G @ D.T + np.eye(nd)
-    return np.linalg.det(J)
+    A = [[None] * nd for _ in range(nd)]
+    for c in range(nd):
+        uc = np.asarray(u[..., c], dtype=np.float64)
+        for d in range(nd):
+            ax = nd - 1 - d
+            g = np.gradient(uc, sp[d], axis=ax) if uc.shape[ax] > 1 else np.zeros_like(uc)
+            A[c][d] = g + D[c, d]
+    if nd == 2:
+        det = A[0][0] * A[1][1] - A[0][1] * A[1][0]
+    else:
+        det = (A[0][0] * (A[1][1] * A[2][2] - A[1][2] * A[2][1])
+               - A[0][1] * (A[1][0] * A[2][2] - A[1][2] * A[2][0])
+               + A[0][2] * (A[1][0] * A[2][1] - A[1][1] * A[2][0]))
+    return det * float(np.linalg.det(D))
 
 
 def jacobian_stats(det, mask=None):
