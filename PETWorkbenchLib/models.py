@@ -73,16 +73,13 @@ def _entry(d, source):
 
 
 def load_registry(path=None):
-    """Read Models.json and return {id: ModelEntry}. Also reads fragments in ``Models.d/*.json`` beside it."""
+    """Read Models.json and return {id: ModelEntry}."""
     path = Path(path) if path else resources_dir() / "Models.json"
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ModelError(f"Cannot read the model registry {path}: {e}") from e
     entries = list(data.get("models", []))
-    frag_dir = Path(path).parent / "Models.d"
-    for frag in sorted(frag_dir.glob("*.json")) if frag_dir.is_dir() else []:
-        entries += json.loads(frag.read_text())
     out = {}
     for d in entries:
         e = _entry(d, path)

@@ -190,7 +190,7 @@ def step_uptake(st, rep):
     return {"organs": len(rows)}
 
 
-def step_register(st, rep, device="cpu", iterations=(80, 50, 25)):
+def step_register(st, rep, device="cpu", iterations=(100, 60, 30), smoothness=4.0):
     """Moving = synthesized (or low-dose) PET, fixed = CT; multi-modal MIND similarity."""
     if st.has("field.nii.gz", "registration.json"):
         return {"skipped": True}
@@ -203,7 +203,7 @@ def step_register(st, rep, device="cpu", iterations=(80, 50, 25)):
     pet_path = st.path("synthesized.nii.gz") if st.has("synthesized.nii.gz") else st.input("low_dose")
     pet = _read(pet_path, "PET")
     t0 = time.perf_counter()
-    res = register(ct, pet, method="instance", similarity="mind", smoothness=1.0, iterations=tuple(iterations),
+    res = register(ct, pet, method="instance", similarity="mind", smoothness=smoothness, iterations=tuple(iterations),
                    prealign="none", device=device, progress=rep)
     summary = dict(res.summary)
     summary["time_s"] = time.perf_counter() - t0

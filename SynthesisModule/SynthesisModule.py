@@ -56,7 +56,7 @@ class SynthesisModuleParameterNode:
     patientWeight: Annotated[float, WithinRange(0.0, 400.0)] = 0.0
     injectedDose: Annotated[float, WithinRange(0.0, 2000.0)] = 0.0
     device: Annotated[str, Choice(["auto", "cpu", "cuda", "mps"])] = "auto"
-    patchSize: Annotated[int, WithinRange(16, 128)] = 64
+    patchSize: Annotated[int, WithinRange(0, 128)] = 0
     overlap: Annotated[float, WithinRange(0.0, 0.9)] = 0.5
     patchBatch: Annotated[int, WithinRange(1, 32)] = 4
 
@@ -103,11 +103,12 @@ class SynthesisModuleLogic(ScriptedLoadableModuleLogic):
     def getParameterNode(self):
         return SynthesisModuleParameterNode(super().getParameterNode())
 
-    def synthesize(self, inputVolumeNode, outputVolumeNode=None, model=DEFAULT_MODEL, device="auto", patchSize=64,
+    def synthesize(self, inputVolumeNode, outputVolumeNode=None, model=DEFAULT_MODEL, device="auto", patchSize=None,
                    overlap=0.5, patchBatch=4, units="SUV", patientWeight=None, injectedDose=None, wait=True,
                    progress=None, log=None):
         """Low-dose PET node -> full-dose estimate in ``outputVolumeNode`` (new node if None), same grid and units
-        as the input. ``wait=True`` returns the output node; otherwise an EngineRun to poll/cancel."""
+        as the input. ``patchSize`` None/0 uses the model's training patch (at 2 mm). ``wait=True`` returns the
+        output node; otherwise an EngineRun to poll/cancel."""
         import SimpleITK as sitk
         from PETWorkbenchLib import mrml, units as pet_units
         from PETWorkbenchLib.slicer_bridge import EngineRun
@@ -123,8 +124,8 @@ class SynthesisModuleLogic(ScriptedLoadableModuleLogic):
             sitk.WriteImage(image * scale if scale != 1.0 else image, os.path.join(tmp, "input.nii.gz"))
             return [os.path.join(tmp, "input.nii.gz"), os.path.join(tmp, "output.nii.gz"),
                     "--routing-json", os.path.join(tmp, "routing.json"), "--model", str(model), "--device", device,
-                    "--patch", str(int(patchSize)), "--overlap", str(float(overlap)),
-                    "--sw-batch-size", str(int(patchBatch))]
+                    "--overlap", str(float(overlap)), "--sw-batch-size", str(int(patchBatch))] + (
+                        ["--patch", str(int(patchSize))] if patchSize else [])
 
         def finish(tmp, result):
             out = sitk.ReadImage(os.path.join(tmp, "output.nii.gz"))

@@ -140,9 +140,9 @@ TITLES = {
 }
 
 
-def write_models_d(results, infer_s, manifest, command, path=ROOT / "Resources" / "Models.d" / "segmentation.json"):
-    """Models.d entries for the weights present, with the metrics measured by this run."""
-    from PETWorkbenchLib.models import load_checkpoint
+def write_models_d(results, infer_s, manifest, command):
+    """Registry entries (Resources/Models.json) for the weights present, with the metrics measured by this run."""
+    from PETWorkbenchLib.models import load_checkpoint, upsert_entries
     entries = []
     for name, (mid, file, title, desc, key) in TITLES.items():
         if not file.is_file():
@@ -181,9 +181,8 @@ def write_models_d(results, infer_s, manifest, command, path=ROOT / "Resources" 
                                     f"--input-key {cfg.get('input_key')}"},
             "metrics": metrics,
         })
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(entries, indent=1))
-    print(f"wrote {len(entries)} entries to {path.relative_to(ROOT)}")
+    path = upsert_entries(entries)
+    print(f"updated {len(entries)} entries in {path.relative_to(ROOT)}")
 
 
 def main():
@@ -195,7 +194,7 @@ def main():
     ap.add_argument("--out", default="", help="write the full metrics (JSON) here")
     ap.add_argument("--models-dir", default="", help="take the .pt files from here instead of Resources/Models")
     ap.add_argument("--write-models-d", action="store_true",
-                    help="write Resources/Models.d/segmentation.json with the metrics of this run")
+                    help="update the segmentation entries of Resources/Models.json with the metrics of this run")
     a = ap.parse_args()
     if a.models_dir:
         global LDOS, SEGONLY, SEGONLY_FD, DENOISER
