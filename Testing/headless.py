@@ -40,7 +40,14 @@ class _Anything:
 
 def _anything_module(name):
     m = types.ModuleType(name)
-    m.__getattr__ = lambda attr: _Anything if attr[:1].isupper() else _Anything()
+    m.__file__ = __file__                      # a normal (non built-in) module for inspect/torch
+
+    def getattr_(attr):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return _Anything if attr[:1].isupper() else _Anything()
+
+    m.__getattr__ = getattr_
     return m
 
 
