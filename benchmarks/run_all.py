@@ -39,6 +39,21 @@ def parse(line):
     return out
 
 
+def save(family, last, quick, source):
+    RESULTS.mkdir(exist_ok=True)
+    stamp = f"# {datetime.date.today()} {platform.machine()} quick={quick} from={source}"
+    (RESULTS / f"{family}.txt").write_text(stamp + "\n" + last.strip() + "\n")
+
+
+def last_figures(text, family):
+    keys = {"reconstruction": "adjoint_relerr=", "synthesis": "psnr_low=", "segmentation": "dice_ldos=",
+            "registration": "disp_true_vox="}[family]
+    lines = [ln for ln in text.strip().splitlines() if ln.startswith(keys)]
+    if not lines:
+        raise SystemExit(f"no final key=value line of the {family} benchmark found")
+    return lines[-1]
+
+
 def run(family, quick):
     script = ROOT / "benchmarks" / f"{family}.py"
     cmd = [sys.executable, str(script)] + (["--quick"] if quick else [])
@@ -48,10 +63,7 @@ def run(family, quick):
     if p.returncode != 0:
         sys.stderr.write(p.stderr[-3000:])
         raise SystemExit(f"{family} benchmark failed (exit {p.returncode})")
-    last = [ln for ln in p.stdout.strip().splitlines() if "=" in ln][-1]
-    RESULTS.mkdir(exist_ok=True)
-    stamp = f"# {datetime.date.today()} {platform.machine()} {platform.processor() or ''} quick={quick}".strip()
-    (RESULTS / f"{family}.txt").write_text(stamp + "\n" + last.strip() + "\n")
+    save(family, last_figures(p.stdout, family), quick, "run")
 
 
 def readme_section():
@@ -84,8 +96,14 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", default="")
     ap.add_argument("--readme-only", action="store_true")
+    ap.add_argument("--import-log", action="append", default=[], metavar="FAMILY=LOG",
+                    help="take a family's figures from the saved output of an earlier run of its benchmark")
     a = ap.parse_args()
-    if not a.readme_only:
+    for item in a.import_log:
+        fam, log = item.split("=", 1)
+        save(fam, last_figures(Path(log).read_text(), fam), "--quick" in Path(log).read_text() or a.quick,
+             f"log of an earlier run ({Path(log).name})")
+    if not a.readme_only and not a.import_log:
         for fam in [f for f in (a.only.split(",") if a.only else FAMILIES) if f]:
             run(fam, a.quick)
     update_readme()
