@@ -2,16 +2,10 @@
 
 import csv
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-for p in (ROOT, ROOT / "ReconstructionModule"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
 
 torch = pytest.importorskip("torch")
 sitk = pytest.importorskip("SimpleITK")

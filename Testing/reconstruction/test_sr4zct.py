@@ -1,16 +1,10 @@
 """SR4ZCT: slice-profile model, metadata handling and the real-CT experiment (3 mm CT made 6 mm thick)."""
 
 import os
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-for p in (ROOT, ROOT / "ReconstructionModule"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
 
 torch = pytest.importorskip("torch")
 sitk = pytest.importorskip("SimpleITK")
