@@ -170,11 +170,9 @@ def labelmap_to_segmentation(labelImage, specs, segmentationNode=None, reference
     """
     import SimpleITK as sitk
     labelImage = _as_3d(labelImage)
-    arr = sitk.GetArrayFromImage(labelImage)
-    if not np.issubdtype(arr.dtype, np.integer):
-        if not np.all(np.equal(np.mod(arr, 1), 0)):
-            raise InputError("Label image has non-integer values")
-        arr = arr.astype(np.int32)
+    arr = sitk.GetArrayViewFromImage(labelImage)
+    if not np.issubdtype(arr.dtype, np.integer) and not np.all(np.equal(np.mod(arr, 1), 0)):
+        raise InputError("Label image has non-integer values")
     seen = set(np.unique(arr).tolist()) - {0}
     sc = _scene(scene)
     created = segmentationNode is None
@@ -186,47 +184,42 @@ def labelmap_to_segmentation(labelImage, specs, segmentationNode=None, reference
     if referenceVolumeNode is not None:
         segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(referenceVolumeNode)
     segmentation = segmentationNode.GetSegmentation()
-    tmp = image_to_volume(sitk.Cast(labelImage, sitk.sitkInt32) if arr.dtype != np.int32 else labelImage,
-                          scene=sc, className="vtkMRMLLabelMapVolumeNode", name="__pwb_tmp_labels")
-    try:
-        if referenceVolumeNode is None and created:
-            segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(tmp)
-        ids, missing = {}, []
-        logic = slicer.modules.segmentations.logic()
-        for spec in specs:
-            value = int(spec["value"])
-            if value not in seen:
-                missing.append(value)
-                continue
-            one = sc.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__pwb_tmp_one")
-            try:
-                image_to_volume(_binary(labelImage, value), one)
-                before = set(segmentation.GetSegmentIDs())
-                if not logic.ImportLabelmapToSegmentationNode(one, segmentationNode, ""):
-                    raise RuntimeError(f"Importing label {value} into the segmentation failed")
-                new = [s for s in segmentation.GetSegmentIDs() if s not in before]
-            finally:
-                sc.RemoveNode(one)
-            if len(new) != 1:
-                raise RuntimeError(f"Importing label {value} produced {len(new)} segments")
-            sid = new[0]
-            if overwrite:
-                for other in list(before):
-                    if segmentation.GetSegment(other).GetName() == spec["name"]:
-                        segmentation.RemoveSegment(other)
-            seg = segmentation.GetSegment(sid)
-            seg.SetName(spec["name"])
-            if seg.GetLabelValue() != value:   # label values live in shared layers: never re-label in place
-                raise RuntimeError(f"Segment for label {value} got label value {seg.GetLabelValue()}")
-            if spec.get("color") is not None:
-                seg.SetColor(*[float(c) for c in spec["color"]])
-            term = terminology_string(spec.get("terminology"))
-            if term:
-                seg.SetTerminology(term)
-            ids[value] = sid
-        return segmentationNode, ids, missing
-    finally:
-        sc.RemoveNode(tmp)
+    ids, missing = {}, []
+    logic = slicer.modules.segmentations.logic()
+    for spec in specs:
+        value = int(spec["value"])
+        if value not in seen:
+            missing.append(value)
+            continue
+        one = sc.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__pwb_tmp_one")
+        try:
+            image_to_volume(_binary(labelImage, value), one)
+            if created and referenceVolumeNode is None and not ids:
+                segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(one)   # the label map's grid
+            before = set(segmentation.GetSegmentIDs())
+            if not logic.ImportLabelmapToSegmentationNode(one, segmentationNode, ""):
+                raise RuntimeError(f"Importing label {value} into the segmentation failed")
+            new = [s for s in segmentation.GetSegmentIDs() if s not in before]
+        finally:
+            sc.RemoveNode(one)
+        if len(new) != 1:
+            raise RuntimeError(f"Importing label {value} produced {len(new)} segments")
+        sid = new[0]
+        if overwrite:
+            for other in list(before):
+                if segmentation.GetSegment(other).GetName() == spec["name"]:
+                    segmentation.RemoveSegment(other)
+        seg = segmentation.GetSegment(sid)
+        seg.SetName(spec["name"])
+        if seg.GetLabelValue() != value:   # label values live in shared layers: never re-label in place
+            raise RuntimeError(f"Segment for label {value} got label value {seg.GetLabelValue()}")
+        if spec.get("color") is not None:
+            seg.SetColor(*[float(c) for c in spec["color"]])
+        term = terminology_string(spec.get("terminology"))
+        if term:
+            seg.SetTerminology(term)
+        ids[value] = sid
+    return segmentationNode, ids, missing
 
 
 def _binary(image, value):

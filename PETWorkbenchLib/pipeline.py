@@ -240,9 +240,8 @@ def compute_metrics(st):
         les = st.input("lesions")
         if les is not None:
             L = arr(les)
-            m["suvmax_bias_low"], m["suvmax_bias_synth"] = lesion_suv_bias(lo, f, L)[1], lesion_suv_bias(sy, f, L)[1]
-            m["suvmean_bias_low"], m["suvmean_bias_synth"] = (lesion_suv_bias(lo, f, L)[0],
-                                                              lesion_suv_bias(sy, f, L)[0])
+            for key, img in (("low", lo), ("synth", sy)):
+                m[f"suvmean_bias_{key}"], m[f"suvmax_bias_{key}"], _ = lesion_suv_bias(img, f, L)
     ref = st.input("labels")
     if ref is not None:
         for key, name in (("dice_low", "organs_low.nii.gz"), ("dice_synth", "organs_synth.nii.gz")):

@@ -10,7 +10,6 @@
 Headless (pytest, slicer-core) everything except the Qt timer works the same; the tests use ``wait=True``.
 """
 
-import os
 import shutil
 import sys
 import tempfile
@@ -130,10 +129,6 @@ class EngineRun:
         if self.error is not None:
             raise self.error
         return self.value
-
-
-def temp_path(tmpdir, name):
-    return os.path.join(tmpdir, name)
 
 
 class ApplyButtonController:

@@ -126,14 +126,7 @@ class WorkerJob:
             if timeout is not None and time.monotonic() - t0 > timeout:
                 self.cancel()
                 raise TimeoutError(f"Engine command did not finish within {timeout} s and was stopped")
-            try:
-                line = self._queue.get(timeout=interval)
-            except queue.Empty:
-                continue
-            if line is None:
-                self._finish()
-                break
-            self._handle(line)
+            time.sleep(interval)
         if self.error is not None:
             raise self.error
         return self.result
