@@ -15,6 +15,7 @@ Sources of the uptake values are listed next to :data:`SUV_TABLE` and in METHOD.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -239,9 +240,14 @@ def load_brain_anatomy():
 # --------------------------------------------------------------------------------------------------------------
 # Patients
 # --------------------------------------------------------------------------------------------------------------
+def key_entropy(key) -> int:
+    """A 64-bit integer from the whole text of ``key`` (a hash: keys sharing a prefix still differ)."""
+    return int.from_bytes(hashlib.blake2b(str(key).encode(), digest_size=8).digest(), "little")
+
+
 def _rng_for(seed, *keys):
-    ints = [int(seed)] + [int.from_bytes(str(k).encode(), "little") % (2 ** 32) for k in keys]
-    return np.random.default_rng(np.random.SeedSequence(ints))
+    """Generator seeded by ``seed`` and every character of every key (patient id, tracer, centre)."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed)] + [key_entropy(k) for k in keys]))
 
 
 def _center_of(img):
