@@ -8,6 +8,7 @@ manifest), tracer, center. Volumes are resampled once to the config spacing and 
 import csv
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -72,7 +73,13 @@ def load_case(row, cfg, cache_dir, input_key=None, target_key=None):
     input_key = input_key or cfg.get("input_key", "low_dose_drf20")
     target_key = target_key or cfg.get("target_key", "full_dose")
     spacing = cfg["spacing"]
-    tag = hashlib.sha1(json.dumps([row["case_id"], input_key, target_key, spacing], sort_keys=True).encode())
+    # the cache key includes size and modification time of the source files: a regenerated set is re-read
+    stamps = []
+    for key in (input_key, target_key, "labels"):
+        st = os.stat(case_path(row, key))
+        stamps.append([st.st_size, st.st_mtime_ns])
+    tag = hashlib.sha1(json.dumps([row["case_id"], input_key, target_key, spacing, stamps],
+                                  sort_keys=True).encode())
     cache = Path(cache_dir) / f"{row['case_id']}_{tag.hexdigest()[:10]}.npz"
     if cache.is_file():
         d = np.load(cache)

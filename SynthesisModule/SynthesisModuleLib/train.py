@@ -43,6 +43,7 @@ DEFAULT_TRAIN = {
     "sparse": True,
     "train_split": "train",
     "tracers": None,
+    "lesion_oversample": 0.0,
 }
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -116,7 +117,8 @@ def train(config, manifest=None, out_dir=".", sampler=None, resume=True, device=
         rows = select(read_manifest(manifest), split=tr["train_split"], known=True, tracers=tr["tracers"])
         if not rows:
             raise InputError(f"manifest {manifest} has no known-centre rows with split {tr['train_split']!r}")
-        sampler = CenterPatchSampler.from_manifest(rows, tr["patch_size"], tr["suv_scale"])
+        sampler = CenterPatchSampler.from_manifest(rows, tr["patch_size"], tr["suv_scale"],
+                                                   lesion_oversample=float(tr.get("lesion_oversample", 0.0)))
     centers = sampler.centers
 
     torch.manual_seed(int(tr["seed"]))

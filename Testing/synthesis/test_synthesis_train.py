@@ -44,6 +44,22 @@ def test_sampler_resamples_to_2mm_and_samples_uniform_patches(tiny_manifest):
         assert abs(starts[:, axis].mean() - 4.0) < 0.6
 
 
+def test_lesion_oversampling_puts_lesions_in_patches(tiny_manifest):
+    rows = select(read_manifest(tiny_manifest), split="train", known=True)
+    uniform = CenterPatchSampler.from_manifest(rows, 6)
+    always = CenterPatchSampler.from_manifest(rows, 6, lesion_oversample=1.0)
+    assert not uniform.lesions and len(always.lesions["A"]) == 2
+    les = always.lesions["A"][0]
+    assert len(les) > 0
+    # a lesion voxel is brighter than 3 SUV on the full dose (phantom: body + 4 in lesions); every lesion-centred
+    # patch contains one, uniform patches mostly do not
+    hit_always = np.mean([always.sample("A", 1, np.random.default_rng(i))[1].max() > 3.0 for i in range(60)])
+    hit_uniform = np.mean([uniform.sample("A", 1, np.random.default_rng(i))[1].max() > 3.0 for i in range(60)])
+    assert hit_always == 1.0 and hit_uniform < hit_always
+    with pytest.raises(InputError, match="lesion_oversample"):
+        CenterPatchSampler({"X": []}, 6, lesion_oversample=2.0)
+
+
 def test_train_one_centre_per_step_checkpoint_and_resume(tiny_manifest, tmp_path):
     out_a = tmp_path / "a"
     s1 = train(_cfg(max_steps=4), tiny_manifest, out_a)
