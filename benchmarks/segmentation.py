@@ -15,6 +15,7 @@ dice_ldos dice_segonly dice_fullDose_segonly hd95_ldos hd95_segonly infer_s.
 import argparse
 import hashlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -79,8 +80,12 @@ def run(manifest, quick=False, threads=2, split="test", out=None):
         t = time.time()
         # results are cached per (model bytes, denoiser bytes, cases, input): re-running after adding a model
         # only evaluates the new one
+        # (and per size/modification time of the input and label files, so a regenerated set is re-evaluated)
+        stamps = [[os.stat(case_path(r, k)).st_size, os.stat(case_path(r, k)).st_mtime_ns]
+                  for r in rows for k in (key, "labels")]
         tag = hashlib.sha256(b"".join([model.read_bytes(), den.read_bytes() if den else b"",
-                                       json.dumps([key, [r["case_id"] for r in rows]]).encode()])).hexdigest()[:16]
+                                       json.dumps([key, [r["case_id"] for r in rows], stamps]).encode()])
+                             ).hexdigest()[:16]
         cached = CACHE / f"{name}_{tag}.json"
         if cached.is_file():
             res = json.loads(cached.read_text())
