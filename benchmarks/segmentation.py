@@ -145,7 +145,7 @@ TITLES = {
 }
 
 
-def write_models_d(results, infer_s, manifest, command):
+def write_models_d(results, infer_s, manifest, command, notes=None):
     """Registry entries (Resources/Models.json) for the weights present, with the metrics measured by this run."""
     from PETWorkbenchLib.models import load_checkpoint, upsert_entries
     entries = []
@@ -186,6 +186,8 @@ def write_models_d(results, infer_s, manifest, command):
                                     f"--input-key {cfg.get('input_key')}"},
             "metrics": metrics,
         })
+        if notes and notes.get(name):
+            entries[-1]["training"]["stages"] = notes[name]
     path = upsert_entries(entries)
     print(f"updated {len(entries)} entries in {path.relative_to(ROOT)}")
 
@@ -200,6 +202,8 @@ def main():
     ap.add_argument("--models-dir", default="", help="take the .pt files from here instead of Resources/Models")
     ap.add_argument("--write-models-d", action="store_true",
                     help="update the segmentation entries of Resources/Models.json with the metrics of this run")
+    ap.add_argument("--training-note", action="append", default=[], metavar="NAME=TEXT",
+                    help="how a model (ldos, segonly, fullDose_segonly, denoiser) was trained, for Models.json")
     a = ap.parse_args()
     if a.models_dir:
         global LDOS, SEGONLY, SEGONLY_FD, DENOISER
@@ -212,7 +216,8 @@ def main():
     results, line = run(a.manifest, a.quick, a.threads, a.split, a.out or None)
     if a.write_models_d:
         cmd = "python benchmarks/segmentation.py" + (" --quick" if a.quick else "") + f" --split {a.split}"
-        write_models_d(results, line["infer_s"], a.manifest, cmd)
+        notes = dict(n.split("=", 1) for n in a.training_note)
+        write_models_d(results, line["infer_s"], a.manifest, cmd, notes)
         print(" ".join(f"{k}={_fmt(v)}" for k, v in line.items()))
 
 
