@@ -192,7 +192,10 @@ class ModuleWidgetMixin:
     The widget class defines ``moduleName``, ``family`` (model family or None), ``logicClass``,
     ``canApply(parameterNode) -> (bool, reason)``, ``startRun() -> EngineRun`` (started with ``wait=False`` and
     ``progress=self.controller.progress``) and ``onRunSucceeded(value)`` (GUI updates after success).
+    ``modelFilter`` (optional): predicate on registry entries; models it rejects are not offered.
     """
+
+    modelFilter = None
 
     def setupModuleUi(self):
         import slicer
@@ -216,6 +219,8 @@ class ModuleWidgetMixin:
         self.ui.modelComboBox.clear()
         try:
             for e in models.registry(self.family):
+                if self.modelFilter is not None and not self.modelFilter(e):
+                    continue
                 self.ui.modelComboBox.addItem(f"{e.title} ({models.status(e)})", e.id)
         except Exception as err:  # a broken registry must not break the module GUI
             self.ui.statusLabel.text = f"Model registry problem: {err}"

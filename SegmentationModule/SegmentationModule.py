@@ -56,6 +56,10 @@ class SegmentationModuleWidget(ModuleWidgetMixin, ScriptedLoadableModuleWidget, 
     moduleName = "SegmentationModule"
     family = "segmentation"
 
+    @staticmethod
+    def modelFilter(entry):  # the Fake-FDPET denoiser is registered but cannot segment
+        return entry.config.get("task") != "denoise"
+
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)

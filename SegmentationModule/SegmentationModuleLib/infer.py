@@ -104,6 +104,9 @@ def segment(image, checkpoint, organs=None, device="auto", progress=None, cancel
     dev = choose_device(device).torch()
     rep(0.0, "loading model")
     net, cfg = load_model(checkpoint, dev)
+    if cfg.get("task") == "denoise":
+        raise ModelError(f"Model {Path(str(checkpoint)).name} is a denoiser (first stage of the Fake-FDPET baseline), "
+                         "not a segmentation model; choose an LDOS or segmentation-only model")
     img, out = _predict(net, cfg, image, dev, rep, ("seg",))
     logits = out["seg"][0]
     rep(0.92, "assembling label map")
@@ -124,7 +127,6 @@ def segment(image, checkpoint, organs=None, device="auto", progress=None, cancel
 
 def denoise(image, checkpoint, device="auto", progress=None, cancel=None):
     """Full-dose estimate (SUV, input grid) from an LDOS or denoiser checkpoint's denoising decoder."""
-    import SimpleITK as sitk
     from PETWorkbenchLib.device import choose_device
     from .data import denormalise
     rep = Reporter(progress, cancel)

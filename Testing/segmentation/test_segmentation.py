@@ -366,3 +366,12 @@ def test_denoise_head_and_fake_fdpet_pipeline(trained, tmp_path):
         denoise(im, tmp_path / "model.pt", device="cpu")
     lab, _ = segment_fake_fdpet(im, out / "model.pt", tmp_path / "model.pt", device="cpu", allow_empty=True)
     assert lab.GetSize() == im.GetSize() and lab.GetOrigin() == im.GetOrigin()
+    # a denoiser-only model (first stage of Fake-FDPET) has an untrained segmentation decoder: refused
+    from SegmentationModuleLib import segment
+    den_dir = tmp_path / "den"
+    train(dict(TINY, task="denoise", epochs=1, iterations_per_epoch=1), den_dir, cases=cases, device="cpu",
+          log=lambda *a: None)
+    with pytest.raises(ModelError, match="denoiser"):
+        segment(im, den_dir / "model.pt", device="cpu")
+    fd2 = denoise(im, den_dir / "model.pt", device="cpu")
+    assert fd2.GetSize() == im.GetSize()
