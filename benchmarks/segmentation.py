@@ -81,8 +81,8 @@ def run(manifest, quick=False, threads=2, split="test", out=None):
         # results are cached per (model bytes, denoiser bytes, cases, input): re-running after adding a model
         # only evaluates the new one
         # (and per size/modification time of the input and label files, so a regenerated set is re-evaluated)
-        stamps = [[os.stat(case_path(r, k)).st_size, os.stat(case_path(r, k)).st_mtime_ns]
-                  for r in rows for k in (key, "labels")]
+        stats = [os.stat(case_path(r, k)) for r in rows for k in (key, "labels")]
+        stamps = [[st.st_size, st.st_mtime_ns] for st in stats]
         tag = hashlib.sha256(b"".join([model.read_bytes(), den.read_bytes() if den else b"",
                                        json.dumps([key, [r["case_id"] for r in rows], stamps]).encode()])
                              ).hexdigest()[:16]
