@@ -15,7 +15,6 @@ dice_ldos dice_segonly dice_fullDose_segonly hd95_ldos hd95_segonly infer_s.
 import argparse
 import hashlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -50,7 +49,7 @@ def run(manifest, quick=False, threads=2, split="test", out=None):
     torch.set_num_threads(threads)
     import SimpleITK as sitk
     from SegmentationModuleLib.cli import evaluate_manifest
-    from SegmentationModuleLib.data import case_path, read_manifest, select
+    from SegmentationModuleLib.data import case_path, file_stamps, read_manifest, select
     from SegmentationModuleLib.infer import segment
 
     rows = [r for r in select(read_manifest(manifest), split=split) if _region(r) == "whole_body"]
@@ -80,9 +79,8 @@ def run(manifest, quick=False, threads=2, split="test", out=None):
         t = time.time()
         # results are cached per (model bytes, denoiser bytes, cases, input): re-running after adding a model
         # only evaluates the new one
-        # (and per size/modification time of the input and label files, so a regenerated set is re-evaluated)
-        stats = [os.stat(case_path(r, k)) for r in rows for k in (key, "labels")]
-        stamps = [[st.st_size, st.st_mtime_ns] for st in stats]
+        # (and per input/label file stamps, so a regenerated set is re-evaluated)
+        stamps = [file_stamps(r, (key, "labels")) for r in rows]
         tag = hashlib.sha256(b"".join([model.read_bytes(), den.read_bytes() if den else b"",
                                        json.dumps([key, [r["case_id"] for r in rows], stamps]).encode()])
                              ).hexdigest()[:16]

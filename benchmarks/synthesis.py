@@ -78,7 +78,7 @@ def write_models(ev, a, command):
             training["final_loss_mean_last50"] = round(sum(float(r["loss"]) for r in last) / len(last), 6)
             training["identity_loss_mean_last50"] = round(sum(float(r["loss_identity"]) for r in last) / len(last), 6)
         if a.training_note:
-            training["description"] = a.training_note
+            training["stages"] = a.training_note
         entries.append({
             "id": mid, "family": "synthesis", "method": method, "title": title, "version": "1.1",
             "config": ck["config"],

@@ -47,6 +47,11 @@ def case_path(row, key):
     return p if p.is_absolute() else Path(row["_root"]) / p
 
 
+def file_stamps(row, keys):
+    """[[size, mtime_ns], ...] of a case's files: part of cache keys, so a regenerated data set is re-read."""
+    return [[st.st_size, st.st_mtime_ns] for st in (os.stat(case_path(row, k)) for k in keys)]
+
+
 def normalise(suv, norm):
     """SUV -> network intensity: clip to [0, clip] and divide by scale."""
     return np.clip(suv, 0.0, norm.get("clip", 50.0)) / norm.get("scale", 5.0)
@@ -73,11 +78,7 @@ def load_case(row, cfg, cache_dir, input_key=None, target_key=None):
     input_key = input_key or cfg.get("input_key", "low_dose_drf20")
     target_key = target_key or cfg.get("target_key", "full_dose")
     spacing = cfg["spacing"]
-    # the cache key includes size and modification time of the source files: a regenerated set is re-read
-    stamps = []
-    for key in (input_key, target_key, "labels"):
-        st = os.stat(case_path(row, key))
-        stamps.append([st.st_size, st.st_mtime_ns])
+    stamps = file_stamps(row, (input_key, target_key, "labels"))
     tag = hashlib.sha1(json.dumps([row["case_id"], input_key, target_key, spacing, stamps],
                                   sort_keys=True).encode())
     cache = Path(cache_dir) / f"{row['case_id']}_{tag.hexdigest()[:10]}.npz"
