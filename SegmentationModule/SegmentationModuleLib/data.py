@@ -102,7 +102,11 @@ def load_case(row, cfg, cache_dir, input_key=None, target_key=None):
 
 
 class PatchSampler:
-    """Random patches, a fraction forced to contain foreground (nnU-Net oversampling)."""
+    """Random patches, a fraction forced to contain foreground (nnU-Net oversampling).
+
+    As nnU-Net does, a forced patch first draws one of the organ classes present in the case (uniformly) and then
+    a voxel of that class, so small organs (pancreas, aorta, oesophagus) are seen as often as large ones.
+    """
 
     def __init__(self, cases, patch_size, fg_fraction=0.33, seed=0):
         if not cases:
@@ -111,7 +115,22 @@ class PatchSampler:
         self.patch = tuple(int(p) for p in patch_size)
         self.fg_fraction = fg_fraction
         self.rng = np.random.default_rng(seed)
-        self.fg = [np.argwhere(c["label"] > 0) for c in cases]
+        self.fg = [self._class_locations(self._pad(c["label"])) for c in cases]
+
+    @staticmethod
+    def _class_locations(label):
+        """{class: (n, 3) voxel indices} for every foreground class present in ``label``."""
+        flat = label.ravel()
+        idx = np.flatnonzero(flat > 0)
+        if not idx.size:
+            return {}
+        vals = flat[idx]
+        order = np.argsort(vals, kind="stable")
+        idx, vals = idx[order], vals[order]
+        classes, starts = np.unique(vals, return_index=True)
+        coords = np.stack(np.unravel_index(idx, label.shape), 1)
+        bounds = list(starts[1:]) + [len(idx)]
+        return {int(c): coords[a:b] for c, a, b in zip(classes, starts, bounds)}
 
     def _pad(self, a, value=0):
         pad = [(0, max(0, p - s)) for p, s in zip(self.patch, a.shape)]
@@ -127,7 +146,9 @@ class PatchSampler:
             ps = np.array(self.patch)
             force_fg = b >= batch_size * (1 - self.fg_fraction) and len(self.fg[ci])
             if force_fg:
-                centre = self.fg[ci][int(self.rng.integers(len(self.fg[ci])))]
+                classes = sorted(self.fg[ci])
+                locs = self.fg[ci][classes[int(self.rng.integers(len(classes)))]]
+                centre = locs[int(self.rng.integers(len(locs)))]
                 lo = np.clip(centre - ps // 2 + self.rng.integers(-ps // 4, ps // 4 + 1), 0, shape - ps)
             else:
                 lo = np.array([int(self.rng.integers(0, s - p + 1)) for s, p in zip(shape, ps)])

@@ -11,7 +11,7 @@ import torch
 from PETWorkbenchLib.errors import InputError, ModelError
 from SegmentationModuleLib import evaluate, organ_specs, organ_uptake, region_at_click, resolve_organs
 from SegmentationModuleLib.augment import misalign_labels, warp_labels
-from SegmentationModuleLib.data import random_cases
+from SegmentationModuleLib.data import PatchSampler, random_cases
 from SegmentationModuleLib.losses import (deep_supervision_weights, denoising_loss, ldos_loss, phi_schedule,
                                           segmentation_loss, soft_dice_loss)
 from SegmentationModuleLib.network import LDOSNet
@@ -209,6 +209,21 @@ def trained(tmp_path_factory):
     cases = random_cases(2, shape=(20, 20, 20), seed=0)
     s = train(TINY, out, cases=cases, device="cpu", log=lambda *a: None)
     return out, s, cases
+
+
+def test_foreground_patches_draw_the_organ_class_first_as_nnunet():
+    # one large organ (class 1) and one tiny organ (class 2) at opposite corners; every patch is forced foreground
+    lab = np.zeros((40, 40, 40), np.int16)
+    lab[16:40, 16:40, 16:40] = 1
+    lab[1:3, 1:3, 1:3] = 2
+    case = {"x": np.zeros(lab.shape, np.float32), "y": np.zeros(lab.shape, np.float32), "label": lab}
+    sampler = PatchSampler([case], (8, 8, 8), fg_fraction=1.0, seed=0)
+    assert sorted(sampler.fg[0]) == [1, 2] and len(sampler.fg[0][2]) == 8
+    _, _, labels = sampler.sample(400)
+    has_tiny = np.mean([(p == 2).any() for p in labels])
+    has_large = np.mean([(p == 1).any() for p in labels])
+    # voxel-uniform sampling would pick the tiny organ with probability 8 / 13832 (< 0.1 %)
+    assert 0.35 < has_tiny < 0.65 and 0.35 < has_large < 0.65
 
 
 def test_training_writes_checkpoints_and_resumes(trained):
