@@ -31,12 +31,8 @@ def _cmd_synthesize(args, rep):
 
 
 def _cmd_train(args, rep):
-    from .train import export_weights, load_config, train
-    cfg = load_config(args.config)
-    if args.max_steps is not None:
-        cfg["train"]["max_steps"] = args.max_steps
-    if args.max_minutes is not None:
-        cfg["train"]["max_minutes"] = args.max_minutes
+    from .train import apply_overrides, export_weights, load_config, train
+    cfg = apply_overrides(load_config(args.config), args)
     out = Path(args.out)
     if args.nproc > 1:
         out.mkdir(parents=True, exist_ok=True)
@@ -114,8 +110,8 @@ def add_commands(subparsers) -> None:
             q.add_argument("--config", required=True, help="config file or name in SynthesisModuleLib/configs")
             q.add_argument("--out", required=True, help="output folder (checkpoints, logs; resumes from it)")
             q.add_argument("--nproc", type=int, default=1, help="processes (torchrun, one centre each per step)")
-            q.add_argument("--max-steps", type=int, default=None)
-            q.add_argument("--max-minutes", type=float, default=None)
+            from .train import add_override_arguments
+            add_override_arguments(q)
             q.add_argument("--no-resume", action="store_true")
             q.add_argument("--export", default=None, help="write shipped weights {config, state_dict} here")
             q.set_defaults(func=_cmd_train)

@@ -133,6 +133,8 @@ def train(config, manifest=None, out_dir=".", sampler=None, resume=True, device=
             raise ModelError(f"checkpoint {ck_path} was made with another model config; use a new output folder")
         model.load_state_dict(ck["state_dict"])
         opt.load_state_dict(ck["optimizer"])
+        for g in opt.param_groups:  # the config's learning rate wins over the one saved (a later stage may lower it)
+            g["lr"] = float(tr["lr"])
         step, elapsed0 = int(ck["step"]), float(ck.get("elapsed_s", 0.0))
     net = model
     if distributed:
@@ -196,21 +198,37 @@ def train(config, manifest=None, out_dir=".", sampler=None, resume=True, device=
     return summary
 
 
+OVERRIDES = (("max_steps", int, "stop at this many steps in all"),
+             ("max_minutes", float, "stop after this many minutes of training in all (resumed runs included)"),
+             ("lr", float, "Adam learning rate (also applied when resuming)"),
+             ("lesion_oversample", float, "fraction of lesion-centred patches"))
+
+
+def add_override_arguments(parser):
+    """--max-steps, --max-minutes, --lr, --lesion-oversample: training settings that replace the config's."""
+    for key, typ, text in OVERRIDES:
+        parser.add_argument("--" + key.replace("_", "-"), type=typ, default=None, help=text)
+
+
+def apply_overrides(cfg, args):
+    """Copy the override arguments that were given into cfg['train']; returns cfg."""
+    for key, typ, _ in OVERRIDES:
+        value = getattr(args, key, None)
+        if value is not None:
+            cfg["train"][key] = typ(value)
+    return cfg
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Train DRMC / baseline (use torchrun for several processes)")
     ap.add_argument("--config", required=True)
     ap.add_argument("--manifest", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--max-steps", type=int, default=None)
-    ap.add_argument("--max-minutes", type=float, default=None)
+    add_override_arguments(ap)
     ap.add_argument("--no-resume", action="store_true")
     a = ap.parse_args(argv)
-    cfg = load_config(a.config)
-    if a.max_steps is not None:
-        cfg["train"]["max_steps"] = a.max_steps
-    if a.max_minutes is not None:
-        cfg["train"]["max_minutes"] = a.max_minutes
+    cfg = apply_overrides(load_config(a.config), a)
     summary = train(cfg, a.manifest, a.out, resume=not a.no_resume, device=a.device)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary))

@@ -80,6 +80,21 @@ def test_train_one_centre_per_step_checkpoint_and_resume(tiny_manifest, tmp_path
     assert set(ck) >= {"config", "state_dict"} and "optimizer" not in ck
 
 
+def test_resumed_stage_uses_the_overridden_learning_rate(tiny_manifest, tmp_path):
+    import argparse
+    from SynthesisModuleLib.train import add_override_arguments, apply_overrides
+    ap = argparse.ArgumentParser()
+    add_override_arguments(ap)
+    a = ap.parse_args(["--max-steps", "4", "--lr", "1e-5", "--lesion-oversample", "0.5"])
+    cfg = apply_overrides(_cfg(max_steps=2, lr=3e-3), a)
+    assert cfg["train"]["max_steps"] == 4 and cfg["train"]["lr"] == 1e-5 and cfg["train"]["lesion_oversample"] == 0.5
+    train(_cfg(max_steps=2, lr=3e-3), tiny_manifest, tmp_path)
+    train(cfg, tiny_manifest, tmp_path)
+    ck = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert ck["step"] == 4 and ck["optimizer"]["param_groups"][0]["lr"] == 1e-5
+    assert ck["config"]["train"]["lr"] == 1e-5
+
+
 def test_training_reduces_loss(tiny_manifest, tmp_path):
     cfg = _cfg(max_steps=40, lr=3e-3, log_every=1, checkpoint_every=100)
     train(cfg, tiny_manifest, tmp_path)
