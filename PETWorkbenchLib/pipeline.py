@@ -1,6 +1,8 @@
 """The main job, end to end, for one study: low-dose PET in; full-dose estimate, organs, uptake and alignment out.
 
-Steps (each writes into ``<out>/<study id>/`` and can be run alone; a step whose outputs exist is not redone):
+Steps (each writes into ``<out>/<study id>/`` and can be run alone; a step whose outputs exist is not redone,
+unless they were made with other model weights: ``models.json`` records the weights' checksums, and outputs of
+older weights are moved to ``superseded/<time>/`` and recomputed):
 
 ``simulate``    (only for studies made from anatomy) whole-body pseudo-PET on real CT anatomy, full-dose and
                 low-dose (DRF 10) OSEM reconstructions, and a CT carrying a known breathing-like misalignment
@@ -276,6 +278,52 @@ def step_report(st, rep):
     return {k: v for k, v in metrics.items() if not isinstance(v, dict)}
 
 
+# outputs that depend on each model family (the report and scene read them all)
+_REPORT_FILES = ("metrics.json", "report.md", "fig_slices.png", "fig_organs.png", "fig_routing.png", "scene")
+MODEL_OUTPUTS = {
+    "synthesis": ("synthesized.nii.gz", "routing.json", "organs_synth.nii.gz", "uptake.json", "field.nii.gz",
+                  "pet_on_ct.nii.gz", "registration.json") + _REPORT_FILES,
+    "segmentation": ("organs_low.nii.gz", "organs_synth.nii.gz", "uptake.json") + _REPORT_FILES,
+}
+
+
+def model_fingerprint(model):
+    """'<id or file name>@<first 16 hex digits of the weights' SHA-256>' of a registered model id or a file."""
+    model = str(model)
+    path = Path(model)
+    if path.is_file():
+        from .models import sha256_of
+        return f"{path.name}@{sha256_of(path)[:16]}"
+    from .models import get
+    try:
+        return f"{model}@{get(model).sha256[:16]}"
+    except Exception:  # noqa: BLE001 - an unknown id fails later with the model loader's message
+        return model
+
+
+def _supersede_stale_outputs(st, fingerprints):
+    """Move the outputs made with other model weights than ``fingerprints`` into ``superseded/<time>/`` (never
+    deleted) so that they are recomputed. Returns the families whose weights changed."""
+    import shutil
+    record = st.path("models.json")
+    before = json.loads(record.read_text()) if record.is_file() else None
+    changed = []
+    if before is not None:
+        changed = [fam for fam, fp in fingerprints.items() if before.get(fam) not in (None, fp)]
+    elif st.has("DONE.json"):  # a run from before fingerprints were recorded: weights unknown
+        changed = list(fingerprints)
+    names = sorted({n for fam in changed for n in MODEL_OUTPUTS[fam] if st.path(n).exists()})
+    if names:
+        dest = st.path("superseded") / time.strftime("%Y%m%d-%H%M%S")
+        dest.mkdir(parents=True, exist_ok=True)
+        for n in names:
+            shutil.move(str(st.path(n)), str(dest / n))
+    if changed and st.path("DONE.json").is_file():
+        st.path("DONE.json").unlink()
+    record.write_text(json.dumps(fingerprints, indent=1))
+    return changed
+
+
 def run_study(spec, out_root, steps=None, device="cpu", seed=0, models=None, progress=None, cancel=None):
     """Run the requested steps (default: all that apply) for one study. Returns a summary dict; a study that
     finished has ``<out>/<id>/DONE.json`` and is skipped on the next run. ``models`` overrides the model ids or
@@ -288,6 +336,9 @@ def run_study(spec, out_root, steps=None, device="cpu", seed=0, models=None, pro
     unknown = [s for s in (steps or []) if s not in STEPS]
     if unknown:
         raise InputError(f"Unknown step(s) {', '.join(unknown)}; steps are {', '.join(STEPS)}")
+    fingerprints = {"synthesis": model_fingerprint(models.get("synthesis", SYNTHESIS_MODEL)),
+                    "segmentation": model_fingerprint(models.get("segmentation", SEGMENTATION_MODEL))}
+    _supersede_stale_outputs(st, fingerprints)
     if done.is_file() and set(wanted) <= set(json.loads(done.read_text()).get("steps", [])):
         return dict(json.loads(done.read_text()), skipped=True)
     simulated = bool(st.spec.get("anatomy")) or not st.spec.get("low_dose")
@@ -308,7 +359,7 @@ def run_study(spec, out_root, steps=None, device="cpu", seed=0, models=None, pro
         sub(0.0, f"{st.id}: {name}")
         results[name] = runners[name](sub)
     summary = {"id": st.id, "steps": wanted, "seconds": round(time.perf_counter() - t0, 1), "results": results,
-               "dir": str(st.dir)}
+               "dir": str(st.dir), "models": fingerprints}
     if st.has("metrics.json"):
         summary["metrics"] = {k: v for k, v in json.loads(st.path("metrics.json").read_text()).items()
                               if not isinstance(v, dict)}

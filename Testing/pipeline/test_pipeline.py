@@ -167,3 +167,26 @@ def test_scene_file_loads_back_with_references(tmp_path, mrml):
     p = np.array([[-10.0, -10.0, 30.0]])
     moved = bridge.transform_points_ras(t, p)
     assert np.allclose(moved - p, [[0, 0, 3.0]], atol=1e-3)
+
+
+def test_outputs_of_other_model_weights_are_superseded_not_reused(tmp_path):
+    from PETWorkbenchLib.pipeline import Study, _supersede_stale_outputs, model_fingerprint
+    w1, w2 = tmp_path / "a.pt", tmp_path / "b.pt"
+    w1.write_bytes(b"weights one")
+    w2.write_bytes(b"weights two")
+    assert model_fingerprint(w1) != model_fingerprint(w2)
+    assert model_fingerprint("synthesis-drmc-cpu").startswith("synthesis-drmc-cpu@")
+    st = Study({"id": "s1"}, tmp_path / "out")
+    names = ["low_dose.nii.gz", "synthesized.nii.gz", "organs_low.nii.gz", "organs_synth.nii.gz", "DONE.json"]
+    for n in names:
+        st.path(n).write_text(n)
+    fp = {"synthesis": model_fingerprint(w1), "segmentation": model_fingerprint(w1)}
+    st.path("models.json").write_text(json.dumps(fp))
+    assert _supersede_stale_outputs(st, fp) == [] and all(st.has(n) for n in names)   # same weights: kept
+    changed = _supersede_stale_outputs(st, dict(fp, synthesis=model_fingerprint(w2)))
+    assert changed == ["synthesis"]
+    assert st.has("low_dose.nii.gz", "organs_low.nii.gz")                          # inputs, segmentation kept
+    assert not st.has("synthesized.nii.gz") and not st.has("organs_synth.nii.gz") and not st.has("DONE.json")
+    moved = list((st.dir / "superseded").glob("*/synthesized.nii.gz"))
+    assert len(moved) == 1 and moved[0].read_text() == "synthesized.nii.gz"        # moved, never deleted
+    assert json.loads(st.path("models.json").read_text())["synthesis"] == model_fingerprint(w2)
