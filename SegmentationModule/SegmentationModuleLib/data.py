@@ -146,8 +146,8 @@ class PatchSampler:
             ps = np.array(self.patch)
             force_fg = b >= batch_size * (1 - self.fg_fraction) and len(self.fg[ci])
             if force_fg:
-                classes = sorted(self.fg[ci])
-                locs = self.fg[ci][classes[int(self.rng.integers(len(classes)))]]
+                per_class = self.fg[ci]  # classes in ascending order (np.unique)
+                locs = list(per_class.values())[int(self.rng.integers(len(per_class)))]
                 centre = locs[int(self.rng.integers(len(locs)))]
                 lo = np.clip(centre - ps // 2 + self.rng.integers(-ps // 4, ps // 4 + 1), 0, shape - ps)
             else:
