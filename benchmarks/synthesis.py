@@ -52,7 +52,7 @@ def write_models(ev, a, command):
     import hashlib
 
     from PETWorkbenchLib.models import load_checkpoint, upsert_entries
-    keys = ("psnr", "ssim", "b_mean", "b_max", "n")
+    keys = ("psnr", "ssim", "b_mean", "b_max", "e_mean", "n")
     entries = []
     for name, mid, file, title, method in (
             ("drmc", "synthesis-drmc-cpu", Path(a.drmc), "DRMC low-dose PET synthesis (CPU demo, simulated 4-centre set)",
@@ -90,7 +90,8 @@ def write_models(ev, a, command):
             "metrics": {
                 "evaluated_on": f"held-out FDG patients (split test) of the known centres C1-C4 and the unknown centres "
                                 f"C5 (brain, no lesions) and C6, {ev['n_cases']} cases; 2 mm grid; PSNR with "
-                                f"R = max(full dose); B = relative |bias| of lesion SUVmean/SUVmax",
+                                f"R = max(full dose); B = relative |bias| of lesion SUVmean/SUVmax; "
+                                f"e_mean = signed relative lesion SUVmean error (negative: uptake under-stated)",
                 "command": command,
                 "per_center": {c: {k: v[k] for k in keys} for c, v in ev["table"][name].items()},
                 "average": ev["average"][name],

@@ -15,9 +15,11 @@ from PETWorkbenchLib.progress import Reporter
 
 from .data import normalise, read_manifest, resample_like, select, to_2mm_array
 from .infer import load_model, predict_array, resolve_device, routing_summary
-from .metrics import lesion_suv_bias, psnr, routing_plot, ssim
+from .metrics import lesion_suv_bias, lesion_suv_errors, psnr, routing_plot, ssim
 
-METRICS = ("psnr", "ssim", "b_mean", "b_max")
+# b_mean/b_max: the paper's lesion SUVmean/SUVmax bias (relative, absolute); e_mean: signed relative SUVmean error
+# (diagnostic: negative = lesion uptake under-stated).
+METRICS = ("psnr", "ssim", "b_mean", "b_max", "e_mean")
 
 
 def load_case_2mm(row):
@@ -36,8 +38,10 @@ def case_metrics(est, full, lesions):
     out = {"psnr": psnr(est, full), "ssim": ssim(est, full)}
     if lesions is not None and np.any(lesions > 0):
         out["b_mean"], out["b_max"], out["n_lesions"] = lesion_suv_bias(est, full, lesions)
+        errors = lesion_suv_errors(est, full, lesions)
+        out["e_mean"] = float(np.mean([e[0] for e in errors])) if errors else float("nan")
     else:
-        out["b_mean"], out["b_max"], out["n_lesions"] = float("nan"), float("nan"), 0
+        out.update(b_mean=float("nan"), b_max=float("nan"), e_mean=float("nan"), n_lesions=0)
     return out
 
 
@@ -67,14 +71,15 @@ def tables(rows):
 
 
 def markdown_table(table, avg):
-    lines = ["| method | centre | known | n | PSNR | SSIM | B_mean | B_max |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | centre | known | n | PSNR | SSIM | B_mean | B_max | SUVmean error (signed) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for meth, cs in table.items():
         for c, v in cs.items():
             lines.append(f"| {meth} | {c} | {'yes' if v['known'] else 'no'} | {v['n']} | {v['psnr']:.2f} | "
-                         f"{v['ssim']:.4f} | {v['b_mean']:.4f} | {v['b_max']:.4f} |")
+                         f"{v['ssim']:.4f} | {v['b_mean']:.4f} | {v['b_max']:.4f} | {v['e_mean']:+.4f} |")
         for kind, v in avg.get(meth, {}).items():
             lines.append(f"| {meth} | **avg {kind}** | | | {v['psnr']:.2f} | {v['ssim']:.4f} | {v['b_mean']:.4f} | "
-                         f"{v['b_max']:.4f} |")
+                         f"{v['b_max']:.4f} | {v['e_mean']:+.4f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -126,7 +131,7 @@ def evaluate(models: dict, manifest, out_dir=None, split="test", patch=None, ove
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        keys = ["case_id", "center", "known", "method", "psnr", "ssim", "b_mean", "b_max", "n_lesions"]
+        keys = ["case_id", "center", "known", "method", "psnr", "ssim", "b_mean", "b_max", "e_mean", "n_lesions"]
         with open(out / "per_case.csv", "w", newline="") as fh:
             w = csv.DictWriter(fh, keys)
             w.writeheader()

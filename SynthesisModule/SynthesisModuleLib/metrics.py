@@ -58,23 +58,34 @@ def lesion_components(lesions):
     return [lab == i for i in range(1, n + 1)]
 
 
-def lesion_suv_bias(pred, ref, lesions, min_voxels=1):
-    """(B_mean, B_max, n_lesions): mean relative absolute bias of SUVmean and SUVmax over the lesions."""
+def lesion_suv_errors(pred, ref, lesions, min_voxels=1):
+    """Signed relative errors ((pred - ref) / ref) of SUVmean and SUVmax, one (mean, max) pair per lesion.
+
+    Lesions are the connected components (or instance labels) of ``lesions``; lesions with fewer than
+    ``min_voxels`` voxels or without uptake in the reference are skipped. Negative values mean the estimate
+    under-states the lesion's uptake (lesion flattening)."""
     pred, ref = _check_pair(pred, ref)
     if np.shape(lesions) != ref.shape:
         raise InputError(f"lesion mask shape {np.shape(lesions)} differs from image shape {ref.shape}")
-    bm, bx = [], []
+    errors = []
     for mask in lesion_components(lesions):
         if mask.sum() < min_voxels:
             continue
         rm, rx = ref[mask].mean(), ref[mask].max()
         if rm <= 0 or rx <= 0:
             continue
-        bm.append(abs(pred[mask].mean() - rm) / rm)
-        bx.append(abs(pred[mask].max() - rx) / rx)
-    if not bm:
+        errors.append(((pred[mask].mean() - rm) / rm, (pred[mask].max() - rx) / rx))
+    return errors
+
+
+def lesion_suv_bias(pred, ref, lesions, min_voxels=1):
+    """(B_mean, B_max, n_lesions): mean relative absolute bias of SUVmean and SUVmax over the lesions (DRMC's
+    definition); NaN when no lesion is scoreable."""
+    errors = lesion_suv_errors(pred, ref, lesions, min_voxels)
+    if not errors:
         return float("nan"), float("nan"), 0
-    return float(np.mean(bm)), float(np.mean(bx)), len(bm)
+    e = np.abs(np.asarray(errors, dtype=np.float64))
+    return float(e[:, 0].mean()), float(e[:, 1].mean()), len(errors)
 
 
 # ------------------------------------------------------------------------------------------- interference

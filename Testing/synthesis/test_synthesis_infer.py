@@ -14,7 +14,7 @@ from SynthesisModuleLib import infer
 from SynthesisModuleLib.data import CenterPatchSampler
 from SynthesisModuleLib.evaluate import evaluate
 from SynthesisModuleLib.infer import synthesize
-from SynthesisModuleLib.metrics import interference, lesion_suv_bias, psnr, routing_plot, ssim
+from SynthesisModuleLib.metrics import interference, lesion_suv_bias, lesion_suv_errors, psnr, routing_plot, ssim
 from SynthesisModuleLib.model import build_model
 
 torch.set_num_threads(1)
@@ -104,6 +104,10 @@ def test_metrics_definitions():
     assert ssim(noisier, ref) < ssim(noisy, ref) < 1
     bm, bx, n = lesion_suv_bias(1.1 * ref, ref, les)
     assert n == 1 and abs(bm - 0.1) < 1e-6 and abs(bx - 0.1) < 1e-6
+    # the bias is absolute, the diagnostic error keeps the sign (flattened lesions are negative)
+    assert lesion_suv_bias(0.9 * ref, ref, les)[:2] == pytest.approx((0.1, 0.1))
+    (em, ex), = lesion_suv_errors(0.9 * ref, ref, les)
+    assert em == pytest.approx(-0.1) and ex == pytest.approx(-0.1)
     two = les.copy()
     two[0, 7, 2] = 1  # a second, separate lesion inside the body (connected components)
     assert lesion_suv_bias(ref, ref, two)[2] == 2
