@@ -15,7 +15,7 @@ from PETWorkbenchLib.progress import Reporter
 
 from .data import normalise, read_manifest, resample_like, select, to_2mm_array
 from .infer import load_model, predict_array, resolve_device, routing_summary
-from .metrics import lesion_suv_bias, lesion_suv_errors, psnr, routing_plot, ssim
+from .metrics import lesion_suv_errors, psnr, routing_plot, ssim, suv_bias_from_errors
 
 # b_mean/b_max: the paper's lesion SUVmean/SUVmax bias (relative, absolute); e_mean: signed relative SUVmean error
 # (diagnostic: negative = lesion uptake under-stated).
@@ -37,8 +37,8 @@ def load_case_2mm(row):
 def case_metrics(est, full, lesions):
     out = {"psnr": psnr(est, full), "ssim": ssim(est, full)}
     if lesions is not None and np.any(lesions > 0):
-        out["b_mean"], out["b_max"], out["n_lesions"] = lesion_suv_bias(est, full, lesions)
         errors = lesion_suv_errors(est, full, lesions)
+        out["b_mean"], out["b_max"], out["n_lesions"] = suv_bias_from_errors(errors)
         out["e_mean"] = float(np.mean([e[0] for e in errors])) if errors else float("nan")
     else:
         out.update(b_mean=float("nan"), b_max=float("nan"), e_mean=float("nan"), n_lesions=0)

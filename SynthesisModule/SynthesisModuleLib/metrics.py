@@ -78,14 +78,18 @@ def lesion_suv_errors(pred, ref, lesions, min_voxels=1):
     return errors
 
 
-def lesion_suv_bias(pred, ref, lesions, min_voxels=1):
-    """(B_mean, B_max, n_lesions): mean relative absolute bias of SUVmean and SUVmax over the lesions (DRMC's
-    definition); NaN when no lesion is scoreable."""
-    errors = lesion_suv_errors(pred, ref, lesions, min_voxels)
+def suv_bias_from_errors(errors):
+    """(B_mean, B_max, n_lesions) from ``lesion_suv_errors``: mean relative absolute bias of SUVmean and SUVmax
+    (DRMC's definition); NaN when no lesion is scoreable."""
     if not errors:
         return float("nan"), float("nan"), 0
     e = np.abs(np.asarray(errors, dtype=np.float64))
     return float(e[:, 0].mean()), float(e[:, 1].mean()), len(errors)
+
+
+def lesion_suv_bias(pred, ref, lesions, min_voxels=1):
+    """(B_mean, B_max, n_lesions) of ``pred`` against ``ref`` over the lesions; see ``suv_bias_from_errors``."""
+    return suv_bias_from_errors(lesion_suv_errors(pred, ref, lesions, min_voxels))
 
 
 # ------------------------------------------------------------------------------------------- interference
