@@ -35,7 +35,7 @@ from .osem import osem, sensitivity
 from .projector import PETSystem, gaussian_filter_3d
 
 __all__ = ["CENTERS", "SUV_TABLE", "hu_to_mu", "shared_data_dir", "load_body_anatomy", "load_brain_anatomy",
-           "make_patient", "simulate_case", "acquire", "generate_dataset", "generate_standard_set",
+           "make_patient", "simulate_case", "reproduce_case", "acquire", "generate_dataset", "generate_standard_set",
            "MANIFEST_COLUMNS"]
 
 # --------------------------------------------------------------------------------------------------------------
@@ -460,11 +460,13 @@ def _normalisation(sino_shape, key, spread=0.08):
     return torch.from_numpy(eff.astype(np.float32))[None]
 
 
-def acquire(system: PETSystem, suv, counts_true: float, seed, scatter_fraction=0.3, randoms_fraction=0.1):
+def acquire(system: PETSystem, suv, counts_true: float, seed, scatter_fraction=0.3, randoms_fraction=0.1,
+            noiseless: bool = False):
     """Expected trues, additive randoms+scatter and Poisson prompts for an SUV image.
 
     Returns dict(prompts, additive, scale) with ``scale`` = counts per (SUV * unit of the system model), so that
-    reconstructed images divided by ``scale`` are in SUV.
+    reconstructed images divided by ``scale`` are in SUV. ``noiseless``: prompts are the expected counts (not
+    integers, not a measurement).
     """
     trues_unit = system.forward(torch.as_tensor(suv))
     tot = float(trues_unit.sum())
@@ -479,7 +481,7 @@ def acquire(system: PETSystem, suv, counts_true: float, seed, scatter_fraction=0
     sc = sc * (scatter_fraction / (1 - scatter_fraction)) * float(trues.sum()) / max(float(sc.sum()), 1e-12)
     rnd = torch.ones_like(trues) * (randoms_fraction * float(trues.sum()) / trues.numel())
     additive = sc + rnd
-    prompts = poisson_sample(trues + additive, seed)
+    prompts = (trues + additive) if noiseless else poisson_sample(trues + additive, seed)
     return dict(prompts=prompts, additive=additive, scale=scale)
 
 
@@ -490,10 +492,12 @@ def _image(arr, ref, dtype=None):
 
 
 def simulate_case(anatomy, patient, profile, tracer="FDG", drfs=(12,), seed=0, max_slices=None,
-                  max_voxels=None, device="cpu", progress=None, cancel=None):
+                  max_voxels=None, device="cpu", progress=None, cancel=None, noiseless: bool = False):
     """Simulate one scan of ``patient`` at a centre: full dose + one OSEM image per DRF (binomial thinning).
 
     Returns dict(images={"full_dose": Image, "drf<d>": Image, "ct", "labels", "lesions"}, info={...}).
+    ``noiseless=True`` reconstructs the expected data instead of Poisson counts (low doses: expected counts / DRF):
+    the noise-free reconstruction, a reference for what denoising can at best recover, not a scan.
     """
     rep = Reporter(progress, cancel)
     drfs = [check_drf(d) for d in drfs]
@@ -513,7 +517,7 @@ def simulate_case(anatomy, patient, profile, tracer="FDG", drfs=(12,), seed=0, m
     sys_.mult = sys_.mult * _normalisation(sys_.sino_shape, profile.get("name", "centre")).to(sys_.device)
     counts = profile["counts_per_cm"] * shape[0] * spacing_zyx[0] / 10.0
     rng = _rng_for(seed, patient["key"], tracer, profile.get("name", ""))
-    acq = acquire(sys_, gt["suv"], counts, rng)
+    acq = acquire(sys_, gt["suv"], counts, rng, noiseless=noiseless)
     sens = sensitivity(sys_)
     n_rec = 1 + len(drfs)
     kw = dict(n_iter=profile["n_iter"], post_filter_fwhm_mm=profile["post_filter_mm"], sens=sens)
@@ -521,7 +525,7 @@ def simulate_case(anatomy, patient, profile, tracer="FDG", drfs=(12,), seed=0, m
     images = {"full_dose": _image((full / acq["scale"]).cpu().numpy().astype(np.float32), ref)}
     info = dict(prompts=float(acq["prompts"].sum()), scale=acq["scale"], shape=list(shape), spacing=list(sp))
     for i, d in enumerate(drfs):
-        low = thin_counts(acq["prompts"], d, rng)
+        low = acq["prompts"] / d if noiseless else thin_counts(acq["prompts"], d, rng)
         a = 0.15 + 0.85 * (i + 1) / n_rec
         rec = osem(sys_, low, acq["additive"] / d, progress=rep.sub(a, a + 0.85 / n_rec), **kw)
         images[f"drf{d:g}"] = _image((rec * d / acq["scale"]).cpu().numpy().astype(np.float32), ref)
@@ -604,7 +608,7 @@ def generate_dataset(out_dir, n_patients, centers=None, tracers=("FDG",), extra_
             try:
                 meta = json.loads((cdir / "case.json").read_text())
                 rows.append({k: meta[k] for k in meta if k not in ("profile", "lesions_info", "acquisition",
-                                                                  "seed")})
+                                                                  "seed", "max_slices", "max_voxels")})
                 continue
             except (ValueError, KeyError):
                 pass
@@ -638,7 +642,7 @@ def generate_dataset(out_dir, n_patients, centers=None, tracers=("FDG",), extra_
         row["n_lesions"] = len(pat["lesions"]) if prof["lesions"] else 0
         rows.append(row)
         meta = dict(row, profile=prof, lesions_info=[dict(L, suv=L["suv"].get(tracer)) for L in pat["lesions"]],
-                    acquisition=res["info"], seed=seed)
+                    acquisition=res["info"], seed=seed, max_slices=max_slices, max_voxels=max_voxels)
         (cdir / "case.json").write_text(json.dumps(meta, indent=1, default=str))
     cols = list(MANIFEST_COLUMNS)
     for r in rows:
@@ -657,6 +661,36 @@ def generate_dataset(out_dir, n_patients, centers=None, tracers=("FDG",), extra_
         seconds=round(time.time() - t0, 1)), indent=1))
     rep(1.0, f"{len(rows)} cases written")
     return man
+
+
+def reproduce_case(case_dir, noiseless: bool = False, anatomy=None, progress=None, cancel=None) -> dict:
+    """Simulate a case of a generated data set again from its ``case.json`` (same patient, centre, grid, seed).
+
+    With ``noiseless=True`` this gives the case's noise-free reconstruction (see :func:`simulate_case`).
+    ``case.json`` files written before the grid limits were recorded are taken to use the generator's defaults;
+    a case whose grid cannot be reproduced raises InputError. Returns :func:`simulate_case`'s dict.
+    """
+    case_dir = Path(case_dir)
+    try:
+        meta = json.loads((case_dir / "case.json").read_text())
+        prof, pid, tracer, seed = dict(meta["profile"]), meta["patient_id"], meta["tracer"], int(meta["seed"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"{case_dir} has no readable case.json of a generated data set ({exc})") from exc
+    if prof.get("name") not in CENTERS:
+        raise InputError(f"{case_dir}: unknown centre profile {prof.get('name')!r}")
+    if anatomy is None:
+        anatomy = load_brain_anatomy() if prof["region"] == "brain" else load_body_anatomy()
+    pat = make_patient(anatomy, seed, pid, tracers=TRACERS, with_lesions=prof["lesions"])
+    res = simulate_case(anatomy, pat, prof, tracer, [prof["drf"]], seed=seed,
+                        max_slices=meta.get("max_slices", 110), max_voxels=meta.get("max_voxels", 2_500_000),
+                        progress=progress, cancel=cancel, noiseless=noiseless)
+    ref = sitk.ReadImage(str(case_dir / Path(meta["full_dose"]).name))
+    new = res["images"]["full_dose"]
+    if new.GetSize() != ref.GetSize() or not np.allclose(new.GetOrigin(), ref.GetOrigin(), atol=1e-3) or \
+            not np.allclose(new.GetSpacing(), ref.GetSpacing()):
+        raise InputError(f"{case_dir}: the simulation does not reproduce the case's grid (other anatomy or generator "
+                         f"settings)")
+    return res
 
 
 def generate_standard_set(out_dir, seed=0, progress=None, cancel=None, resume=True) -> Path:

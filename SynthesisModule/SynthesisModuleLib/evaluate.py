@@ -22,16 +22,23 @@ from .metrics import lesion_suv_errors, psnr, routing_plot, ssim, suv_bias_from_
 METRICS = ("psnr", "ssim", "b_mean", "b_max", "e_mean")
 
 
-def load_case_2mm(row):
-    """(low SUV, full SUV, lesion mask or None) on the full-dose image's 2 mm grid."""
+def load_case_2mm(row, references=None):
+    """(low SUV, full SUV, lesion mask or None, {reference name: SUV}) on the full-dose image's 2 mm grid.
+
+    ``references``: name -> callable(row) -> SUV image of the case (e.g. its noise-free reconstruction)."""
     full, full_img = to_2mm_array(sitk.ReadImage(row["full_dose"]))
-    low_img = sitk.Cast(sitk.ReadImage(row["low_dose"]), sitk.sitkFloat32)
-    low = sitk.GetArrayFromImage(resample_like(low_img, full_img)).astype(np.float32)
+
+    def on_grid(img):
+        img = sitk.Cast(img, sitk.sitkFloat32)
+        return np.clip(sitk.GetArrayFromImage(resample_like(img, full_img)).astype(np.float32), 0, None)
+
+    low = on_grid(sitk.ReadImage(row["low_dose"]))
     les = None
     if row.get("lesions"):
         li = sitk.ReadImage(row["lesions"])
         les = sitk.GetArrayFromImage(resample_like(li, full_img, sitk.sitkNearestNeighbor, 0))
-    return np.clip(low, 0, None), np.clip(full, 0, None), les
+    refs = {name: on_grid(fn(row)) for name, fn in (references or {}).items()}
+    return low, np.clip(full, 0, None), les, refs
 
 
 def case_metrics(est, full, lesions):
@@ -85,8 +92,11 @@ def markdown_table(table, avg):
 
 def evaluate(models: dict, manifest, out_dir=None, split="test", patch=None, overlap=0.5, sw_batch_size=2,
              device="auto", max_cases_per_center=None, include_unknown=True, tracers=None, progress=None,
-             cancel=None) -> dict:
+             cancel=None, references=None) -> dict:
     """Evaluate ``models`` (name -> weights path / checkpoint dict / Generator) and the low-dose input.
+
+    ``references``: optional name -> callable(row) -> SUV image, evaluated like the input (e.g. the noise-free
+    reconstruction of a simulated case: the best a denoiser could recover).
 
     Known centres: rows with ``split`` (held-out patients). Unknown centres: all their rows (test only).
     Writes per_case.csv, results.json, table.md and routing_<name>.png into ``out_dir`` when given.
@@ -105,15 +115,20 @@ def evaluate(models: dict, manifest, out_dir=None, split="test", patch=None, ove
         rows = kept
     if not rows:
         raise InputError(f"manifest {manifest} has no evaluation rows (split {split!r})")
+    clash = set(references or {}) & (set(models) | {"low"})
+    if clash:
+        raise InputError(f"reference names {sorted(clash)} are already used by the input or a model")
     dev = resolve_device(device)
     nets = {name: load_model(m, dev) for name, m in models.items()}
     results, logs = [], {name: {} for name in nets}
     for i, row in enumerate(rows):
         r0 = rep.sub(i / len(rows), (i + 1) / len(rows))
         r0(0.0, f"case {row['case_id']} ({row['center']})")
-        low, full, les = load_case_2mm(row)
+        low, full, les, refs = load_case_2mm(row, references)
         base = {"case_id": row["case_id"], "center": row["center"], "known": row["known"]}
         results.append({**base, "method": "low", **case_metrics(low, full, les)})
+        for name, arr in refs.items():
+            results.append({**base, "method": name, **case_metrics(arr, full, les)})
         for k, (name, (net, cfg)) in enumerate(nets.items()):
             scale = float(cfg["train"]["suv_scale"])
             p = patch or cfg["train"]["patch_size"]

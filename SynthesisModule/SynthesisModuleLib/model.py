@@ -125,7 +125,13 @@ class Attention_Expert(nn.Module):  # noqa: N801
             k = F.normalize(k, dim=-1)
         attn = (q @ k.transpose(-2, -1)) * self.temperature  # (B, heads, c/h, c/h): channel attention
         out = attn.softmax(dim=-1) @ v
-        out = self.dwconv(out.reshape(b, c, d, h, w))
+        out = out.reshape(b, c, d, h, w)
+        if out.device.type == "cpu":
+            # Same operation and weights; on CPU the depth-wise 3-D convolution's backward pass is ~3x faster
+            # in channels-last layout (oneDNN) than in the default layout (about 30 % of a training step).
+            out = self.dwconv(out.contiguous(memory_format=torch.channels_last_3d)).contiguous()
+        else:
+            out = self.dwconv(out)
         return self.project_out(out)
 
 

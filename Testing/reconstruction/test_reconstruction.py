@@ -307,6 +307,20 @@ def test_generate_dataset_small(tmp_path):
     man3 = generate_dataset(tmp_path / "c", 1, **dict(kw, seed=12, tracers=("FDG",), n_test=0))
     f3 = sitk.GetArrayFromImage(sitk.ReadImage(str(man3.parent / r["full_dose"])))
     assert not np.array_equal(f, f3)
+    # a case simulated again from its case.json: the same scan; noise-free: expected counts, same mean, no noise
+    from ReconstructionModuleLib.simulate import reproduce_case
+    case_dir = (d / r["full_dose"]).parent
+    again = sitk.GetArrayFromImage(reproduce_case(case_dir)["images"]["full_dose"])
+    assert np.abs(again - f).mean() < 1e-3 * f.mean()
+    nf = reproduce_case(case_dir, noiseless=True)["images"]
+    nfa = sitk.GetArrayFromImage(nf["full_dose"])
+    nfl = sitk.GetArrayFromImage(nf["drf4"])
+    assert abs(nfa.mean() / f.mean() - 1) < 0.02 and abs(nfl.mean() / nfa.mean() - 1) < 0.02
+    # noise (distance from the noise-free image) grows ~ sqrt(DRF) = 2 from full to quarter dose
+    assert np.abs(lo - nfa)[body].mean() > 1.5 * np.abs(f - nfa)[body].mean() > 0
+    assert np.abs(nfl - nfa)[body].mean() < 0.5 * np.abs(f - nfa)[body].mean()
+    with pytest.raises(InputError, match="case.json"):
+        reproduce_case(tmp_path)
 
 
 @pytest.mark.skipif(not _anatomy_available(), reason="shared example CT not available")

@@ -148,6 +148,27 @@ def test_evaluate_tables_unknown_centre_and_routing_png(tiny_manifest, tmp_path)
         routing_plot({"x": {"routed": False}}, tmp_path / "none.png")
 
 
+def test_evaluate_reference_rows(tiny_manifest, tmp_path):
+    """A reference image (here the full dose itself) is scored like the input: zero lesion bias, top PSNR."""
+    import SimpleITK as sitk
+    seen = []
+
+    def full_dose(row):
+        seen.append(row["case_id"])
+        return sitk.ReadImage(row["full_dose"])
+
+    s = evaluate({"drmc": _ckpt(identity=True)}, tiny_manifest, device="cpu", patch=12,
+                 references={"perfect": full_dose})
+    t = s["table"]
+    assert set(t) == {"low", "drmc", "perfect"} and len(seen) == s["n_cases"] == 3
+    for c in ("A", "B", "U"):
+        assert t["perfect"][c]["b_max"] == 0.0 and t["perfect"][c]["b_mean"] == 0.0
+        assert t["perfect"][c]["psnr"] > t["low"][c]["psnr"] + 20
+        assert t["low"][c]["b_max"] > 0
+    with pytest.raises(InputError, match="already used"):
+        evaluate({"drmc": _ckpt(identity=True)}, tiny_manifest, device="cpu", patch=12, references={"low": full_dose})
+
+
 def test_cli_synthesize_and_train(tiny_manifest, tmp_path):
     from PETWorkbenchLib.cli import main
     torch.save(_ckpt(), tmp_path / "w.pt")

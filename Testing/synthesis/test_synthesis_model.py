@@ -166,3 +166,31 @@ def test_bad_configs_and_inputs():
         model_config({"n_feats": 10, "num_heads": 4})
     with pytest.raises(ValueError, match="shape"):
         Generator(SMALL)(torch.rand(1, 8, 8, 8))
+
+
+def test_attention_expert_cpu_layout_matches_plain_depthwise_convolution():
+    """The CPU channels-last path of the depth-wise convolution is the same operation: outputs and gradients."""
+    import torch.nn.functional as F
+
+    from SynthesisModuleLib.model import Attention_Expert
+
+    torch.manual_seed(0)
+    ex = Attention_Expert(8, num_heads=2)
+    x = torch.randn(2, 8, 6, 5, 7, requires_grad=True)
+    out = ex(x)
+    grads = torch.autograd.grad(out.pow(2).sum(), [x, *ex.parameters()])
+
+    def plain(x):  # the expert written out with the default memory layout
+        b, c, d, h, w = x.shape
+        q, k, v = (t.reshape(b, 2, c // 2, -1) for t in ex.qkv(x).chunk(3, dim=1))
+        attn = (F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)) * ex.temperature
+        y = F.conv3d((attn.softmax(-1) @ v).reshape(b, c, d, h, w), ex.dwconv.weight, padding=1, groups=c)
+        return ex.project_out(y)
+
+    ref = plain(x)
+    ref_grads = torch.autograd.grad(ref.pow(2).sum(), [x, *ex.parameters()])
+    assert out.is_contiguous() and out.shape == ref.shape
+    assert torch.allclose(out, ref, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        assert torch.allclose(g, r, rtol=1e-4, atol=1e-5)
+    assert grads[0].abs().sum() > 0 and ex.dwconv.weight.requires_grad
