@@ -608,7 +608,7 @@ def generate_dataset(out_dir, n_patients, centers=None, tracers=("FDG",), extra_
             try:
                 meta = json.loads((cdir / "case.json").read_text())
                 rows.append({k: meta[k] for k in meta if k not in ("profile", "lesions_info", "acquisition",
-                                                                  "seed", "max_slices", "max_voxels")})
+                                                                  "seed")})
                 continue
             except (ValueError, KeyError):
                 pass
@@ -642,7 +642,7 @@ def generate_dataset(out_dir, n_patients, centers=None, tracers=("FDG",), extra_
         row["n_lesions"] = len(pat["lesions"]) if prof["lesions"] else 0
         rows.append(row)
         meta = dict(row, profile=prof, lesions_info=[dict(L, suv=L["suv"].get(tracer)) for L in pat["lesions"]],
-                    acquisition=res["info"], seed=seed, max_slices=max_slices, max_voxels=max_voxels)
+                    acquisition=res["info"], seed=seed)
         (cdir / "case.json").write_text(json.dumps(meta, indent=1, default=str))
     cols = list(MANIFEST_COLUMNS)
     for r in rows:
@@ -667,8 +667,8 @@ def reproduce_case(case_dir, noiseless: bool = False, anatomy=None, progress=Non
     """Simulate a case of a generated data set again from its ``case.json`` (same patient, centre, grid, seed).
 
     With ``noiseless=True`` this gives the case's noise-free reconstruction (see :func:`simulate_case`).
-    ``case.json`` files written before the grid limits were recorded are taken to use the generator's defaults;
-    a case whose grid cannot be reproduced raises InputError. Returns :func:`simulate_case`'s dict.
+    The axial window is the one of the case's full-dose image; a case whose grid cannot be reproduced (another
+    anatomy, another generator) raises InputError. Returns :func:`simulate_case`'s dict.
     """
     case_dir = Path(case_dir)
     try:
@@ -680,11 +680,13 @@ def reproduce_case(case_dir, noiseless: bool = False, anatomy=None, progress=Non
         raise InputError(f"{case_dir}: unknown centre profile {prof.get('name')!r}")
     if anatomy is None:
         anatomy = load_brain_anatomy() if prof["region"] == "brain" else load_body_anatomy()
+    try:
+        ref = sitk.ReadImage(str(case_dir / Path(meta["full_dose"]).name))
+    except RuntimeError as exc:
+        raise InputError(f"{case_dir}: cannot read the case's full-dose image ({exc})") from exc
     pat = make_patient(anatomy, seed, pid, tracers=TRACERS, with_lesions=prof["lesions"])
-    res = simulate_case(anatomy, pat, prof, tracer, [prof["drf"]], seed=seed,
-                        max_slices=meta.get("max_slices", 110), max_voxels=meta.get("max_voxels", 2_500_000),
+    res = simulate_case(anatomy, pat, prof, tracer, [prof["drf"]], seed=seed, max_slices=ref.GetSize()[2],
                         progress=progress, cancel=cancel, noiseless=noiseless)
-    ref = sitk.ReadImage(str(case_dir / Path(meta["full_dose"]).name))
     new = res["images"]["full_dose"]
     if new.GetSize() != ref.GetSize() or not np.allclose(new.GetOrigin(), ref.GetOrigin(), atol=1e-3) or \
             not np.allclose(new.GetSpacing(), ref.GetSpacing()):
