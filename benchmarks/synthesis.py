@@ -171,7 +171,7 @@ def main(argv=None):
         kv["suvmax_bias_noise_free"] = avg["noise_free"]["known"]["b_max"]
     if a.write_models:
         write_models(ev, a, "python benchmarks/synthesis.py" + (" --quick" if a.quick else "")
-                     + (f" --max-cases {a.max_cases}" if a.max_cases else ""))
+                     + (f" --max-cases {a.max_cases}" if a.max_cases else "") + (" --floor" if a.floor else ""))
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in kv.items()))
 
 

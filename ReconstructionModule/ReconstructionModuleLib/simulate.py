@@ -664,7 +664,8 @@ def generate_dataset(out_dir, n_patients, centers=None, tracers=("FDG",), extra_
 
 
 def reproduce_case(case_dir, noiseless: bool = False, anatomy=None, progress=None, cancel=None) -> dict:
-    """Simulate a case of a generated data set again from its ``case.json`` (same patient, centre, grid, seed).
+    """Simulate a case of a generated data set again from its ``case.json`` (same patient, centre, grid, seed;
+    the same images up to floating-point differences, e.g. of another thread count).
 
     With ``noiseless=True`` this gives the case's noise-free reconstruction (see :func:`simulate_case`).
     The axial window is the one of the case's full-dose image; a case whose grid cannot be reproduced (another
