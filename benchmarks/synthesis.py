@@ -51,14 +51,14 @@ def dense_vs_sparse(repeats=2, seed=0):
 
 def noise_free_reference():
     """row -> noise-free reconstruction of a simulated case (anatomies loaded once)."""
-    from ReconstructionModuleLib.simulate import CENTERS, load_body_anatomy, load_brain_anatomy, reproduce_case
+    from ReconstructionModuleLib.simulate import CENTERS, load_anatomy, reproduce_case
     anatomies = {}
 
     def reference(row):
         case_dir = Path(row["full_dose"]).parent
         region = CENTERS[row["center"]]["region"]
         if region not in anatomies:
-            anatomies[region] = load_brain_anatomy() if region == "brain" else load_body_anatomy()
+            anatomies[region] = load_anatomy(region)
         return reproduce_case(case_dir, noiseless=True, anatomy=anatomies[region])["images"]["full_dose"]
     return reference
 

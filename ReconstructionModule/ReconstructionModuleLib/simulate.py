@@ -34,9 +34,9 @@ from .organs import LDOS_ORGANS, read_ts_label_table, ts_to_ldos_lut
 from .osem import osem, sensitivity
 from .projector import PETSystem, gaussian_filter_3d
 
-__all__ = ["CENTERS", "SUV_TABLE", "hu_to_mu", "shared_data_dir", "load_body_anatomy", "load_brain_anatomy",
-           "make_patient", "simulate_case", "reproduce_case", "acquire", "generate_dataset", "generate_standard_set",
-           "MANIFEST_COLUMNS"]
+__all__ = ["CENTERS", "SUV_TABLE", "hu_to_mu", "shared_data_dir", "load_anatomy", "load_body_anatomy",
+           "load_brain_anatomy", "make_patient", "simulate_case", "reproduce_case", "acquire", "generate_dataset",
+           "generate_standard_set", "MANIFEST_COLUMNS"]
 
 # --------------------------------------------------------------------------------------------------------------
 # Centre profiles (DRMC, Table 1).  Spacing is (x, y, z) mm, matrix the in-plane matrix of the centre.
@@ -189,6 +189,11 @@ def _nib_to_sitk(img):
     out.SetDirection([float(np.sign(d[0]) * flip[0]), 0, 0, 0, float(np.sign(d[1]) * flip[1]), 0, 0, 0,
                       float(np.sign(d[2]) * flip[2])])
     return out
+
+
+def load_anatomy(region: str, folder=None):
+    """The anatomy a centre profile's ``region`` uses: the brain MRI for "brain", else the body CT (``folder``)."""
+    return load_brain_anatomy() if region == "brain" else load_body_anatomy(folder)
 
 
 def load_brain_anatomy():
@@ -597,7 +602,7 @@ def generate_dataset(out_dir, n_patients, centers=None, tracers=("FDG",), extra_
         sub = rep.sub(i / len(plan), (i + 1) / len(plan))
         sub(0.0, f"{cname} patient {p} {tracer}")
         prof = dict(CENTERS[cname], name=cname)
-        anatomy = load_brain_anatomy() if prof["region"] == "brain" else load_body_anatomy(anatomy_dir)
+        anatomy = load_anatomy(prof["region"], anatomy_dir)
         pid = f"{cname}_p{p:03d}"
         if pid not in patients:
             patients[pid] = make_patient(anatomy, seed, pid, tracers=TRACERS, with_lesions=prof["lesions"])
@@ -680,7 +685,7 @@ def reproduce_case(case_dir, noiseless: bool = False, anatomy=None, progress=Non
     if prof.get("name") not in CENTERS:
         raise InputError(f"{case_dir}: unknown centre profile {prof.get('name')!r}")
     if anatomy is None:
-        anatomy = load_brain_anatomy() if prof["region"] == "brain" else load_body_anatomy()
+        anatomy = load_anatomy(prof["region"])
     try:
         ref = sitk.ReadImage(str(case_dir / Path(meta["full_dose"]).name))
     except RuntimeError as exc:
