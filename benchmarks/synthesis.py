@@ -50,16 +50,11 @@ def dense_vs_sparse(repeats=2, seed=0):
 
 
 def noise_free_reference():
-    """row -> noise-free reconstruction of a simulated case (anatomies loaded once)."""
-    from ReconstructionModuleLib.simulate import CENTERS, load_anatomy, reproduce_case
-    anatomies = {}
+    """row -> noise-free reconstruction of a simulated case (reproduce_case; the simulator caches the anatomies)."""
+    from ReconstructionModuleLib.simulate import reproduce_case
 
     def reference(row):
-        case_dir = Path(row["full_dose"]).parent
-        region = CENTERS[row["center"]]["region"]
-        if region not in anatomies:
-            anatomies[region] = load_anatomy(region)
-        return reproduce_case(case_dir, noiseless=True, anatomy=anatomies[region])["images"]["full_dose"]
+        return reproduce_case(Path(row["full_dose"]).parent, noiseless=True)["images"]["full_dose"]
     return reference
 
 
