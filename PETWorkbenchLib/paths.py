@@ -9,8 +9,14 @@ _HERE = Path(__file__).resolve().parent
 def resources_dir():
     """Extension-wide Resources folder.
 
-    In the source tree it is ``<repo>/Resources``; in an installed Slicer extension CMake installs it as
-    ``PETWorkbenchLib/Resources``. ``PETWORKBENCH_RESOURCES`` overrides both.
+    Looked for, in this order:
+
+    * ``PETWORKBENCH_RESOURCES`` (environment), when set;
+    * ``PETWorkbenchLib/Resources`` beside this file: where CMake puts ``Resources/`` in a Slicer build tree
+      (``<build>/<Slicer_QTSCRIPTEDMODULES_LIB_DIR>/PETWorkbenchLib/Resources``, copied at configure time) and in
+      the installed extension (``<Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR>/PETWorkbenchLib/Resources``): the
+      same layout in both trees;
+    * ``<repo>/Resources`` in the source tree (command line, tests).
     """
     env = os.environ.get("PETWORKBENCH_RESOURCES")
     candidates = [Path(env)] if env else []

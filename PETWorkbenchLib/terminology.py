@@ -1,24 +1,90 @@
 """The organ list (label values, names, colours, SNOMED CT terminology) shared by engines and Slicer modules.
 
-Source of truth: ``Resources/Terminology/PETWorkbenchOrgans.json``.
+Source of truth: ``Resources/Terminology/PETWorkbenchOrgans.term.json``, a 3D Slicer terminology context
+(the format of Slicer's own ``SegmentationCategoryTypeModifier-*.json`` files: ``SegmentationCodes`` ->
+``Category`` -> ``Type`` with ``CodingSchemeDesignator``/``CodeValue``/``CodeMeaning``), so Slicer's
+Terminologies module can load it as it is. Each organ is one ``Type`` of the "Anatomical Structure" category:
+
+* ``3dSlicerLabel``: the organ name, which is also the name of the segments we create (``"urinary_bladder"``);
+* ``3dSlicerIntegerLabel``: the organ's value in PETWorkbench label maps (1..18);
+* ``recommendedDisplayRGBValue``: its colour (0..255);
+* ``PETWorkbenchDisplayName``: a human-readable name (``"Urinary bladder"``), ours, ignored by Slicer.
+
+This module is the only reader of the file. Segment terminology entries written from these specs name the
+context (:data:`CONTEXT_NAME`); :func:`load_into_slicer` loads it into Slicer's Terminologies module so Slicer
+finds them.
 """
 
+import copy
 import json
 from functools import lru_cache
 
 from .errors import InputError
 from .paths import resources_dir
 
+TERMINOLOGY_FILE = "Terminology/PETWorkbenchOrgans.term.json"
+CONTEXT_NAME = "Segmentation category and type - PETWorkbench organs"
+ANATOMIC_CONTEXT_NAME = "Anatomic codes - DICOM master list"
+
+
+def terminology_path():
+    """Path of the terminology context file (``<Resources>/Terminology/PETWorkbenchOrgans.term.json``)."""
+    p = resources_dir() / TERMINOLOGY_FILE
+    if not p.is_file():
+        raise FileNotFoundError(f"PETWorkbench terminology not found: {p}")
+    return p
+
+
+def _code(d):
+    return {"codingScheme": d["CodingSchemeDesignator"], "codeValue": str(d["CodeValue"]),
+            "codeMeaning": d["CodeMeaning"]}
+
+
+def _serialized(context, category, type_):
+    def triple(c):
+        return "^".join([c["codingScheme"], c["codeValue"], c["codeMeaning"]]) if c else "^^"
+    return "~".join([context, triple(category), triple(type_), triple(None), ANATOMIC_CONTEXT_NAME,
+                     triple(None), triple(None)])
+
 
 @lru_cache(maxsize=1)
-def _load():
-    return json.loads((resources_dir() / "Terminology" / "PETWorkbenchOrgans.json").read_text())
+def _table():
+    doc = json.loads(terminology_path().read_text(encoding="utf-8"))
+    context = doc["SegmentationCategoryTypeContextName"]
+    organs = []
+    for cat in doc["SegmentationCodes"]["Category"]:
+        category = _code(cat)
+        for t in cat.get("Type", []):
+            type_ = _code(t)
+            organs.append({
+                "value": int(t["3dSlicerIntegerLabel"]),
+                "name": t["3dSlicerLabel"],
+                "displayName": t.get("PETWorkbenchDisplayName", t["CodeMeaning"]),
+                # stored as 0..255 integers; the 4-decimal 0..1 floats are what the organ list always gave
+                "color": [round(c / 255.0, 4) for c in t["recommendedDisplayRGBValue"]],
+                "terminology": {"contextName": context, "category": category, "type": type_, "typeModifier": None,
+                                "anatomicContextName": ANATOMIC_CONTEXT_NAME, "anatomicRegion": None,
+                                "anatomicRegionModifier": None,
+                                "slicerTerminologyEntry": _serialized(context, category, type_)},
+            })
+    organs.sort(key=lambda o: o["value"])
+    return context, tuple(organs)
+
+
+def context_name():
+    """The terminology context name as written in the file (``SegmentationCategoryTypeContextName``)."""
+    return _table()[0]
+
+
+def organ_table():
+    """All organs, sorted by label value: [{value, name, displayName, color (0..1 RGB), terminology}] (copies)."""
+    return copy.deepcopy(list(_table()[1]))
 
 
 def organ_specs(organs=None):
     """Segment specs ({value, name, color, terminology}) for all organs or the given names/values, in label order."""
-    specs = [{"value": o["value"], "name": o["name"], "color": o["color"], "terminology": o.get("terminology")}
-             for o in _load()["organs"]]
+    specs = [{"value": o["value"], "name": o["name"], "color": o["color"], "terminology": o["terminology"]}
+             for o in organ_table()]
     if not organs:
         return specs
     wanted = {str(o).strip().lower() for o in organs}
@@ -28,3 +94,23 @@ def organ_specs(organs=None):
         raise InputError(f"Unknown organ(s): {', '.join(sorted(unknown))}. Known: "
                          + ", ".join(s["name"] for s in specs))
     return out
+
+
+def load_into_slicer(logic=None):
+    """Load the organ terminology context into Slicer's Terminologies module logic (once) so that Slicer finds the
+    types our segments name. ``logic``: a ``vtkSlicerTerminologiesModuleLogic``; by default Slicer's own, and
+    nothing is done (None is returned) where there is none (engine use, headless scenes). Returns the context
+    name when it is loaded."""
+    if logic is None:
+        try:
+            import slicer
+            logic = slicer.modules.terminologies.logic()
+        except (ImportError, AttributeError):
+            return None
+    name = context_name()
+    if logic.IsTerminologyContextLoaded(name):
+        return name
+    loaded = logic.LoadTerminologyFromFile(str(terminology_path()))
+    if loaded != name:
+        raise RuntimeError(f"Slicer could not load the terminology {terminology_path()} (got {loaded!r})")
+    return name

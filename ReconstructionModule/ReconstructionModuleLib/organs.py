@@ -1,8 +1,10 @@
 """Organ label conventions.
 
 ``LDOS_ORGANS``: the 18 organ classes of LDOS (CT-free low-dose PET organ segmentation) with the label values
-used by every PETWorkbench data set and model.  ``TS_TO_LDOS`` maps TotalSegmentator ("total" task, v2) class
-names to those values (left/right, vertebrae and lung lobes merged).
+used by every PETWorkbench data set and model, as (value, name) pairs read from the one organ list,
+``Resources/Terminology/PETWorkbenchOrgans.term.json`` (see :mod:`PETWorkbenchLib.terminology`).
+``TS_TO_LDOS`` maps TotalSegmentator ("total" task, v2) class names to those values (left/right, vertebrae and
+lung lobes merged).
 """
 
 from __future__ import annotations
@@ -10,14 +12,12 @@ from __future__ import annotations
 import csv
 import numpy as np
 
+from PETWorkbenchLib.terminology import organ_specs
+
 __all__ = ["LDOS_ORGANS", "LDOS_NAMES", "LDOS_VALUES", "TS_TO_LDOS", "ts_name_to_ldos", "read_ts_label_table",
            "ts_to_ldos_lut", "segment_specs"]
 
-LDOS_ORGANS = [
-    (1, "spleen"), (2, "colon"), (3, "urinary_bladder"), (4, "sacrum"), (5, "vertebrae"), (6, "heart"),
-    (7, "aorta"), (8, "clavicula"), (9, "femur"), (10, "hip"), (11, "autochthon"), (12, "kidney"),
-    (13, "brain"), (14, "liver"), (15, "stomach"), (16, "pancreas"), (17, "lung"), (18, "esophagus"),
-]
+LDOS_ORGANS = [(s["value"], s["name"]) for s in organ_specs()]
 LDOS_NAMES = {v: n for v, n in LDOS_ORGANS}
 LDOS_VALUES = {n: v for v, n in LDOS_ORGANS}
 
@@ -68,13 +68,8 @@ TS_TO_LDOS.update({f"vertebrae_{s}": 5 for s in
 TS_TO_LDOS.update({n: 17 for n in ["lung_upper_lobe_left", "lung_lower_lobe_left", "lung_upper_lobe_right",
                                    "lung_middle_lobe_right", "lung_lower_lobe_right"]})
 
-_COLORS = [(0.62, 0.35, 0.65), (0.8, 0.6, 0.4), (0.85, 0.85, 0.3), (0.95, 0.9, 0.8), (0.9, 0.85, 0.7),
-           (0.8, 0.2, 0.2), (0.9, 0.3, 0.3), (0.95, 0.95, 0.85), (0.9, 0.9, 0.75), (0.85, 0.85, 0.7),
-           (0.7, 0.35, 0.3), (0.75, 0.4, 0.3), (0.95, 0.75, 0.7), (0.6, 0.3, 0.2), (0.85, 0.55, 0.45),
-           (0.95, 0.8, 0.5), (0.5, 0.7, 0.9), (0.75, 0.5, 0.45)]
-
 
 def segment_specs():
-    """Segment specs (value, name, color) of the LDOS-18 label map, as in docs/ARCHITECTURE.md."""
-    return [{"value": v, "name": n, "color": list(_COLORS[v - 1])} for v, n in LDOS_ORGANS]
-
+    """Segment specs (value, name, color) of the LDOS-18 label map, as in docs/ARCHITECTURE.md (colours of the
+    organ terminology)."""
+    return [{"value": s["value"], "name": s["name"], "color": s["color"]} for s in organ_specs()]

@@ -4,7 +4,7 @@ Method: Ye et al., "Self is the Best Learner: CT-free Ultra-Low-Dose PET Organ S
 Denoising and Segmentation Learning" (LDOS, MICCAI 2025). See METHOD.md for details and deviations.
 
 Engine API (images are SimpleITK images in SUV; label maps use the values of
-``Resources/Terminology/PETWorkbenchOrgans.json``)::
+``Resources/Terminology/PETWorkbenchOrgans.term.json``)::
 
     from SegmentationModuleLib import segment, organ_uptake, region_at_click, organ_specs, evaluate
 

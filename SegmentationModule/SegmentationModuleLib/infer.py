@@ -89,7 +89,7 @@ def _back_to_input(img_model, image, is_label):
 
 def segment(image, checkpoint, organs=None, device="auto", progress=None, cancel=None,
             return_probabilities=False, allow_empty=False):
-    """Organ label map on the input grid (uint8, values of Resources/Terminology/PETWorkbenchOrgans.json).
+    """Organ label map on the input grid (uint8, values of Resources/Terminology/PETWorkbenchOrgans.term.json).
 
     Returns ``(label_image, probabilities)``; ``probabilities`` is None unless ``return_probabilities``, then a
     float32 vector image (one component per class, background first) on the input grid.

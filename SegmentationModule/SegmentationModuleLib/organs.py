@@ -1,51 +1,22 @@
 """The 18 LDOS organs: label values, names, colours and SNOMED CT terminology.
 
-The table lives in ``Resources/Terminology/PETWorkbenchOrgans.json``; this module only reads it and turns it into
-segment specs (``{"value", "name", "color", "terminology"}``, see docs/ARCHITECTURE.md).
+The table lives in ``Resources/Terminology/PETWorkbenchOrgans.term.json`` (a 3D Slicer terminology context) and is
+read by :mod:`PETWorkbenchLib.terminology`; this module turns it into segment specs
+(``{"value", "name", "displayName", "color", "terminology"}``, see docs/ARCHITECTURE.md) and resolves organ
+selections.
 """
 
-import json
-import os
-from functools import lru_cache
-from pathlib import Path
-
 from PETWorkbenchLib.errors import InputError
-
-TERMINOLOGY_FILE = "Terminology/PETWorkbenchOrgans.json"
-
-
-def _candidates():
-    here = Path(__file__).resolve().parent
-    env = os.environ.get("PETWORKBENCH_RESOURCES")
-    out = [Path(env)] if env else []
-    out += [here.parent.parent / "Resources", here.parent / "Resources", here / "Resources"]
-    try:
-        import PETWorkbenchLib
-        lib = Path(PETWorkbenchLib.__file__).resolve().parent
-        out += [lib / "Resources", lib.parent / "Resources"]
-    except Exception:  # pragma: no cover
-        pass
-    return out
+from PETWorkbenchLib.terminology import TERMINOLOGY_FILE, organ_table, terminology_path  # noqa: F401
 
 
-def terminology_path():
-    for c in _candidates():
-        p = c / TERMINOLOGY_FILE
-        if p.is_file():
-            return p
-    raise FileNotFoundError(f"{TERMINOLOGY_FILE} not found under " + ", ".join(str(c) for c in _candidates()))
-
-
-@lru_cache(maxsize=1)
 def _table():
-    with open(terminology_path(), encoding="utf-8") as f:
-        doc = json.load(f)
-    return tuple(doc["organs"])
+    return organ_table()
 
 
 def organ_specs(organs=None):
     """Segment specs for all organs (or the selected ones: names or label values), sorted by value."""
-    table = [dict(o) for o in _table()]
+    table = _table()
     if organs is None:
         return table
     values = set(resolve_organs(organs))

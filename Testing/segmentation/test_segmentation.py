@@ -32,8 +32,8 @@ EXPECTED = ["spleen", "colon", "urinary_bladder", "sacrum", "vertebrae", "heart"
 
 # ---------------------------------------------------------------- terminology
 def test_terminology_has_the_18_paper_organs_with_snomed_codes():
-    doc = json.loads(terminology_path().read_text())
-    organs = doc["organs"]
+    assert terminology_path().name == "PETWorkbenchOrgans.term.json"
+    organs = organ_specs()
     assert [o["name"] for o in organs] == EXPECTED
     assert [o["value"] for o in organs] == list(range(1, 19))
     codes = set()
