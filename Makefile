@@ -20,6 +20,7 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q Testing
+	$(PY) -m pytest -q Testing/gui
 
 bench: venv
 	$(PY) benchmarks/reconstruction.py --quick

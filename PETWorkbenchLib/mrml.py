@@ -77,6 +77,9 @@ def volume_to_image(volumeNode, dtype=None):
     if arr.size == 0:
         raise InputError(f"Volume '{volumeNode.GetName()}' is empty (0 voxels)")
     arr = np.array(arr, dtype=dtype or arr.dtype, copy=True)
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise InputError(f"Volume '{volumeNode.GetName()}' contains NaN or infinite values; engines need finite "
+                         "voxel values")
     img = sitk.GetImageFromArray(arr)
     spacing, origin, direction = _geometry_from_ijk_to_ras(volume_ijk_to_ras(volumeNode))
     img.SetSpacing([float(s) for s in spacing])
@@ -140,7 +143,9 @@ def terminology_string(entry):
     """Terminology spec dict -> Slicer's serialized terminology entry.
 
     ``entry`` has "category", "type" and optionally "typeModifier", "anatomicRegion", "anatomicRegionModifier",
-    each {"codingScheme", "codeValue", "codeMeaning"}; "contextName" and "anatomicContextName" are optional.
+    each {"codingScheme", "codeValue", "codeMeaning"}; "contextName" and "anatomicContextName" are optional
+    (without "contextName" the entry names Slicer's General Anatomy list; the organ specs of
+    :mod:`PETWorkbenchLib.terminology` name the PETWorkbench organs context).
     """
     if not entry:
         return ""
@@ -184,6 +189,10 @@ def labelmap_to_segmentation(labelImage, specs, segmentationNode=None, reference
     if referenceVolumeNode is not None:
         segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(referenceVolumeNode)
     segmentation = segmentationNode.GetSegmentation()
+    from .terminology import CONTEXT_NAME, load_into_slicer
+    if any(isinstance(s.get("terminology"), dict) and s["terminology"].get("contextName") == CONTEXT_NAME
+           for s in specs):
+        load_into_slicer()     # so that Slicer's Terminologies module finds the organ types the segments name
     ids, missing = {}, []
     logic = slicer.modules.segmentations.logic()
     for spec in specs:

@@ -305,4 +305,37 @@ def register_sample_data():
             category=src["category"], sampleName=src["name"], thumbnailFileName=icon,
             uris=[f["url"] for f in files], fileNames=[f["url"].rsplit("/", 1)[-1] for f in files],
             nodeNames=[f["nodeName"] for f in files], checksums=[f"SHA256:{f['sha256']}" for f in files],
-            loadFileType=[f["loadType"] for f in files])
+            loadFileTypes=[f["loadType"] for f in files])
+
+
+def self_test_widget_apply(moduleName, select, timeout=900):
+    """Module self-test step, as a user does it: open the module widget, check its selectors have the scene,
+    choose inputs (``select(widget)``), press Apply and wait (processing Qt events) until the job ends.
+    Returns the widget; raises AssertionError with the status text when Apply did not succeed."""
+    import time
+
+    import slicer
+    widget = slicer.util.getModuleWidget(moduleName)
+    widget.enter()
+    for name in dir(widget.ui):
+        w = getattr(widget.ui, name)
+        if hasattr(w, "className") and w.className() == "qMRMLNodeComboBox":
+            assert w.mrmlScene() is slicer.mrmlScene, f"{moduleName}: selector {name} has no scene"
+    select(widget)
+    assert widget.ui.applyButton.enabled, f"{moduleName}: Apply disabled: {widget.ui.applyButton.toolTip}"
+    widget.ui.applyButton.click()
+    end = time.monotonic() + timeout
+    while widget.controller.busy:
+        if time.monotonic() > end:
+            widget.controller.cancel()
+            raise AssertionError(f"{moduleName}: Apply did not finish in {timeout} s")
+        slicer.app.processEvents()
+        time.sleep(0.05)
+    assert widget.ui.statusLabel.text.startswith("Done"), f"{moduleName}: {widget.ui.statusLabel.text}"
+    return widget
+
+
+def sample_data_path(*parts):
+    """A file of the extension's embedded sample data (Resources/SampleData/...)."""
+    from .paths import resources_dir
+    return str(resources_dir().joinpath("SampleData", *parts))

@@ -11,6 +11,7 @@ Each returns a new volume node (or fills the one given), referenced to its input
 """
 
 import os
+from pathlib import Path
 from typing import Annotated
 
 import slicer
@@ -47,7 +48,7 @@ class ReconstructionModule(ScriptedLoadableModule):
 @parameterNodeWrapper
 class ReconstructionModuleParameterNode:
     operation: Annotated[str, Choice(list(OPERATIONS))] = "reconstruct"
-    dataFile: str = ""
+    dataFile: Path                     # ctkPathLineEdit: the wrapper's connector takes pathlib types only
     timeWindow: Annotated[float, WithinRange(0.0, 100000.0)] = 0.0
     iterations: Annotated[int, WithinRange(1, 100)] = 4
     subsets: Annotated[int, WithinRange(1, 64)] = 8
@@ -86,7 +87,7 @@ class ReconstructionModuleWidget(ModuleWidgetMixin, ScriptedLoadableModuleWidget
         self._checkCanApply()
 
     def canApply(self, p):
-        if p.operation == "reconstruct" and not p.dataFile:
+        if p.operation == "reconstruct" and not Path(p.dataFile).is_file():
             return False, "Choose a list-mode or sinogram file"
         if p.operation == "lowdose" and not p.lowDoseInput:
             return False, "Select the PET volume to thin"
@@ -98,7 +99,7 @@ class ReconstructionModuleWidget(ModuleWidgetMixin, ScriptedLoadableModuleWidget
         p = self._parameterNode
         common = dict(outputVolumeNode=p.outputVolume, device=p.device, wait=False, progress=self.controller.progress)
         if p.operation == "reconstruct":
-            return self.logic.reconstruct(p.dataFile, iterations=p.iterations, subsets=p.subsets,
+            return self.logic.reconstruct(str(p.dataFile), iterations=p.iterations, subsets=p.subsets,
                                           postFilterMm=p.postFilter, timeWindow=p.timeWindow or None, **common)
         if p.operation == "lowdose":
             return self.logic.simulateLowDose(p.lowDoseInput, drf=p.drf, seed=p.seed, **common)
@@ -118,20 +119,21 @@ class ReconstructionModuleLogic(ScriptedLoadableModuleLogic):
     def getParameterNode(self):
         return ReconstructionModuleParameterNode(super().getParameterNode())
 
-    def _run(self, command, args, inputNode, outputVolumeNode, defaultName, wait, progress, log, image=None):
+    def _run(self, command, args, inputNode, outputVolumeNode, defaultName, wait, progress, log, image=None,
+             device="auto"):
         import SimpleITK as sitk
         from PETWorkbenchLib import mrml
         from PETWorkbenchLib.slicer_bridge import EngineRun
 
         def prepare(tmp):
-            extra = ["--out", os.path.join(tmp, "output.nii.gz")]
+            extra = ["--out", os.path.join(tmp, "output.nii"), "--device", device]
             if image is not None:
-                sitk.WriteImage(image, os.path.join(tmp, "input.nii.gz"))
-                extra += ["--input", os.path.join(tmp, "input.nii.gz")]
+                sitk.WriteImage(image, os.path.join(tmp, "input.nii"))
+                extra += ["--input", os.path.join(tmp, "input.nii")]
             return extra + list(args)
 
         def finish(tmp, result):
-            node = mrml.image_to_volume(sitk.ReadImage(os.path.join(tmp, "output.nii.gz")), outputVolumeNode,
+            node = mrml.image_to_volume(sitk.ReadImage(os.path.join(tmp, "output.nii")), outputVolumeNode,
                                         name=None if outputVolumeNode else defaultName)
             if inputNode is not None:
                 mrml.reference_result(node, inputNode)
@@ -148,6 +150,7 @@ class ReconstructionModuleLogic(ScriptedLoadableModuleLogic):
         """OSEM reconstruction of a Siemens mMR PETLINK list-mode file (.l.hdr / .l; prompts minus delays,
         optional time window in seconds from the start) or of a 2D multi-slice sinogram file (.npz)."""
         from PETWorkbenchLib.errors import InputError
+        dataFile = str(dataFile) if dataFile else ""
         if not dataFile or not os.path.isfile(dataFile):
             raise InputError(f"Data file not found: {dataFile}")
         if dataFile.endswith(".npz"):
@@ -158,7 +161,7 @@ class ReconstructionModuleLogic(ScriptedLoadableModuleLogic):
                 args += ["--time-window", "0", str(float(timeWindow))]
         args += ["--iterations", str(int(iterations)), "--subsets", str(int(subsets))]
         name = os.path.basename(dataFile).split(".")[0] + " OSEM"
-        return self._run(command, args, None, outputVolumeNode, name, wait, progress, log)
+        return self._run(command, args, None, outputVolumeNode, name, wait, progress, log, device=device)
 
     def simulateLowDose(self, inputVolumeNode, drf=10.0, seed=0, outputVolumeNode=None, device="auto", wait=True,
                         progress=None, log=None):
@@ -170,7 +173,7 @@ class ReconstructionModuleLogic(ScriptedLoadableModuleLogic):
         image = mrml.volume_to_image(inputVolumeNode, dtype="float32")
         args = ["--drf", str(float(drf)), "--seed", str(int(seed))]
         return self._run("lowdose", args, inputVolumeNode, outputVolumeNode,
-                         f"{inputVolumeNode.GetName()} DRF{drf:g}", wait, progress, log, image=image)
+                         f"{inputVolumeNode.GetName()} DRF{drf:g}", wait, progress, log, image=image, device=device)
 
     def superResolve(self, inputVolumeNode, outputVolumeNode=None, epochs=20, device="auto", wait=True,
                      progress=None, log=None):
@@ -182,7 +185,7 @@ class ReconstructionModuleLogic(ScriptedLoadableModuleLogic):
         if thickness:
             args += ["--thickness", thickness]
         return self._run("sr4zct", args, inputVolumeNode, outputVolumeNode, f"{inputVolumeNode.GetName()} SR4ZCT",
-                         wait, progress, log, image=image)
+                         wait, progress, log, image=image, device=device)
 
 
 class ReconstructionModuleTest(ScriptedLoadableModuleTest):
@@ -194,6 +197,7 @@ class ReconstructionModuleTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_lowdose_phantom()
+        self.test_widget_apply()
 
     def test_lowdose_phantom(self):
         import numpy as np
@@ -211,3 +215,23 @@ class ReconstructionModuleTest(ScriptedLoadableModuleTest):
         inside = arr > 0.5
         assert abs(out[inside].mean() - 1.0) < 0.15
         self.delayDisplay("Reconstruction low-dose test passed")
+
+    def test_widget_apply(self):
+        import numpy as np
+        from PETWorkbenchLib.slicer_bridge import self_test_widget_apply
+        arr = np.zeros((8, 48, 48), np.float32)
+        yy, xx = np.mgrid[:48, :48]
+        arr[:, (yy - 24) ** 2 + (xx - 24) ** 2 < 18 ** 2] = 1.0
+        node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "phantom")
+        node.SetSpacing(4.0, 4.0, 4.0)
+        slicer.util.updateVolumeFromArray(node, arr)
+
+        def select(widget):
+            widget.ui.operationComboBox.currentIndex = widget.ui.operationComboBox.findText("Simulate low-dose PET")
+            widget.ui.lowDoseInputSelector.setCurrentNode(node)
+            widget.ui.deviceComboBox.currentIndex = widget.ui.deviceComboBox.findText("cpu")
+
+        widget = self_test_widget_apply("ReconstructionModule", select)
+        out = widget._parameterNode.outputVolume
+        assert out is not None and out.GetNodeReference("PETWorkbench.input") is node
+        self.delayDisplay("Reconstruction widget test passed")

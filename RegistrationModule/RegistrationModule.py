@@ -144,9 +144,9 @@ class RegistrationModuleLogic(ScriptedLoadableModuleLogic):
 
         def prepare(tmp):
             p = lambda n: os.path.join(tmp, n)
-            sitk.WriteImage(fixed, p("fixed.nii.gz"))
-            sitk.WriteImage(moving, p("moving.nii.gz"))
-            args = [p("fixed.nii.gz"), p("moving.nii.gz"), "--output", p("field.nii.gz"), "--method", method,
+            sitk.WriteImage(fixed, p("fixed.nii"))
+            sitk.WriteImage(moving, p("moving.nii"))
+            args = [p("fixed.nii"), p("moving.nii"), "--output", p("field.nii"), "--method", method,
                     "--similarity", similarity, "--smoothness", str(float(smoothness)), "--device", device]
             if iterations:
                 args += ["--iterations", str(iterations) if isinstance(iterations, str) else
@@ -154,19 +154,19 @@ class RegistrationModuleLogic(ScriptedLoadableModuleLogic):
                                                          else (iterations, max(int(iterations) * 6 // 10, 1),
                                                                max(int(iterations) * 3 // 10, 1))))]
             for flag, img in extra.items():
-                sitk.WriteImage(img, p(flag.strip("-") + ".nii.gz"))
-                args += [flag, p(flag.strip("-") + ".nii.gz")]
+                sitk.WriteImage(img, p(flag.strip("-") + ".nii"))
+                args += [flag, p(flag.strip("-") + ".nii")]
             if diffeomorphic:
                 args.append("--diffeomorphic")
             if warpVolume:
-                args += ["--warped", p("warped.nii.gz")]
+                args += ["--warped", p("warped.nii")]
             if jacobian:
-                args += ["--jacobian", p("jacobian.nii.gz")]
+                args += ["--jacobian", p("jacobian.nii")]
             return args
 
         def finish(tmp, result):
             p = lambda n: os.path.join(tmp, n)
-            field = sitk.ReadImage(p("field.nii.gz"), sitk.sitkVectorFloat64)
+            field = sitk.ReadImage(p("field.nii"), sitk.sitkVectorFloat64)
             name = f"{movingVolumeNode.GetName()} to {fixedVolumeNode.GetName()}"
             transform = mrml.displacement_to_transform(field, outputTransformNode, name=None if outputTransformNode
                                                        else name, fixedNode=fixedVolumeNode,
@@ -174,12 +174,12 @@ class RegistrationModuleLogic(ScriptedLoadableModuleLogic):
             summary = dict(result or {})
             transform.SetAttribute("PETWorkbench.summary", json.dumps(summary))
             if warpVolume:
-                out = mrml.image_to_volume(sitk.ReadImage(p("warped.nii.gz")), outputVolumeNode,
+                out = mrml.image_to_volume(sitk.ReadImage(p("warped.nii")), outputVolumeNode,
                                            name=None if outputVolumeNode else f"{movingVolumeNode.GetName()} warped")
                 mrml.reference_result(out, movingVolumeNode)
                 transform.SetNodeReferenceID("PETWorkbench.warpedVolume", out.GetID())
             if jacobian:
-                jac = mrml.image_to_volume(sitk.ReadImage(p("jacobian.nii.gz")), jacobianVolumeNode,
+                jac = mrml.image_to_volume(sitk.ReadImage(p("jacobian.nii")), jacobianVolumeNode,
                                            name=None if jacobianVolumeNode else f"{name} Jacobian")
                 mrml.reference_result(jac, fixedVolumeNode)
                 transform.SetNodeReferenceID("PETWorkbench.jacobianVolume", jac.GetID())
@@ -198,6 +198,7 @@ class RegistrationModuleTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_recovers_known_shift()
+        self.test_widget_apply()
 
     def test_recovers_known_shift(self):
         import numpy as np
@@ -212,3 +213,27 @@ class RegistrationModuleTest(ScriptedLoadableModuleTest):
         moved = mrml.transform_points_ras(t, np.array([[-16.0, -16.0, 12.0]]))[0]
         assert abs(moved[0] - (-18.0)) < 1.0, moved
         self.delayDisplay("Registration test passed")
+
+    def test_widget_apply(self):
+        import numpy as np
+        from PETWorkbenchLib.slicer_bridge import self_test_widget_apply
+        z, y, x = np.mgrid[:20, :32, :32].astype(np.float32)
+        nodes = []
+        for name, shift in (("Fixed", 0.0), ("Moving", 2.0)):
+            n = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+            n.SetSpacing(3.0, 3.0, 3.0)
+            slicer.util.updateVolumeFromArray(n, np.exp(-(((z - 10) / 5) ** 2 + ((y - 16 - shift) / 6) ** 2
+                                                          + ((x - 16) / 7) ** 2)).astype(np.float32))
+            nodes.append(n)
+
+        def select(widget):
+            widget.ui.fixedSelector.setCurrentNode(nodes[0])
+            widget.ui.movingSelector.setCurrentNode(nodes[1])
+            widget._parameterNode.iterations = 20
+            widget._parameterNode.device = "cpu"
+
+        widget = self_test_widget_apply("RegistrationModule", select)
+        t = widget._parameterNode.outputTransform
+        assert t is not None and t.GetNodeReference("fixedVolume") is nodes[0]
+        assert widget.ui.outputTransformSelector.currentNode() is t
+        self.delayDisplay("Registration widget test passed")

@@ -160,7 +160,7 @@ class SegmentationModuleLogic(ScriptedLoadableModuleLogic):
         units.check_pet_range(sitk.GetArrayViewFromImage(image), "SUV")
 
         def prepare(tmp):
-            args = ["--input", os.path.join(tmp, "pet.nii.gz"), "--output", os.path.join(tmp, "labels.nii.gz"),
+            args = ["--input", os.path.join(tmp, "pet.nii"), "--output", os.path.join(tmp, "labels.nii"),
                     "--model", str(model), "--device", device]
             if organs:
                 args += ["--organs", ",".join(organs)]
@@ -168,7 +168,7 @@ class SegmentationModuleLogic(ScriptedLoadableModuleLogic):
             return args
 
         def read(tmp, result):
-            labels = sitk.ReadImage(os.path.join(tmp, "labels.nii.gz"))
+            labels = sitk.ReadImage(os.path.join(tmp, "labels.nii"))
             return finish(labels) if finish else labels
 
         run = EngineRun(["segment"], prepare=prepare, finish=read, progress=progress, log=log)
@@ -195,6 +195,7 @@ class SegmentationModuleTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_uptake_table_matches_arrays()
+        self.test_widget_apply_on_sample_pet()
 
     def test_uptake_table_matches_arrays(self):
         import numpy as np
@@ -214,3 +215,17 @@ class SegmentationModuleTest(ScriptedLoadableModuleTest):
         mean = table.GetTable().GetColumnByName("suv_mean").GetValue(0)
         assert abs(mean - 3.0) < 1e-4
         self.delayDisplay("Segmentation uptake test passed")
+
+    def test_widget_apply_on_sample_pet(self):
+        from PETWorkbenchLib.slicer_bridge import sample_data_path, self_test_widget_apply
+        node = slicer.util.loadVolume(sample_data_path("SimulatedPET", "lowdose_pet.nii.gz"))
+
+        def select(widget):
+            widget.ui.inputSelector.setCurrentNode(node)
+            widget.ui.deviceComboBox.currentIndex = widget.ui.deviceComboBox.findText("cpu")
+
+        widget = self_test_widget_apply("SegmentationModule", select)
+        seg = widget._parameterNode.outputSegmentation
+        assert seg is not None and seg.GetSegmentation().GetNumberOfSegments() > 0
+        assert seg.GetNodeReference("PETWorkbench.uptakeTable") is not None
+        self.delayDisplay("Segmentation widget test passed")

@@ -121,14 +121,14 @@ class SynthesisModuleLogic(ScriptedLoadableModuleLogic):
         pet_units.check_pet_range(arr * scale, "SUV")
 
         def prepare(tmp):
-            sitk.WriteImage(image * scale if scale != 1.0 else image, os.path.join(tmp, "input.nii.gz"))
-            return [os.path.join(tmp, "input.nii.gz"), os.path.join(tmp, "output.nii.gz"),
+            sitk.WriteImage(image * scale if scale != 1.0 else image, os.path.join(tmp, "input.nii"))
+            return [os.path.join(tmp, "input.nii"), os.path.join(tmp, "output.nii"),
                     "--routing-json", os.path.join(tmp, "routing.json"), "--model", str(model), "--device", device,
                     "--overlap", str(float(overlap)), "--sw-batch-size", str(int(patchBatch))] + (
                         ["--patch", str(int(patchSize))] if patchSize else [])
 
         def finish(tmp, result):
-            out = sitk.ReadImage(os.path.join(tmp, "output.nii.gz"))
+            out = sitk.ReadImage(os.path.join(tmp, "output.nii"))
             if scale != 1.0:
                 out = out / scale
             node = mrml.image_to_volume(out, outputVolumeNode,
@@ -170,6 +170,7 @@ class SynthesisModuleTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_synthesis_on_small_phantom()
+        self.test_widget_apply_on_sample_pet()
 
     def test_synthesis_on_small_phantom(self):
         import numpy as np
@@ -187,3 +188,16 @@ class SynthesisModuleTest(ScriptedLoadableModuleTest):
         assert result.shape == noisy.shape and np.isfinite(result).all() and result.min() >= 0
         assert out.GetNodeReference("PETWorkbench.input") is node
         self.delayDisplay("Synthesis test passed")
+
+    def test_widget_apply_on_sample_pet(self):
+        from PETWorkbenchLib.slicer_bridge import sample_data_path, self_test_widget_apply
+        node = slicer.util.loadVolume(sample_data_path("SimulatedPET", "lowdose_pet.nii.gz"))
+
+        def select(widget):
+            widget.ui.inputSelector.setCurrentNode(node)
+            widget.ui.deviceComboBox.currentIndex = widget.ui.deviceComboBox.findText("cpu")
+
+        widget = self_test_widget_apply("SynthesisModule", select)
+        out = widget._parameterNode.outputVolume
+        assert out is not None and out.GetNodeReference("PETWorkbench.input") is node
+        self.delayDisplay("Synthesis widget test passed")

@@ -35,3 +35,13 @@ def shared_data():
 def _isolated_model_cache(tmp_path, monkeypatch):
     """Tests never touch the user's model cache."""
     monkeypatch.setenv("PETWORKBENCH_MODELS_DIR", str(tmp_path / "model-cache"))
+
+
+def pytest_ignore_collect(collection_path, config):
+    """Testing/gui runs in its own pytest process (`make test` runs it second): it installs Slicer's real Python
+    layer (qt, ctk, parameter node wrapper) where the tests here use the logic-only stand-ins of headless.py."""
+    gui = Path(__file__).resolve().parent / "gui"
+    if Path(collection_path).resolve() != gui:
+        return None
+    targets = [Path(a.split("::")[0]).resolve() for a in config.invocation_params.args if not a.startswith("-")]
+    return not any(t == gui or gui in t.parents for t in targets)

@@ -19,9 +19,12 @@ def _csv(s):
 
 
 def _set_threads(args):
+    """Thread count, and the torch device the command runs on (``--device``, resolved once)."""
     import torch
+    from PETWorkbenchLib.device import choose_device
     if getattr(args, "threads", None):
         torch.set_num_threads(int(args.threads))
+    return choose_device(getattr(args, "device", "cpu")).name
 
 
 def _cmd_simulate(args, rep):
@@ -45,15 +48,16 @@ def _cmd_simulate(args, rep):
 
 
 def _cmd_reconstruct(args, rep):
-    _set_threads(args)
+    device = _set_threads(args)
     from .io import reconstruct_sinogram_file
     out = reconstruct_sinogram_file(args.sinogram, args.out, n_iter=args.iterations, n_subsets=args.subsets,
-                                    psf_fwhm_mm=args.psf, post_filter_mm=args.post_filter, progress=rep)
+                                    psf_fwhm_mm=args.psf, post_filter_mm=args.post_filter, device=device,
+                                    progress=rep)
     return out
 
 
 def _cmd_lowdose(args, rep):
-    _set_threads(args)
+    device = _set_threads(args)
     import SimpleITK as sitk
     from .imagedomain import simulate_lowdose_image
     if not Path(args.input).exists():
@@ -61,7 +65,8 @@ def _cmd_lowdose(args, rep):
     img = sitk.ReadImage(str(args.input))
     ct = sitk.ReadImage(str(args.ct)) if args.ct else None
     out = simulate_lowdose_image(img, args.drf, ct=ct, counts_per_cm=args.counts_per_cm, psf_fwhm_mm=args.psf,
-                                 n_iter=args.iterations, n_subsets=args.subsets, seed=args.seed, progress=rep)
+                                 n_iter=args.iterations, n_subsets=args.subsets, seed=args.seed, device=device,
+                                 progress=rep)
     sitk.WriteImage(out["low_dose"], str(args.out), True)
     res = {"output": str(args.out), "drf": float(args.drf), "prompts": out["prompts"],
            "prompts_low": out["prompts_low"]}
@@ -72,24 +77,24 @@ def _cmd_lowdose(args, rep):
 
 
 def _cmd_sr4zct(args, rep):
-    _set_threads(args)
+    device = _set_threads(args)
     import SimpleITK as sitk
     from .sr4zct import sr4zct
     if not Path(args.input).exists():
         raise InputError(f"input image not found: {args.input}")
     img = sitk.ReadImage(str(args.input))
     out, info = sr4zct(img, out_spacing_z=args.out_spacing, thickness_mm=args.thickness, epochs=args.epochs,
-                       seed=args.seed, progress=rep)
+                       seed=args.seed, device=device, progress=rep)
     sitk.WriteImage(out, str(args.out), True)
     return dict(info, output=str(args.out))
 
 
 def _cmd_listmode(args, rep):
-    _set_threads(args)
+    device = _set_threads(args)
     from .listmode import reconstruct_listmode_file
     tw = tuple(args.time_window) if args.time_window else None
     return reconstruct_listmode_file(args.header, args.out, time_window_s=tw, n_iter=args.iterations,
-                                     n_subsets=args.subsets, progress=rep)
+                                     n_subsets=args.subsets, device=device, progress=rep)
 
 
 def add_commands(subparsers) -> None:
@@ -120,6 +125,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--psf", type=float, default=0.0, help="resolution model FWHM in mm")
     p.add_argument("--post-filter", type=float, default=0.0, help="Gaussian post-filter FWHM in mm")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps")
     p.set_defaults(func=_cmd_reconstruct)
 
     p = subparsers.add_parser("lowdose", help="image-domain low-dose simulation of a PET volume")
@@ -134,6 +140,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--subsets", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps")
     p.set_defaults(func=_cmd_lowdose)
 
     p = subparsers.add_parser("sr4zct", help="SR4ZCT self-supervised through-plane resolution enhancement")
@@ -144,6 +151,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps")
     p.set_defaults(func=_cmd_sr4zct)
 
     p = subparsers.add_parser("listmode", help="histogram + reconstruct Siemens mMR PETLINK list-mode")
@@ -153,4 +161,5 @@ def add_commands(subparsers) -> None:
     p.add_argument("--iterations", type=int, default=3)
     p.add_argument("--subsets", type=int, default=6)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps")
     p.set_defaults(func=_cmd_listmode)

@@ -49,14 +49,14 @@ def load_sinogram(path) -> dict:
 
 
 def reconstruct_sinogram_file(path, out, n_iter=3, n_subsets=8, psf_fwhm_mm=0.0, post_filter_mm=0.0,
-                              progress=None, cancel=None) -> dict:
+                              device="cpu", progress=None, cancel=None) -> dict:
     d = load_sinogram(path)
     y = d["prompts"]
     shape = tuple(int(v) for v in d["shape"])
     sp = tuple(float(v) for v in d["spacing"])
     psf = float(d["psf_fwhm_mm"]) if "psf_fwhm_mm" in d and not psf_fwhm_mm else psf_fwhm_mm
     system = PETSystem(shape, sp, psf_fwhm_mm=psf, mu=d.get("mu"), norm=d.get("norm"), n_angles=y.shape[1],
-                       n_bins=y.shape[2], n_subsets=n_subsets)
+                       n_bins=y.shape[2], n_subsets=n_subsets, device=device)
     x = osem(system, y, d.get("additive"), n_iter=n_iter, post_filter_fwhm_mm=post_filter_mm, progress=progress,
              cancel=cancel)
     im = sitk.GetImageFromArray(x.cpu().numpy().astype(np.float32))

@@ -219,7 +219,8 @@ def _bin_positions(g, bin_mash=1):
 
 def reconstruct_listmode(lm: dict, time_window_s=None, image_size: int = 128, pixel_mm: float = 4.0,
                          axial_rebin: int = 16, view_mash: int = 2, bin_mash: int = 2, n_iter: int = 3,
-                         n_subsets: int = 6, post_filter_mm: float = 0.0, progress=None, cancel=None) -> dict:
+                         n_subsets: int = 6, post_filter_mm: float = 0.0, device="cpu", progress=None,
+                         cancel=None) -> dict:
     """Histogram (SSRB) and reconstruct with OSEM; prompts are the data, the delays (flat per slice) the randoms
     estimate.  No attenuation or normalisation files come with the data, so the image is not quantitative.
     Returns dict(image=Image, histogram=..., ...)."""
@@ -230,8 +231,9 @@ def reconstruct_listmode(lm: dict, time_window_s=None, image_size: int = 128, pi
         raise InputError("the list-mode data have zero prompts")
     nz, nv, nb = h["prompts"].shape
     proj = ParallelProjector(image_size, image_size, pixel_mm, n_angles=nv, n_bins=nb, n_subsets=n_subsets,
-                             bin_positions_mm=h["bin_positions_mm"])
-    sysm = PETSystem((nz, image_size, image_size), (h["slice_mm"], pixel_mm, pixel_mm), projector=proj)
+                             bin_positions_mm=h["bin_positions_mm"], device=device)
+    sysm = PETSystem((nz, image_size, image_size), (h["slice_mm"], pixel_mm, pixel_mm), projector=proj,
+                     device=device)
     # randoms: delays spread evenly over the bins of each slice (a variance-reduced, unbiased estimate)
     r = np.broadcast_to(h["delays"].sum(axis=(1, 2), keepdims=True) / (nv * nb), h["prompts"].shape)
     r = np.ascontiguousarray(r, dtype=np.float32)

@@ -42,6 +42,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         from PETWorkbenchLib import models
         self.modelComboBox = qt.QComboBox()
         for e in models.registry("segmentation"):
+            if e.config.get("task") == "denoise":      # the Fake-FDPET denoiser cannot segment
+                continue
             self.modelComboBox.addItem(e.title, e.id)
         self.scriptedEffect.addLabeledOptionsWidget("Model:", self.modelComboBox)
         self.computeButton = qt.QPushButton("Compute prediction")
@@ -68,8 +70,6 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         return None
 
     def onCompute(self):
-        from PETWorkbenchLib.slicer_bridge import ensure_dependencies
-        import SegmentationModule
         if self._run is not None:
             self._run.cancel()
             return
@@ -77,49 +77,90 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if node is None:
             slicer.util.errorDisplay("Select a PET source volume first")
             return
-        ensure_dependencies()
-        logic = SegmentationModule.SegmentationModuleLogic()
+        try:
+            from PETWorkbenchLib.slicer_bridge import ensure_dependencies
+            import SegmentationModule
+            ensure_dependencies()
+            logic = SegmentationModule.SegmentationModuleLogic()
+
+            def progress(fraction, message):
+                self.progressBar.setValue(int(100 * fraction))
+                self.statusLabel.text = message
+
+            self._run = logic.predictLabels(node, model=self.modelComboBox.currentData, wait=False,
+                                            progress=progress)
+        except Exception as e:                          # bad input, missing model...: say so, panel stays usable
+            self._run = None
+            self._resetPanel(f"Prediction not started: {e}")
+            slicer.util.errorDisplay(f"Cannot compute the organ prediction: {e}")
+            return
         self.progressBar.setVisible(True)
         self.computeButton.text = "Cancel"
-
-        def progress(fraction, message):
-            self.progressBar.setValue(int(100 * fraction))
-            self.statusLabel.text = message
-
-        self._run = logic.predictLabels(node, model=self.modelComboBox.currentData, wait=False, progress=progress)
         self._timer = qt.QTimer()
         self._timer.setInterval(200)
         self._timer.connect("timeout()", lambda: self._poll(node))
         self._timer.start()
 
-    def _poll(self, node):
-        import SimpleITK as sitk
-        if self._run.poll():
-            return
-        self._timer.stop()
-        run, self._run = self._run, None
+    def _resetPanel(self, message):
         self.progressBar.setVisible(False)
         self.computeButton.text = "Compute prediction"
+        self.computeButton.enabled = True
+        self.statusLabel.text = message
+
+    def _poll(self, node):
+        try:
+            if self._run.poll():
+                return
+        except Exception as e:                          # the worker's output could not be read
+            self._run.error = self._run.error or e
+        self._timer.stop()
+        run, self._run = self._run, None
         if run.error is not None:
-            self.statusLabel.text = f"Prediction failed: {run.error}"
+            self._resetPanel(f"Prediction failed: {run.error}")
+            if type(run.error).__name__ != "Cancelled":
+                slicer.util.errorDisplay(f"Organ prediction failed: {run.error}")
             return
-        self._labels[node.GetID()] = (sitk.GetArrayFromImage(run.value), node.GetImageData().GetMTime())
-        self.statusLabel.text = "Prediction ready: click inside an organ"
+        try:
+            import SimpleITK as sitk
+            self._labels[node.GetID()] = (sitk.GetArrayFromImage(run.value), node.GetImageData().GetMTime())
+        except Exception as e:
+            self._resetPanel(f"Prediction failed: {e}")
+            slicer.util.errorDisplay(f"Organ prediction failed: {e}")
+            return
+        self._resetPanel("Prediction ready: click inside an organ")
 
     # ----------------------------------------------------------------------------------- editing
+    @staticmethod
+    def _linearTransformBetween(fromNode, toNode):
+        """4x4 from the coordinates of ``fromNode`` (a transform node or None = world) to those of ``toNode``;
+        a non-linear transform on the way is refused with a clear message."""
+        m = vtk.vtkMatrix4x4()
+        if not slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(fromNode, toNode, m):
+            raise ValueError("The PET volume or the segmentation is under a non-linear transform; harden it "
+                             "(Data module) before using this effect")
+        return m
+
+    def _ijkToSegmentation(self):
+        """IJK of the source volume -> coordinates of the segmentation node (parent transforms of both honoured)."""
+        node = self._source()
+        segNode = self.scriptedEffect.parameterSetNode().GetSegmentationNode()
+        ijkToLocal = vtk.vtkMatrix4x4()
+        node.GetIJKToRASMatrix(ijkToLocal)
+        between = self._linearTransformBetween(node.GetParentTransformNode(), segNode.GetParentTransformNode())
+        out = vtk.vtkMatrix4x4()
+        vtk.vtkMatrix4x4.Multiply4x4(between, ijkToLocal, out)
+        return out
+
     def _modify(self, mask, segmentId=None, mode=None):
         """Add the boolean mask (source volume grid) to a segment through the Segment Editor (undoable)."""
         import numpy as np
         from vtk.util import numpy_support
-        node = self._source()
         modifier = slicer.vtkOrientedImageData()
         modifier.SetDimensions(mask.shape[2], mask.shape[1], mask.shape[0])
         modifier.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
         modifier.GetPointData().GetScalars().DeepCopy(
             numpy_support.numpy_to_vtk(np.ascontiguousarray(mask, np.uint8).ravel(), deep=True))
-        m = vtk.vtkMatrix4x4()
-        node.GetIJKToRASMatrix(m)
-        modifier.SetImageToWorldMatrix(m)
+        modifier.SetImageToWorldMatrix(self._ijkToSegmentation())
         mode = mode if mode is not None else slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeAdd
         if segmentId is None:
             self.scriptedEffect.modifySelectedSegmentByLabelmap(modifier, mode)
@@ -136,17 +177,30 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             return True
         from SegmentationModuleLib import region_at_click
         xy = callerInteractor.GetEventPosition()
-        ras = self.xyToRas(xy, viewWidget)
+        ras = self.xyToRas(xy, viewWidget)                    # world coordinates
         node = self._source()
+        try:                                                  # world -> the volume's own RAS -> IJK
+            worldToLocal = self._linearTransformBetween(None, node.GetParentTransformNode())
+        except ValueError as e:
+            self.statusLabel.text = str(e)
+            return True
+        local = worldToLocal.MultiplyPoint(list(ras) + [1.0])
         m = vtk.vtkMatrix4x4()
         node.GetRASToIJKMatrix(m)
-        ijk = [int(round(c)) for c in m.MultiplyPoint(list(ras) + [1.0])[:3]]
+        ijk = [int(round(c)) for c in m.MultiplyPoint(local)[:3]]
+        if not all(0 <= c < n for c, n in zip(ijk, labels.shape[::-1])):
+            self.statusLabel.text = "The click is outside the PET volume"
+            return True
         mask = region_at_click(labels, None, ijk)
         if not mask.any():
             self.statusLabel.text = "No organ predicted under the click"
             return True
-        self.scriptedEffect.saveStateForUndo()
-        self._modify(mask)
+        try:
+            self.scriptedEffect.saveStateForUndo()
+            self._modify(mask)
+        except ValueError as e:
+            self.statusLabel.text = str(e)
+            return True
         self.statusLabel.text = f"Added {int(mask.sum())} voxels"
         return True
 
@@ -156,7 +210,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             slicer.util.errorDisplay("Compute the prediction first")
             return
         from PETWorkbenchLib import mrml
-        from PETWorkbenchLib.terminology import organ_specs
+        from PETWorkbenchLib.terminology import load_into_slicer, organ_specs
+        load_into_slicer()                        # so Slicer resolves the segments' terminology entries
         seg_node = self.scriptedEffect.parameterSetNode().GetSegmentationNode()
         segmentation = seg_node.GetSegmentation()
         self.scriptedEffect.saveStateForUndo()
