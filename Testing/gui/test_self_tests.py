@@ -15,8 +15,11 @@ def test_module_self_test(scene, module):
     m = slicer_layer.load_module(module)
     m._widget = None
     rep = m.widgetRepresentation()
+    clicks = []
+    rep.self().ui.applyButton.clicked.connect(lambda *a: clicks.append(1))
     try:
         slicer.selfTests[module]()
+        assert clicks, f"{module}'s self-test never pressed Apply in its widget"
     finally:
         rep.exit()
         rep.self().cleanup()
