@@ -24,17 +24,22 @@ def _logic():
     return slicer.vtkSlicerTerminologiesModuleLogic()
 
 
-def _types(logic, name):
+def _types_in(logic, name, category):
     import slicer
-    assert logic.GetNumberOfCategoriesInTerminology(name) == 1
-    category = slicer.vtkSlicerTerminologyCategory()
-    assert logic.GetNthCategoryInTerminology(name, 0, category)
     out = []
     for i in range(logic.GetNumberOfTypesInTerminologyCategory(name, category)):
         t = slicer.vtkSlicerTerminologyType()
         assert logic.GetNthTypeInTerminologyCategory(name, category, i, t)
         out.append(t)
-    return category, out
+    return out
+
+
+def _types(logic, name):
+    import slicer
+    assert logic.GetNumberOfCategoriesInTerminology(name) == 1
+    category = slicer.vtkSlicerTerminologyCategory()
+    assert logic.GetNthCategoryInTerminology(name, 0, category)
+    return category, _types_in(logic, name, category)
 
 
 def test_slicer_loads_the_context_with_the_18_organs():
@@ -108,12 +113,7 @@ def _types_of_category(logic, name, category_code):
             break
     else:
         raise AssertionError(f"category {category_code} not in {name}")
-    out = []
-    for i in range(logic.GetNumberOfTypesInTerminologyCategory(name, category)):
-        t = slicer.vtkSlicerTerminologyType()
-        assert logic.GetNthTypeInTerminologyCategory(name, category, i, t)
-        out.append(t)
-    return category, out
+    return category, _types_in(logic, name, category)
 
 
 def test_segments_we_write_name_the_context_and_slicer_resolves_them(mrml):

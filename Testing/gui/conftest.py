@@ -16,11 +16,6 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 import slicer_layer  # noqa: E402  (needs HERE on sys.path)
 
 if not slicer_layer.available():
-    collect_ignore_glob = ["test_*.py"]
-
-    def pytest_collection_modifyitems(session, config, items):  # pragma: no cover - only without the folder
-        pass
-
     pytest.skip("../shared/slicer-python (Slicer's Python layer) is not present beside the checkout",
                 allow_module_level=True)
 
@@ -43,13 +38,11 @@ def errors(caplog):
     return caplog
 
 
-def pump(condition, timeout=120.0):
-    """Run the Qt event loop (timers, signals) until condition() is true."""
-    import time
-    from PySide6 import QtCore
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            raise TimeoutError("condition not reached while running the event loop")
-        QtCore.QCoreApplication.processEvents(QtCore.QEventLoop.AllEvents, 50)
-        time.sleep(0.02)
+
+@pytest.fixture
+def widget(request, scene):
+    """The widget of the module named by the test file's ``MODULE``, opened as Slicer opens it."""
+    from guitools import close_module, open_module
+    w = open_module(request.module.MODULE)
+    yield w
+    close_module(w)

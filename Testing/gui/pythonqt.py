@@ -37,10 +37,6 @@ _PROPERTY_TYPES = {
 }
 
 
-def _is_enum_or_flag(value):
-    return hasattr(value, "value") and type(value).__module__.startswith(("PySide6", "enum", "Shiboken"))
-
-
 class PythonQtMixin:
     """PythonQt's attribute protocol on top of a PySide6 QObject subclass (see the module docstring)."""
 
@@ -157,11 +153,11 @@ class PythonQtMixin:
 _wrapped = {}
 
 
-def wrap_class(base, name=None):
+def wrap_class(base):
     """PythonQt-style subclass of a PySide6 QObject class (cached, one per base)."""
     if base in _wrapped:
         return _wrapped[base]
-    cls = type(name or base.__name__, (PythonQtMixin, base), {"_pyside_base": base, "_cpp_name": base.__name__})
+    cls = type(base.__name__, (PythonQtMixin, base), {"_pyside_base": base, "_cpp_name": base.__name__})
     _wrapped[base] = cls
     return cls
 
@@ -250,8 +246,6 @@ class QUiLoader:
                     if p.get("name") == "text":
                         text = self._value(p)
                 combo_items.append(text)
-            elif child.tag in ("attribute", "action", "addaction", "zorder"):
-                continue
         for text in combo_items:
             w.addItem(text)
         return w

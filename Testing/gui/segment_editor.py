@@ -20,7 +20,6 @@
 import importlib.util
 import sys
 
-import numpy as np
 import vtk
 from PySide6 import QtCore, QtGui, QtWidgets
 
@@ -226,7 +225,6 @@ class qSlicerSegmentEditorScriptedEffect(PythonQtMixin, QtCore.QObject):
 
     @staticmethod
     def xyToIjk(xy, sliceWidget, image, parentTransformNode=None):
-        import slicer
         ras = qSlicerSegmentEditorScriptedEffect.xyToRas(xy, sliceWidget)
         world_to_local = vtk.vtkGeneralTransform()
         if parentTransformNode is not None:
@@ -267,4 +265,4 @@ def segment_array(segmentationNode, segmentId, referenceVolumeNode):
 
 
 __all__ = ["qSlicerSegmentEditorAbstractEffect", "qSlicerSegmentEditorScriptedEffect", "qMRMLSliceWidget",
-           "SegmentEditor", "activate_effect", "click", "segment_array", "np"]
+           "SegmentEditor", "activate_effect", "click", "segment_array"]

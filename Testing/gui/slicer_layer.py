@@ -11,7 +11,6 @@ import importlib
 import importlib.util
 import os
 import sys
-import tempfile
 import types
 from pathlib import Path
 
@@ -331,9 +330,7 @@ def new_scene():
     cache = slicer.vtkCacheManager()                  # Slicer's application gives every scene one
     cache.SetRemoteCacheDirectory(slicer.app.cachePath)
     scene.SetCacheManager(cache)
-    for sid in ("vtkMRMLSliceCompositeNodeRed",):
-        n = scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
-        n.SetName(sid)
+    scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")   # setSliceViewerLayers sets the layers of these
     _state.loaded = []
     modules = types.SimpleNamespace(**{k: types.SimpleNamespace(logic=(lambda l=l: l)) for k, l in logics.items()})
     for name, mod in _state.app.moduleManager()._modules.items():

@@ -385,17 +385,13 @@ class qMRMLNodeComboBox(PythonQtMixin, QtWidgets.QWidget):
         return self._scene.GetNodeByID(self._current)
 
     def setCurrentNode(self, node):
-        if node is not None and not isinstance(node, str) and node.GetID() not in [n.GetID() for n in self._nodes]:
-            node = None                             # setCurrentNodeIDInternal: not listed -> none
-        if isinstance(node, str):
+        if isinstance(node, str):                   # deprecated overload setCurrentNode(QString)
             return self.setCurrentNodeID(node)
         self.setCurrentNodeID(node.GetID() if node is not None else "")
 
     def setCurrentNodeID(self, node_id):
         ids = [n.GetID() for n in self._nodes]
-        new = node_id if node_id in ids else None
-        if new is None and not self.noneEnabled and ids and node_id:
-            new = None
+        new = node_id if node_id in ids else None   # setCurrentNodeIDInternal: not listed -> none
         idx = self._combo.findData(new or "") if (new or self.noneEnabled) else -1
         self._combo.blockSignals(True)
         self._combo.setCurrentIndex(idx)

@@ -1,16 +1,11 @@
 """PET Reconstruction module as Slicer runs it."""
 
 import numpy as np
-import pytest
 
-from guitools import add_volume, close_module, open_module, pump, run_apply, scene_state
+from guitools import add_volume, pump, scene_state
 
 
-@pytest.fixture
-def widget(scene):
-    w = open_module("ReconstructionModule")
-    yield w
-    close_module(w)
+MODULE = "ReconstructionModule"
 
 
 def phantom():

@@ -1,16 +1,11 @@
 """PET Registration module as Slicer runs it."""
 
 import numpy as np
-import pytest
 
-from guitools import add_volume, close_module, open_module, pump, run_apply, scene_state
+from guitools import add_volume, pump, run_apply, scene_state
 
 
-@pytest.fixture
-def widget(scene):
-    w = open_module("RegistrationModule")
-    yield w
-    close_module(w)
+MODULE = "RegistrationModule"
 
 
 def blob(shift=0.0, shape=(20, 32, 32)):

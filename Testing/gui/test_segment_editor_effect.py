@@ -17,7 +17,6 @@ SAMPLE_PET = ROOT / "Resources" / "SampleData" / "SimulatedPET" / "lowdose_pet.n
 
 
 def _setup(scene, volume_path=SAMPLE_PET, name="PET"):
-    import slicer
     pet = slicer_layer._state.logics["volumes"].AddArchetypeVolume(str(volume_path), name, 0)
     seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Segmentation")
     seg.SetReferenceImageGeometryParameterFromVolumeNode(pet)
@@ -130,7 +129,6 @@ def test_click_honours_parent_transform_of_the_pet(computed):
 
 def test_failure_shows_message_and_reenables_panel(slicer_app, errors, tmp_path):
     # Guards: an exception in onCompute (here: a CT given as the source volume) left the panel stuck, no message.
-    import SimpleITK as sitk
     scene = slicer_layer.new_scene()
     ct = ROOT / "Resources" / "SampleData" / "SimulatedPET" / "lowdose_pet_ct.nii.gz"
     pet, seg, sid, scripted, effect, editor = _setup(scene, ct, "CT")

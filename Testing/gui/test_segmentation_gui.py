@@ -2,19 +2,14 @@
 
 from pathlib import Path
 
-import pytest
 
 import slicer_layer
-from guitools import close_module, open_module, pump, run_apply, scene_state
+from guitools import pump, run_apply, scene_state
 
 SAMPLE = Path(__file__).resolve().parents[2] / "Resources" / "SampleData" / "SimulatedPET"
 
 
-@pytest.fixture
-def widget(scene):
-    w = open_module("SegmentationModule")
-    yield w
-    close_module(w)
+MODULE = "SegmentationModule"
 
 
 def _load(name, file):

@@ -1,16 +1,11 @@
 """PET Synthesis module as Slicer runs it: widget setup, selectors, Apply/Cancel, progress, results, errors."""
 
 import numpy as np
-import pytest
 
-from guitools import add_volume, close_module, open_module, pet_phantom, process_alive, pump, run_apply, scene_state
+from guitools import add_volume, pet_phantom, process_alive, pump, run_apply, scene_state
 
 
-@pytest.fixture
-def widget(scene):
-    w = open_module("SynthesisModule")
-    yield w
-    close_module(w)
+MODULE = "SynthesisModule"
 
 
 def test_input_selector_lists_scene_volumes(widget, scene):
