@@ -5,9 +5,14 @@ Studies come from a CSV (columns ``id`` and ``low_dose`` or ``anatomy``; optiona
 holding ``low_dose.nii.gz`` (+ optional ``ct.nii.gz``, ``full_dose.nii.gz``, ``labels.nii.gz``,
 ``lesions.nii.gz``).
 
+* Every row names its inputs (``low_dose``, or ``anatomy`` for a simulated study); an id is a safe folder name
+  (letters, digits, ``.``, ``_``, ``-``), never a path. Problems in the list are refused before anything runs,
+  naming the row.
 * Resumable: a finished study has ``<out>/<id>/DONE.json`` and is skipped; finished steps inside an unfinished
-  study are not redone.
-* A failing study is recorded in ``<out>/<id>/FAILED.json`` with its error; the others continue.
+  study are not redone. A changed input file (SHA-256 recorded in ``inputs.json``) or model invalidates the
+  study's results (moved to ``superseded/``, never deleted).
+* A failing study is recorded in ``<out>/<id>/FAILED.json`` with its error; the others continue, and the command
+  ends with exit code 5 and the summary.
 * Distributed: ``scheduler="tcp://host:8786"`` sends each study to a Dask distributed cluster (one task per
   study; workers need this package and the data paths); ``scheduler="local:N"`` starts a local cluster of N
   worker processes. Dask was chosen because it is pip-installable, runs the same code on a laptop
@@ -17,7 +22,6 @@ holding ``low_dose.nii.gz`` (+ optional ``ct.nii.gz``, ``full_dose.nii.gz``, ``l
 """
 
 import csv
-import json
 import traceback
 from pathlib import Path
 
@@ -28,21 +32,35 @@ IMAGE_KEYS = ("low_dose", "ct", "full_dose", "labels", "lesions")
 
 
 def load_studies(source):
-    """CSV file or folder -> list of study dicts (paths made absolute)."""
+    """CSV file or folder -> list of study dicts (paths made absolute). Raises InputError naming the row of an
+    unusable entry (missing or unsafe id, no inputs, duplicate id)."""
+    from .pipeline import check_study_id
     src = Path(source)
     if src.is_file():
-        with open(src, newline="") as f:
-            rows = list(csv.DictReader(f))
+        try:
+            with open(src, newline="", encoding="utf-8-sig") as f:
+                rows = list(csv.DictReader(f))
+        except (OSError, UnicodeDecodeError, csv.Error) as e:
+            raise InputError(f"Study list {src} cannot be read as CSV: {e}") from None
         if not rows:
             raise InputError(f"Study list {src} has no rows")
         if "id" not in rows[0]:
-            raise InputError(f"Study list {src} needs an 'id' column (columns: {', '.join(rows[0])})")
+            raise InputError(f"Study list {src} needs an 'id' column (columns: {', '.join(map(str, rows[0]))})")
         studies = []
-        for r in rows:
-            s = {k: v.strip() for k, v in r.items() if v and v.strip()}
+        for n, r in enumerate(rows, start=2):
+            s = {k: v.strip() for k, v in r.items() if isinstance(k, str) and isinstance(v, str) and v.strip()}
+            try:
+                s["id"] = check_study_id(s.get("id"))
+            except InputError as e:
+                raise InputError(f"Study list {src.name}, line {n}: {e}") from None
+            if not s.get("low_dose") and not s.get("anatomy"):
+                raise InputError(f"Study list {src.name}, line {n} (study {s['id']}): no low_dose PET given (or "
+                                 "anatomy=sample to simulate one)")
             for k in IMAGE_KEYS:
                 if k in s and not Path(s[k]).is_absolute():
                     s[k] = str((src.parent / s[k]).resolve())
+            if s.get("anatomy") not in (None, "sample") and not Path(s["anatomy"]).is_absolute():
+                s["anatomy"] = str((src.parent / s["anatomy"]).resolve())
             studies.append(s)
     elif src.is_dir():
         studies = []
@@ -54,6 +72,7 @@ def load_studies(source):
                         s[k] = str((d / f"{k}{ext}").resolve())
                         break
             if "low_dose" in s:
+                s["id"] = check_study_id(d.name)
                 studies.append(s)
         if not studies:
             raise InputError(f"No study folders with a low_dose image found in {src}")
@@ -66,8 +85,32 @@ def load_studies(source):
     return studies
 
 
+def _client(scheduler, timeout_s=10):
+    """Dask client for ``local:N`` or a scheduler address; InputError with one line when neither works."""
+    try:
+        from dask.distributed import Client, LocalCluster
+    except ImportError:
+        raise InputError("--scheduler needs Dask: pip install 'dask[distributed]'") from None
+    if scheduler.startswith("local"):
+        n_text = scheduler.partition(":")[2] or "2"
+        if not n_text.isdigit() or int(n_text) < 1:
+            raise InputError(f"Scheduler {scheduler!r}: local:N needs a positive number of workers, e.g. local:2")
+        cluster = LocalCluster(n_workers=int(n_text), threads_per_worker=1, processes=True, dashboard_address=None)
+        return Client(cluster), cluster
+    if "://" not in scheduler and ":" not in scheduler:
+        raise InputError(f"Scheduler {scheduler!r} is neither local:N nor an address like tcp://host:8786")
+    try:
+        return Client(scheduler, timeout=f"{timeout_s}s"), None
+    except (OSError, TimeoutError, ValueError) as e:
+        raise InputError(f"Cannot reach the Dask scheduler at {scheduler} within {timeout_s} s "
+                         f"({type(e).__name__}); check the address and that the scheduler is running") from None
+
+
 def _run_one(spec, out_root, steps, device, seed, models=None):
-    """Run one study; never raises: returns a status dict (also written to DONE.json / FAILED.json)."""
+    """Run one study; never raises (except on cancel): returns a status dict (also written to DONE.json or
+    FAILED.json)."""
+    from .errors import Cancelled, as_user_error
+    from .imageio import write_json
     from .pipeline import run_study
     d = Path(out_root) / str(spec.get("id", "unnamed"))
     failed = d / "FAILED.json"
@@ -77,30 +120,37 @@ def _run_one(spec, out_root, steps, device, seed, models=None):
             failed.unlink()
         return {"id": spec["id"], "status": "skipped" if summary.get("skipped") else "done",
                 "seconds": summary.get("seconds"), "metrics": summary.get("metrics", {})}
-    except Exception as e:  # one bad study must not stop the batch
-        d.mkdir(parents=True, exist_ok=True)
-        info = {"id": spec.get("id"), "status": "failed", "error": f"{type(e).__name__}: {e}",
-                "traceback": traceback.format_exc()}
-        failed.write_text(json.dumps(info, indent=1))
+    except Exception as e:  # noqa: BLE001 - one bad study must not stop the batch
+        user = as_user_error(e)
+        if isinstance(user, Cancelled):
+            raise user from None
+        message = str(user) if user is not None else f"internal error ({type(e).__name__}: {e})"
+        info = {"id": spec.get("id"), "status": "failed", "error": message,
+                "kind": type(user or e).__name__, "exit_code": user.exit_code if user is not None else 1}
+        if user is None:
+            info["traceback"] = traceback.format_exc()
+        try:
+            write_json(info, failed)
+        except Exception:  # noqa: BLE001 - e.g. a read-only study folder: the summary still reports it
+            pass
         return {k: info[k] for k in ("id", "status", "error")}
 
 
 def run_batch(studies, out_root, steps=None, device="cpu", seed=0, scheduler=None, models=None, progress=None,
               cancel=None):
     """Run the pipeline on every study. Returns {"studies": [status...], "done", "skipped", "failed"}."""
+    from .errors import ResourceError, os_error_reason
+    from .imageio import write_json
     rep = Reporter(progress, cancel)
     out_root = Path(out_root)
-    out_root.mkdir(parents=True, exist_ok=True)
+    try:
+        out_root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ResourceError(f"Cannot create the output folder {out_root}: {os_error_reason(e)}") from None
     results = []
     if scheduler:
-        from dask.distributed import Client, LocalCluster, as_completed
-        cluster = None
-        if scheduler.startswith("local"):
-            n = int(scheduler.split(":")[1]) if ":" in scheduler else 2
-            cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None)
-            client = Client(cluster)
-        else:
-            client = Client(scheduler)
+        from dask.distributed import as_completed
+        client, cluster = _client(scheduler)
         try:
             futures = [client.submit(_run_one, s, str(out_root), steps, device, seed, models, key=f"study-{s['id']}",
                                      pure=False) for s in studies]
@@ -120,7 +170,10 @@ def run_batch(studies, out_root, steps=None, device="cpu", seed=0, scheduler=Non
     results.sort(key=lambda r: order.get(r["id"], 0))
     counts = {k: sum(r["status"] == k for r in results) for k in ("done", "skipped", "failed")}
     summary = {"studies": results, **counts, "out": str(out_root)}
-    (out_root / "batch_summary.json").write_text(json.dumps(summary, indent=1, default=float))
+    try:
+        write_json(summary, out_root / "batch_summary.json")
+    except ResourceError as e:
+        summary["summary_file"] = f"not written: {e}"
     return summary
 
 

@@ -6,21 +6,26 @@ commands in ``<Name>ModuleLib/cli.py`` through ``add_commands(subparsers)``; com
 
 A command is a callable ``func(args, reporter) -> dict``. The dict is its JSON summary: printed as a table, or as
 JSON with ``--json``. Progress goes through ``reporter``: a progress bar on a terminal, ``PWB_PROGRESS`` lines when
-run by the worker (``--progress-lines``). Errors print one clear line and exit non-zero: 2 bad input, 3 model
-problem, 130 cancelled, 1 anything else.
+run by the worker (``--progress-lines``). Errors print one clear line (the traceback only with ``--debug``) and
+exit with the documented code (:mod:`PETWorkbenchLib.errors`): 2 bad input, 3 model problem, 4 disk, permission or
+memory, 5 a batch with failed studies, 130 cancelled (Ctrl-C, SIGTERM), 1 an internal error. Global flags, accepted
+anywhere on the line: ``--json``, ``--debug``, ``--overwrite`` (replace existing output files; without it an
+existing output is refused).
 """
 
 import argparse
 import importlib
 import json
+import os
+import signal
 import sys
 import traceback
 
-from .errors import Cancelled, InputError, ModelError, PETWorkbenchError
+from .errors import EXIT_BUG, EXIT_INPUT, EXIT_PARTIAL, InputError, as_user_error
 from .progress import Reporter
 
 FAMILIES = ("ReconstructionModuleLib", "SynthesisModuleLib", "SegmentationModuleLib", "RegistrationModuleLib")
-_GLOBAL_FLAGS = ("--progress-lines", "--json")
+_GLOBAL_FLAGS = ("--progress-lines", "--json", "--debug", "--overwrite")
 
 
 def group(subparsers, name, help=None):
@@ -140,6 +145,8 @@ def build_parser():
                                      "(research use only, not for clinical decisions).")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--progress-lines", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("info", help="versions, devices, folders")
     p.set_defaults(func=_cmd_info)
@@ -227,28 +234,46 @@ def _print_summary(summary):
             print(f"{str(k).ljust(width)}  {v}")
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line usage errors that exit with the input-error code."""
+
+    def error(self, message):
+        raise InputError(f"{self.prog}: {message} (see '{self.prog} --help')")
+
+
+def _on_sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     flags = {f for f in _GLOBAL_FLAGS if f in argv}
     argv = [a for a in argv if a not in _GLOBAL_FLAGS]
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.json = "--json" in flags
-    lines, as_json = "--progress-lines" in flags, "--json" in flags
-    func = getattr(args, "func", None)
-    if func is None:
-        (getattr(args, "_group", None) or parser).print_help()
-        return 2
+    lines, as_json, debug = "--progress-lines" in flags, "--json" in flags, "--debug" in flags
+    debug = debug or os.environ.get("PETWORKBENCH_DEBUG") == "1"
+    previous = None
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (embedded use): leave signals alone
+        pass
     terminal = None
-    if lines:
-        rep = Reporter(_progress_line)
-    elif sys.stderr.isatty():
-        terminal = _TerminalProgress()
-        rep = Reporter(terminal)
-    else:
-        rep = Reporter(None)
     code = 0
     try:
+        parser = build_parser()
+        _strict_usage_errors(parser)
+        args = parser.parse_args(argv)
+        args.json, args.debug, args.overwrite = as_json, debug, "--overwrite" in flags
+        func = getattr(args, "func", None)
+        if func is None:
+            (getattr(args, "_group", None) or parser).print_help()
+            return EXIT_INPUT
+        if lines:
+            rep = Reporter(_progress_line)
+        elif sys.stderr.isatty():
+            terminal = _TerminalProgress()
+            rep = Reporter(terminal)
+        else:
+            rep = Reporter(None)
         summary = func(args, rep)
         if terminal:
             terminal.close()
@@ -258,24 +283,46 @@ def main(argv=None):
             print(json.dumps(summary, indent=2, default=str))
         else:
             _print_summary(summary)
-    except PETWorkbenchError as e:
-        code = 130 if isinstance(e, Cancelled) else 2 if isinstance(e, InputError) else 3 if isinstance(e, ModelError) else 1
-        _report_error(type(e).__name__, str(e), lines)
-    except MemoryError as e:
-        code = 1
-        _report_error("MemoryError", "Out of memory: use a smaller patch batch, a GPU, or crop the volume "
-                      f"({e})", lines)
-    except Exception as e:  # a bug: keep the traceback for the log
-        code = 1
-        traceback.print_exc(file=sys.stdout if lines else sys.stderr)
-        msg = str(e)
-        if "out of memory" in msg.lower():
-            msg = "Out of memory: use a smaller patch batch or the CPU / crop the volume. " + msg
-        _report_error(type(e).__name__, msg, lines)
+        if isinstance(summary, dict) and summary.get("failed"):
+            code = EXIT_PARTIAL
+    except SystemExit as e:  # --help, or argparse itself
+        code = e.code if isinstance(e.code, int) else 0
+    except BaseException as e:  # noqa: BLE001 - every error ends in one line and a documented exit code
+        if terminal:
+            terminal.close()
+        user = as_user_error(e, "running the command")
+        if user is None and not isinstance(e, Exception):
+            raise
+        if debug:
+            traceback.print_exc(file=sys.stdout if lines else sys.stderr)
+        if user is not None:
+            code = user.exit_code
+            _report_error(type(user).__name__, str(user), lines)
+        else:
+            code = EXIT_BUG
+            _report_error(type(e).__name__, f"internal error ({type(e).__name__}: {e}); please report it with the "
+                          "output of the same command run with --debug", lines)
     finally:
         if terminal:
             terminal.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return code
+
+
+def _strict_usage_errors(parser):
+    """Make every (sub)parser report usage errors as InputError instead of exiting with argparse's code 2."""
+    seen = set()
+    todo = [parser]
+    while todo:
+        p = todo.pop()
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        p.__class__ = _ArgumentParser
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                todo.extend(action.choices.values())
 
 
 def _report_error(kind, message, lines):

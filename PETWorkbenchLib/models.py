@@ -2,7 +2,8 @@
 
 Every model has an entry in ``Resources/Models.json`` (schema: ``Resources/Models.schema.json``). Weights are either
 bundled with the extension (``"url": "bundled:Models/<file>"``, verified in place) or downloaded once into the
-per-user cache (:func:`PETWorkbenchLib.paths.models_cache_dir`, overridable with ``PETWORKBENCH_MODELS_DIR``).
+per-user cache (:func:`PETWorkbenchLib.paths.models_cache_dir`, overridable with ``PETWORKBENCH_MODELS_DIR``), only
+over ``https://`` (plain ``http://`` only from this machine's loopback address, for local mirrors and tests).
 Downloads stream to a temporary file in the cache folder, are SHA-256 checked and only then renamed into place, so
 a failed or corrupt download never leaves a file behind. Sites without internet copy the file with
 :func:`install_from_file` (``petworkbench models install ID FILE``). Nothing is downloaded at import time.
@@ -103,10 +104,8 @@ def upsert_entries(entries, path=None):
         else:
             index[e["id"]] = len(models)
             models.append(e)
-    tmp = path.with_suffix(".json.part")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
-    return path
+    from .imageio import write_json
+    return write_json(data, path)
 
 
 def registry(family=None, path=None):
@@ -136,9 +135,9 @@ def verify(model, cache_dir=None):
         raise ModelError(f"Weights of model '{e.id}' not found at {p}: {how}")
     digest = sha256_of(p)
     if digest != e.sha256:
-        raise ModelError(f"Weights of model '{e.id}' at {p} are corrupt: SHA-256 {digest} does not match the "
-                         f"registered {e.sha256}. Delete the file (petworkbench models delete {e.id}) and download "
-                         "it again.")
+        how = ("reinstall the extension (Extension Manager) or restore the file from the source tree" if e.bundled
+               else f"delete it (petworkbench models delete {e.id}) and download it again")
+        raise ModelError(f"Weights of model '{e.id}' at {p} are damaged (SHA-256 does not match the registry): {how}")
     return p
 
 
@@ -166,11 +165,22 @@ def _atomic_copy_verified(e, write_into, cache_dir):
             pass
 
 
+def check_url(e):
+    """Only https:// is downloaded; http:// only from the loopback address (a local mirror or a test server)."""
+    from urllib.parse import urlparse
+    u = urlparse(e.url)
+    if u.scheme == "https" or (u.scheme == "http" and u.hostname in ("127.0.0.1", "localhost", "::1")):
+        return
+    raise ModelError(f"Model '{e.id}' has the URL {e.url!r}; only https:// downloads are allowed. Fix the registry "
+                     f"entry, or place the file by hand: petworkbench models install {e.id} FILE")
+
+
 def download(model, progress=None, cache_dir=None, timeout=30):
     """Download the weights into the per-user cache (streaming, progress, SHA-256, atomic). Returns the path."""
     e = _as_entry(model)
     if e.bundled:
         return verify(e)
+    check_url(e)
     import requests
 
     def write_into(f, h):
@@ -242,31 +252,92 @@ def status(model, cache_dir=None):
     return "bundled" if e.bundled else "installed"
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """Load a weights file written by :func:`save_checkpoint`: dict with 'config' and 'state_dict'."""
+def read_torch_file(path, keys=("config", "state_dict"), what="weights file", map_location="cpu"):
+    """A torch file of tensors and plain data (weights, training checkpoints), refused with one ModelError line
+    naming the file when it is empty, truncated or damaged (every record's CRC is checked, so a few flipped bytes
+    are caught), holds other objects (``weights_only=True``: nothing in the file can run code), or lacks ``keys``."""
+    import pickle
+    import warnings
+    import zipfile
+
     import torch
+    path = Path(path)
     try:
-        ckpt = torch.load(str(path), map_location=map_location, weights_only=True)
-    except Exception as err:  # torch raises many types for damaged files
-        raise ModelError(f"Cannot read model weights {path}: {err}") from err
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "config" not in ckpt:
-        raise ModelError(f"{path} is not a PETWorkbench checkpoint (needs 'config' and 'state_dict')")
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except FileNotFoundError:
+        raise ModelError(f"{what} not found: {path}") from None
+    except OSError as err:
+        raise ModelError(f"cannot read {what} {path}: {err.strerror or err}") from None
+    if not head:
+        raise ModelError(f"Cannot read {what} {path}: the file is empty (0 bytes)")
+    if head != b"PK\x03\x04":
+        raise ModelError(f"Cannot read {what} {path}: not a PyTorch zip archive (damaged, or another kind of file); "
+                         "refusing to load it")
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        raise ModelError(f"Cannot read {what} {path}: the file is truncated or damaged") from None
+    if bad is not None:
+        raise ModelError(f"Cannot read {what} {path}: the file is truncated or damaged (its record "
+                         f"{Path(bad).name} fails its checksum)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(str(path), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise ModelError(f"Cannot read {what} {path}: it holds objects other than tensors and plain data (such a "
+                         "file can run code when loaded); refusing to load it") from None
+    except Exception:  # noqa: BLE001 - torch raises many types for damaged files
+        raise ModelError(f"Cannot read {what} {path}: the file is truncated or damaged") from None
+    missing = [k for k in keys if k not in obj] if isinstance(obj, dict) else list(keys)
+    if missing:
+        raise ModelError(f"Cannot read {what} {path}: not a PETWorkbench {what} (it has no {', '.join(missing)})")
+    return obj
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a weights file written by :func:`save_checkpoint`: dict with 'config' and 'state_dict', read by
+    :func:`read_torch_file`, with finite floating-point tensors. Checksum against the registry:
+    :func:`load_model_checkpoint`."""
+    import torch
+    ckpt = read_torch_file(path, ("config", "state_dict"), "model weights", map_location)
+    if not isinstance(ckpt["state_dict"], dict):
+        raise ModelError(f"{Path(path).name} is not a PETWorkbench weights file (its state_dict is not a dict)")
+    bad = [k for k, v in ckpt["state_dict"].items()
+           if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ModelError(f"Model weights {Path(path).name} are damaged: tensor {bad[0]} holds NaN or infinite values")
     return ckpt
 
 
 def save_checkpoint(path, config, state_dict, **extra):
-    """Write a checkpoint that :func:`load_checkpoint` reads (plain tensors and JSON-like data only)."""
-    import torch
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".part")
-    torch.save({"config": config, "state_dict": state_dict, **extra}, str(tmp))
-    os.replace(tmp, path)
-    return path
+    """Write a checkpoint that :func:`load_checkpoint` reads (plain tensors and JSON-like data only), atomically
+    and verified."""
+    from .imageio import save_torch
+    return save_torch({"config": config, "state_dict": state_dict, **extra}, path)
+
+
+def registered_entry_for_file(path, registry_path=None):
+    """The registry entry whose weights file has this file's name (bundled or cached), or None."""
+    name = Path(path).name
+    for e in load_registry(registry_path).values():
+        if e.filename == name:
+            return e
+    return None
 
 
 def load_model_checkpoint(model, progress=None, map_location="cpu"):
-    """Registry id or file path -> checkpoint dict (weights verified when given by id)."""
+    """Registry id or file path -> checkpoint dict. Weights given by id are verified against their registered
+    SHA-256; a file named like a registered model's weights must match that entry's checksum too."""
     if isinstance(model, (str, Path)) and Path(model).suffix in (".pt", ".pth") and Path(model).is_file():
+        e = registered_entry_for_file(model)
+        if e is not None and sha256_of(model) != e.sha256:
+            raise ModelError(f"{Path(model).name} is named like the weights of the registered model '{e.id}' but its "
+                             "SHA-256 differs: the file is damaged or modified. Use the model id, or rename the file "
+                             "if it is your own model")
         return load_checkpoint(model, map_location)
+    if isinstance(model, (str, Path)) and Path(model).suffix in (".pt", ".pth") and not Path(model).exists():
+        raise ModelError(f"Model weights not found: {model}")
     return load_checkpoint(ensure(model, progress=progress), map_location)

@@ -24,11 +24,14 @@ import json
 import time
 from pathlib import Path
 
-from .errors import InputError
+import re
+
+from .errors import InputError, ResourceError, os_error_reason
 from .paths import resources_dir
 from .progress import Reporter
 
 STEPS = ("simulate", "synthesize", "segment", "uptake", "register", "report")
+INPUT_KEYS = ("low_dose", "ct", "full_dose", "labels", "lesions")
 SYNTHESIS_MODEL = "synthesis-drmc-cpu"
 SEGMENTATION_MODEL = "segmentation-ldos-cpu"
 DEMO_DRF = 10
@@ -40,38 +43,35 @@ def sample_anatomy_dir():
 
 
 def _read(path, what):
-    import SimpleITK as sitk
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{what} not found: {p}")
-    try:
-        img = sitk.ReadImage(str(p))
-    except RuntimeError as e:
-        raise InputError(f"{what} {p.name} cannot be read (corrupt or unknown format): "
-                         f"{str(e).strip().splitlines()[-1]}") from e
-    if img.GetDimension() != 3:
-        raise InputError(f"{what} {p.name} is {img.GetDimension()}D; a 3D volume is needed")
-    return img
+    from .imageio import read_image
+    return read_image(path, what)
 
 
-def _write(img, path):
-    import SimpleITK as sitk
-    tmp = Path(str(path) + ".part.nii.gz")
-    sitk.WriteImage(img, str(tmp), True)
-    tmp.replace(path)
-    return path
+SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def check_study_id(study_id):
+    """A study id is a folder name inside the output folder: letters, digits, '.', '_', '-', never a path."""
+    sid = "" if study_id is None else str(study_id).strip()
+    if not sid:
+        raise InputError("A study has no id; give each study a name (letters, digits, '.', '_', '-')")
+    if not SAFE_ID.match(sid) or ".." in sid:
+        raise InputError(f"Study id {sid!r} is not a safe folder name: use letters, digits, '.', '_' and '-' "
+                         "(at most 100 characters, no '/', no '..')")
+    return sid
 
 
 class Study:
-    """Files of one study in its output folder."""
+    """Files of one study in its output folder. Inputs named in the spec are never written over."""
 
     def __init__(self, spec, out_root):
-        if "id" not in spec or not str(spec["id"]).strip():
-            raise InputError(f"Study without an id: {spec}")
         self.spec = dict(spec)
-        self.id = str(spec["id"]).strip()
+        self.id = check_study_id(spec.get("id"))
         self.dir = Path(out_root) / self.id
-        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ResourceError(f"Cannot create the study folder {self.dir}: {os_error_reason(e)}") from None
 
     def path(self, name):
         return self.dir / name
@@ -85,6 +85,17 @@ class Study:
             return Path(self.spec[key])
         p = self.path(f"{key}.nii.gz")
         return p if p.is_file() else None
+
+    def inputs(self):
+        return [self.spec[k] for k in INPUT_KEYS if self.spec.get(k)]
+
+    def write_image(self, img, name):
+        from .imageio import write_image
+        return write_image(img, self.path(name), inputs=self.inputs())
+
+    def write_json(self, obj, name):
+        from .imageio import write_json
+        return write_json(obj, self.path(name), inputs=self.inputs())
 
 
 # ----------------------------------------------------------------------------------------------- steps
@@ -128,12 +139,12 @@ def step_simulate(st, rep, device="cpu", seed=0, max_slices=64):
     body = body_mask(ct_aligned)
     u = known_deformation(ct_aligned, body, amp_si=9.0, amp_ap=3.0, bumps=3, bump_amp=4.0, seed=seed)
     ct_acquired = warp_with(ct_aligned, u, ct_aligned, default=-1000.0)       # CT(x + u(x)): breathing offset
-    _write(im["full_dose"], st.path("full_dose.nii.gz"))
-    _write(im[f"drf{DEMO_DRF:g}"], st.path("low_dose.nii.gz"))
-    _write(im["labels"], st.path("labels.nii.gz"))
-    _write(im["lesions"], st.path("lesions.nii.gz"))
-    _write(ct_acquired, st.path("ct.nii.gz"))
-    _write(field_image(u, ct_aligned), st.path("true_field.nii.gz"))
+    st.write_image(im["full_dose"], "full_dose.nii.gz")
+    st.write_image(im[f"drf{DEMO_DRF:g}"], "low_dose.nii.gz")
+    st.write_image(im["labels"], "labels.nii.gz")
+    st.write_image(im["lesions"], "lesions.nii.gz")
+    st.write_image(ct_acquired, "ct.nii.gz")
+    st.write_image(field_image(u, ct_aligned), "true_field.nii.gz")
     vox = float(np.mean(ct_aligned.GetSpacing()))
     mag = np.linalg.norm(u, axis=-1)[body]
     info = {"center": DEMO_CENTER, "drf": DEMO_DRF, "shape": list(im["full_dose"].GetSize()),
@@ -141,7 +152,7 @@ def step_simulate(st, rep, device="cpu", seed=0, max_slices=64):
             "misalignment_mean_mm": float(mag.mean()), "misalignment_max_mm": float(mag.max()),
             "misalignment_mean_vox": float(mag.mean() / vox),
             "lesions_in_view": int(len(np.unique(sitk.GetArrayViewFromImage(im["lesions"]))) - 1)}
-    (st.path("simulation.json")).write_text(json.dumps(info, indent=1))
+    st.write_json(info, "simulation.json")
     rep(1.0, "simulated")
     return info
 
@@ -153,8 +164,8 @@ def step_synthesize(st, rep, device="cpu", model=SYNTHESIS_MODEL):
     model = str(model)
     low = _read(st.input("low_dose") or "", "low-dose PET")
     out, routing = synthesize(low, model, device=device, progress=rep)
-    _write(out, st.path("synthesized.nii.gz"))
-    st.path("routing.json").write_text(json.dumps(routing, indent=1, default=float))
+    st.write_image(out, "synthesized.nii.gz")
+    st.write_json(routing, "routing.json")
     return {"model": Path(model).name}
 
 
@@ -165,11 +176,11 @@ def step_segment(st, rep, device="cpu", model=SEGMENTATION_MODEL):
     model = str(model)
     low = _read(st.input("low_dose") or "", "low-dose PET")
     lab, _ = segment(low, model, device=device, progress=rep.sub(0.0, 0.5))
-    _write(lab, st.path("organs_low.nii.gz"))
+    st.write_image(lab, "organs_low.nii.gz")
     if st.has("synthesized.nii.gz"):
         syn = _read(st.path("synthesized.nii.gz"), "synthesized PET")
         lab2, _ = segment(syn, model, device=device, progress=rep.sub(0.5, 1.0))
-        _write(lab2, st.path("organs_synth.nii.gz"))
+        st.write_image(lab2, "organs_synth.nii.gz")
     return {"model": Path(str(model)).name}
 
 
@@ -187,7 +198,7 @@ def step_uptake(st, rep):
         for r in rows:
             ref = ref_rows.get(r["name"])
             r["suv_mean_full_dose"] = ref["suv_mean"] if ref else None
-    st.path("uptake.json").write_text(json.dumps({"pet": Path(pet_path).name, "rows": rows}, indent=1))
+    st.write_json({"pet": Path(pet_path).name, "rows": rows}, "uptake.json")
     rep(1.0, "uptake done")
     return {"organs": len(rows)}
 
@@ -220,19 +231,19 @@ def step_register(st, rep, device="cpu", iterations=(200, 100, 50), smoothness=2
                    learning_rate=learning_rate, fixed_mask=mask, prealign="none", device=device, progress=rep)
     summary = dict(res.summary)
     summary["time_s"] = time.perf_counter() - t0
-    _write(res.displacement, st.path("field.nii.gz"))
-    _write(res.warp(pet), st.path("pet_on_ct.nii.gz"))
+    st.write_image(res.displacement, "field.nii.gz")
+    st.write_image(res.warp(pet), "pet_on_ct.nii.gz")
     true = st.path("true_field.nii.gz")
     if true.is_file():
         import numpy as np
-        u_true = sitk.GetArrayFromImage(sitk.ReadImage(str(true)))
+        u_true = sitk.GetArrayFromImage(_read(true, "true field"))
         u = sitk.GetArrayFromImage(res.displacement)
         if u.shape[:3] == u_true.shape[:3]:
             vox = float(np.mean(ct.GetSpacing()))
             summary["disp_true_mm"] = float(np.linalg.norm(u_true, axis=-1)[body].mean())
             summary["disp_err_mm"] = float(np.linalg.norm(u - u_true, axis=-1)[body].mean())
             summary["disp_err_vox"] = summary["disp_err_mm"] / vox
-    st.path("registration.json").write_text(json.dumps(summary, indent=1, default=float))
+    st.write_json(summary, "registration.json")
     return {k: summary[k] for k in ("folding_pct", "disp_err_mm") if k in summary}
 
 
@@ -243,14 +254,19 @@ def compute_metrics(st):
     from SynthesisModuleLib.metrics import lesion_suv_bias, psnr, ssim
     m = {}
     full = st.input("full_dose")
-    arr = lambda p: sitk.GetArrayFromImage(_read(p, Path(p).name)).astype("float64")  # noqa: E731
+    arr = sitk.GetArrayFromImage
     if full is not None and st.has("synthesized.nii.gz"):
-        f, lo, sy = arr(full), arr(st.input("low_dose")), arr(st.path("synthesized.nii.gz"))
+        from .imageio import match_grid
+        full_img = _read(full, "full-dose PET")
+        on_full = lambda p, what: match_grid(_read(p, what), full_img, f"the {what}", "the full-dose PET")  # noqa: E731
+        f = arr(full_img).astype("float64")
+        lo = arr(on_full(st.input("low_dose"), "low-dose PET")).astype("float64")
+        sy = arr(on_full(st.path("synthesized.nii.gz"), "synthesized PET")).astype("float64")
         m["psnr_low"], m["psnr_synth"] = psnr(lo, f), psnr(sy, f)
         m["ssim_low"], m["ssim_synth"] = ssim(lo, f), ssim(sy, f)
         les = st.input("lesions")
         if les is not None:
-            L = arr(les)
+            L = arr(on_full(les, "lesion labels")).astype("float64")
             for key, img in (("low", lo), ("synth", sy)):
                 m[f"suvmean_bias_{key}"], m[f"suvmax_bias_{key}"], _ = lesion_suv_bias(img, f, L)
     ref = st.input("labels")
@@ -272,7 +288,7 @@ def compute_metrics(st):
 def step_report(st, rep):
     from .report import write_report
     metrics = compute_metrics(st)
-    st.path("metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
+    st.write_json(metrics, "metrics.json")
     write_report(st, metrics)
     rep(1.0, "report written")
     return {k: v for k, v in metrics.items() if not isinstance(v, dict)}
@@ -301,27 +317,64 @@ def model_fingerprint(model):
         return model
 
 
-def _supersede_stale_outputs(st, fingerprints):
-    """Move the outputs made with other model weights than ``fingerprints`` into ``superseded/<time>/`` (never
-    deleted) so that they are recomputed. Returns the families whose weights changed."""
+def input_fingerprints(st, seed):
+    """What the study's results depend on besides the models: each input image's SHA-256 (content, not path), or
+    the anatomy and seed of a simulated study."""
+    from .models import sha256_of
+    if st.spec.get("low_dose"):
+        fp = {}
+        for k in INPUT_KEYS:
+            if st.spec.get(k):
+                p = Path(st.spec[k])
+                fp[k] = sha256_of(p)[:32] if p.is_file() else "missing"
+        return fp
+    return {"anatomy": str(st.spec.get("anatomy") or "sample"), "seed": int(seed)}
+
+
+_RECORDS = ("models.json", "inputs.json", "FAILED.json", "superseded")
+
+
+def _supersede_stale_outputs(st, fingerprints, inputs=None):
+    """Move the outputs made with other model weights than ``fingerprints`` (or from other ``inputs``) into
+    ``superseded/<time>/`` (never deleted) so that they are recomputed. Returns what changed."""
     import shutil
-    record = st.path("models.json")
-    before = json.loads(record.read_text()) if record.is_file() else None
+    from .imageio import write_json
+
+    def previous(name):
+        p = st.path(name)
+        try:
+            return json.loads(p.read_text()) if p.is_file() else None
+        except (OSError, ValueError):
+            return {}                                  # unreadable record: treat everything as changed
+    before_models, before_inputs = previous("models.json"), previous("inputs.json")
+    had_results = st.has("DONE.json") or any(st.path(n).exists() for fam in MODEL_OUTPUTS for n in MODEL_OUTPUTS[fam])
     changed = []
-    if before is not None:
-        changed = [fam for fam, fp in fingerprints.items() if before.get(fam) not in (None, fp)]
+    if before_models is not None:
+        changed = [fam for fam, fp in fingerprints.items() if before_models.get(fam) not in (None, fp)]
     elif st.has("DONE.json"):  # a run from before fingerprints were recorded: weights unknown
         changed = list(fingerprints)
-    names = sorted({n for fam in changed for n in MODEL_OUTPUTS[fam] if st.path(n).exists()})
+    if inputs is None:
+        inputs_changed = False
+    else:
+        inputs_changed = (before_inputs != inputs) if before_inputs is not None else had_results
+    protected = {Path(p).resolve() for p in st.inputs()}
+    if inputs_changed:
+        names = sorted(p.name for p in st.dir.iterdir() if p.name not in _RECORDS and p.resolve() not in protected
+                       and not p.name.startswith("."))
+    else:
+        names = sorted({n for fam in changed for n in MODEL_OUTPUTS[fam] if st.path(n).exists()})
     if names:
         dest = st.path("superseded") / time.strftime("%Y%m%d-%H%M%S")
         dest.mkdir(parents=True, exist_ok=True)
         for n in names:
             shutil.move(str(st.path(n)), str(dest / n))
-    if changed and st.path("DONE.json").is_file():
+    if (changed or inputs_changed) and st.path("DONE.json").is_file():
         st.path("DONE.json").unlink()
-    record.write_text(json.dumps(fingerprints, indent=1))
-    return changed
+    if before_models != fingerprints:
+        write_json(fingerprints, st.path("models.json"))
+    if inputs is not None and before_inputs != inputs:
+        write_json(inputs, st.path("inputs.json"))
+    return changed + (["inputs"] if inputs_changed else [])
 
 
 def run_study(spec, out_root, steps=None, device="cpu", seed=0, models=None, progress=None, cancel=None):
@@ -338,10 +391,16 @@ def run_study(spec, out_root, steps=None, device="cpu", seed=0, models=None, pro
         raise InputError(f"Unknown step(s) {', '.join(unknown)}; steps are {', '.join(STEPS)}")
     fingerprints = {"synthesis": model_fingerprint(models.get("synthesis", SYNTHESIS_MODEL)),
                     "segmentation": model_fingerprint(models.get("segmentation", SEGMENTATION_MODEL))}
-    _supersede_stale_outputs(st, fingerprints)
-    if done.is_file() and set(wanted) <= set(json.loads(done.read_text()).get("steps", [])):
-        return dict(json.loads(done.read_text()), skipped=True)
-    simulated = bool(st.spec.get("anatomy")) or not st.spec.get("low_dose")
+    if not st.spec.get("low_dose") and not st.spec.get("anatomy"):
+        raise InputError(f"Study {st.id} names no low_dose PET (and no anatomy to simulate from)")
+    _supersede_stale_outputs(st, fingerprints, input_fingerprints(st, seed))
+    try:
+        finished = json.loads(done.read_text()) if done.is_file() else None
+    except (OSError, ValueError):
+        finished = None                                  # a damaged DONE.json: run again
+    if finished and set(wanted) <= set(finished.get("steps", [])):
+        return dict(finished, skipped=True)
+    simulated = not st.spec.get("low_dose")
     if "simulate" in wanted and not simulated:
         wanted.remove("simulate")
     if "low_dose" in st.spec and "simulate" not in wanted:
@@ -363,6 +422,7 @@ def run_study(spec, out_root, steps=None, device="cpu", seed=0, models=None, pro
     if st.has("metrics.json"):
         summary["metrics"] = {k: v for k, v in json.loads(st.path("metrics.json").read_text()).items()
                               if not isinstance(v, dict)}
-    done.write_text(json.dumps(summary, indent=1, default=float))
+    from .imageio import write_json
+    write_json(summary, done)
     rep(1.0, f"{st.id}: done")
     return summary

@@ -1,15 +1,19 @@
 """Study report: Markdown with PNG figures (slices, routing, organ overlay) and the metrics table."""
 
 import json
+from pathlib import Path
 
 import numpy as np
+
+from .imageio import save_figure, write_text
 
 FIG_DPI = 100
 
 
 def _arr(path):
     import SimpleITK as sitk
-    return sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(np.float32)
+    from .imageio import read_image
+    return sitk.GetArrayFromImage(read_image(path, Path(path).name)).astype(np.float32)
 
 
 def _coronal(a, j=None):
@@ -51,7 +55,7 @@ def write_figures(st):
             ax.axis("off")
         fig.suptitle("Coronal slices, SUV 0–%.1f" % vmax, fontsize=10)
         fig.tight_layout()
-        fig.savefig(st.path("fig_slices.png"), dpi=FIG_DPI)
+        save_figure(fig, st.path("fig_slices.png"), dpi=FIG_DPI)
         plt.close(fig)
         figs["slices"] = "fig_slices.png"
     if st.has("routing.json"):
@@ -71,7 +75,7 @@ def write_figures(st):
         ax.set_title("LDOS organs on the low-dose PET", fontsize=9)
         ax.axis("off")
         fig.tight_layout()
-        fig.savefig(st.path("fig_organs.png"), dpi=FIG_DPI)
+        save_figure(fig, st.path("fig_organs.png"), dpi=FIG_DPI)
         plt.close(fig)
         figs["organs"] = "fig_organs.png"
     return figs
@@ -115,5 +119,5 @@ def write_report(st, metrics):
               "organs": "Organ segmentation"}
     for key, fn in figs.items():
         lines += [f"## {titles[key]}", "", f"![{titles[key]}]({fn})", ""]
-    st.path("report.md").write_text("\n".join(lines))
+    write_text("\n".join(lines), st.path("report.md"))
     return st.path("report.md")

@@ -5,10 +5,14 @@ Inside Slicer the current scene is used; elsewhere a headless scene from slicer-
 """
 
 import json
+import os
+import shutil
 import types
 from pathlib import Path
 
 import slicer
+
+from .errors import ResourceError, os_error_reason
 
 
 def headless_scene():
@@ -49,19 +53,51 @@ def _save(node, path):
         node.GetScene().AddNode(sn)
         node.SetAndObserveStorageNodeID(sn.GetID())
     sn.SetFileName(str(path))
-    if not sn.WriteData(node):
-        raise RuntimeError(f"Could not write {path}")
+    if not sn.WriteData(node) or not Path(path).is_file() or Path(path).stat().st_size == 0:
+        raise ResourceError(f"Cannot write {Path(path).name} of the scene (is the disk full?)")
     return path
 
 
 def write_study_scene(study_dir, scene=None):
-    """Build the scene of one pipeline study folder and save ``<study_dir>/scene/Scene.mrml`` with its data."""
+    """Build the scene of one pipeline study folder and save ``<study_dir>/scene/Scene.mrml`` with its data: written
+    into a temporary folder beside it, checked, then put in place of the previous scene."""
+    import tempfile
+    from .imageio import read_image
+    study_dir = Path(study_dir)
+    final = study_dir / "scene"
+    try:
+        out = Path(tempfile.mkdtemp(prefix=".scene.part-", dir=study_dir))
+    except OSError as e:
+        raise ResourceError(f"Cannot write the scene in {study_dir}: {os_error_reason(e)}") from None
+    try:
+        scene_path, ids = _write_scene(study_dir, out, scene, read_image)
+        _replace_folder(out, final)
+    finally:
+        if out.exists():
+            shutil.rmtree(out, ignore_errors=True)
+    return final / scene_path.name, ids
+
+
+def _replace_folder(new, final):
+    """Put the verified folder ``new`` in place of ``final``; the previous one is removed only afterwards."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+    try:
+        os.replace(new, final)
+    except OSError as e:
+        if old is not None:
+            os.replace(old, final)
+        raise ResourceError(f"Cannot write the scene {final}: {os_error_reason(e)}") from None
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_scene(study_dir, out, scene, read_image):
     import SimpleITK as sitk
     from . import mrml
     from .terminology import organ_specs
-    study_dir = Path(study_dir)
-    out = study_dir / "scene"
-    out.mkdir(exist_ok=True)
     if scene is None:
         scene, _ = headless_scene()
     nodes = {}
@@ -69,14 +105,14 @@ def write_study_scene(study_dir, scene=None):
                        ("full_dose", "PET full dose"), ("pet_on_ct", "PET registered to CT")):
         p = study_dir / f"{key}.nii.gz"
         if p.is_file():
-            nodes[key] = mrml.image_to_volume(sitk.ReadImage(str(p)), name=title, scene=scene)
+            nodes[key] = mrml.image_to_volume(read_image(p, title), name=title, scene=scene)
             _save(nodes[key], out / f"{key}.nrrd")
     src = nodes.get("low_dose")
     for key in ("synthesized",):
         if key in nodes and src is not None:
             mrml.reference_result(nodes[key], src)
     if (study_dir / "organs_low.nii.gz").is_file() and src is not None:
-        seg, _, _ = mrml.labelmap_to_segmentation(sitk.ReadImage(str(study_dir / "organs_low.nii.gz")),
+        seg, _, _ = mrml.labelmap_to_segmentation(read_image(study_dir / "organs_low.nii.gz", "organ labels"),
                                                   organ_specs(), referenceVolumeNode=src, name="Organs (LDOS)",
                                                   scene=scene)
         mrml.reference_result(seg, src)
@@ -91,15 +127,15 @@ def write_study_scene(study_dir, scene=None):
             nodes["uptake"] = table
     if (study_dir / "field.nii.gz").is_file() and "ct" in nodes:
         moving = nodes.get("synthesized", src)
-        field = sitk.ReadImage(str(study_dir / "field.nii.gz"), sitk.sitkVectorFloat64)
+        field = read_image(study_dir / "field.nii.gz", "displacement field", pixel_type=sitk.sitkVectorFloat64)
         t = mrml.displacement_to_transform(field, name="PET to CT", scene=scene, fixedNode=nodes["ct"],
                                            movingNode=moving)
         _save(t, out / "pet_to_ct.h5")
         nodes["transform"] = t
     scene.SetRootDirectory(str(out))
     scene.SetURL(str(out / "Scene.mrml"))
-    if not scene.Commit():
-        raise RuntimeError(f"Could not write the scene {out / 'Scene.mrml'}")
+    if not scene.Commit() or not (out / "Scene.mrml").is_file():
+        raise ResourceError(f"Cannot write the scene {out / 'Scene.mrml'} (is the disk full?)")
     return out / "Scene.mrml", {k: n.GetID() for k, n in nodes.items()}
 
 

@@ -43,21 +43,24 @@ def from_suv(array, units, weight_kg=None, injected_dose_bq=None, decay_factor=1
     return array / suv_factor(weight_kg, injected_dose_bq, decay_factor)
 
 
-def check_pet_range(array, units="SUV"):
-    """Reject data that cannot be PET in these units (e.g. a CT in HU given as PET)."""
+def check_pet_range(array, units="SUV", name="The PET volume"):
+    """Reject data that cannot be PET in these units: empty, NaN/Inf, no positive value, a CT in HU (values far
+    below 0) or Bq/ml given as SUV (maximum above 1000). Returns (min, max)."""
     import numpy as np
     a = np.asarray(array)
     if a.size == 0:
-        raise InputError("The PET volume is empty (no voxels)")
-    if not np.isfinite(a).all():
-        raise InputError("The PET volume contains NaN or infinite values")
+        raise InputError(f"{name} is empty (no voxels)")
+    finite = np.isfinite(a)
+    if not finite.all():
+        raise InputError(f"{name} contains {int(a.size - np.count_nonzero(finite))} NaN or infinite voxels")
     lo, hi = float(a.min()), float(a.max())
     if hi <= 0:
-        raise InputError("The PET volume has no positive values (all voxels <= 0)")
+        raise InputError(f"{name} is empty: no positive values (all voxels <= 0)")
     if normalise_units(units) == "SUV":
         if lo < -50:
-            raise InputError(f"Minimum value {lo:.0f} is far below 0: this looks like a CT in HU, not PET in SUV")
+            raise InputError(f"{name}: minimum value {lo:.0f} is far below 0; this looks like a CT in HU, not PET "
+                             "in SUV")
         if hi > 1000:
-            raise InputError(f"Maximum value {hi:.0f} is implausible for SUV: the volume is probably in Bq/ml; "
-                             "convert it to SUV (needs patient weight and injected dose) or set the units")
+            raise InputError(f"{name}: maximum value {hi:.0f} is implausible for SUV; the volume is probably in "
+                             "Bq/ml: convert it to SUV (needs patient weight and injected dose)")
     return lo, hi

@@ -116,6 +116,14 @@ class WorkerJob:
             self.done(self)
 
     @property
+    def returncode(self):
+        """The engine's exit code (PETWorkbenchLib.errors: 130 when cancelled, whatever signal ended it); None while
+        it runs."""
+        if self.proc.poll() is None:
+            return None
+        return 130 if self.cancelled else self.proc.returncode
+
+    @property
     def running(self):
         return not self._finished_dispatched
 

@@ -121,19 +121,19 @@ class ReconstructionModuleLogic(ScriptedLoadableModuleLogic):
 
     def _run(self, command, args, inputNode, outputVolumeNode, defaultName, wait, progress, log, image=None,
              device="auto"):
-        import SimpleITK as sitk
-        from PETWorkbenchLib import mrml
+        from PETWorkbenchLib import imageio, mrml
         from PETWorkbenchLib.slicer_bridge import EngineRun
 
         def prepare(tmp):
             extra = ["--out", os.path.join(tmp, "output.nii"), "--device", device]
             if image is not None:
-                sitk.WriteImage(image, os.path.join(tmp, "input.nii"))
+                imageio.write_image(image, os.path.join(tmp, "input.nii"))
                 extra += ["--input", os.path.join(tmp, "input.nii")]
             return extra + list(args)
 
         def finish(tmp, result):
-            node = mrml.image_to_volume(sitk.ReadImage(os.path.join(tmp, "output.nii")), outputVolumeNode,
+            output = imageio.read_image(os.path.join(tmp, "output.nii"), "engine output")
+            node = mrml.image_to_volume(output, outputVolumeNode,
                                         name=None if outputVolumeNode else defaultName)
             if inputNode is not None:
                 mrml.reference_result(node, inputNode)

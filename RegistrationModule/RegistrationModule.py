@@ -126,7 +126,7 @@ class RegistrationModuleLogic(ScriptedLoadableModuleLogic):
         when labels are given, time) is stored as JSON in the transform's attribute "PETWorkbench.summary".
         """
         import SimpleITK as sitk
-        from PETWorkbenchLib import mrml
+        from PETWorkbenchLib import imageio, mrml
         from PETWorkbenchLib.errors import InputError
         from PETWorkbenchLib.slicer_bridge import EngineRun
 
@@ -144,8 +144,8 @@ class RegistrationModuleLogic(ScriptedLoadableModuleLogic):
 
         def prepare(tmp):
             p = lambda n: os.path.join(tmp, n)
-            sitk.WriteImage(fixed, p("fixed.nii"))
-            sitk.WriteImage(moving, p("moving.nii"))
+            imageio.write_image(fixed, p("fixed.nii"))
+            imageio.write_image(moving, p("moving.nii"))
             args = [p("fixed.nii"), p("moving.nii"), "--output", p("field.nii"), "--method", method,
                     "--similarity", similarity, "--smoothness", str(float(smoothness)), "--device", device]
             if iterations:
@@ -154,7 +154,7 @@ class RegistrationModuleLogic(ScriptedLoadableModuleLogic):
                                                          else (iterations, max(int(iterations) * 6 // 10, 1),
                                                                max(int(iterations) * 3 // 10, 1))))]
             for flag, img in extra.items():
-                sitk.WriteImage(img, p(flag.strip("-") + ".nii"))
+                imageio.write_image(img, p(flag.strip("-") + ".nii"))
                 args += [flag, p(flag.strip("-") + ".nii")]
             if diffeomorphic:
                 args.append("--diffeomorphic")
@@ -166,7 +166,7 @@ class RegistrationModuleLogic(ScriptedLoadableModuleLogic):
 
         def finish(tmp, result):
             p = lambda n: os.path.join(tmp, n)
-            field = sitk.ReadImage(p("field.nii"), sitk.sitkVectorFloat64)
+            field = imageio.read_image(p("field.nii"), "engine output", pixel_type=sitk.sitkVectorFloat64)
             name = f"{movingVolumeNode.GetName()} to {fixedVolumeNode.GetName()}"
             transform = mrml.displacement_to_transform(field, outputTransformNode, name=None if outputTransformNode
                                                        else name, fixedNode=fixedVolumeNode,
@@ -174,12 +174,12 @@ class RegistrationModuleLogic(ScriptedLoadableModuleLogic):
             summary = dict(result or {})
             transform.SetAttribute("PETWorkbench.summary", json.dumps(summary))
             if warpVolume:
-                out = mrml.image_to_volume(sitk.ReadImage(p("warped.nii")), outputVolumeNode,
+                out = mrml.image_to_volume(imageio.read_image(p("warped.nii"), "engine output"), outputVolumeNode,
                                            name=None if outputVolumeNode else f"{movingVolumeNode.GetName()} warped")
                 mrml.reference_result(out, movingVolumeNode)
                 transform.SetNodeReferenceID("PETWorkbench.warpedVolume", out.GetID())
             if jacobian:
-                jac = mrml.image_to_volume(sitk.ReadImage(p("jacobian.nii")), jacobianVolumeNode,
+                jac = mrml.image_to_volume(imageio.read_image(p("jacobian.nii"), "engine output"), jacobianVolumeNode,
                                            name=None if jacobianVolumeNode else f"{name} Jacobian")
                 mrml.reference_result(jac, fixedVolumeNode)
                 transform.SetNodeReferenceID("PETWorkbench.jacobianVolume", jac.GetID())

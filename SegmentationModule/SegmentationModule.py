@@ -153,7 +153,7 @@ class SegmentationModuleLogic(ScriptedLoadableModuleLogic):
         """Run the model in the worker and return the predicted label image (SimpleITK, on the PET grid), or
         ``finish(labelImage)`` when given. Nothing in the scene is changed here."""
         import SimpleITK as sitk
-        from PETWorkbenchLib import mrml, units
+        from PETWorkbenchLib import imageio, mrml, units
         from PETWorkbenchLib.slicer_bridge import EngineRun
 
         image = mrml.volume_to_image(petVolumeNode, dtype="float32")
@@ -164,11 +164,11 @@ class SegmentationModuleLogic(ScriptedLoadableModuleLogic):
                     "--model", str(model), "--device", device]
             if organs:
                 args += ["--organs", ",".join(organs)]
-            sitk.WriteImage(image, args[1])
+            imageio.write_image(image, args[1])
             return args
 
         def read(tmp, result):
-            labels = sitk.ReadImage(os.path.join(tmp, "labels.nii"))
+            labels = imageio.read_image(os.path.join(tmp, "labels.nii"), "engine output")
             return finish(labels) if finish else labels
 
         run = EngineRun(["segment"], prepare=prepare, finish=read, progress=progress, log=log)

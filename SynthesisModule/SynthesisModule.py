@@ -110,7 +110,7 @@ class SynthesisModuleLogic(ScriptedLoadableModuleLogic):
         as the input. ``patchSize`` None/0 uses the model's training patch (at 2 mm). ``wait=True`` returns the
         output node; otherwise an EngineRun to poll/cancel."""
         import SimpleITK as sitk
-        from PETWorkbenchLib import mrml, units as pet_units
+        from PETWorkbenchLib import imageio, mrml, units as pet_units
         from PETWorkbenchLib.slicer_bridge import EngineRun
 
         image = mrml.volume_to_image(inputVolumeNode, dtype="float32")
@@ -121,14 +121,14 @@ class SynthesisModuleLogic(ScriptedLoadableModuleLogic):
         pet_units.check_pet_range(arr * scale, "SUV")
 
         def prepare(tmp):
-            sitk.WriteImage(image * scale if scale != 1.0 else image, os.path.join(tmp, "input.nii"))
+            imageio.write_image(image * scale if scale != 1.0 else image, os.path.join(tmp, "input.nii"))
             return [os.path.join(tmp, "input.nii"), os.path.join(tmp, "output.nii"),
                     "--routing-json", os.path.join(tmp, "routing.json"), "--model", str(model), "--device", device,
                     "--overlap", str(float(overlap)), "--sw-batch-size", str(int(patchBatch))] + (
                         ["--patch", str(int(patchSize))] if patchSize else [])
 
         def finish(tmp, result):
-            out = sitk.ReadImage(os.path.join(tmp, "output.nii"))
+            out = imageio.read_image(os.path.join(tmp, "output.nii"), "engine output")
             if scale != 1.0:
                 out = out / scale
             node = mrml.image_to_volume(out, outputVolumeNode,

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from PETWorkbenchLib.errors import InputError
 
@@ -47,45 +46,53 @@ def _cmd_simulate(args, rep):
     return {"manifest": str(man), "cases": n}
 
 
+def _outputs(args, inputs, *outs):
+    """Refuse outputs that are inputs, or exist without --overwrite, before any work; the writer keyword args."""
+    from PETWorkbenchLib.imageio import check_output
+    inputs = [str(i) for i in inputs if i]
+    for o in outs:
+        if o:
+            check_output(o, inputs, args.overwrite)
+    return {"inputs": inputs, "overwrite": args.overwrite}
+
+
 def _cmd_reconstruct(args, rep):
     device = _set_threads(args)
     from .io import reconstruct_sinogram_file
-    out = reconstruct_sinogram_file(args.sinogram, args.out, n_iter=args.iterations, n_subsets=args.subsets,
-                                    psf_fwhm_mm=args.psf, post_filter_mm=args.post_filter, device=device,
-                                    progress=rep)
-    return out
+    write = _outputs(args, [args.sinogram], args.out)
+    return reconstruct_sinogram_file(args.sinogram, args.out, n_iter=args.iterations, n_subsets=args.subsets,
+                                     psf_fwhm_mm=args.psf, post_filter_mm=args.post_filter, device=device,
+                                     progress=rep, **write)
 
 
 def _cmd_lowdose(args, rep):
     device = _set_threads(args)
-    import SimpleITK as sitk
+    from PETWorkbenchLib.imageio import read_image, write_image
     from .imagedomain import simulate_lowdose_image
-    if not Path(args.input).exists():
-        raise InputError(f"input image not found: {args.input}")
-    img = sitk.ReadImage(str(args.input))
-    ct = sitk.ReadImage(str(args.ct)) if args.ct else None
+    write = _outputs(args, [args.input, args.ct], args.out, args.full_out)
+    img = read_image(args.input, "PET")
+    ct = read_image(args.ct, "CT") if args.ct else None
     out = simulate_lowdose_image(img, args.drf, ct=ct, counts_per_cm=args.counts_per_cm, psf_fwhm_mm=args.psf,
                                  n_iter=args.iterations, n_subsets=args.subsets, seed=args.seed, device=device,
                                  progress=rep)
-    sitk.WriteImage(out["low_dose"], str(args.out), True)
+    write_image(out["low_dose"], args.out, **write)
     res = {"output": str(args.out), "drf": float(args.drf), "prompts": out["prompts"],
            "prompts_low": out["prompts_low"]}
     if args.full_out:
-        sitk.WriteImage(out["full_dose"], str(args.full_out), True)
+        write_image(out["full_dose"], args.full_out, **write)
         res["full_dose"] = str(args.full_out)
     return res
 
 
 def _cmd_sr4zct(args, rep):
     device = _set_threads(args)
-    import SimpleITK as sitk
+    from PETWorkbenchLib.imageio import read_image, write_image
     from .sr4zct import sr4zct
-    if not Path(args.input).exists():
-        raise InputError(f"input image not found: {args.input}")
-    img = sitk.ReadImage(str(args.input))
+    write = _outputs(args, [args.input], args.out)
+    img = read_image(args.input, "CT")
     out, info = sr4zct(img, out_spacing_z=args.out_spacing, thickness_mm=args.thickness, epochs=args.epochs,
                        seed=args.seed, device=device, progress=rep)
-    sitk.WriteImage(out, str(args.out), True)
+    write_image(out, args.out, **write)
     return dict(info, output=str(args.out))
 
 
@@ -93,8 +100,9 @@ def _cmd_listmode(args, rep):
     device = _set_threads(args)
     from .listmode import reconstruct_listmode_file
     tw = tuple(args.time_window) if args.time_window else None
+    write = _outputs(args, [args.header], args.out)
     return reconstruct_listmode_file(args.header, args.out, time_window_s=tw, n_iter=args.iterations,
-                                     n_subsets=args.subsets, device=device, progress=rep)
+                                     n_subsets=args.subsets, device=device, progress=rep, write=write)
 
 
 def add_commands(subparsers) -> None:

@@ -21,9 +21,9 @@ __all__ = ["save_sinogram", "load_sinogram", "reconstruct_sinogram_file"]
 
 
 def save_sinogram(path, prompts, spacing, shape, **extra):
-    np.savez_compressed(path, prompts=np.asarray(prompts, np.float32), spacing=np.asarray(spacing, float),
-                        shape=np.asarray(shape, int), **{k: np.asarray(v) for k, v in extra.items() if v is not None})
-    return Path(path)
+    from PETWorkbenchLib.imageio import save_npz
+    return save_npz(path, prompts=np.asarray(prompts, np.float32), spacing=np.asarray(spacing, float),
+                    shape=np.asarray(shape, int), **{k: np.asarray(v) for k, v in extra.items() if v is not None})
 
 
 def load_sinogram(path) -> dict:
@@ -49,7 +49,7 @@ def load_sinogram(path) -> dict:
 
 
 def reconstruct_sinogram_file(path, out, n_iter=3, n_subsets=8, psf_fwhm_mm=0.0, post_filter_mm=0.0,
-                              device="cpu", progress=None, cancel=None) -> dict:
+                              device="cpu", progress=None, cancel=None, inputs=(), overwrite=True) -> dict:
     d = load_sinogram(path)
     y = d["prompts"]
     shape = tuple(int(v) for v in d["shape"])
@@ -61,6 +61,7 @@ def reconstruct_sinogram_file(path, out, n_iter=3, n_subsets=8, psf_fwhm_mm=0.0,
              cancel=cancel)
     im = sitk.GetImageFromArray(x.cpu().numpy().astype(np.float32))
     im.SetSpacing((sp[2], sp[1], sp[0]))
-    sitk.WriteImage(im, str(out), True)
+    from PETWorkbenchLib.imageio import write_image
+    write_image(im, out, inputs=tuple(inputs) + (path,), overwrite=overwrite)
     return {"output": str(out), "prompts": float(y.sum()), "shape": list(shape), "iterations": n_iter,
             "subsets": n_subsets}

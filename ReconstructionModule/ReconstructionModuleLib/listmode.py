@@ -247,11 +247,12 @@ def reconstruct_listmode(lm: dict, time_window_s=None, image_size: int = 128, pi
 
 
 def reconstruct_listmode_file(path, out, time_window_s=None, n_iter=3, n_subsets=6, progress=None,
-                              cancel=None, **kw) -> dict:
+                              cancel=None, write=None, **kw) -> dict:
+    from PETWorkbenchLib.imageio import write_image
     lm = read_listmode(path)
     res = reconstruct_listmode(lm, time_window_s, n_iter=n_iter, n_subsets=n_subsets, progress=progress,
                                cancel=cancel, **kw)
-    sitk.WriteImage(res["image"], str(out), True)
+    write_image(res["image"], out, **(write or {"inputs": [path]}))
     h = res["histogram"]
     return {"output": str(out), "prompts": h["n_prompts"], "delays": h["n_delays"],
             "time_tags": lm["n_time_tags"], "duration_s": lm["duration_ms"] / 1000.0,

@@ -14,7 +14,6 @@ Sources of the uptake values are listed next to :data:`SUV_TABLE` and in METHOD.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import math
@@ -27,6 +26,7 @@ import SimpleITK as sitk
 import torch
 
 from PETWorkbenchLib.errors import InputError
+from PETWorkbenchLib.imageio import read_image, write_csv, write_image, write_json
 from PETWorkbenchLib.progress import Reporter
 
 from .lowdose import check_drf, poisson_sample, thin_counts
@@ -165,8 +165,8 @@ def load_body_anatomy(folder=None):
     for p in (ct_p, seg_p, tab_p):
         if not p.exists():
             raise InputError(f"anatomy file not found: {p} (set PETWORKBENCH_SHARED_DATA to the data folder)")
-    ct = sitk.Cast(sitk.ReadImage(str(ct_p)), sitk.sitkFloat32)
-    ts = sitk.Cast(sitk.ReadImage(str(seg_p)), sitk.sitkUInt8)
+    ct = read_image(ct_p, "anatomy CT", pixel_type=sitk.sitkFloat32)
+    ts = read_image(seg_p, "anatomy label map", pixel_type=sitk.sitkUInt8)
     if ct.GetSize() != ts.GetSize():
         raise InputError(f"CT {ct.GetSize()} and label map {ts.GetSize()} grids differ")
     ts.CopyInformation(ct)
@@ -627,7 +627,7 @@ def generate_dataset(out_dir, n_patients, centers=None, tracers=("FDG",), extra_
             if name.startswith("drf"):
                 name = "low_dose_" + name
             fn = cdir / f"{name}.nii.gz"
-            sitk.WriteImage(im, str(fn), True)
+            write_image(im, fn)
             files[name] = fn.relative_to(out).as_posix()
         for d in extra:
             if d == prof["drf"]:
@@ -648,22 +648,16 @@ def generate_dataset(out_dir, n_patients, centers=None, tracers=("FDG",), extra_
         rows.append(row)
         meta = dict(row, profile=prof, lesions_info=[dict(L, suv=L["suv"].get(tracer)) for L in pat["lesions"]],
                     acquisition=res["info"], seed=seed)
-        (cdir / "case.json").write_text(json.dumps(meta, indent=1, default=str))
+        write_json(meta, cdir / "case.json")
     cols = list(MANIFEST_COLUMNS)
     for r in rows:
         for k in r:
             if k not in cols:
                 cols.append(k)
-    man = out / "manifest.csv"
-    with open(man, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k, "") for k in cols})
-    (out / "dataset.json").write_text(json.dumps(dict(
-        n_cases=len(rows), centers={c: dict(CENTERS[c]) for c in centers}, tracers=list(tracers),
-        extra_drfs=[float(d) for d in extra], seed=seed, organs=LDOS_ORGANS, units="SUV",
-        seconds=round(time.time() - t0, 1)), indent=1))
+    man = write_csv([{k: r.get(k, "") for k in cols} for r in rows], out / "manifest.csv", cols)
+    write_json(dict(n_cases=len(rows), centers={c: dict(CENTERS[c]) for c in centers}, tracers=list(tracers),
+                    extra_drfs=[float(d) for d in extra], seed=seed, organs=LDOS_ORGANS, units="SUV",
+                    seconds=round(time.time() - t0, 1)), out / "dataset.json")
     rep(1.0, f"{len(rows)} cases written")
     return man
 

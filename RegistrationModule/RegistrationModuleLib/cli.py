@@ -63,23 +63,45 @@ def add_commands(subparsers):
     e.set_defaults(func=run_evaluate)
 
 
-def run_register(args, reporter=None):
-    import SimpleITK as sitk
+# Peak memory of register() per voxel of the fixed grid (field, Adam moments, pyramids, similarity features);
+# benchmarks/reliability.py measures it.
+BYTES_PER_FIXED_VOXEL = 400
 
-    from PETWorkbenchLib.errors import InputError
-    from .engine import register
 
-    def read(path, what):
+def _reader(max_voxels=None, reason=None):
+    from PETWorkbenchLib.imageio import read_image
+
+    def read(path, what, pixel_type=None):
         if path is None:
             return None
-        if not Path(path).exists():
-            raise InputError(f"{what} file not found: {path}")
-        try:
-            return sitk.ReadImage(str(path))
-        except RuntimeError as exc:
-            raise InputError(f"cannot read {what} '{path}': {exc}") from None
+        return read_image(path, what, pixel_type=pixel_type, dims=(2, 3), max_voxels=max_voxels,
+                          limit_reason=reason)
+    return read
 
+
+def run_register(args, reporter=None):
+    from PETWorkbenchLib.errors import InputError
+    from PETWorkbenchLib.imageio import check_output, memory_budget_bytes, write_image
+    from .engine import register
+
+    overwrite = getattr(args, "overwrite", False)
+    inputs = [p for p in (args.fixed, args.moving, args.fixed_mask, args.moving_mask, args.fixed_labels,
+                          args.moving_labels) if p]
+    outputs = [(args.output, "displacement field"), (args.warped, "warped image"), (args.jacobian, "Jacobian image"),
+               (args.moving_labels_out, "warped label map")]
+    for path, what in outputs:
+        if path:
+            check_output(path, inputs, overwrite, what)
+    named = [str(Path(p).resolve()) for p, _ in outputs if p]
+    if len(set(named)) != len(named):
+        raise InputError("the output files must all be different")
+    if args.moving_labels_out and not args.moving_labels:
+        raise InputError("--moving-labels-out needs --moving-labels")
+    budget, source = memory_budget_bytes()
+    read = _reader(int(budget / BYTES_PER_FIXED_VOXEL),
+                   f"about {BYTES_PER_FIXED_VOXEL} bytes per voxel within the {budget / 2**30:.1f} GB {source}")
     fixed = read(args.fixed, "fixed image")
+    read = _reader()
     moving = read(args.moving, "moving image")
     moving_labels = read(args.moving_labels, "moving label map")
     res = register(fixed, moving, method=args.method, model=args.model, similarity=args.similarity,
@@ -88,18 +110,17 @@ def run_register(args, reporter=None):
                    fixed_mask=read(args.fixed_mask, "fixed mask"), moving_mask=read(args.moving_mask, "moving mask"),
                    fixed_labels=read(args.fixed_labels, "fixed label map"), moving_labels=moving_labels,
                    device=args.device, progress=reporter)
-    res.save(args.output)
+    write = {"inputs": inputs, "overwrite": overwrite}
+    res.save(args.output, **write)
     out = {"displacement": str(args.output)}
     if args.warped:
-        sitk.WriteImage(res.warp(moving), str(args.warped))
+        write_image(res.warp(moving), args.warped, **write)
         out["warped"] = str(args.warped)
     if args.jacobian:
-        sitk.WriteImage(res.jacobian_determinant(), str(args.jacobian))
+        write_image(res.jacobian_determinant(), args.jacobian, **write)
         out["jacobian"] = str(args.jacobian)
     if args.moving_labels_out:
-        if moving_labels is None:
-            raise InputError("--moving-labels-out needs --moving-labels")
-        sitk.WriteImage(res.warp(moving_labels, is_label=True), str(args.moving_labels_out))
+        write_image(res.warp(moving_labels, is_label=True), args.moving_labels_out, **write)
         out["moving_labels_out"] = str(args.moving_labels_out)
     summary = dict(res.summary)
     summary["outputs"] = out
@@ -108,7 +129,16 @@ def run_register(args, reporter=None):
 
 def _read_points(path):
     import numpy as np
-    return np.loadtxt(path, delimiter=",", ndmin=2)
+    from PETWorkbenchLib.errors import InputError
+    if not Path(path).is_file():
+        raise InputError(f"landmark file not found: {path}")
+    try:
+        pts = np.loadtxt(path, delimiter=",", ndmin=2)
+    except ValueError as e:
+        raise InputError(f"landmark file {Path(path).name} is not a CSV of x,y,z rows: {e}") from None
+    if pts.shape[1] != 3 or not np.isfinite(pts).all():
+        raise InputError(f"landmark file {Path(path).name} must hold finite x,y,z rows (got shape {pts.shape})")
+    return pts
 
 
 def run_evaluate(args, reporter=None):
@@ -118,15 +148,19 @@ def run_evaluate(args, reporter=None):
     from . import metrics
     from .result import RegistrationResult
 
-    field = sitk.ReadImage(str(args.field))
+    from PETWorkbenchLib.imageio import match_grid
+    read = _reader()
+    field = read(args.field, "displacement field", sitk.sitkVectorFloat64)
     res = RegistrationResult(field)
     out = {"folding": metrics.folding(res.displacement)}
     if args.fixed_labels:
-        fixed_labels = sitk.ReadImage(str(args.fixed_labels))
+        fixed_labels = match_grid(read(args.fixed_labels, "fixed label map"), res.displacement,
+                                  "the fixed label map", "the displacement field")
         if args.warped_labels:
-            warped = sitk.ReadImage(str(args.warped_labels))
+            warped = match_grid(read(args.warped_labels, "warped label map"), fixed_labels,
+                                "the warped label map", "the fixed label map")
         elif args.moving_labels:
-            warped = res.warp(sitk.ReadImage(str(args.moving_labels)), is_label=True)
+            warped = res.warp(read(args.moving_labels, "moving label map"), is_label=True)
         else:
             raise InputError("--fixed-labels needs --warped-labels or --moving-labels")
         per, mean = metrics.dice(fixed_labels, warped)
@@ -161,9 +195,7 @@ def run_train(args, reporter=None):
     size = tuple(args.img_size)
     vols = []
     for p in paths:
-        a = sitk.GetArrayFromImage(sitk.ReadImage(str(p), sitk.sitkFloat32))
-        if a.ndim != 3:
-            raise InputError(f"{p} is not a 3D image")
+        a = sitk.GetArrayFromImage(_reader()(p, "training image", sitk.sitkFloat32))
         lo, hi = np.percentile(a, [0.5, 99.5])
         a = np.clip((a - lo) / max(hi - lo, 1e-6), 0, 1)
         t = torch.from_numpy(a)[None, None]

@@ -94,5 +94,7 @@ class RegistrationResult:
         m = sitk.GetArrayFromImage(mask) if isinstance(mask, sitk.Image) else mask
         return jacobian_stats(jacobian_array(self.displacement), m)
 
-    def save(self, path):
-        sitk.WriteImage(self.displacement, str(path))
+    def save(self, path, **kw):
+        """Write the displacement field (verified, atomic; ``kw`` as :func:`PETWorkbenchLib.imageio.write_image`)."""
+        from PETWorkbenchLib.imageio import write_image
+        return write_image(self.displacement, path, **kw)

@@ -10,7 +10,6 @@
   [--denoiser ID|file.pt (Fake-FDPET)] [--output metrics.json]``
 """
 
-import json
 from pathlib import Path
 
 from PETWorkbenchLib.errors import InputError
@@ -24,15 +23,14 @@ def _group(subparsers, name):
         return subparsers
 
 
-def _read(path, what):
-    import SimpleITK as sitk
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{what} file not found: {path}")
-    try:
-        return sitk.ReadImage(str(p))
-    except RuntimeError as e:
-        raise InputError(f"Cannot read {what} {path}: {e}") from e
+def _read(path, what, pixel_type=None, bounded=False):
+    from PETWorkbenchLib.imageio import image_header, read_image
+    limit = reason = None
+    if bounded:
+        from .infer import input_voxel_limit
+        reader, _ = image_header(path, what)
+        limit, reason = input_voxel_limit(reader.GetSpacing())
+    return read_image(path, what, pixel_type=pixel_type, max_voxels=limit, limit_reason=reason)
 
 
 def _organs_arg(s):
@@ -41,20 +39,27 @@ def _organs_arg(s):
 
 def _cmd_segment(args, rep):
     import SimpleITK as sitk
+    from PETWorkbenchLib.imageio import check_output, write_image, write_json
     from .infer import segment
     from .organs import organ_specs
     from .uptake import organ_uptake
-    pet = _read(args.input, "PET")
+    inputs = [args.input]
+    outputs = [(args.output, "label map"), (args.probabilities, "probabilities file"), (args.uptake, "uptake table")]
+    for path, what in outputs:
+        if path:
+            check_output(path, inputs, args.overwrite, what)
+    named = [p for p, _ in outputs if p]
+    if len({str(Path(p).resolve()) for p in named}) != len(named):
+        raise InputError("--output, --probabilities and --uptake must be different files")
+    pet = _read(args.input, "PET", bounded=True)
     label, probs = segment(pet, args.model, organs=_organs_arg(args.organs), device=args.device,
                            progress=rep.sub(0.0, 0.95), return_probabilities=bool(args.probabilities))
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(label, str(args.output), True)
-    if probs is not None:
-        sitk.WriteImage(probs, str(args.probabilities), True)
     rows = organ_uptake(sitk.Cast(pet, sitk.sitkFloat64), label, organ_specs())
+    write_image(label, args.output, inputs=inputs, overwrite=args.overwrite)
+    if probs is not None:
+        write_image(probs, args.probabilities, inputs=inputs, overwrite=args.overwrite)
     if args.uptake:
-        with open(args.uptake, "w") as f:
-            json.dump(rows, f, indent=1)
+        write_json(rows, args.uptake, inputs=inputs, overwrite=args.overwrite)
     return {"output": str(args.output), "organs_found": [r["name"] for r in rows], "uptake": rows}
 
 
@@ -91,8 +96,8 @@ def evaluate_manifest(model, manifest, split="test", input_key=None, denoiser=No
     per_case, times = [], []
     for i, r in enumerate(rows):
         sub = rep.sub(i / len(rows), (i + 1) / len(rows))
-        pet = sitk.ReadImage(str(case_path(r, key)), sitk.sitkFloat32)
-        ref = sitk.ReadImage(str(case_path(r, "labels")), sitk.sitkUInt8)
+        pet = _read(case_path(r, key), f"case {r['case_id']} PET", sitk.sitkFloat32)
+        ref = _read(case_path(r, "labels"), f"case {r['case_id']} labels", sitk.sitkUInt8)
         t = time.time()
         if denoiser:
             pred, _ = segment_fake_fdpet(pet, denoiser, model, device=device, progress=sub, allow_empty=True)
@@ -121,8 +126,8 @@ def _cmd_evaluate(args, rep):
         res = evaluate_manifest(args.model, args.manifest, args.split, args.input_key, args.denoiser, args.device,
                                 rep)
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump(res, f, indent=1)
+        from PETWorkbenchLib.imageio import write_json
+        write_json(res, args.output, inputs=[args.pred, args.ref], overwrite=args.overwrite)
     return {"mean": res["mean"], "organs": {k: {m: v for m, v in o.items() if m in ("status", "dice", "hd95")}
                                             for k, o in res["organs"].items()}}
 

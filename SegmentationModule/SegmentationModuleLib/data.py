@@ -86,15 +86,17 @@ def load_case(row, cfg, cache_dir, input_key=None, target_key=None):
         d = np.load(cache)
         arrs = {k: d[k] for k in d.files}
     else:
-        xi = resample_to_spacing(sitk.ReadImage(str(case_path(row, input_key)), sitk.sitkFloat32), spacing)
-        yi = resample_to_spacing(sitk.ReadImage(str(case_path(row, target_key)), sitk.sitkFloat32), spacing)
-        li = resample_to_spacing(sitk.ReadImage(str(case_path(row, "labels")), sitk.sitkUInt8), spacing, True)
+        from PETWorkbenchLib.imageio import read_image, save_npz
+        case = row["case_id"]
+        xi = resample_to_spacing(read_image(case_path(row, input_key), f"{case} {input_key}",
+                                            pixel_type=sitk.sitkFloat32), spacing)
+        yi = resample_to_spacing(read_image(case_path(row, target_key), f"{case} {target_key}",
+                                            pixel_type=sitk.sitkFloat32), spacing)
+        li = resample_to_spacing(read_image(case_path(row, "labels"), f"{case} labels", pixel_type=sitk.sitkUInt8),
+                                 spacing, True)
         arrs = dict(x=sitk.GetArrayFromImage(xi).astype(np.float32), y=sitk.GetArrayFromImage(yi).astype(np.float32),
                     label=sitk.GetArrayFromImage(li).astype(np.uint8))
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp.npz")
-        np.savez_compressed(tmp, **arrs)
-        tmp.replace(cache)
+        save_npz(cache, **arrs)
     norm = cfg.get("norm", {})
     return dict(case_id=row["case_id"], x=normalise(arrs["x"], norm).astype(np.float32),
                 y=normalise(arrs["y"], norm).astype(np.float32), label=arrs["label"],

@@ -60,9 +60,19 @@ def _as_array(x):
 def evaluate(pred, ref, specs, spacing=None):
     """Per-organ metrics and means.
 
-    ``pred``/``ref``: label images (SimpleITK, same grid) or arrays (z, y, x) with ``spacing`` (z, y, x) in mm.
-    ``specs``: segment specs (value, name). Returns ``{"organs": {name: {...}}, "mean": {...}}``.
+    ``pred``/``ref``: label images (SimpleITK) or arrays (z, y, x) with ``spacing`` (z, y, x) in mm. Images are
+    compared in physical space: a prediction holding the reference's voxels in another storage order is reordered
+    onto the reference grid, one on another grid is refused
+    (:func:`PETWorkbenchLib.imageio.match_grid`). ``specs``: segment specs (value, name). Returns
+    ``{"organs": {name: {...}}, "mean": {...}}``.
     """
+    try:
+        import SimpleITK as sitk
+        if isinstance(pred, sitk.Image) and isinstance(ref, sitk.Image):
+            from PETWorkbenchLib.imageio import match_grid
+            pred = match_grid(pred, ref, "the prediction", "the reference labels")
+    except ImportError:  # pragma: no cover
+        pass
     pa, psp = _as_array(pred)
     ra, rsp = _as_array(ref)
     if pa.shape != ra.shape:

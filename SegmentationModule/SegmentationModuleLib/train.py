@@ -10,7 +10,7 @@ Multi-process: start with ``torchrun --nproc_per_node N -m PETWorkbenchLib.cli t
 process group is made from the torchrun environment (RANK, WORLD_SIZE, MASTER_ADDR...), NCCL on CUDA, gloo on
 CPU. Each rank samples its own patches; gradients are averaged by DistributedDataParallel; rank 0 writes the
 checkpoints. ``checkpoint_latest.pt`` is written every epoch and when a time limit stops the run; training
-resumes from it.
+resumes from it. Checkpoints hold tensors and plain data only and are read with torch's weights-only loader.
 """
 
 import json
@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from PETWorkbenchLib.errors import InputError
+from PETWorkbenchLib.imageio import save_torch
 from PETWorkbenchLib.progress import Reporter
 
 from .augment import misalign_labels
@@ -82,6 +83,21 @@ def poly_lr(lr0, it, total, exponent=0.9):
     return lr0 * (1 - min(it, total) / max(total, 1)) ** exponent
 
 
+RESUME_KEYS = ("model", "optimizer", "iteration", "sampler_rng", "torch_rng")
+
+
+def read_checkpoint(path, keys=RESUME_KEYS, map_location="cpu"):
+    """A checkpoint written by :func:`train` (:func:`PETWorkbenchLib.models.read_torch_file`: tensors and plain
+    data only; anything else raises ModelError naming the file and nothing in it is run)."""
+    from PETWorkbenchLib.models import read_torch_file
+    return read_torch_file(path, keys, "training checkpoint", map_location)
+
+
+def _rng_state(rng):
+    """The state of a numpy Generator as plain Python data (arrays in it become lists)."""
+    return json.loads(json.dumps(rng.bit_generator.state, default=lambda a: a.tolist()))
+
+
 def train(cfg, out_dir, cases=None, manifest=None, resume=True, max_minutes=None, device="auto", threads=None,
           progress=None, cancel=None, log=print, cache_dir=None):
     """Train a model; returns a summary dict. ``cases`` (list of dicts from :mod:`.data`) or ``manifest``
@@ -122,7 +138,7 @@ def train(cfg, out_dir, cases=None, manifest=None, resume=True, max_minutes=None
     start_it, history, resumed_seconds = 0, [], 0.0
     ck = out_dir / "checkpoint_latest.pt"
     if resume and ck.is_file():
-        state = torch.load(str(ck), map_location="cpu", weights_only=False)
+        state = read_checkpoint(ck)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start_it, history = int(state["iteration"]), state.get("history", [])
@@ -147,19 +163,16 @@ def train(cfg, out_dir, cases=None, manifest=None, resume=True, max_minutes=None
     run_loss = []
 
     def save_latest():  # called by every rank at the same iteration
-        rngs = [sampler.rng.bit_generator.state]
+        rngs = [_rng_state(sampler.rng)]
         if world > 1:
             import torch.distributed as dist
             rngs = [None] * world
-            dist.all_gather_object(rngs, sampler.rng.bit_generator.state)
+            dist.all_gather_object(rngs, _rng_state(sampler.rng))
         if rank != 0:
             return
-        tmp = ck.with_suffix(".part")
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "iteration": it,
-                    "history": history, "sampler_rng": rngs, "seconds_total": elapsed_before + time.time() - t0,
-                    "torch_rng": torch.get_rng_state(), "config": cfg},
-                   str(tmp))
-        os.replace(tmp, ck)
+        save_torch({"model": model.state_dict(), "optimizer": opt.state_dict(), "iteration": int(it),
+                    "history": history, "sampler_rng": rngs, "seconds_total": float(elapsed_before + time.time() - t0),
+                    "torch_rng": torch.get_rng_state(), "config": cfg}, ck)
 
     net.train()
     while it < total:

@@ -13,21 +13,30 @@ DEFAULT_MODEL = "synthesis-drmc-cpu"
 
 
 def _cmd_synthesize(args, rep):
-    import json
-
-    import SimpleITK as sitk
+    from PETWorkbenchLib.imageio import check_output, write_image, write_json
 
     from .infer import synthesize
-    if not Path(args.input).is_file():
-        raise InputError(f"input file not found: {args.input}")
-    image = sitk.ReadImage(args.input)
+    inputs = [args.input]
+    check_output(args.output, inputs, args.overwrite)
+    if args.routing_json:
+        check_output(args.routing_json, inputs + [args.output], args.overwrite, "routing file")
+    image = read_input(args.input, "low-dose PET")
     out, summary = synthesize(image, args.model, device=args.device, patch=args.patch, overlap=args.overlap,
                               sw_batch_size=args.sw_batch_size, units=args.units, progress=rep)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(out, args.output)
+    write_image(out, args.output, inputs=inputs, overwrite=args.overwrite)
     if args.routing_json:
-        Path(args.routing_json).write_text(json.dumps(summary, indent=1))
+        write_json(summary, args.routing_json, inputs=inputs, overwrite=args.overwrite)
     return {"output": args.output, **summary}
+
+
+def read_input(path, what):
+    """The PET of the command line, refused from its header when larger than the engine's memory bound."""
+    from PETWorkbenchLib.imageio import image_header, read_image
+
+    from .infer import input_voxel_limit
+    reader, _ = image_header(path, what)
+    limit, reason = input_voxel_limit(reader.GetSpacing())
+    return read_image(path, what, max_voxels=limit, limit_reason=reason)
 
 
 def _cmd_train(args, rep):
@@ -38,7 +47,8 @@ def _cmd_train(args, rep):
         out.mkdir(parents=True, exist_ok=True)
         import json
         cfg_path = out / "config.json"
-        cfg_path.write_text(json.dumps(cfg, indent=1))
+        from PETWorkbenchLib.imageio import write_json
+        write_json(cfg, cfg_path)
         env = dict(os.environ)
         here = str(Path(__file__).resolve().parents[1])
         root = str(Path(__file__).resolve().parents[2])
@@ -49,7 +59,8 @@ def _cmd_train(args, rep):
         rep(0.0, f"launching {args.nproc} processes")
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"torchrun failed ({proc.returncode}): {proc.stderr[-2000:]}")
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise InputError(f"torchrun training failed (exit code {proc.returncode}): {tail}")
         import json as _json
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1]
         summary = _json.loads(line)
@@ -82,8 +93,8 @@ def _cmd_evaluate(args, rep):
         sampler = CenterPatchSampler.from_manifest(rows, cfg["train"]["patch_size"], cfg["train"]["suv_scale"])
         summary["interference"] = {name: interference(net, sampler, n_batches=args.interference)}
         if args.out:
-            import json
-            (Path(args.out) / "interference.json").write_text(json.dumps(summary["interference"], indent=1))
+            from PETWorkbenchLib.imageio import write_json
+            write_json(summary["interference"], Path(args.out) / "interference.json")
     rep(1.0, "done")
     return summary
 

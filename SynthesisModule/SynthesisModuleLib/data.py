@@ -38,17 +38,8 @@ def check_pet_image(image, name="input PET", units="SUV", max_voxels=None):
         raise InputError(
             f"{name} units are {units!r}; the model expects SUV (body weight). Convert Bq/ml to SUV first "
             "(PETWorkbenchLib.units, needs patient weight and injected dose)")
-    arr = sitk.GetArrayViewFromImage(image)
-    if not np.all(np.isfinite(arr)):
-        n = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
-        raise InputError(f"{name} contains {n} NaN or infinite voxels")
-    amax = float(arr.max())
-    if amax <= 0:
-        raise InputError(f"{name} is empty (maximum value {amax}); nothing to synthesise")
-    if amax > 1e4:
-        raise InputError(
-            f"{name} maximum is {amax:.4g}, implausible for SUV (expected < 1000); is it in Bq/ml? "
-            "Convert to SUV first")
+    from PETWorkbenchLib.units import check_pet_range
+    check_pet_range(sitk.GetArrayViewFromImage(image), "SUV", name)
     return image
 
 
@@ -82,7 +73,10 @@ def to_2mm_array(image, label=False):
 
 
 def normalise(suv, suv_scale=1.0):
-    return np.clip(suv, 0.0, None) / float(suv_scale)
+    """SUV / ``suv_scale`` after clipping negatives to 0, as a new float32 array (one copy)."""
+    out = np.clip(suv, 0.0, None, dtype=np.float32)
+    out /= float(suv_scale)
+    return out
 
 
 # -------------------------------------------------------------------------------------------------- manifest

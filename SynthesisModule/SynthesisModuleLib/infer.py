@@ -12,13 +12,32 @@ import torch
 from PETWorkbenchLib.errors import Cancelled, InputError, ModelError
 from PETWorkbenchLib.progress import Reporter
 
-from .data import check_pet_image, normalise, resample_like, resample_to_spacing
+from .data import TARGET_SPACING, check_pet_image, normalise, resample_like, resample_to_spacing
 from .model import build_model
 from .train import load_config
 
 # A 2 mm grid of more voxels than this (60 x 60 x 140 cm) is refused: input, output and blending weights would
 # together exceed ~1 GB of RAM.
 MAX_VOXELS_2MM = 300 * 300 * 700
+# Peak memory of synthesize() per voxel of the input grid (the input itself included) and of the 2 mm grid, with
+# a margin over the peak RSS measured by benchmarks/reliability.py (about 13 + 7 bytes at 2 mm input spacing).
+# A 512 x 512 x 600 volume at 2 mm needs about 3.8 GB with these figures, beside the model and torch.
+BYTES_PER_INPUT_VOXEL = 16
+BYTES_PER_2MM_VOXEL = 8
+
+
+def input_voxel_limit(spacing):
+    """(Largest input voxel count synthesize() accepts at this spacing, why): the 2 mm grid limit and the memory
+    budget (:func:`PETWorkbenchLib.imageio.memory_budget_bytes`), checked from the header before reading."""
+    from PETWorkbenchLib.imageio import memory_budget_bytes
+    budget, source = memory_budget_bytes()
+    ratio = math.prod(float(s) for s in spacing) / 8.0          # 2 mm voxels per input voxel
+    per_voxel = BYTES_PER_INPUT_VOXEL + BYTES_PER_2MM_VOXEL * ratio
+    by_memory = int(budget / per_voxel)
+    by_grid = int(MAX_VOXELS_2MM / max(ratio, 1e-9))
+    if by_memory < by_grid:
+        return by_memory, f"about {per_voxel:.0f} bytes per voxel within the {budget / 2**30:.1f} GB {source}"
+    return by_grid, f"a 2 mm grid of at most {MAX_VOXELS_2MM:,} voxels"
 
 
 def resolve_device(device="auto") -> torch.device:
@@ -120,22 +139,26 @@ def synthesize(image, model, device="auto", patch=None, overlap=0.5, sw_batch_si
         patch = cfg["train"]["patch_size"]
     if int(np.min(patch)) < 8:
         raise InputError(f"patch size must be at least 8 voxels, got {patch}")
-    img = sitk.Cast(image, sitk.sitkFloat32)
+    # memory: each step keeps at most one extra full-size copy (see input_voxel_limit)
+    img = image if image.GetPixelID() == sitk.sitkFloat32 else sitk.Cast(image, sitk.sitkFloat32)
+    on_grid = np.allclose(img.GetSpacing(), TARGET_SPACING, rtol=0, atol=1e-6)
     rep(0.05, "resampling to 2 mm")
-    img2 = resample_to_spacing(img)
+    img2 = img if on_grid else resample_to_spacing(img)
     nvox = math.prod(img2.GetSize())
     if nvox > MAX_VOXELS_2MM:
         raise InputError(f"input covers {img2.GetSize()} voxels at 2 mm ({nvox}), more than the limit "
                          f"{MAX_VOXELS_2MM}; crop the volume first")
     scale = float(cfg["train"]["suv_scale"])
-    arr = normalise(sitk.GetArrayFromImage(img2), scale)
+    arr = normalise(sitk.GetArrayViewFromImage(img2), scale)
     out, log = predict_array(net, arr, patch, overlap, sw_batch_size, dev, progress=rep.sub(0.1, 0.9), cancel=None)
-    out = np.clip(out * scale, 0.0, None).astype(np.float32)
+    del arr
+    out *= scale
+    np.maximum(out, 0.0, out=out)
     rep(0.9, "resampling back to the input grid")
     res2 = sitk.GetImageFromArray(out)
+    del out
     res2.CopyInformation(img2)
-    res = resample_like(res2, img)
-    res = sitk.Clamp(res, sitk.sitkFloat32, 0.0)
+    res = res2 if on_grid else resample_like(res2, img)     # linear interpolation of values >= 0 stays >= 0
     for key in image.GetMetaDataKeys():
         res.SetMetaData(key, image.GetMetaData(key))
     summary = routing_summary(log, net.num_banks)

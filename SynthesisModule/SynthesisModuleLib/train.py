@@ -6,7 +6,8 @@ with K processes every process keeps its own centre, as the paper's one-GPU-per-
 are averaged across processes with torch DDP (gloo on CPU, NCCL on GPUs). Launch several processes with
 ``torchrun --standalone --nproc_per_node P -m SynthesisModuleLib.train --config C --manifest M --out DIR``
 (the ``train synthesis`` CLI command does this for ``--nproc P``). Checkpoints (``last.pt``) are written every
-``checkpoint_every`` steps and at the end; training resumes from ``last.pt`` when it exists.
+``checkpoint_every`` steps and at the end; training resumes from ``last.pt`` when it exists. Checkpoints hold
+tensors and plain data only and are read with torch's weights-only loader.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from PETWorkbenchLib.errors import InputError, ModelError
+from PETWorkbenchLib.imageio import save_torch
 from PETWorkbenchLib.progress import Reporter
 
 from .data import CenterPatchSampler, read_manifest, select
@@ -75,19 +77,19 @@ def _dist_env():
     return world, rank
 
 
-def _save_atomic(obj, path):
-    tmp = Path(str(path) + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def read_checkpoint(path, keys=("config", "state_dict"), map_location="cpu"):
+    """A checkpoint written by :func:`train` (:func:`PETWorkbenchLib.models.read_torch_file`: tensors and plain
+    data only; anything else raises ModelError naming the file and nothing in it is run)."""
+    from PETWorkbenchLib.models import read_torch_file
+    return read_torch_file(path, keys, "training checkpoint", map_location)
 
 
 def export_weights(checkpoint_path, out_path):
     """Write the shipped form {config, state_dict, meta} of a training checkpoint; returns its path."""
-    ck = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    ck = read_checkpoint(checkpoint_path)
     meta = {"step": ck.get("step"), "elapsed_s": ck.get("elapsed_s")}
     state = {k: v.clone() for k, v in ck["state_dict"].items()}
-    _save_atomic({"config": ck["config"], "state_dict": state, "meta": meta}, out_path)
-    return Path(out_path)
+    return save_torch({"config": ck["config"], "state_dict": state, "meta": meta}, out_path, inputs=(checkpoint_path,))
 
 
 def train(config, manifest=None, out_dir=".", sampler=None, resume=True, device="cpu", progress=None,
@@ -119,7 +121,7 @@ def train(config, manifest=None, out_dir=".", sampler=None, resume=True, device=
             raise InputError(f"manifest {manifest} has no known-centre rows with split {tr['train_split']!r}")
         sampler = CenterPatchSampler.from_manifest(rows, tr["patch_size"], tr["suv_scale"],
                                                    lesion_oversample=float(tr.get("lesion_oversample", 0.0)))
-    centers = sampler.centers
+    centers = [str(c) for c in sampler.centers]
 
     torch.manual_seed(int(tr["seed"]))
     model = build_model(cfg["model"]).to(dev)
@@ -128,7 +130,7 @@ def train(config, manifest=None, out_dir=".", sampler=None, resume=True, device=
     step, elapsed0 = 0, 0.0
     ck_path = out_dir / "last.pt"
     if resume and ck_path.is_file():
-        ck = torch.load(ck_path, map_location=dev, weights_only=False)
+        ck = read_checkpoint(ck_path, ("config", "state_dict", "optimizer", "step"), map_location=dev)
         if ck["config"]["model"] != cfg["model"]:
             raise ModelError(f"checkpoint {ck_path} was made with another model config; use a new output folder")
         model.load_state_dict(ck["state_dict"])
@@ -144,8 +146,9 @@ def train(config, manifest=None, out_dir=".", sampler=None, resume=True, device=
 
     def save():
         if rank == 0:
-            _save_atomic({"config": cfg, "state_dict": model.state_dict(), "optimizer": opt.state_dict(),
-                          "step": step, "elapsed_s": elapsed0 + time.time() - t0, "centers": centers}, ck_path)
+            save_torch({"config": cfg, "state_dict": model.state_dict(), "optimizer": opt.state_dict(),
+                        "step": int(step), "elapsed_s": float(elapsed0 + time.time() - t0), "centers": centers},
+                       ck_path)
 
     log_path = out_dir / f"train_log_rank{rank}.csv"
     if not log_path.exists():
