@@ -141,6 +141,8 @@ def run_batch(studies, out_root, steps=None, device="cpu", seed=0, scheduler=Non
     """Run the pipeline on every study. Returns {"studies": [status...], "done", "skipped", "failed"}."""
     from .errors import ResourceError, os_error_reason
     from .imageio import write_json
+    from .pipeline import check_steps
+    check_steps(steps)
     rep = Reporter(progress, cancel)
     out_root = Path(out_root)
     try:

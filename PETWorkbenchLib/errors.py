@@ -87,7 +87,7 @@ def as_user_error(err, action="running"):
     if isinstance(err, PETWorkbenchError):
         return err
     if isinstance(err, KeyboardInterrupt):
-        return Cancelled("Cancelled")
+        return Cancelled("Cancelled (interrupted); files that were not finished were not written")
     if is_out_of_memory(err):
         return ResourceError(f"Out of memory while {action}: crop the volume, use a smaller patch batch, or a "
                              "machine with more memory")

@@ -33,6 +33,41 @@ IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".hdr", "
 _CHUNK = 1 << 24
 
 
+class quiet_native_stderr:
+    """Silence what ITK and the C libraries under it (NIfTI, MetaIO, NRRD) print on file descriptor 2 while a
+    file is read or written: their failures come back as exceptions or are found by verification, and the user
+    gets one line. What was printed is kept in ``.text`` (``--debug`` shows it)."""
+
+    def __enter__(self):
+        import SimpleITK as sitk
+        self.text = ""
+        self._warn = sitk.ProcessObject.GetGlobalWarningDisplay()
+        sitk.ProcessObject.SetGlobalWarningDisplay(False)
+        try:
+            import sys
+            sys.stderr.flush()
+            self._saved = os.dup(2)
+            self._tmp = tempfile.TemporaryFile()
+            os.dup2(self._tmp.fileno(), 2)
+        except (OSError, ValueError):
+            self._saved = None
+        return self
+
+    def __exit__(self, *exc):
+        import SimpleITK as sitk
+        sitk.ProcessObject.SetGlobalWarningDisplay(self._warn)
+        if self._saved is not None:
+            os.dup2(self._saved, 2)
+            os.close(self._saved)
+            self._tmp.seek(0)
+            self.text = self._tmp.read().decode("utf-8", "replace")
+            self._tmp.close()
+            if self.text and os.environ.get("PETWORKBENCH_DEBUG") == "1":
+                import sys
+                sys.stderr.write(self.text)
+        return False
+
+
 # ------------------------------------------------------------------------------------------------------ writing
 def full_suffix(path):
     """'.nii.gz' for 'x.nii.gz', '.png' for 'x.png' (what file writers choose their format by)."""
@@ -185,9 +220,11 @@ def write_image(image, path, compress=None, **kw):
         w.SetFileName(str(t))
         w.SetUseCompression(compress)
         try:
-            w.Execute(image)
+            with quiet_native_stderr():
+                w.Execute(image)
         except RuntimeError as e:
-            raise ResourceError(f"the image writer failed: {itk_message(e)}") from None
+            raise ResourceError(f"Cannot write {path}: {itk_message(e)} (is the disk full?); any previous file was "
+                                "left as it was") from None
 
     def verify(t):
         back = read_image(t, "written image", dims=None, allow_nonfinite=True)
@@ -247,6 +284,8 @@ def memory_budget_bytes():
             gb = float(env)
         except ValueError:
             raise InputError(f"PETWORKBENCH_MEMORY_GB must be a number of gigabytes, got {env!r}") from None
+        if gb <= 0:
+            raise InputError(f"PETWORKBENCH_MEMORY_GB must be positive, got {env!r}")
         return gb * 2**30, "budget (PETWORKBENCH_MEMORY_GB)"
     import psutil
     return 0.8 * psutil.virtual_memory().total, "memory budget (80 % of RAM; set PETWORKBENCH_MEMORY_GB)"
@@ -295,10 +334,11 @@ def _nifti_data_check(p, what):
     except ImportError:  # pragma: no cover - nibabel is a dependency
         return
     try:
-        hdr = nib.load(str(p)).header
+        img = nib.load(str(p))
+        hdr = img.header
         dtype = np.dtype(hdr.get_data_dtype())
         shape = hdr.get_data_shape()
-        offset = int(hdr.get_data_offset())
+        offset = int(img.dataobj.offset)          # the header's vox_offset field may be 0 for single files
     except Exception as e:  # noqa: BLE001 - any header failure: ITK reports the format problem
         raise InputError(f"{what} {p.name} cannot be read: damaged NIfTI header ({type(e).__name__})") from None
     need = int(math.prod(shape)) * dtype.itemsize
@@ -331,6 +371,36 @@ def _nifti_data_check(p, what):
         raise InputError(f"{what} {p.name} contains {bad} NaN or infinite voxel values")
 
 
+def _gzip_readable(p):
+    import gzip
+    import zlib
+    try:
+        with gzip.open(p, "rb") as f:
+            f.read(1024)
+        return True
+    except (OSError, EOFError, zlib.error):
+        return False
+
+
+def _detached_data_check(p, what):
+    """A MetaImage .mhd or NRRD .nhdr header whose separate voxel data file is missing."""
+    key = {".mhd": "elementdatafile", ".nhdr": "data file"}.get(p.suffix.lower())
+    if key is None:
+        return
+    try:
+        lines = p.read_text(errors="replace").splitlines()[:200]
+    except OSError:
+        return
+    for ln in lines:
+        name, sep, value = ln.partition("=" if key == "elementdatafile" else ":")
+        value = value.strip()
+        if sep and name.strip().lower() in (key, "datafile") and value and value.upper() not in ("LOCAL", "LIST"):
+            data = Path(value) if Path(value).is_absolute() else p.parent / value
+            if "%" not in value and not data.exists():
+                raise InputError(f"{what} {p.name} cannot be read: its voxel data file {data.name} is missing")
+            return
+
+
 def image_header(path, what="image"):
     """(SimpleITK reader with the header read, Path). Raises InputError naming the problem in one line."""
     import SimpleITK as sitk
@@ -353,11 +423,14 @@ def image_header(path, what="image"):
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(p))
     try:
-        reader.ReadImageInformation()
+        with quiet_native_stderr():
+            reader.ReadImageInformation()
     except RuntimeError as e:
         msg = itk_message(e)
         if "Unable to determine ImageIO" in str(e) or "Could not create IO object" in str(e):
             msg = "not an image format PETWorkbench reads (NIfTI, NRRD, MetaImage)"
+            if p.name.lower().endswith(".gz") and not _gzip_readable(p):
+                msg = "the compressed file is damaged or truncated"
         raise InputError(f"{what} {p.name} cannot be read: {msg}") from None
     return reader, p
 
@@ -382,14 +455,16 @@ def read_image(path, what="image", *, pixel_type=None, dims=(3,), max_voxels=Non
                          "crop it or resample it to a coarser grid first")
     if p.name.lower().endswith((".nii", ".nii.gz")):
         _nifti_data_check(p, what)
+    _detached_data_check(p, what)
     if pixel_type is not None:
         reader.SetOutputPixelType(pixel_type)
     try:
-        img = reader.Execute()
+        with quiet_native_stderr():
+            img = reader.Execute()
     except RuntimeError as e:
         msg = itk_message(e)
-        if "No such file" in msg:      # MetaIO's words when the voxel data end early
-            msg = "the voxel data end early"
+        if "No such file" in msg:      # MetaIO's words when the voxel data file is missing or ends early
+            msg = "its voxel data file is missing or ends early"
         raise InputError(f"{what} {p.name} cannot be read (truncated or damaged?): {msg}") from None
     except MemoryError:
         raise ResourceError(f"Not enough memory to read {what} {p.name} ({nvox:,} voxels)") from None

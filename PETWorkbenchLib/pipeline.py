@@ -50,6 +50,14 @@ def _read(path, what):
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
+def check_steps(steps):
+    """Refuse unknown step names (before anything is written)."""
+    unknown = [s for s in (steps or []) if s not in STEPS]
+    if unknown:
+        raise InputError(f"Unknown step(s) {', '.join(unknown)}; steps are {', '.join(STEPS)}")
+    return steps
+
+
 def check_study_id(study_id):
     """A study id is a folder name inside the output folder: letters, digits, '.', '_', '-', never a path."""
     sid = "" if study_id is None else str(study_id).strip()
@@ -78,6 +86,19 @@ class Study:
 
     def has(self, *names):
         return all(self.path(n).is_file() for n in names)
+
+    def has_valid(self, *names):
+        """True when every file exists, and every JSON record among them reads (a damaged one is redone)."""
+        for n in names:
+            p = self.path(n)
+            if not p.is_file():
+                return False
+            if n.endswith(".json"):
+                try:
+                    json.loads(p.read_text())
+                except (OSError, ValueError):
+                    return False
+        return True
 
     def input(self, key):
         """Path of an input image: given in the spec, or produced by the simulate step."""
@@ -158,7 +179,7 @@ def step_simulate(st, rep, device="cpu", seed=0, max_slices=64):
 
 
 def step_synthesize(st, rep, device="cpu", model=SYNTHESIS_MODEL):
-    if st.has("synthesized.nii.gz", "routing.json"):
+    if st.has_valid("synthesized.nii.gz", "routing.json"):
         return {"skipped": True}
     from SynthesisModuleLib import synthesize
     model = str(model)
@@ -185,7 +206,7 @@ def step_segment(st, rep, device="cpu", model=SEGMENTATION_MODEL):
 
 
 def step_uptake(st, rep):
-    if st.has("uptake.json"):
+    if st.has_valid("uptake.json"):
         return {"skipped": True}
     from SegmentationModuleLib import organ_specs, organ_uptake
     pet_path = st.path("synthesized.nii.gz") if st.has("synthesized.nii.gz") else st.input("low_dose")
@@ -212,7 +233,7 @@ def step_register(st, rep, device="cpu", iterations=(200, 100, 50), smoothness=2
     3.1 mm against a true 4.4 mm. Far from the diaphragm and organ boundaries PET has no structure to register,
     so part of the field cannot be recovered from PET/CT.
     """
-    if st.has("field.nii.gz", "registration.json"):
+    if st.has_valid("field.nii.gz", "registration.json"):
         return {"skipped": True}
     ct_path = st.input("ct")
     if ct_path is None:
@@ -277,7 +298,7 @@ def compute_metrics(st):
                 m[key] = ev["mean"].get("dice")
                 m[key.replace("dice", "organs")] = {k: v.get("dice") for k, v in ev["organs"].items()
                                                     if v.get("status") != "missing"}
-    if st.has("registration.json"):
+    if st.has_valid("registration.json"):
         r = json.loads(st.path("registration.json").read_text())
         for k in ("folding_pct", "std_log_j", "disp_true_mm", "disp_err_mm", "disp_err_vox", "time_s"):
             if k in r:
@@ -383,12 +404,10 @@ def run_study(spec, out_root, steps=None, device="cpu", seed=0, models=None, pro
     weights files: {"synthesis": ..., "segmentation": ...}."""
     models = dict(models or {})
     rep = Reporter(progress, cancel)
+    check_steps(steps)
     st = Study(spec, out_root)
     done = st.path("DONE.json")
     wanted = [s for s in (steps or STEPS) if s in STEPS]
-    unknown = [s for s in (steps or []) if s not in STEPS]
-    if unknown:
-        raise InputError(f"Unknown step(s) {', '.join(unknown)}; steps are {', '.join(STEPS)}")
     fingerprints = {"synthesis": model_fingerprint(models.get("synthesis", SYNTHESIS_MODEL)),
                     "segmentation": model_fingerprint(models.get("segmentation", SEGMENTATION_MODEL))}
     if not st.spec.get("low_dose") and not st.spec.get("anatomy"):
@@ -419,7 +438,7 @@ def run_study(spec, out_root, steps=None, device="cpu", seed=0, models=None, pro
         results[name] = runners[name](sub)
     summary = {"id": st.id, "steps": wanted, "seconds": round(time.perf_counter() - t0, 1), "results": results,
                "dir": str(st.dir), "models": fingerprints}
-    if st.has("metrics.json"):
+    if st.has_valid("metrics.json"):
         summary["metrics"] = {k: v for k, v in json.loads(st.path("metrics.json").read_text()).items()
                               if not isinstance(v, dict)}
     from .imageio import write_json

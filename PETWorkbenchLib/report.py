@@ -58,7 +58,7 @@ def write_figures(st):
         save_figure(fig, st.path("fig_slices.png"), dpi=FIG_DPI)
         plt.close(fig)
         figs["slices"] = "fig_slices.png"
-    if st.has("routing.json"):
+    if st.has_valid("routing.json"):
         routing = json.loads(st.path("routing.json").read_text())
         if routing.get("routed"):
             from SynthesisModuleLib.metrics import routing_plot
@@ -87,7 +87,7 @@ def write_report(st, metrics):
              "Research use only. " + ("The PET images of this study are **simulated** on real CT anatomy "
                                       "(no real patient PET); see simulation.json." if st.has("simulation.json")
                                       else ""), ""]
-    if st.has("simulation.json"):
+    if st.has_valid("simulation.json"):
         sim = json.loads(st.path("simulation.json").read_text())
         lines += ["## Acquisition (simulated)", "",
                   f"Centre profile {sim.get('center')}, dose reduction factor {sim.get('drf')}, grid "
@@ -107,7 +107,7 @@ def write_report(st, metrics):
     if reg:
         lines += ["## PET to CT registration", "", "| " + " | ".join(reg) + " |", "|" + "---|" * len(reg),
                   "| " + " | ".join(_fmt(v) for v in reg.values()) + " |", ""]
-    if st.has("uptake.json"):
+    if st.has_valid("uptake.json"):
         up = json.loads(st.path("uptake.json").read_text())
         lines += [f"## Organ uptake ({up['pet']})", "",
                   "| organ | volume (ml) | SUVmean | SUVmax | SUVpeak | SUVmean full dose |", "|---|---|---|---|---|---|"]

@@ -63,8 +63,8 @@ def add_commands(subparsers):
     e.set_defaults(func=run_evaluate)
 
 
-# Peak memory of register() per voxel of the fixed grid (field, Adam moments, pyramids, similarity features);
-# benchmarks/reliability.py measures it.
+# Peak memory of register() per voxel of the fixed grid (field, Adam moments, pyramids, similarity features): an
+# upper estimate from the buffers the engine allocates, not yet measured by benchmarks/memory.py.
 BYTES_PER_FIXED_VOXEL = 400
 
 
@@ -99,7 +99,7 @@ def run_register(args, reporter=None):
         raise InputError("--moving-labels-out needs --moving-labels")
     budget, source = memory_budget_bytes()
     read = _reader(int(budget / BYTES_PER_FIXED_VOXEL),
-                   f"about {BYTES_PER_FIXED_VOXEL} bytes per voxel within the {budget / 2**30:.1f} GB {source}")
+                   f"about {BYTES_PER_FIXED_VOXEL} bytes per voxel within the {budget / 2**30:.3g} GB {source}")
     fixed = read(args.fixed, "fixed image")
     read = _reader()
     moving = read(args.moving, "moving image")

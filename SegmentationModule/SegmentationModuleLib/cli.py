@@ -52,6 +52,8 @@ def _cmd_segment(args, rep):
     if len({str(Path(p).resolve()) for p in named}) != len(named):
         raise InputError("--output, --probabilities and --uptake must be different files")
     pet = _read(args.input, "PET", bounded=True)
+    from PETWorkbenchLib.units import check_pet_range
+    check_pet_range(sitk.GetArrayViewFromImage(pet), "SUV", f"PET {Path(args.input).name}")
     label, probs = segment(pet, args.model, organs=_organs_arg(args.organs), device=args.device,
                            progress=rep.sub(0.0, 0.95), return_probabilities=bool(args.probabilities))
     rows = organ_uptake(sitk.Cast(pet, sitk.sitkFloat64), label, organ_specs())

@@ -36,7 +36,7 @@ def load_model(checkpoint, device="cpu", progress=None):
 
 
 # Peak memory of segment() per voxel of the input grid (the input itself included) and of the model grid (class
-# logits dominate), with a margin over the peak RSS measured by benchmarks/reliability.py (about 20 and 82 bytes).
+# logits dominate), with a margin over the peak RSS measured by benchmarks/memory.py (about 20 and 82 bytes).
 # A 512 x 512 x 600 volume at 2 mm needs about 5.7 GB with these figures at the demo model's 4 mm grid.
 BYTES_PER_INPUT_VOXEL = 24
 BYTES_PER_MODEL_VOXEL = 100
@@ -50,7 +50,7 @@ def input_voxel_limit(spacing, model_spacing=(4.0, 4.0, 4.0)):
     budget, source = memory_budget_bytes()
     ratio = math.prod(float(s) for s in spacing) / math.prod(model_spacing)
     per_voxel = BYTES_PER_INPUT_VOXEL + BYTES_PER_MODEL_VOXEL * ratio
-    return int(budget / per_voxel), f"about {per_voxel:.0f} bytes per voxel within the {budget / 2**30:.1f} GB {source}"
+    return int(budget / per_voxel), f"about {per_voxel:.0f} bytes per voxel within the {budget / 2**30:.3g} GB {source}"
 
 
 def check_pet_image(image):

@@ -34,9 +34,17 @@ def read_input(path, what):
     from PETWorkbenchLib.imageio import image_header, read_image
 
     from .infer import input_voxel_limit
-    reader, _ = image_header(path, what)
+    reader, p = image_header(path, what)
     limit, reason = input_voxel_limit(reader.GetSpacing())
-    return read_image(path, what, max_voxels=limit, limit_reason=reason)
+    return check_pet_file(read_image(path, what, max_voxels=limit, limit_reason=reason), f"{what} {p.name}")
+
+
+def check_pet_file(image, name):
+    """The SUV plausibility checks of the engine, with the file named in the message."""
+    import SimpleITK as sitk
+    from PETWorkbenchLib.units import check_pet_range
+    check_pet_range(sitk.GetArrayViewFromImage(image), "SUV", name)
+    return image
 
 
 def _cmd_train(args, rep):

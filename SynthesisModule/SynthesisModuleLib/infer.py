@@ -20,7 +20,7 @@ from .train import load_config
 # together exceed ~1 GB of RAM.
 MAX_VOXELS_2MM = 300 * 300 * 700
 # Peak memory of synthesize() per voxel of the input grid (the input itself included) and of the 2 mm grid, with
-# a margin over the peak RSS measured by benchmarks/reliability.py (about 13 + 7 bytes at 2 mm input spacing).
+# a margin over the peak RSS measured by benchmarks/memory.py (about 13 + 7 bytes at 2 mm input spacing).
 # A 512 x 512 x 600 volume at 2 mm needs about 3.8 GB with these figures, beside the model and torch.
 BYTES_PER_INPUT_VOXEL = 16
 BYTES_PER_2MM_VOXEL = 8
@@ -36,7 +36,7 @@ def input_voxel_limit(spacing):
     by_memory = int(budget / per_voxel)
     by_grid = int(MAX_VOXELS_2MM / max(ratio, 1e-9))
     if by_memory < by_grid:
-        return by_memory, f"about {per_voxel:.0f} bytes per voxel within the {budget / 2**30:.1f} GB {source}"
+        return by_memory, f"about {per_voxel:.0f} bytes per voxel within the {budget / 2**30:.3g} GB {source}"
     return by_grid, f"a 2 mm grid of at most {MAX_VOXELS_2MM:,} voxels"
 
 
