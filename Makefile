@@ -27,6 +27,8 @@ bench: venv
 	$(PY) benchmarks/synthesis.py --quick
 	$(PY) benchmarks/segmentation.py --quick
 	$(PY) benchmarks/registration.py --quick
+	$(PY) benchmarks/reliability.py --quick
+	$(PY) benchmarks/memory.py --quick
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -60,6 +60,17 @@ def choose_device(preference="auto", force_cpu=None):
     return DeviceChoice("cpu", "auto: no CUDA or MPS device available")
 
 
+def torch_device(device="auto"):
+    """The torch.device for a preference ("auto", "cpu", "cuda[:N]", "mps", None), a DeviceChoice or a
+    torch.device: the one resolver every engine uses (:func:`choose_device` gives the reason for the choice)."""
+    import torch
+    if isinstance(device, torch.device):
+        return device
+    if isinstance(device, DeviceChoice):
+        return device.torch()
+    return choose_device(str(device or "auto")).torch()
+
+
 def describe():
     """Versions and devices, for `petworkbench info` and bug reports."""
     import platform

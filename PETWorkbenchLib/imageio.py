@@ -536,3 +536,39 @@ def match_grid(img, ref, what="image", ref_what="the reference"):
         return sitk.Resample(img, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, img.GetPixelID())
     raise InputError(f"{what} does not lie on the grid of {ref_what}: {describe_grid(img)} against "
                      f"{describe_grid(ref)}; resample it onto {ref_what} first")
+
+
+def resample_to_spacing(image, spacing, label=False, keep="center", default=0.0):
+    """``image`` on a grid of ``spacing`` (x, y, z mm) covering the same physical extent, same direction; the one
+    resampling function of the engines. Linear interpolation, nearest neighbour for a label map (``label``).
+
+    ``keep`` says which point of the field of view stays where it was when the extent is not a whole number of new
+    voxels: "center" (the middle of the field of view; DRMC, whose patches are symmetric) or "origin" (the first
+    voxel; LDOS, whose label maps are compared voxel for voxel with the input's origin). An image already at
+    ``spacing`` is returned as it is.
+    """
+    import numpy as np
+    import SimpleITK as sitk
+    if keep not in ("center", "origin"):
+        raise ValueError(f"keep must be 'center' or 'origin', got {keep!r}")
+    out_sp = np.array([float(s) for s in spacing])
+    in_sp = np.array(image.GetSpacing(), float)
+    if np.allclose(in_sp, out_sp, rtol=1e-4):
+        return image
+    in_sz = np.array(image.GetSize(), float)
+    out_sz = [max(1, int(round(n))) for n in in_sz * in_sp / out_sp]
+    origin = np.array(image.GetOrigin(), float)
+    if keep == "center":
+        d = np.array(image.GetDirection(), float).reshape(3, 3)
+        origin = origin + d @ (((in_sz - 1) * in_sp - (np.array(out_sz) - 1) * out_sp) / 2.0)
+    interp = sitk.sitkNearestNeighbor if label else sitk.sitkLinear
+    return sitk.Resample(image, [int(s) for s in out_sz], sitk.Transform(), interp, origin.tolist(), out_sp.tolist(),
+                         image.GetDirection(), default, image.GetPixelID())
+
+
+def resample_like(image, reference, label=False, default=0.0):
+    """``image`` resampled onto ``reference``'s grid (linear; nearest neighbour for a label map)."""
+    import SimpleITK as sitk
+    interp = sitk.sitkNearestNeighbor if label else sitk.sitkLinear
+    return sitk.Resample(image, reference, sitk.Transform(), interp, default, image.GetPixelID())
+

@@ -11,7 +11,7 @@ Terminologies module can load it as it is. Each organ is one ``Type`` of the "An
 * ``PETWorkbenchDisplayName``: a human-readable name (``"Urinary bladder"``), ours, ignored by Slicer.
 
 This module is the only reader of the file. Segment terminology entries written from these specs name the
-context (:data:`CONTEXT_NAME`); :func:`load_into_slicer` loads it into Slicer's Terminologies module so Slicer
+context (:data:`CONTEXT_NAME`); :func:`PETWorkbenchSlicer.mrml.load_into_slicer` loads it into Slicer's Terminologies module so Slicer
 finds them.
 """
 
@@ -94,23 +94,3 @@ def organ_specs(organs=None):
         raise InputError(f"Unknown organ(s): {', '.join(sorted(unknown))}. Known: "
                          + ", ".join(s["name"] for s in specs))
     return out
-
-
-def load_into_slicer(logic=None):
-    """Load the organ terminology context into Slicer's Terminologies module logic (once) so that Slicer finds the
-    types our segments name. ``logic``: a ``vtkSlicerTerminologiesModuleLogic``; by default Slicer's own, and
-    nothing is done (None is returned) where there is none (engine use, headless scenes). Returns the context
-    name when it is loaded."""
-    if logic is None:
-        try:
-            import slicer
-            logic = slicer.modules.terminologies.logic()
-        except (ImportError, AttributeError):
-            return None
-    name = context_name()
-    if logic.IsTerminologyContextLoaded(name):
-        return name
-    loaded = logic.LoadTerminologyFromFile(str(terminology_path()))
-    if loaded != name:
-        raise RuntimeError(f"Slicer could not load the terminology {terminology_path()} (got {loaded!r})")
-    return name

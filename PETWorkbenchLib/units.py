@@ -64,3 +64,34 @@ def check_pet_range(array, units="SUV", name="The PET volume"):
             raise InputError(f"{name}: maximum value {hi:.0f} is implausible for SUV; the volume is probably in "
                              "Bq/ml: convert it to SUV (needs patient weight and injected dose)")
     return lo, hi
+
+
+SUV_UNIT_NAMES = ("suv", "suvbw", "g/ml", "suv (bw)")
+
+
+def check_pet_image(image, name="The PET volume", units="SUV", max_voxels=None):
+    """The one PET validator of the engines: a 3-D scalar SimpleITK image in SUV (``units``), at least 2 voxels per
+    axis, at most ``max_voxels``, with the value checks of :func:`check_pet_range`. Raises InputError naming
+    ``name``; returns the image."""
+    import math
+
+    import SimpleITK as sitk
+    if image is None:
+        raise InputError("No PET volume given")
+    if not isinstance(image, sitk.Image):
+        raise InputError(f"{name} must be a SimpleITK image, got {type(image).__name__}")
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{name} must be a 3-D scalar volume (3D, one value per voxel); got a "
+                         f"{image.GetDimension()}D image of size {image.GetSize()} with "
+                         f"{image.GetNumberOfComponentsPerPixel()} component(s)")
+    size = image.GetSize()
+    if min(size) < 2:
+        raise InputError(f"{name} is too small (size {size}); a 3D volume with at least 2 voxels per axis is needed")
+    if max_voxels is not None and math.prod(size) > max_voxels:
+        raise InputError(f"{name} has {math.prod(size)} voxels, more than the limit {max_voxels}")
+    if units is None or str(units).strip().lower() not in SUV_UNIT_NAMES:
+        raise InputError(f"{name} units are {units!r}; the model expects SUV (body weight). Convert Bq/ml to SUV "
+                         "first (PETWorkbenchLib.units, needs patient weight and injected dose)")
+    check_pet_range(sitk.GetArrayViewFromImage(image), "SUV", name)
+    return image
+

@@ -1,6 +1,6 @@
 """Run an engine command in a separate process, with progress, cancel and engine errors as exceptions.
 
-The child runs ``python -m PETWorkbenchLib.cli <args> --progress-lines``. Its standard output carries
+The child runs ``python -m PETWorkbenchApp.cli <args> --progress-lines``. Its standard output carries
 
 * ``PWB_PROGRESS {"fraction": f, "message": m}``: progress, turned into ``progress(f, m)`` calls;
 * ``PWB_RESULT {...}``: the command's JSON summary, available as ``job.result``;
@@ -47,7 +47,7 @@ class WorkerJob:
         self.log_lines = []
         self._queue = queue.Queue()
         self._finished_dispatched = False
-        cmd = [python or sys.executable, "-u", "-m", "PETWorkbenchLib.cli"] + self.args + ["--progress-lines"]
+        cmd = [python or sys.executable, "-u", "-m", "PETWorkbenchApp.cli"] + self.args + ["--progress-lines"]
         full_env = dict(os.environ)
         full_env["PYTHONPATH"] = engine_pythonpath()
         full_env["PYTHONUNBUFFERED"] = "1"

@@ -22,7 +22,7 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-from PETWorkbenchLib.slicer_bridge import ModuleWidgetMixin
+from PETWorkbenchSlicer.slicer_bridge import ModuleWidgetMixin
 
 OPERATIONS = ("reconstruct", "lowdose", "sr4zct")
 
@@ -121,8 +121,9 @@ class ReconstructionModuleLogic(ScriptedLoadableModuleLogic):
 
     def _run(self, command, args, inputNode, outputVolumeNode, defaultName, wait, progress, log, image=None,
              device="auto"):
-        from PETWorkbenchLib import imageio, mrml
-        from PETWorkbenchLib.slicer_bridge import EngineRun
+        from PETWorkbenchLib import imageio
+        from PETWorkbenchSlicer import mrml
+        from PETWorkbenchSlicer.slicer_bridge import EngineRun
 
         def prepare(tmp):
             extra = ["--out", os.path.join(tmp, "output.nii"), "--device", device]
@@ -166,7 +167,7 @@ class ReconstructionModuleLogic(ScriptedLoadableModuleLogic):
     def simulateLowDose(self, inputVolumeNode, drf=10.0, seed=0, outputVolumeNode=None, device="auto", wait=True,
                         progress=None, log=None):
         """Image-domain low-dose simulation: forward-project, Poisson counts, binomial thinning by ``drf``, OSEM."""
-        from PETWorkbenchLib import mrml
+        from PETWorkbenchSlicer import mrml
         from PETWorkbenchLib.errors import InputError
         if drf < 1:
             raise InputError(f"Dose reduction factor must be >= 1, got {drf}")
@@ -178,7 +179,7 @@ class ReconstructionModuleLogic(ScriptedLoadableModuleLogic):
     def superResolve(self, inputVolumeNode, outputVolumeNode=None, epochs=20, device="auto", wait=True,
                      progress=None, log=None):
         """SR4ZCT through-plane super-resolution (self-supervised on the volume itself)."""
-        from PETWorkbenchLib import mrml
+        from PETWorkbenchSlicer import mrml
         image = mrml.volume_to_image(inputVolumeNode, dtype="float32")
         thickness = inputVolumeNode.GetAttribute("DICOM.SliceThickness")
         args = ["--epochs", str(int(epochs))]
@@ -202,7 +203,7 @@ class ReconstructionModuleTest(ScriptedLoadableModuleTest):
     def test_lowdose_phantom(self):
         import numpy as np
         import SimpleITK as sitk
-        from PETWorkbenchLib import mrml
+        from PETWorkbenchSlicer import mrml
         arr = np.zeros((8, 48, 48), np.float32)
         yy, xx = np.mgrid[:48, :48]
         arr[:, (yy - 24) ** 2 + (xx - 24) ** 2 < 18 ** 2] = 1.0
@@ -218,7 +219,7 @@ class ReconstructionModuleTest(ScriptedLoadableModuleTest):
 
     def test_widget_apply(self):
         import numpy as np
-        from PETWorkbenchLib.slicer_bridge import self_test_widget_apply
+        from PETWorkbenchSlicer.slicer_bridge import self_test_widget_apply
         arr = np.zeros((8, 48, 48), np.float32)
         yy, xx = np.mgrid[:48, :48]
         arr[:, (yy - 24) ** 2 + (xx - 24) ** 2 < 18 ** 2] = 1.0

@@ -23,7 +23,7 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-from PETWorkbenchLib.slicer_bridge import ModuleWidgetMixin
+from PETWorkbenchSlicer.slicer_bridge import ModuleWidgetMixin
 
 
 class RegistrationModule(ScriptedLoadableModule):
@@ -126,9 +126,10 @@ class RegistrationModuleLogic(ScriptedLoadableModuleLogic):
         when labels are given, time) is stored as JSON in the transform's attribute "PETWorkbench.summary".
         """
         import SimpleITK as sitk
-        from PETWorkbenchLib import imageio, mrml
+        from PETWorkbenchLib import imageio
+        from PETWorkbenchSlicer import mrml
         from PETWorkbenchLib.errors import InputError
-        from PETWorkbenchLib.slicer_bridge import EngineRun
+        from PETWorkbenchSlicer.slicer_bridge import EngineRun
 
         fixed = mrml.volume_to_image(fixedVolumeNode, dtype="float32")
         moving = mrml.volume_to_image(movingVolumeNode, dtype="float32")
@@ -203,7 +204,7 @@ class RegistrationModuleTest(ScriptedLoadableModuleTest):
     def test_recovers_known_shift(self):
         import numpy as np
         import SimpleITK as sitk
-        from PETWorkbenchLib import mrml
+        from PETWorkbenchSlicer import mrml
         z, y, x = np.mgrid[:24, :32, :32]
         fixed_arr = np.exp(-((x - 16) ** 2 + (y - 16) ** 2 + (z - 12) ** 2) / 40.0).astype(np.float32)
         moving_arr = np.exp(-((x - 18) ** 2 + (y - 16) ** 2 + (z - 12) ** 2) / 40.0).astype(np.float32)
@@ -216,7 +217,7 @@ class RegistrationModuleTest(ScriptedLoadableModuleTest):
 
     def test_widget_apply(self):
         import numpy as np
-        from PETWorkbenchLib.slicer_bridge import self_test_widget_apply
+        from PETWorkbenchSlicer.slicer_bridge import self_test_widget_apply
         z, y, x = np.mgrid[:20, :32, :32].astype(np.float32)
         nodes = []
         for name, shift in (("Fixed", 0.0), ("Moving", 2.0)):

@@ -21,7 +21,7 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-from PETWorkbenchLib.slicer_bridge import ModuleWidgetMixin
+from PETWorkbenchSlicer.slicer_bridge import ModuleWidgetMixin
 
 DEFAULT_MODEL = "segmentation-ldos-cpu"
 
@@ -123,7 +123,7 @@ class SegmentationModuleLogic(ScriptedLoadableModuleLogic):
         segmentation node as "PETWorkbench.uptakeTable"; organs not found are listed in its attribute
         "PETWorkbench.missingOrgans".
         """
-        from PETWorkbenchLib import mrml
+        from PETWorkbenchSlicer import mrml
         from PETWorkbenchLib.errors import InputError
         from PETWorkbenchLib.terminology import organ_specs
 
@@ -153,8 +153,9 @@ class SegmentationModuleLogic(ScriptedLoadableModuleLogic):
         """Run the model in the worker and return the predicted label image (SimpleITK, on the PET grid), or
         ``finish(labelImage)`` when given. Nothing in the scene is changed here."""
         import SimpleITK as sitk
-        from PETWorkbenchLib import imageio, mrml, units
-        from PETWorkbenchLib.slicer_bridge import EngineRun
+        from PETWorkbenchLib import imageio, units
+        from PETWorkbenchSlicer import mrml
+        from PETWorkbenchSlicer.slicer_bridge import EngineRun
 
         image = mrml.volume_to_image(petVolumeNode, dtype="float32")
         units.check_pet_range(sitk.GetArrayViewFromImage(image), "SUV")
@@ -176,7 +177,7 @@ class SegmentationModuleLogic(ScriptedLoadableModuleLogic):
 
     def organUptake(self, petVolumeNode, labels, specs, tableNode=None):
         """Organ uptake table (volume ml, SUVmean, SUVmax, SUVpeak) from a label image or a segmentation node."""
-        from PETWorkbenchLib import mrml
+        from PETWorkbenchSlicer import mrml
         from SegmentationModuleLib.uptake import organ_uptake
         if hasattr(labels, "IsA") and labels.IsA("vtkMRMLSegmentationNode"):
             labels, specs = mrml.segmentation_to_labelmap(labels, petVolumeNode)
@@ -200,7 +201,7 @@ class SegmentationModuleTest(ScriptedLoadableModuleTest):
     def test_uptake_table_matches_arrays(self):
         import numpy as np
         import SimpleITK as sitk
-        from PETWorkbenchLib import mrml
+        from PETWorkbenchSlicer import mrml
         arr = np.full((20, 30, 30), 0.5, np.float32)
         arr[5:15, 5:15, 5:15] = 3.0
         img = sitk.GetImageFromArray(arr)
@@ -217,7 +218,7 @@ class SegmentationModuleTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Segmentation uptake test passed")
 
     def test_widget_apply_on_sample_pet(self):
-        from PETWorkbenchLib.slicer_bridge import sample_data_path, self_test_widget_apply
+        from PETWorkbenchSlicer.slicer_bridge import sample_data_path, self_test_widget_apply
         node = slicer.util.loadVolume(sample_data_path("SimulatedPET", "lowdose_pet.nii.gz"))
 
         def select(widget):

@@ -20,7 +20,7 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-from PETWorkbenchLib.slicer_bridge import ModuleWidgetMixin
+from PETWorkbenchSlicer.slicer_bridge import ModuleWidgetMixin
 
 DEFAULT_MODEL = "synthesis-drmc-cpu"
 
@@ -44,7 +44,7 @@ class SynthesisModule(ScriptedLoadableModule):
         slicer.app.connect("startupCompleted()", self.registerSampleData)
 
     def registerSampleData(self):
-        from PETWorkbenchLib.slicer_bridge import register_sample_data
+        from PETWorkbenchSlicer.slicer_bridge import register_sample_data
         register_sample_data()
 
 
@@ -110,8 +110,9 @@ class SynthesisModuleLogic(ScriptedLoadableModuleLogic):
         as the input. ``patchSize`` None/0 uses the model's training patch (at 2 mm). ``wait=True`` returns the
         output node; otherwise an EngineRun to poll/cancel."""
         import SimpleITK as sitk
-        from PETWorkbenchLib import imageio, mrml, units as pet_units
-        from PETWorkbenchLib.slicer_bridge import EngineRun
+        from PETWorkbenchLib import imageio, units as pet_units
+        from PETWorkbenchSlicer import mrml
+        from PETWorkbenchSlicer.slicer_bridge import EngineRun
 
         image = mrml.volume_to_image(inputVolumeNode, dtype="float32")
         arr = sitk.GetArrayViewFromImage(image)
@@ -175,7 +176,7 @@ class SynthesisModuleTest(ScriptedLoadableModuleTest):
     def test_synthesis_on_small_phantom(self):
         import numpy as np
         import SimpleITK as sitk
-        from PETWorkbenchLib import mrml
+        from PETWorkbenchSlicer import mrml
         rng = np.random.default_rng(0)
         arr = np.full((24, 40, 40), 0.5, np.float32)
         arr[8:16, 12:28, 12:28] = 2.5
@@ -190,7 +191,7 @@ class SynthesisModuleTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Synthesis test passed")
 
     def test_widget_apply_on_sample_pet(self):
-        from PETWorkbenchLib.slicer_bridge import sample_data_path, self_test_widget_apply
+        from PETWorkbenchSlicer.slicer_bridge import sample_data_path, self_test_widget_apply
         node = slicer.util.loadVolume(sample_data_path("SimulatedPET", "lowdose_pet.nii.gz"))
 
         def select(widget):

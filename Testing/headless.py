@@ -10,7 +10,7 @@ import slicer
 
 def init_headless_slicer():
     """New scene + application logic + Colors/Volumes/Segmentations/Transforms/SubjectHierarchy logics."""
-    from PETWorkbenchLib.scene_export import headless_scene
+    from PETWorkbenchSlicer.scene_export import headless_scene
     scene, logics = headless_scene()
     slicer.app.commandOptions = lambda: types.SimpleNamespace(noMainWindow=True)
     slicer.app.connect = lambda *a, **k: None

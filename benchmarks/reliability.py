@@ -56,7 +56,7 @@ def _cli():
     if script.is_file():
         return [str(script)], {}
     paths = [str(ROOT)] + [str(p) for p in sorted(ROOT.glob("*Module")) if p.is_dir()]
-    return [sys.executable, "-m", "PETWorkbenchLib.cli"], {"PYTHONPATH": os.pathsep.join(paths)}
+    return [sys.executable, "-m", "PETWorkbenchApp.cli"], {"PYTHONPATH": os.pathsep.join(paths)}
 
 
 PWB, PWB_ENV = _cli()

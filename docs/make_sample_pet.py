@@ -2,7 +2,7 @@
 
     .venv/bin/python docs/make_sample_pet.py          # a few seconds on one CPU core
 
-It runs the demo's own ``simulate`` step (:func:`PETWorkbenchLib.pipeline.run_study` with study id ``demo``,
+It runs the demo's own ``simulate`` step (:func:`PETWorkbenchApp.pipeline.run_study` with study id ``demo``,
 seed 0: the same images as ``petworkbench demo`` or ``petworkbench pipeline --id demo --steps simulate``) on the
 sample CT (``Resources/SampleData/TotalSegmentatorExampleCT``) and keeps two of its outputs:
 
@@ -35,7 +35,7 @@ def sha256(path):
 def main():
     sys.path[:0] = [str(ROOT)] + [str(p) for p in sorted(ROOT.glob("*Module"))]
     import torch
-    from PETWorkbenchLib.pipeline import run_study
+    from PETWorkbenchApp.pipeline import run_study
     torch.set_num_threads(1)
     OUT.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:

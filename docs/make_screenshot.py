@@ -102,7 +102,7 @@ def main(argv=None):
     if args.study:
         out, size = draw(args.study, args.out)
     else:
-        from PETWorkbenchLib.pipeline import run_study
+        from PETWorkbenchApp.pipeline import run_study
         with tempfile.TemporaryDirectory() as tmp:
             run_study(STUDY, tmp, steps=["simulate", "synthesize", "segment"], device="cpu", seed=SEED)
             out, size = draw(Path(tmp) / STUDY["id"], args.out)

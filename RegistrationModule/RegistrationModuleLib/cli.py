@@ -34,7 +34,7 @@ def add_commands(subparsers):
     p.set_defaults(func=run_register)
 
     try:
-        from PETWorkbenchLib.cli import group
+        from PETWorkbenchLib.commands import group
     except ImportError:          # older foundation without command groups
         return
     t = group(subparsers, "train").add_parser(

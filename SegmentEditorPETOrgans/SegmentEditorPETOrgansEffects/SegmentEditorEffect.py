@@ -78,7 +78,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             slicer.util.errorDisplay("Select a PET source volume first")
             return
         try:
-            from PETWorkbenchLib.slicer_bridge import ensure_dependencies
+            from PETWorkbenchSlicer.slicer_bridge import ensure_dependencies
             import SegmentationModule
             ensure_dependencies()
             logic = SegmentationModule.SegmentationModuleLogic()
@@ -209,8 +209,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if labels is None:
             slicer.util.errorDisplay("Compute the prediction first")
             return
-        from PETWorkbenchLib import mrml
-        from PETWorkbenchLib.terminology import load_into_slicer, organ_specs
+        from PETWorkbenchSlicer import mrml
+        from PETWorkbenchLib.terminology import organ_specs
+        from PETWorkbenchSlicer.mrml import load_into_slicer
         load_into_slicer()                        # so Slicer resolves the segments' terminology entries
         seg_node = self.scriptedEffect.parameterSetNode().GetSegmentationNode()
         segmentation = seg_node.GetSegmentation()

@@ -4,7 +4,7 @@
   [--probabilities probs.nii.gz] [--uptake uptake.json] [--device auto]``
 * ``petworkbench train segmentation --config ldos_cpu_demo --manifest .../manifest.csv --out DIR
   [--task ldos|segonly|denoise] [--input-key low_dose_drf20|full_dose] [--max-minutes M] [--threads N]``
-  (use ``torchrun --nproc_per_node N -m PETWorkbenchLib.cli train segmentation ...`` for DDP)
+  (use ``torchrun --nproc_per_node N -m PETWorkbenchApp.cli train segmentation ...`` for DDP)
 * ``petworkbench evaluate segmentation --pred P.nii.gz --ref R.nii.gz`` or
   ``--model ID|file.pt --manifest manifest.csv [--split test] [--input-key low_dose_drf20]
   [--denoiser ID|file.pt (Fake-FDPET)] [--output metrics.json]``
@@ -17,7 +17,7 @@ from PETWorkbenchLib.errors import InputError
 
 def _group(subparsers, name):
     try:
-        from PETWorkbenchLib.cli import group
+        from PETWorkbenchLib.commands import group
         return group(subparsers, name)
     except ImportError:  # pragma: no cover
         return subparsers
@@ -52,8 +52,8 @@ def _cmd_segment(args, rep):
     if len({str(Path(p).resolve()) for p in named}) != len(named):
         raise InputError("--output, --probabilities and --uptake must be different files")
     pet = _read(args.input, "PET", bounded=True)
-    from PETWorkbenchLib.units import check_pet_range
-    check_pet_range(sitk.GetArrayViewFromImage(pet), "SUV", f"PET {Path(args.input).name}")
+    from PETWorkbenchLib.units import check_pet_image
+    check_pet_image(pet, f"PET {Path(args.input).name}")
     label, probs = segment(pet, args.model, organs=_organs_arg(args.organs), device=args.device,
                            progress=rep.sub(0.0, 0.95), return_probabilities=bool(args.probabilities))
     rows = organ_uptake(sitk.Cast(pet, sitk.sitkFloat64), label, organ_specs())

@@ -62,14 +62,9 @@ def denormalise(x, norm):
 
 
 def resample_to_spacing(image, spacing, is_label=False):
-    import SimpleITK as sitk
-    spacing = [float(s) for s in spacing]
-    if np.allclose(image.GetSpacing(), spacing, rtol=1e-4):
-        return image
-    size = [max(1, int(round(n * s / t))) for n, s, t in zip(image.GetSize(), image.GetSpacing(), spacing)]
-    interp = sitk.sitkNearestNeighbor if is_label else sitk.sitkLinear
-    return sitk.Resample(image, size, sitk.Transform(), interp, image.GetOrigin(), spacing, image.GetDirection(),
-                         0, image.GetPixelID())
+    """The model grid of LDOS: :func:`PETWorkbenchLib.imageio.resample_to_spacing` keeping the origin."""
+    from PETWorkbenchLib.imageio import resample_to_spacing as resample
+    return resample(image, spacing, label=is_label, keep="origin")
 
 
 def load_case(row, cfg, cache_dir, input_key=None, target_key=None):

@@ -5,12 +5,13 @@ from pathlib import Path
 import numpy as np
 
 from PETWorkbenchLib.errors import InputError, ModelError
+from PETWorkbenchLib.units import check_pet_image
 from PETWorkbenchLib.progress import Reporter
 
 
 def load_model(checkpoint, device="cpu", progress=None):
     """Checkpoint (path, registry id or loaded dict) -> (network in eval mode, config)."""
-    import torch
+    from PETWorkbenchLib.device import torch_device
     from PETWorkbenchLib.models import load_checkpoint, load_model_checkpoint
     from .network import build_network
     if isinstance(checkpoint, dict):
@@ -32,7 +33,7 @@ def load_model(checkpoint, device="cpu", progress=None):
         raise ModelError(f"The weights do not match their configuration: missing {seg_missing[:3]}, "
                          f"unexpected {list(unexpected)[:3]}")
     net.eval()
-    return net.to(torch.device(device) if isinstance(device, str) else device), cfg
+    return net.to(torch_device(device)), cfg
 
 
 # Peak memory of segment() per voxel of the input grid (the input itself included) and of the model grid (class
@@ -51,21 +52,6 @@ def input_voxel_limit(spacing, model_spacing=(4.0, 4.0, 4.0)):
     ratio = math.prod(float(s) for s in spacing) / math.prod(model_spacing)
     per_voxel = BYTES_PER_INPUT_VOXEL + BYTES_PER_MODEL_VOXEL * ratio
     return int(budget / per_voxel), f"about {per_voxel:.0f} bytes per voxel within the {budget / 2**30:.3g} GB {source}"
-
-
-def check_pet_image(image):
-    import SimpleITK as sitk
-    if image is None:
-        raise InputError("No PET volume given")
-    if not isinstance(image, sitk.Image):
-        raise InputError(f"The PET volume must be a SimpleITK image, got {type(image).__name__}")
-    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(f"The PET volume must be a 3-D scalar image, got dimension {image.GetDimension()} with "
-                         f"{image.GetNumberOfComponentsPerPixel()} components")
-    if min(image.GetSize()) < 2:
-        raise InputError(f"The PET volume is too small: size {image.GetSize()}")
-    from PETWorkbenchLib.units import check_pet_range
-    check_pet_range(sitk.GetArrayViewFromImage(image), "SUV")
 
 
 def _predict(net, cfg, image, dev, rep, heads):
@@ -114,12 +100,12 @@ def segment(image, checkpoint, organs=None, device="auto", progress=None, cancel
     """
     import SimpleITK as sitk
     import torch
-    from PETWorkbenchLib.device import choose_device
+    from PETWorkbenchLib.device import torch_device
     from .organs import resolve_organs
     rep = Reporter(progress, cancel)
     check_pet_image(image)
     keep = resolve_organs(organs)
-    dev = choose_device(device).torch()
+    dev = torch_device(device)
     rep(0.0, "loading model")
     net, cfg = load_model(checkpoint, dev)
     if cfg.get("task") == "denoise":
@@ -145,11 +131,11 @@ def segment(image, checkpoint, organs=None, device="auto", progress=None, cancel
 
 def denoise(image, checkpoint, device="auto", progress=None, cancel=None):
     """Full-dose estimate (SUV, input grid) from an LDOS or denoiser checkpoint's denoising decoder."""
-    from PETWorkbenchLib.device import choose_device
+    from PETWorkbenchLib.device import torch_device
     from .data import denormalise
     rep = Reporter(progress, cancel)
     check_pet_image(image)
-    dev = choose_device(device).torch()
+    dev = torch_device(device)
     net, cfg = load_model(checkpoint, dev)
     if not net.has_denoiser:
         raise ModelError("This model has no denoising decoder (segmentation-only)")

@@ -6,7 +6,7 @@ Tasks (``cfg["task"]``):
   depending on ``input_key``);
 * ``"denoise"``: encoder + denoising decoder only, loss ``L_g`` (first stage of the Fake-FDPET baseline).
 
-Multi-process: start with ``torchrun --nproc_per_node N -m PETWorkbenchLib.cli train segmentation ...``; the
+Multi-process: start with ``torchrun --nproc_per_node N -m PETWorkbenchApp.cli train segmentation ...``; the
 process group is made from the torchrun environment (RANK, WORLD_SIZE, MASTER_ADDR...), NCCL on CUDA, gloo on
 CPU. Each rank samples its own patches; gradients are averaged by DistributedDataParallel; rank 0 writes the
 checkpoints. ``checkpoint_latest.pt`` is written every epoch and when a time limit stops the run; training
@@ -102,13 +102,13 @@ def train(cfg, out_dir, cases=None, manifest=None, resume=True, max_minutes=None
           progress=None, cancel=None, log=print, cache_dir=None):
     """Train a model; returns a summary dict. ``cases`` (list of dicts from :mod:`.data`) or ``manifest``
     (volumes resampled once and cached as .npz in ``cache_dir``, default ``<out_dir>/cache``)."""
-    from PETWorkbenchLib.device import choose_device
+    from PETWorkbenchLib.device import torch_device
     cfg = network_config_for_task(load_config(cfg))
     task = cfg["task"]
     rep = Reporter(progress, cancel)
     if threads:
         torch.set_num_threads(int(threads))
-    dev = choose_device(device).torch()
+    dev = torch_device(device)
     rank, world = _init_dist(dev)
     if dev.type == "cuda" and world > 1:
         dev = torch.device(f"cuda:{dist_info()[2]}")

@@ -36,15 +36,8 @@ def read_input(path, what):
     from .infer import input_voxel_limit
     reader, p = image_header(path, what)
     limit, reason = input_voxel_limit(reader.GetSpacing())
-    return check_pet_file(read_image(path, what, max_voxels=limit, limit_reason=reason), f"{what} {p.name}")
-
-
-def check_pet_file(image, name):
-    """The SUV plausibility checks of the engine, with the file named in the message."""
-    import SimpleITK as sitk
-    from PETWorkbenchLib.units import check_pet_range
-    check_pet_range(sitk.GetArrayViewFromImage(image), "SUV", name)
-    return image
+    from PETWorkbenchLib.units import check_pet_image
+    return check_pet_image(read_image(path, what, max_voxels=limit, limit_reason=reason), f"{what} {p.name}")
 
 
 def _cmd_train(args, rep):
@@ -120,7 +113,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--routing-json", default=None, help="write the routing summary here")
     p.set_defaults(func=_cmd_synthesize)
 
-    from PETWorkbenchLib.cli import group
+    from PETWorkbenchLib.commands import group
     for name, sub in (("train", group(subparsers, "train")), ("evaluate", group(subparsers, "evaluate"))):
         q = sub.add_parser("synthesis", help=f"{name} DRMC / baseline synthesis models")
         q.add_argument("--manifest", required=True, help="multi-centre manifest.csv")

@@ -8,67 +8,24 @@ Intensity normalisation (documented in METHOD.md): the network works on SUV (bod
 from __future__ import annotations
 
 import csv
-import math
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
 from PETWorkbenchLib.errors import InputError
+from PETWorkbenchLib.imageio import resample_to_spacing
 
 TARGET_SPACING = (2.0, 2.0, 2.0)
-SUV_UNITS = ("suv", "suvbw", "g/ml", "suv (bw)")
-
-
-# --------------------------------------------------------------------------------------------------- checks
-def check_pet_image(image, name="input PET", units="SUV", max_voxels=None):
-    """Validate a PET image given to the engine; raise InputError naming the problem."""
-    if not isinstance(image, sitk.Image):
-        raise InputError(f"{name} must be a SimpleITK.Image, got {type(image).__name__}")
-    if image.GetDimension() != 3:
-        raise InputError(f"{name} must be a 3D volume; got a {image.GetDimension()}D image of size {image.GetSize()}")
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(f"{name} must be a scalar volume; it has {image.GetNumberOfComponentsPerPixel()} components")
-    size = image.GetSize()
-    if min(size) < 2:
-        raise InputError(f"{name} is degenerate (size {size}); a 3D volume with at least 2 voxels per axis is needed")
-    if max_voxels is not None and math.prod(size) > max_voxels:
-        raise InputError(f"{name} has {math.prod(size)} voxels, more than the limit {max_voxels}")
-    if units is None or str(units).strip().lower() not in SUV_UNITS:
-        raise InputError(
-            f"{name} units are {units!r}; the model expects SUV (body weight). Convert Bq/ml to SUV first "
-            "(PETWorkbenchLib.units, needs patient weight and injected dose)")
-    from PETWorkbenchLib.units import check_pet_range
-    check_pet_range(sitk.GetArrayViewFromImage(image), "SUV", name)
-    return image
 
 
 # ----------------------------------------------------------------------------------------------- resampling
-def resample_to_spacing(image, spacing=TARGET_SPACING, interpolator=sitk.sitkLinear, default=0.0):
-    """Resample ``image`` onto a grid with ``spacing`` covering the same physical extent (same origin/direction)."""
-    in_sp = np.array(image.GetSpacing(), float)
-    in_sz = np.array(image.GetSize(), float)
-    out_sp = np.array(spacing, float)
-    out_sz = [max(1, int(round(n))) for n in in_sz * in_sp / out_sp]
-    # keep the centre of the field of view: shift the origin by half the extent difference along each axis
-    d = np.array(image.GetDirection(), float).reshape(3, 3)
-    extent_in = (in_sz - 1) * in_sp
-    extent_out = (np.array(out_sz) - 1) * out_sp
-    origin = np.array(image.GetOrigin(), float) + d @ ((extent_in - extent_out) / 2.0)
-    return sitk.Resample(image, [int(s) for s in out_sz], sitk.Transform(), interpolator, origin.tolist(),
-                         out_sp.tolist(), image.GetDirection(), default, image.GetPixelID())
-
-
-def resample_like(image, reference, interpolator=sitk.sitkLinear, default=0.0):
-    return sitk.Resample(image, reference, sitk.Transform(), interpolator, default, image.GetPixelID())
-
-
 def to_2mm_array(image, label=False):
     """(array (z, y, x) float32 or int, resampled image) on the 2 mm isotropic grid."""
     if label:
-        img = resample_to_spacing(image, interpolator=sitk.sitkNearestNeighbor)
+        img = resample_to_spacing(image, TARGET_SPACING, label=True)
         return sitk.GetArrayFromImage(img).astype(np.int32), img
-    img = resample_to_spacing(sitk.Cast(image, sitk.sitkFloat32))
+    img = resample_to_spacing(sitk.Cast(image, sitk.sitkFloat32), TARGET_SPACING)
     return sitk.GetArrayFromImage(img).astype(np.float32), img
 
 

@@ -10,11 +10,13 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from PETWorkbenchLib.device import torch_device
 from PETWorkbenchLib.errors import InputError
+from PETWorkbenchLib.imageio import resample_like
 from PETWorkbenchLib.progress import Reporter
 
-from .data import normalise, read_manifest, resample_like, select, to_2mm_array
-from .infer import load_model, predict_array, resolve_device, routing_summary
+from .data import normalise, read_manifest, select, to_2mm_array
+from .infer import load_model, predict_array, routing_summary
 from .metrics import lesion_suv_errors, psnr, routing_plot, ssim, suv_bias_from_errors
 
 # b_mean/b_max: the paper's lesion SUVmean/SUVmax bias (relative, absolute); e_mean: signed relative SUVmean error
@@ -36,7 +38,7 @@ def load_case_2mm(row, references=None):
     les = None
     if row.get("lesions"):
         li = sitk.ReadImage(row["lesions"])
-        les = sitk.GetArrayFromImage(resample_like(li, full_img, sitk.sitkNearestNeighbor, 0))
+        les = sitk.GetArrayFromImage(resample_like(li, full_img, label=True))
     refs = {name: on_grid(fn(row)) for name, fn in (references or {}).items()}
     return low, np.clip(full, 0, None), les, refs
 
@@ -118,7 +120,7 @@ def evaluate(models: dict, manifest, out_dir=None, split="test", patch=None, ove
     clash = set(references or {}) & (set(models) | {"low"})
     if clash:
         raise InputError(f"reference names {sorted(clash)} are already used by the input or a model")
-    dev = resolve_device(device)
+    dev = torch_device(device)
     nets = {name: load_model(m, dev) for name, m in models.items()}
     results, logs = [], {name: {} for name in nets}
     for i, row in enumerate(rows):

@@ -9,10 +9,13 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from PETWorkbenchLib.device import torch_device
 from PETWorkbenchLib.errors import Cancelled, InputError, ModelError
+from PETWorkbenchLib.imageio import resample_like, resample_to_spacing
 from PETWorkbenchLib.progress import Reporter
+from PETWorkbenchLib.units import check_pet_image
 
-from .data import TARGET_SPACING, check_pet_image, normalise, resample_like, resample_to_spacing
+from .data import TARGET_SPACING, normalise
 from .model import build_model
 from .train import load_config
 
@@ -38,13 +41,6 @@ def input_voxel_limit(spacing):
     if by_memory < by_grid:
         return by_memory, f"about {per_voxel:.0f} bytes per voxel within the {budget / 2**30:.3g} GB {source}"
     return by_grid, f"a 2 mm grid of at most {MAX_VOXELS_2MM:,} voxels"
-
-
-def resolve_device(device="auto") -> torch.device:
-    if isinstance(device, torch.device):
-        return device
-    from PETWorkbenchLib.device import choose_device
-    return choose_device(str(device or "auto")).torch()
 
 
 def load_model(model, device="cpu"):
@@ -86,7 +82,7 @@ def sliding_window(predictor, image_tensor, roi_size, overlap=0.5, sw_batch_size
 
 def predict_array(model, arr, patch=64, overlap=0.5, sw_batch_size=2, device="cpu", progress=None, cancel=None):
     """Run the network on a normalised (z, y, x) array on the 2 mm grid; returns (array, routing_log)."""
-    dev = resolve_device(device)
+    dev = torch_device(device)
     model = model.to(dev).eval()
     x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None, None]
     roi = (int(patch),) * 3 if np.isscalar(patch) else tuple(int(p) for p in patch)
@@ -132,7 +128,7 @@ def synthesize(image, model, device="auto", patch=None, overlap=0.5, sw_batch_si
         raise InputError(f"overlap must be in [0, 1), got {overlap}")
     if int(sw_batch_size) < 1:
         raise InputError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
-    dev = resolve_device(device)
+    dev = torch_device(device)
     rep(0.0, "loading model")
     net, cfg = load_model(model, dev)
     if patch is None:
@@ -143,7 +139,7 @@ def synthesize(image, model, device="auto", patch=None, overlap=0.5, sw_batch_si
     img = image if image.GetPixelID() == sitk.sitkFloat32 else sitk.Cast(image, sitk.sitkFloat32)
     on_grid = np.allclose(img.GetSpacing(), TARGET_SPACING, rtol=0, atol=1e-6)
     rep(0.05, "resampling to 2 mm")
-    img2 = img if on_grid else resample_to_spacing(img)
+    img2 = img if on_grid else resample_to_spacing(img, TARGET_SPACING)
     nvox = math.prod(img2.GetSize())
     if nvox > MAX_VOXELS_2MM:
         raise InputError(f"input covers {img2.GetSize()} voxels at 2 mm ({nvox}), more than the limit "

@@ -104,7 +104,8 @@ def train(config, manifest=None, out_dir=".", sampler=None, resume=True, device=
     distributed = world > 1
     if tr["num_threads"]:
         torch.set_num_threads(int(tr["num_threads"]))
-    dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    from PETWorkbenchLib.device import torch_device
+    dev = torch_device(device)
     if distributed:
         import torch.distributed as dist
         if dev.type == "cuda":

@@ -26,7 +26,7 @@ def _ras_of_index(node, ijk):
 
 
 def test_volume_roundtrip_keeps_ras_of_voxels(mrml):
-    from PETWorkbenchLib import mrml as bridge
+    from PETWorkbenchSlicer import mrml as bridge
     img, arr = _oblique_image()
     node = bridge.image_to_volume(img, name="PET")
     for ijk in [(0, 0, 0), (19, 0, 0), (3, 7, 11), (19, 15, 11)]:
@@ -40,7 +40,7 @@ def test_volume_roundtrip_keeps_ras_of_voxels(mrml):
 
 
 def test_volume_parent_linear_transform_included(mrml):
-    from PETWorkbenchLib import mrml as bridge
+    from PETWorkbenchSlicer import mrml as bridge
     scene, _ = mrml
     img, _ = _oblique_image()
     node = bridge.image_to_volume(img)
@@ -55,7 +55,7 @@ def test_volume_parent_linear_transform_included(mrml):
 
 
 def test_volume_bad_inputs(mrml):
-    from PETWorkbenchLib import mrml as bridge
+    from PETWorkbenchSlicer import mrml as bridge
     scene, _ = mrml
     with pytest.raises(InputError, match="No volume"):
         bridge.volume_to_image(None)
@@ -94,7 +94,7 @@ def _labels(ref):
 
 
 def test_segmentation_roundtrip_names_values_terminology(mrml):
-    from PETWorkbenchLib import mrml as bridge
+    from PETWorkbenchSlicer import mrml as bridge
     img, _ = _oblique_image()
     vol = bridge.image_to_volume(img, name="PET")
     lab_img, lab = _labels(img)
@@ -113,7 +113,7 @@ def test_segmentation_roundtrip_names_values_terminology(mrml):
 
 
 def test_existing_segments_untouched_unless_overwrite(mrml):
-    from PETWorkbenchLib import mrml as bridge
+    from PETWorkbenchSlicer import mrml as bridge
     img, _ = _oblique_image()
     vol = bridge.image_to_volume(img)
     lab_img, lab = _labels(img)
@@ -148,7 +148,7 @@ def _smooth_field(ref, amplitude=6.0):
 
 def test_grid_transform_moves_points_like_slicer(mrml):
     """x_m = x_f + u(x_f) from the engine field equals Slicer's from-parent transform of the node."""
-    from PETWorkbenchLib import mrml as bridge
+    from PETWorkbenchSlicer import mrml as bridge
     img, _ = _oblique_image((10, 12, 14))
     field, u = _smooth_field(img)
     node = bridge.displacement_to_transform(field, name="warp")
@@ -168,7 +168,7 @@ def test_grid_transform_moves_points_like_slicer(mrml):
 
 def test_grid_transform_references_and_hardening(mrml):
     """Resampling the moving volume through the node (Slicer harden) matches ITK resampling with the field."""
-    from PETWorkbenchLib import mrml as bridge
+    from PETWorkbenchSlicer import mrml as bridge
     scene, logics = mrml
     arr = np.zeros((20, 24, 28), np.float32)
     arr[6:14, 8:16, 9:19] = 100.0
@@ -197,7 +197,7 @@ def test_grid_transform_references_and_hardening(mrml):
 
 
 def test_table_from_rows(mrml):
-    from PETWorkbenchLib import mrml as bridge
+    from PETWorkbenchSlicer import mrml as bridge
     rows = [{"organ": "liver", "SUVmean": 2.1, "SUVpeak": None}, {"organ": "spleen", "SUVmean": 1.8, "SUVpeak": 2.5}]
     t = bridge.table_from_rows(rows, name="uptake")
     tab = t.GetTable()

@@ -105,7 +105,7 @@ def test_registered_with_slicers_sample_data_module(mrml, monkeypatch):
     import slicer
     monkeypatch.syspath_prepend(str(SAMPLE_DATA_PY.parent))
     monkeypatch.delitem(sys.modules, "SampleData", raising=False)
-    from PETWorkbenchLib.slicer_bridge import register_sample_data
+    from PETWorkbenchSlicer.slicer_bridge import register_sample_data
     register_sample_data()
     sources = {s.sampleName: s for cat, ss in slicer.modules.sampleDataSources.items() for s in ss}
     for src in SPEC["sources"]:

@@ -84,7 +84,7 @@ def test_sliding_window_cancel_and_bad_input():
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "PETWorkbenchLib.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "PETWorkbenchApp.cli", *args], capture_output=True, text=True,
                           timeout=120)
 
 

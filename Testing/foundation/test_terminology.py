@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from PETWorkbenchLib.terminology import CONTEXT_NAME, load_into_slicer, organ_specs, organ_table, terminology_path
+from PETWorkbenchLib.terminology import CONTEXT_NAME, organ_specs, organ_table, terminology_path
+from PETWorkbenchSlicer.mrml import load_into_slicer
 
 ROOT = Path(__file__).resolve().parents[2]
 GENERAL_ANATOMY = (ROOT.parent / "shared" / "slicer-python" / "Terminologies"
@@ -118,7 +119,7 @@ def _types_of_category(logic, name, category_code):
 
 def test_segments_we_write_name_the_context_and_slicer_resolves_them(mrml):
     import slicer
-    from PETWorkbenchLib import mrml as bridge
+    from PETWorkbenchSlicer import mrml as bridge
     lab = np.zeros((6, 6, 20), np.uint8)
     for v in range(1, 19):
         lab[1:5, 1:5, v] = v

@@ -320,7 +320,7 @@ def install(tmpdir):
 def new_scene():
     """A fresh real MRML scene with Slicer's module logics (slicer-core), as `slicer.mrmlScene`."""
     import slicer
-    from PETWorkbenchLib.scene_export import headless_scene
+    from PETWorkbenchSlicer.scene_export import headless_scene
     app = slicer.app
     scene, logics = headless_scene()
     _state.app_logic = slicer.app.applicationLogic()  # headless_scene() points slicer.app at a namespace

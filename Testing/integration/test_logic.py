@@ -38,7 +38,7 @@ def tiny_synthesis(tmp_path_factory):
 
 
 def test_synthesis_logic_output_on_input_grid(mrml, tiny_synthesis):
-    from PETWorkbenchLib import mrml as bridge
+    from PETWorkbenchSlicer import mrml as bridge
     from SynthesisModule import SynthesisModuleLogic
     img, arr = _pet_image()
     node = bridge.image_to_volume(img, name="LowDose")
@@ -56,7 +56,7 @@ def test_synthesis_logic_output_on_input_grid(mrml, tiny_synthesis):
 
 
 def test_synthesis_logic_bad_inputs_leave_scene_unchanged(mrml, tmp_path):
-    from PETWorkbenchLib import mrml as bridge
+    from PETWorkbenchSlicer import mrml as bridge
     from PETWorkbenchLib.errors import EngineError, InputError
     from SynthesisModule import SynthesisModuleLogic
     scene, _ = mrml
@@ -83,7 +83,7 @@ def test_synthesis_logic_bad_inputs_leave_scene_unchanged(mrml, tmp_path):
 def test_segmentation_logic_keeps_user_segments_on_failure(mrml, tmp_path):
     """An untrained model predicts nothing: clear message, the user's segmentation is untouched."""
     import torch
-    from PETWorkbenchLib import mrml as bridge
+    from PETWorkbenchSlicer import mrml as bridge
     from PETWorkbenchLib.errors import InputError
     from PETWorkbenchLib.models import save_checkpoint
     from SegmentationModule import SegmentationModuleLogic
@@ -114,7 +114,7 @@ def test_segmentation_logic_keeps_user_segments_on_failure(mrml, tmp_path):
 
 
 def test_uptake_table_matches_arrays(mrml):
-    from PETWorkbenchLib import mrml as bridge
+    from PETWorkbenchSlicer import mrml as bridge
     from PETWorkbenchLib.terminology import organ_specs
     from SegmentationModule import SegmentationModuleLogic
     img, arr = _pet_image()
@@ -140,7 +140,7 @@ def test_uptake_table_matches_arrays(mrml):
 def test_registration_logic_transform_agrees_with_engine(mrml):
     """Slicer moves points through the output node as the engine's field does; hardening the moving volume
     through the node gives the engine's warped image."""
-    from PETWorkbenchLib import mrml as bridge
+    from PETWorkbenchSlicer import mrml as bridge
     from RegistrationModule import RegistrationModuleLogic
     scene, logics = mrml
     z, y, x = np.mgrid[:24, :32, :32].astype(np.float32)
@@ -174,7 +174,7 @@ def test_registration_logic_transform_agrees_with_engine(mrml):
 
 
 def test_registration_logic_bad_inputs(mrml):
-    from PETWorkbenchLib import mrml as bridge
+    from PETWorkbenchSlicer import mrml as bridge
     from PETWorkbenchLib.errors import InputError
     from RegistrationModule import RegistrationModuleLogic
     scene, _ = mrml
@@ -191,7 +191,7 @@ def test_registration_logic_bad_inputs(mrml):
 
 
 def test_reconstruction_logic_lowdose_keeps_mean_adds_noise(mrml):
-    from PETWorkbenchLib import mrml as bridge
+    from PETWorkbenchSlicer import mrml as bridge
     from PETWorkbenchLib.errors import InputError
     from ReconstructionModule import ReconstructionModuleLogic
     arr = np.zeros((6, 40, 40), np.float32)
@@ -216,7 +216,7 @@ def test_reconstruction_logic_lowdose_keeps_mean_adds_noise(mrml):
 
 def test_reconstruction_logic_listmode_file(mrml, shared_data):
     """Real Siemens mMR list-mode -> OSEM volume node; a time window keeps fewer prompts."""
-    from PETWorkbenchLib import mrml as bridge
+    from PETWorkbenchSlicer import mrml as bridge
     from PETWorkbenchLib.errors import InputError
     from ReconstructionModule import ReconstructionModuleLogic
     hdr = shared_data / "stir_mmr_small_listmode" / "PET_ACQ_small.l.hdr.STIR"

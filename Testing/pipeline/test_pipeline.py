@@ -58,7 +58,7 @@ def three_studies(tmp_path):
 
 
 def test_batch_failure_isolated_and_resumable(three_studies, tmp_path, tiny_models):
-    from PETWorkbenchLib.batch import format_table, load_studies, run_batch
+    from PETWorkbenchApp.batch import format_table, load_studies, run_batch
     studies = load_studies(three_studies)
     assert [s["id"] for s in studies] == ["s1", "s2_corrupt", "s3"]
     out = tmp_path / "out"
@@ -82,7 +82,7 @@ def test_batch_failure_isolated_and_resumable(three_studies, tmp_path, tiny_mode
 
 
 def test_batch_csv_errors(tmp_path):
-    from PETWorkbenchLib.batch import load_studies
+    from PETWorkbenchApp.batch import load_studies
     from PETWorkbenchLib.errors import InputError
     p = tmp_path / "list.csv"
     p.write_text("name,low_dose\na,x.nii.gz\n")
@@ -97,7 +97,7 @@ def test_batch_csv_errors(tmp_path):
 
 def test_distributed_matches_local(three_studies, tmp_path, tiny_models):
     pytest.importorskip("dask.distributed")
-    from PETWorkbenchLib.batch import load_studies, run_batch
+    from PETWorkbenchApp.batch import load_studies, run_batch
     studies = [s for s in load_studies(three_studies) if s["id"] != "s2_corrupt"]
     steps = ["synthesize", "segment", "uptake"]
     local = run_batch(studies, tmp_path / "local", steps=steps, models=tiny_models)
@@ -143,8 +143,8 @@ def _fake_study(d):
 
 
 def test_scene_file_loads_back_with_references(tmp_path, mrml):
-    from PETWorkbenchLib import mrml as bridge
-    from PETWorkbenchLib.scene_export import load_scene, write_study_scene
+    from PETWorkbenchSlicer import mrml as bridge
+    from PETWorkbenchSlicer.scene_export import load_scene, write_study_scene
     arr, lab = _fake_study(tmp_path / "study")
     path, ids = write_study_scene(tmp_path / "study")
     assert Path(path).is_file() and {"ct", "low_dose", "synthesized", "organs", "uptake", "transform"} <= set(ids)
@@ -170,7 +170,7 @@ def test_scene_file_loads_back_with_references(tmp_path, mrml):
 
 
 def test_outputs_of_other_model_weights_are_superseded_not_reused(tmp_path):
-    from PETWorkbenchLib.pipeline import Study, _supersede_stale_outputs, model_fingerprint
+    from PETWorkbenchApp.pipeline import Study, _supersede_stale_outputs, model_fingerprint
     w1, w2 = tmp_path / "a.pt", tmp_path / "b.pt"
     w1.write_bytes(b"weights one")
     w2.write_bytes(b"weights two")

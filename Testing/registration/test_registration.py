@@ -397,7 +397,7 @@ def test_dca_without_weights_is_a_model_error():
 def test_engine_field_through_slicer_grid_transform(mrml):
     """A point moved by the engine's field and by Slicer's transform of the output node land at the same place,
     and resampling the moving image through the node's transform reproduces ``res.warp``."""
-    from PETWorkbenchLib import mrml as bridge
+    from PETWorkbenchSlicer import mrml as bridge
     a = math.radians(20)
     direction = (math.cos(a), -math.sin(a), 0.0, math.sin(a), math.cos(a), 0.0, 0.0, 0.0, 1.0)
     fixed0 = make_image(blobs((16, 20, 18), seed=30), spacing=(2.0, 2.5, 3.0), direction=direction,

@@ -20,7 +20,7 @@ import SimpleITK as sitk
 
 ROOT = Path(__file__).resolve().parents[2]
 _SCRIPT = Path(sys.executable).parent / "petworkbench"
-PWB = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "PETWorkbenchLib.cli"]
+PWB = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "PETWorkbenchApp.cli"]
 ERROR_PREFIX = "petworkbench: error: "
 
 
@@ -71,7 +71,7 @@ def temp_files(folder):
 def cli(capfd, *argv):
     """Run ``petworkbench argv`` in this process; returns (exit code, stdout, stderr) as the terminal would show
     them (file-descriptor capture: C libraries' own prints included)."""
-    from PETWorkbenchLib.cli import main
+    from PETWorkbenchApp.cli import main
     capfd.readouterr()
     code = main([str(a) for a in argv])
     out, err = capfd.readouterr()

@@ -61,7 +61,7 @@ def test_misspelt_batch_step_is_an_argument_error_not_failed_studies(tmp_path, c
 
 # ------------------------------------------------------------------------------------------------ stale results
 def test_changed_low_dose_content_is_recomputed_and_old_results_kept(tmp_path, tiny_models):
-    from PETWorkbenchLib.batch import run_batch
+    from PETWorkbenchApp.batch import run_batch
     low = write_pet(tmp_path / "low.nii.gz", seed=0)
     studies = [{"id": "s1", "low_dose": str(low)}]
     out = tmp_path / "out"
@@ -87,7 +87,7 @@ FULL = ["synthesize", "segment", "uptake", "report"]
 @pytest.fixture(scope="module")
 def finished_study(tmp_path_factory, tiny_models):
     """A study run through synthesize, segment, uptake and report: (studies, out folder)."""
-    from PETWorkbenchLib.batch import run_batch
+    from PETWorkbenchApp.batch import run_batch
     d = tmp_path_factory.mktemp("finished")
     low = write_pet(d / "low.nii.gz")
     studies = [{"id": "s1", "low_dose": str(low)}]
@@ -106,7 +106,7 @@ def _copy_study(src_out, dst_out):
 def test_half_written_json_record_does_not_fail_the_study_forever(tmp_path, finished_study, tiny_models, record):
     """A crash or a full disk with an older, non-atomic writer leaves a JSON record cut in half; the study is then
     interrupted (no DONE.json). The next runs must recompute it or work around it, not fail on it every time."""
-    from PETWorkbenchLib.batch import run_batch
+    from PETWorkbenchApp.batch import run_batch
     studies, src = finished_study
     out = _copy_study(src, tmp_path / "out")
     p = out / "s1" / record

@@ -312,7 +312,7 @@ def test_cancel_stops_segmentation(trained):
 
 
 def test_cli_segment_and_evaluate(trained, tmp_path):
-    from PETWorkbenchLib.cli import main
+    from PETWorkbenchApp.cli import main
     out, _, cases = trained
     pet = tmp_path / "pet.nii.gz"
     sitk.WriteImage(_pet_image(cases[0]), str(pet))

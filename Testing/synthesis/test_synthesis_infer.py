@@ -170,7 +170,7 @@ def test_evaluate_reference_rows(tiny_manifest, tmp_path):
 
 
 def test_cli_synthesize_and_train(tiny_manifest, tmp_path):
-    from PETWorkbenchLib.cli import main
+    from PETWorkbenchApp.cli import main
     torch.save(_ckpt(), tmp_path / "w.pt")
     write_image(phantom()[0], tmp_path / "in.nii.gz")
     rc = main(["synthesize", str(tmp_path / "in.nii.gz"), str(tmp_path / "out.nii.gz"), "--model",

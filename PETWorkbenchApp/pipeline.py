@@ -16,7 +16,7 @@ A study is a dict: ``{"id": ..., "anatomy": "sample" | folder}`` (simulated from
 ``{"id": ..., "low_dose": path, "ct": path?, "full_dose": path?, "labels": path?, "lesions": path?}``
 (reference images, when given, are used for metrics).
 
-Engine code: no Slicer. The Slicer scene is written by :mod:`PETWorkbenchLib.scene_export` when slicer-core (or
+Engine code: no Slicer. The Slicer scene is written by :mod:`PETWorkbenchSlicer.scene_export` when slicer-core (or
 Slicer) is available.
 """
 
@@ -26,9 +26,9 @@ from pathlib import Path
 
 import re
 
-from .errors import InputError, ResourceError, os_error_reason
-from .paths import resources_dir
-from .progress import Reporter
+from PETWorkbenchLib.errors import InputError, ResourceError, os_error_reason
+from PETWorkbenchLib.paths import resources_dir
+from PETWorkbenchLib.progress import Reporter
 
 STEPS = ("simulate", "synthesize", "segment", "uptake", "register", "report")
 INPUT_KEYS = ("low_dose", "ct", "full_dose", "labels", "lesions")
@@ -43,7 +43,7 @@ def sample_anatomy_dir():
 
 
 def _read(path, what):
-    from .imageio import read_image
+    from PETWorkbenchLib.imageio import read_image
     return read_image(path, what)
 
 
@@ -111,11 +111,11 @@ class Study:
         return [self.spec[k] for k in INPUT_KEYS if self.spec.get(k)]
 
     def write_image(self, img, name):
-        from .imageio import write_image
+        from PETWorkbenchLib.imageio import write_image
         return write_image(img, self.path(name), inputs=self.inputs())
 
     def write_json(self, obj, name):
-        from .imageio import write_json
+        from PETWorkbenchLib.imageio import write_json
         return write_json(obj, self.path(name), inputs=self.inputs())
 
 
@@ -277,7 +277,7 @@ def compute_metrics(st):
     full = st.input("full_dose")
     arr = sitk.GetArrayFromImage
     if full is not None and st.has("synthesized.nii.gz"):
-        from .imageio import match_grid
+        from PETWorkbenchLib.imageio import match_grid
         full_img = _read(full, "full-dose PET")
         on_full = lambda p, what: match_grid(_read(p, what), full_img, f"the {what}", "the full-dose PET")  # noqa: E731
         f = arr(full_img).astype("float64")
@@ -329,9 +329,9 @@ def model_fingerprint(model):
     model = str(model)
     path = Path(model)
     if path.is_file():
-        from .models import sha256_of
+        from PETWorkbenchLib.models import sha256_of
         return f"{path.name}@{sha256_of(path)[:16]}"
-    from .models import get
+    from PETWorkbenchLib.models import get
     try:
         return f"{model}@{get(model).sha256[:16]}"
     except Exception:  # noqa: BLE001 - an unknown id fails later with the model loader's message
@@ -341,7 +341,7 @@ def model_fingerprint(model):
 def input_fingerprints(st, seed):
     """What the study's results depend on besides the models: each input image's SHA-256 (content, not path), or
     the anatomy and seed of a simulated study."""
-    from .models import sha256_of
+    from PETWorkbenchLib.models import sha256_of
     if st.spec.get("low_dose"):
         fp = {}
         for k in INPUT_KEYS:
@@ -359,7 +359,7 @@ def _supersede_stale_outputs(st, fingerprints, inputs=None):
     """Move the outputs made with other model weights than ``fingerprints`` (or from other ``inputs``) into
     ``superseded/<time>/`` (never deleted) so that they are recomputed. Returns what changed."""
     import shutil
-    from .imageio import write_json
+    from PETWorkbenchLib.imageio import write_json
 
     def previous(name):
         p = st.path(name)
@@ -441,7 +441,7 @@ def run_study(spec, out_root, steps=None, device="cpu", seed=0, models=None, pro
     if st.has_valid("metrics.json"):
         summary["metrics"] = {k: v for k, v in json.loads(st.path("metrics.json").read_text()).items()
                               if not isinstance(v, dict)}
-    from .imageio import write_json
+    from PETWorkbenchLib.imageio import write_json
     write_json(summary, done)
     rep(1.0, f"{st.id}: done")
     return summary

@@ -25,8 +25,8 @@ import csv
 import traceback
 from pathlib import Path
 
-from .errors import InputError
-from .progress import Reporter
+from PETWorkbenchLib.errors import InputError
+from PETWorkbenchLib.progress import Reporter
 
 IMAGE_KEYS = ("low_dose", "ct", "full_dose", "labels", "lesions")
 
@@ -109,8 +109,8 @@ def _client(scheduler, timeout_s=10):
 def _run_one(spec, out_root, steps, device, seed, models=None):
     """Run one study; never raises (except on cancel): returns a status dict (also written to DONE.json or
     FAILED.json)."""
-    from .errors import Cancelled, as_user_error
-    from .imageio import write_json
+    from PETWorkbenchLib.errors import Cancelled, as_user_error
+    from PETWorkbenchLib.imageio import write_json
     from .pipeline import run_study
     d = Path(out_root) / str(spec.get("id", "unnamed"))
     failed = d / "FAILED.json"
@@ -139,8 +139,8 @@ def _run_one(spec, out_root, steps, device, seed, models=None):
 def run_batch(studies, out_root, steps=None, device="cpu", seed=0, scheduler=None, models=None, progress=None,
               cancel=None):
     """Run the pipeline on every study. Returns {"studies": [status...], "done", "skipped", "failed"}."""
-    from .errors import ResourceError, os_error_reason
-    from .imageio import write_json
+    from PETWorkbenchLib.errors import ResourceError, os_error_reason
+    from PETWorkbenchLib.imageio import write_json
     from .pipeline import check_steps
     check_steps(steps)
     rep = Reporter(progress, cancel)

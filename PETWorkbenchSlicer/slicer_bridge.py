@@ -15,8 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .errors import Cancelled, EngineError, InputError
-from .worker import run_cli
+from PETWorkbenchLib.errors import Cancelled, EngineError, InputError
+from PETWorkbenchLib.worker import run_cli
 
 PIP_REQUIREMENTS = ["monai>=1.3", "SimpleITK", "nibabel", "requests", "tqdm", "psutil", "scipy"]
 MINIMUM_TORCH = "2.1"
@@ -215,7 +215,7 @@ class ModuleWidgetMixin:
         self.initializeParameterNode()
 
     def fillModels(self):
-        from . import models
+        from PETWorkbenchLib import models
         self.ui.modelComboBox.clear()
         try:
             for e in models.registry(self.family):
@@ -296,7 +296,7 @@ def register_sample_data():
     Resources/SampleData/SampleData.json). Called once Slicer has started, never at import."""
     import json
     import SampleData
-    from .paths import resources_dir
+    from PETWorkbenchLib.paths import resources_dir
     spec = json.loads((resources_dir() / "SampleData" / "SampleData.json").read_text())
     icon = str(resources_dir() / "Icons" / "PETWorkbench.png")
     for src in spec["sources"]:
@@ -337,5 +337,5 @@ def self_test_widget_apply(moduleName, select, timeout=900):
 
 def sample_data_path(*parts):
     """A file of the extension's embedded sample data (Resources/SampleData/...)."""
-    from .paths import resources_dir
+    from PETWorkbenchLib.paths import resources_dir
     return str(resources_dir().joinpath("SampleData", *parts))

@@ -1,8 +1,9 @@
 """``petworkbench``: the command line shared by batch users, cluster jobs and the Slicer worker process.
 
-Foundation commands: ``info`` and ``models list|download|verify|install|delete``. Each module engine adds its own
-commands in ``<Name>ModuleLib/cli.py`` through ``add_commands(subparsers)``; commands that several families share
-(``train``, ``evaluate``) are groups made with :func:`group`, e.g. ``petworkbench train synthesis ...``.
+The entry point of the application layer: the foundation's commands (:mod:`PETWorkbenchLib.commands`: ``info``,
+``models ...``, ``selftest``), the application's (``demo``, ``pipeline``, ``batch``), and each engine's, added by
+``<Name>ModuleLib/cli.py`` through ``add_commands(subparsers)`` (groups such as ``train`` and ``evaluate`` come
+from :func:`PETWorkbenchLib.commands.group`).
 
 A command is a callable ``func(args, reporter) -> dict``. The dict is its JSON summary: printed as a table, or as
 JSON with ``--json``. Progress goes through ``reporter``: a progress bar on a terminal, ``PWB_PROGRESS`` lines when
@@ -21,67 +22,13 @@ import signal
 import sys
 import traceback
 
-from .errors import EXIT_BUG, EXIT_INPUT, EXIT_PARTIAL, InputError, as_user_error
-from .progress import Reporter
+from PETWorkbenchLib import commands
+from PETWorkbenchLib.commands import group
+from PETWorkbenchLib.errors import EXIT_BUG, EXIT_INPUT, EXIT_PARTIAL, InputError, as_user_error
+from PETWorkbenchLib.progress import Reporter
 
 FAMILIES = ("ReconstructionModuleLib", "SynthesisModuleLib", "SegmentationModuleLib", "RegistrationModuleLib")
 _GLOBAL_FLAGS = ("--progress-lines", "--json", "--debug", "--overwrite")
-
-
-def group(subparsers, name, help=None):
-    """Get or create the command group ``name`` (e.g. "train") and return its sub-parsers object."""
-    choices = subparsers.choices
-    if name not in choices:
-        p = subparsers.add_parser(name, help=help or f"{name} commands")
-        p.set_defaults(func=None, _group=p)
-        p._pwb_sub = p.add_subparsers(dest=f"{name}_what", metavar="WHAT")
-    return choices[name]._pwb_sub
-
-
-def _cmd_info(args, rep):
-    from .device import describe
-    from .paths import models_cache_dir, resources_dir
-    info = describe()
-    info["resources"] = str(resources_dir())
-    info["models_cache"] = str(models_cache_dir())
-    info["families"] = {f: ("ok" if not err else err) for f, err in _FAMILY_STATUS.items()}
-    return info
-
-
-def _cmd_models(args, rep):
-    from . import models
-    if args.action == "list":
-        return {"models": [{"id": e.id, "family": e.family, "method": e.method, "version": e.version,
-                            "status": models.status(e), "title": e.title} for e in models.registry(args.family)]}
-    if not args.model_id:
-        raise InputError(f"'models {args.action}' needs a model id (see 'petworkbench models list')")
-    if args.action == "download":
-        return {"id": args.model_id, "path": str(models.ensure(args.model_id, progress=rep))}
-    if args.action == "verify":
-        return {"id": args.model_id, "path": str(models.verify(args.model_id)), "status": "ok"}
-    if args.action == "install":
-        if not args.file:
-            raise InputError("'models install' needs the weights file: petworkbench models install ID FILE")
-        return {"id": args.model_id, "path": str(models.install_from_file(args.model_id, args.file))}
-    if args.action == "delete":
-        return {"id": args.model_id, "deleted": models.delete(args.model_id)}
-    raise InputError(f"Unknown models action {args.action}")
-
-
-def _cmd_selftest(args, rep):
-    """Exercise the worker protocol: progress, optional child process, optional failure."""
-    import subprocess
-    import time
-    child = None
-    if args.spawn_child:
-        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-    for i in range(args.steps):
-        rep(i / args.steps, f"step {i + 1} of {args.steps}")
-        time.sleep(args.delay)
-        if args.fail_at is not None and i + 1 == args.fail_at:
-            raise InputError(f"selftest failure requested at step {i + 1}")
-    rep(1.0, "done")
-    return {"steps": args.steps, "child_pid": child.pid if child else None}
 
 
 def _steps(text):
@@ -120,7 +67,7 @@ def _cmd_demo(args, rep):
                         progress=rep.sub(0.0, 0.95))
     study_dir = Path(summary["dir"])
     try:
-        from .scene_export import write_study_scene
+        from PETWorkbenchSlicer.scene_export import write_study_scene
         scene_path, _ = write_study_scene(study_dir)
         scene_note = str(scene_path)
     except ImportError:
@@ -148,20 +95,7 @@ def build_parser():
     parser.add_argument("--debug", action="store_true", help="print the traceback of an error")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    p = sub.add_parser("info", help="versions, devices, folders")
-    p.set_defaults(func=_cmd_info)
-    p = sub.add_parser("models", help="list, download, verify, install or delete model weights")
-    p.add_argument("action", choices=["list", "download", "verify", "install", "delete"])
-    p.add_argument("model_id", nargs="?")
-    p.add_argument("file", nargs="?", help="weights file (install)")
-    p.add_argument("--family", help="only this family (list)")
-    p.set_defaults(func=_cmd_models)
-    p = sub.add_parser("selftest", help="check the worker protocol (progress, cancel, errors)")
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--delay", type=float, default=0.05)
-    p.add_argument("--fail-at", type=int, default=None)
-    p.add_argument("--spawn-child", action="store_true", help="start a child process (tests process-tree cancel)")
-    p.set_defaults(func=_cmd_selftest)
+    commands.add_commands(sub)
     p = sub.add_parser("demo", help="run the main job end to end on the embedded sample data")
     p.add_argument("--out", default="out/demo")
     p.add_argument("--device", default="cpu")
@@ -274,6 +208,7 @@ def main(argv=None):
             rep = Reporter(terminal)
         else:
             rep = Reporter(None)
+        args.extra_info = {"families": {f: ("ok" if not err else err) for f, err in _FAMILY_STATUS.items()}}
         summary = func(args, rep)
         if terminal:
             terminal.close()
@@ -285,6 +220,11 @@ def main(argv=None):
             _print_summary(summary)
         if isinstance(summary, dict) and summary.get("failed"):
             code = EXIT_PARTIAL
+    except BrokenPipeError:  # the reader of our output went away (e.g. `| head`): nothing left to say
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
     except SystemExit as e:  # --help, or argparse itself
         code = e.code if isinstance(e.code, int) else 0
     except BaseException as e:  # noqa: BLE001 - every error ends in one line and a documented exit code

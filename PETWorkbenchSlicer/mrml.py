@@ -17,7 +17,7 @@ import slicer
 import vtk
 from vtk.util import numpy_support as nps
 
-from .errors import InputError
+from PETWorkbenchLib.errors import InputError
 
 LPS_RAS = np.diag([-1.0, -1.0, 1.0])
 
@@ -189,7 +189,7 @@ def labelmap_to_segmentation(labelImage, specs, segmentationNode=None, reference
     if referenceVolumeNode is not None:
         segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(referenceVolumeNode)
     segmentation = segmentationNode.GetSegmentation()
-    from .terminology import CONTEXT_NAME, load_into_slicer
+    from PETWorkbenchLib.terminology import CONTEXT_NAME
     if any(isinstance(s.get("terminology"), dict) and s["terminology"].get("contextName") == CONTEXT_NAME
            for s in specs):
         load_into_slicer()     # so that Slicer's Terminologies module finds the organ types the segments name
@@ -372,3 +372,24 @@ def table_from_rows(rows, tableNode=None, name=None, scene=None, columns=None):
                 col.SetValue(i, "" if v is None else str(v))
     table.Modified()
     return tableNode
+
+
+def load_into_slicer(logic=None):
+    """Load the organ terminology context into Slicer's Terminologies module logic (once) so that Slicer finds the
+    types our segments name. ``logic``: a ``vtkSlicerTerminologiesModuleLogic``; by default Slicer's own, and
+    nothing is done (None is returned) where there is none (engine use, headless scenes). Returns the context
+    name when it is loaded."""
+    if logic is None:
+        try:
+            import slicer
+            logic = slicer.modules.terminologies.logic()
+        except (ImportError, AttributeError):
+            return None
+    from PETWorkbenchLib.terminology import context_name, terminology_path
+    name = context_name()
+    if logic.IsTerminologyContextLoaded(name):
+        return name
+    loaded = logic.LoadTerminologyFromFile(str(terminology_path()))
+    if loaded != name:
+        raise RuntimeError(f"Slicer could not load the terminology {terminology_path()} (got {loaded!r})")
+    return name

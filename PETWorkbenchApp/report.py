@@ -5,14 +5,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .imageio import save_figure, write_text
+from PETWorkbenchLib.imageio import save_figure, write_text
 
 FIG_DPI = 100
 
 
 def _arr(path):
     import SimpleITK as sitk
-    from .imageio import read_image
+    from PETWorkbenchLib.imageio import read_image
     return sitk.GetArrayFromImage(read_image(path, Path(path).name)).astype(np.float32)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import slicer
 
-from .errors import ResourceError, os_error_reason
+from PETWorkbenchLib.errors import ResourceError, os_error_reason
 
 
 def headless_scene():
@@ -62,7 +62,7 @@ def write_study_scene(study_dir, scene=None):
     """Build the scene of one pipeline study folder and save ``<study_dir>/scene/Scene.mrml`` with its data: written
     into a temporary folder beside it, checked, then put in place of the previous scene."""
     import tempfile
-    from .imageio import read_image
+    from PETWorkbenchLib.imageio import read_image
     study_dir = Path(study_dir)
     final = study_dir / "scene"
     try:
@@ -97,7 +97,7 @@ def _replace_folder(new, final):
 def _write_scene(study_dir, out, scene, read_image):
     import SimpleITK as sitk
     from . import mrml
-    from .terminology import organ_specs
+    from PETWorkbenchLib.terminology import organ_specs
     if scene is None:
         scene, _ = headless_scene()
     nodes = {}

@@ -1,0 +1,96 @@
+"""One definition of each thing: the unified functions give the numbers the copies they replace gave.
+
+The reference implementations below are the previous per-engine copies, kept here only as the yardstick."""
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from PETWorkbenchLib.errors import InputError
+from PETWorkbenchLib.imageio import resample_like, resample_to_spacing
+from PETWorkbenchLib.units import check_pet_image
+
+
+def _old_synthesis_resample(image, spacing=(2.0, 2.0, 2.0), interpolator=sitk.sitkLinear, default=0.0):
+    in_sp, in_sz, out_sp = np.array(image.GetSpacing(), float), np.array(image.GetSize(), float), np.array(spacing)
+    out_sz = [max(1, int(round(n))) for n in in_sz * in_sp / out_sp]
+    d = np.array(image.GetDirection(), float).reshape(3, 3)
+    origin = np.array(image.GetOrigin(), float) + d @ (((in_sz - 1) * in_sp - (np.array(out_sz) - 1) * out_sp) / 2)
+    return sitk.Resample(image, [int(s) for s in out_sz], sitk.Transform(), interpolator, origin.tolist(),
+                         out_sp.tolist(), image.GetDirection(), default, image.GetPixelID())
+
+
+def _old_segmentation_resample(image, spacing, is_label=False):
+    spacing = [float(s) for s in spacing]
+    if np.allclose(image.GetSpacing(), spacing, rtol=1e-4):
+        return image
+    size = [max(1, int(round(n * s / t))) for n, s, t in zip(image.GetSize(), image.GetSpacing(), spacing)]
+    interp = sitk.sitkNearestNeighbor if is_label else sitk.sitkLinear
+    return sitk.Resample(image, size, sitk.Transform(), interp, image.GetOrigin(), spacing, image.GetDirection(),
+                         0, image.GetPixelID())
+
+
+def _image(label=False):
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 5, (23, 31, 37)).astype(np.uint8) if label else rng.random((23, 31, 37)).astype(np.float32)
+    img = sitk.GetImageFromArray(a)
+    img.SetSpacing((1.3, 1.7, 2.9))
+    img.SetOrigin((-12.0, 4.5, 30.0))
+    img.SetDirection((0, 1, 0, -1, 0, 0, 0, 0, 1))
+    return img
+
+
+def _same(a, b):
+    assert a.GetSize() == b.GetSize()
+    assert np.allclose(a.GetOrigin(), b.GetOrigin()) and np.allclose(a.GetSpacing(), b.GetSpacing())
+    assert np.array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b))
+
+
+@pytest.mark.parametrize("label", [False, True])
+def test_resampling_gives_what_both_engine_copies_gave(label):
+    img = _image(label)
+    interp = sitk.sitkNearestNeighbor if label else sitk.sitkLinear
+    _same(resample_to_spacing(img, (2.0, 2.0, 2.0), label=label), _old_synthesis_resample(img, interpolator=interp))
+    _same(resample_to_spacing(img, (4.0, 4.0, 4.0), label=label, keep="origin"),
+          _old_segmentation_resample(img, (4.0, 4.0, 4.0), label))
+    assert resample_to_spacing(img, img.GetSpacing()) is img
+    centred = resample_to_spacing(img, (2.0, 2.0, 2.0), label=label)
+    kept = resample_to_spacing(img, (2.0, 2.0, 2.0), label=label, keep="origin")
+    assert not np.allclose(centred.GetOrigin(), kept.GetOrigin())     # the two conventions are really different
+    back = resample_like(centred, img, label=label)
+    assert back.GetSize() == img.GetSize() and back.GetOrigin() == img.GetOrigin()
+
+
+def test_engines_use_the_one_resampling_and_validator():
+    from SegmentationModuleLib import data as seg_data
+    from SegmentationModuleLib import infer as seg_infer
+    from SynthesisModuleLib import data as syn_data
+    from SynthesisModuleLib import infer as syn_infer
+    img = _image()
+    _same(seg_data.resample_to_spacing(img, (4.0, 4.0, 4.0)), _old_segmentation_resample(img, (4.0, 4.0, 4.0)))
+    assert syn_data.resample_to_spacing is resample_to_spacing and syn_infer.resample_like is resample_like
+    assert syn_infer.check_pet_image is check_pet_image and seg_infer.check_pet_image is check_pet_image
+
+
+@pytest.mark.parametrize("values,problem", [
+    (lambda a: a * 2000.0 - 1000.0, "CT in HU"), (lambda a: a * 5000.0, "Bq/ml"), (lambda a: a * 0.0, "empty"),
+    (lambda a: np.where(a > 0.5, np.nan, a), "NaN")])
+def test_one_pet_validator_one_suv_ceiling(values, problem):
+    a = np.random.default_rng(1).random((8, 9, 10)).astype(np.float32)
+    good = sitk.GetImageFromArray(a)
+    assert check_pet_image(good) is good
+    with pytest.raises(InputError, match=problem):
+        check_pet_image(sitk.GetImageFromArray(values(a).astype(np.float32)), "PET x.nii.gz")
+    with pytest.raises(InputError, match="x.nii.gz"):
+        check_pet_image(sitk.GetImageFromArray(values(a).astype(np.float32)), "PET x.nii.gz")
+
+
+def test_one_device_resolver():
+    import torch
+
+    from PETWorkbenchLib.device import choose_device, torch_device
+    assert torch_device("cpu") == torch.device("cpu") and torch_device(None) == choose_device("auto").torch()
+    assert torch_device(torch.device("cpu")) == torch.device("cpu")
+    assert torch_device(choose_device("cpu")) == torch.device("cpu")
+    with pytest.raises(InputError):
+        torch_device("tpu")
