@@ -19,6 +19,7 @@ demo: venv
 	$(VENV)/bin/petworkbench demo --out out/demo
 
 test: venv
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q Testing
 	$(PY) -m pytest -q Testing/gui
 

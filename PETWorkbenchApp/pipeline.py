@@ -279,7 +279,7 @@ def compute_metrics(st):
     if full is not None and st.has("synthesized.nii.gz"):
         from PETWorkbenchLib.imageio import match_grid
         full_img = _read(full, "full-dose PET")
-        on_full = lambda p, what: match_grid(_read(p, what), full_img, f"the {what}", "the full-dose PET")  # noqa: E731
+        on_full = lambda p, what: match_grid(_read(p, what), full_img, f"the {what}", "the full-dose PET")
         f = arr(full_img).astype("float64")
         lo = arr(on_full(st.input("low_dose"), "low-dose PET")).astype("float64")
         sy = arr(on_full(st.path("synthesized.nii.gz"), "synthesized PET")).astype("float64")

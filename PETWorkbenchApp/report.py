@@ -110,7 +110,8 @@ def write_report(st, metrics):
     if st.has_valid("uptake.json"):
         up = json.loads(st.path("uptake.json").read_text())
         lines += [f"## Organ uptake ({up['pet']})", "",
-                  "| organ | volume (ml) | SUVmean | SUVmax | SUVpeak | SUVmean full dose |", "|---|---|---|---|---|---|"]
+                  "| organ | volume (ml) | SUVmean | SUVmax | SUVpeak | SUVmean full dose |",
+                  "|---|---|---|---|---|---|"]
         for r in up["rows"]:
             lines.append(f"| {r['name']} | {_fmt(r['volume_ml'])} | {_fmt(r['suv_mean'])} | {_fmt(r['suv_max'])} | "
                          f"{_fmt(r.get('suv_peak'))} | {_fmt(r.get('suv_mean_full_dose'))} |")

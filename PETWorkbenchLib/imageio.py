@@ -490,7 +490,7 @@ def _geometry_close(a, b, rel=1e-4):
 
 
 def describe_grid(img):
-    r = lambda v: ", ".join(f"{x:.4g}" for x in v)  # noqa: E731
+    r = lambda v: ", ".join(f"{x:.4g}" for x in v)
     return (f"size ({', '.join(map(str, img.GetSize()))}), spacing ({r(img.GetSpacing())}) mm, "
             f"origin ({r(img.GetOrigin())}) mm")
 

@@ -11,8 +11,8 @@ Terminologies module can load it as it is. Each organ is one ``Type`` of the "An
 * ``PETWorkbenchDisplayName``: a human-readable name (``"Urinary bladder"``), ours, ignored by Slicer.
 
 This module is the only reader of the file. Segment terminology entries written from these specs name the
-context (:data:`CONTEXT_NAME`); :func:`PETWorkbenchSlicer.mrml.load_into_slicer` loads it into Slicer's Terminologies module so Slicer
-finds them.
+context (:data:`CONTEXT_NAME`); :func:`PETWorkbenchSlicer.mrml.load_into_slicer` loads it into Slicer's
+Terminologies module so Slicer finds them.
 """
 
 import copy

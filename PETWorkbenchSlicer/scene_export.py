@@ -39,8 +39,8 @@ def headless_scene():
         app_logic.SetModuleLogic(name, logic)
         logics[name.lower()] = logic
     slicer.mrmlScene = scene
-    slicer.modules = types.SimpleNamespace(**{k: types.SimpleNamespace(logic=(lambda l=l: l))
-                                              for k, l in logics.items()})
+    slicer.modules = types.SimpleNamespace(**{k: types.SimpleNamespace(logic=(lambda lg=lg: lg))
+                                              for k, lg in logics.items()})
     slicer.app = types.SimpleNamespace(applicationLogic=lambda: app_logic, mrmlScene=lambda: scene,
                                        testingEnabled=lambda: True, processEvents=lambda: None)
     return scene, logics

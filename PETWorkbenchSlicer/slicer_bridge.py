@@ -40,7 +40,7 @@ def ensure_dependencies(ask=True):
     is there. Outside Slicer it only checks and names what is missing."""
     missing = []
     try:
-        import torch  # noqa: F401
+        import torch  # noqa: F401 - imported only to see that it is installed
     except ImportError:
         missing.append("torch")
     for mod in ("monai", "SimpleITK", "nibabel", "requests", "tqdm", "psutil", "scipy"):
@@ -52,7 +52,7 @@ def ensure_dependencies(ask=True):
         return True
     try:
         import slicer
-        import qt  # noqa: F401
+        import qt  # noqa: F401 - imported only to see that Slicer's Qt is there
     except ImportError:
         raise InputError("Missing Python packages: " + ", ".join(missing)
                          + ". Install them with: pip install -c constraints.txt -e .")

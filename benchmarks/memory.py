@@ -3,12 +3,13 @@
     python benchmarks/memory.py [--quick] [--size 256 --slices 200]
 
 Each measurement runs at two volume sizes (the slope is the per-voxel cost, the intercept the fixed cost of the
-engine's buffers and thread pools), each in two fresh processes that build the same random PET volume, import the engine and load its
-shipped model: one then stops, the other runs the engine. The difference of their peak RSS (``ru_maxrss``, exact,
-no sampling) is the engine's own memory for that volume. The network is replaced by a predictor of the same output
-shape (identity for DRMC, the input repeated per class for LDOS), so that the measurement takes seconds; the
-network's activations depend on the patch batch, not on the volume, and are not included. Two input spacings
-(2 mm and 1 mm in-plane) separate the per-voxel cost of the input grid from that of the model grid.
+engine's buffers and thread pools), each in two fresh processes that build the same random PET volume, import
+the engine and load its shipped model: one then stops, the other runs the engine. The difference of their peak RSS
+(``ru_maxrss``, exact, no sampling) is the engine's own memory for that volume. The network is replaced by a
+predictor of the same output shape (identity for DRMC, the input repeated per class for LDOS), so that the
+measurement takes seconds; the network's activations depend on the patch batch, not on the volume, and are not
+included. Two input spacings (2 mm and 1 mm in-plane) separate the per-voxel cost of the input grid from that of
+the model grid.
 
 The input's own float32 copy (4 bytes per voxel) is added, since it is freed in the reference process before the
 engine runs; the engines' constants (``BYTES_PER_INPUT_VOXEL`` etc.) must bound the result. The last line is

@@ -98,7 +98,7 @@ def bench_osem(n, nz, n_angles, n_iter, n_subsets):
     t_peer = time.time() - t0
     hot = img[0] == 4.0
     bg = (img[0] == 1.0)
-    cr = lambda a: float(a[:, hot].mean() / a[:, bg].mean())  # noqa: E731
+    cr = lambda a: float(a[:, hot].mean() / a[:, bg].mean())
     return dict(osem_s=t_ours, peer_osem_s=t_peer, contrast_ours=cr(x), contrast_peer=cr(xp),
                 contrast_true=cr(img), image_corr=float(np.corrcoef(x.ravel(), xp.ravel())[0, 1]),
                 geometry_corr=geo_corr,
@@ -158,7 +158,7 @@ def main(argv=None):
     print("peer: scikit-image radon/iradon(filter_name=None) OSEM, same geometry, data, iterations and subsets")
     keys = ["adjoint_relerr", "osem_s", "peer_osem_s", "speedup", "listmode_prompts", "listmode_delays",
             "sr4zct_psnr_db", "cubic_psnr_db"]
-    fmt = lambda v: (f"{v:.3g}" if isinstance(v, float) and (abs(v) < 1e-2 or abs(v) >= 1e4) else  # noqa: E731
+    fmt = lambda v: (f"{v:.3g}" if isinstance(v, float) and (abs(v) < 1e-2 or abs(v) >= 1e4) else
                      (f"{v:.3f}" if isinstance(v, float) else str(v)))
     print(" ".join(f"{k}={fmt(res[k])}" for k in keys))
 

@@ -40,7 +40,7 @@ DATA = Path(os.environ.get("PETWORKBENCH_DATA", ROOT.parent / "shared" / "data")
 CACHE = ROOT / ".cache" / "registration"
 
 
-from RegistrationModuleLib.synthetic import body_mask, field_image, known_deformation, warp_with  # noqa: E402,F401
+from RegistrationModuleLib.synthetic import body_mask, known_deformation, warp_with
 
 
 # --------------------------------------------------------------------------------------------- peer

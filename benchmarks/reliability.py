@@ -513,7 +513,7 @@ def print_table(cases):
             print(f"{c.kind:<9} {c.name[:47]:<47} {c.expected:>4} {'-':>4} {'':>5} {'':>5} {'':>4} {'':>3} {'':>5}  "
                   f"{r.get('status', 'skipped')} {r.get('note', '')}")
             continue
-        yn = lambda v: "yes" if v else "NO"  # noqa: E731
+        yn = lambda v: "yes" if v else "NO"
         print(f"{c.kind:<9} {c.name[:47]:<47} {c.expected:>4} {r['code']:>4} {yn(r['one_line']):>5} "
               f"{yn(r['named']):>5} {len(r['lost']):>4} {'YES' if r['traceback'] else '-':>3} {r['seconds']:>5.1f}  "
               f"{r['status']}{' (' + r['note'] + ')' if r['note'] else ''}")

@@ -67,8 +67,8 @@ def write_models(ev, a, command):
     keys = ("psnr", "ssim", "b_mean", "b_max", "e_mean", "n")
     entries = []
     for name, mid, file, title, method in (
-            ("drmc", "synthesis-drmc-cpu", Path(a.drmc), "DRMC low-dose PET synthesis (CPU demo, simulated 4-centre set)",
-             "DRMC (Yang et al., MICCAI 2023)"),
+            ("drmc", "synthesis-drmc-cpu", Path(a.drmc),
+             "DRMC low-dose PET synthesis (CPU demo, simulated 4-centre set)", "DRMC (Yang et al., MICCAI 2023)"),
             ("baseline", "synthesis-baseline-cpu", Path(a.baseline),
              "Generalist Transformer baseline for DRMC (same budget, simulated 4-centre set)",
              "Baseline Transformer of DRMC (Yang et al., MICCAI 2023), 3N base blocks")):
@@ -78,9 +78,10 @@ def write_models(ev, a, command):
         log = list(csv.DictReader(open(log_path))) if log_path.is_file() else []
         last = log[-5:]
         training = {
-            "data": "PETWorkbench simulated multi-centre set v1 (ReconstructionModuleLib.simulate.generate_standard_set, "
-                    "seed 0): FDG training patients of the known centres C1-C4 (6 each), low-dose = centre DRF "
-                    "(12, 4, 10, 10) OSEM reconstruction, target = full-dose reconstruction; SUV; 2 mm isotropic",
+            "data": "PETWorkbench simulated multi-centre set v1 "
+                    "(ReconstructionModuleLib.simulate.generate_standard_set, seed 0): FDG training patients of the "
+                    "known centres C1-C4 (6 each), low-dose = centre DRF (12, 4, 10, 10) OSEM reconstruction, "
+                    "target = full-dose reconstruction; SUV; 2 mm isotropic",
             "steps": int(meta.get("step", 0)), "time_s": round(float(meta.get("elapsed_s", 0.0)), 1),
             "hardware": "1 CPU thread (shared 2-core machine)",
             "command": f"petworkbench train synthesis --config {name}_cpu --manifest .cache/simdata/v1/manifest.csv "
@@ -100,8 +101,8 @@ def write_models(ev, a, command):
             "sha256": hashlib.sha256(file.read_bytes()).hexdigest(), "license": "Apache-2.0",
             "training": training,
             "metrics": {
-                "evaluated_on": f"held-out FDG patients (split test) of the known centres C1-C4 and the unknown centres "
-                                f"C5 (brain, no lesions) and C6, {ev['n_cases']} cases; 2 mm grid; PSNR with "
+                "evaluated_on": "held-out FDG patients (split test) of the known centres C1-C4 and the unknown "
+                                f"centres C5 (brain, no lesions) and C6, {ev['n_cases']} cases; 2 mm grid; PSNR with "
                                 f"R = max(full dose); B = relative |bias| of lesion SUVmean/SUVmax; "
                                 f"e_mean = signed relative lesion SUVmean error (negative: uptake under-stated)",
                 "command": command,

@@ -45,8 +45,8 @@ lesions (instance labels), suv_true (noise-free truth); manifest.csv columns ``s
 SR4ZCT
 ------
 ``sr4zct.sr4zct(ct_image, out_spacing_z=None, thickness_mm=None, epochs=60, depth=5, seed=0,
-max_seconds=None, network="cnn") -> (Image, info)``: self-supervised through-plane enhancement; ``info["thickness_source"]``
-says whether the slice thickness came from the argument, the DICOM metadata or the spacing.
+max_seconds=None, network="cnn") -> (Image, info)``: self-supervised through-plane enhancement;
+``info["thickness_source"]`` says whether the slice thickness came from the argument, the DICOM metadata or the spacing.
 ``sr4zct.sr4zct_array(vol, r_xy, r_z, o_z, epochs, network="msd"|"cnn", depth, lr, batch, patch, max_seconds)``
 for arrays (the benchmark uses network="cnn", depth=5, lr=2e-3, patch=48, 60 epochs).
 ``sr4zct.thick_slice_volume``, ``sr4zct.cubic_upsample``, ``sr4zct.psnr`` reproduce the evaluation.

@@ -41,7 +41,7 @@ inference.  CLI: ``petworkbench register FIXED MOVING --output FIELD.nii.gz [--w
 Method notes and deviations from the papers: ``METHOD.md`` in this folder.
 """
 
-from .engine import check_inputs, register, prealign_transform  # noqa: F401
-from .result import RegistrationResult  # noqa: F401
+from .engine import check_inputs, register, prealign_transform  # noqa: F401 - the package's API
+from .result import RegistrationResult  # noqa: F401 - the package's API
 
 __all__ = ["register", "RegistrationResult", "check_inputs", "prealign_transform"]

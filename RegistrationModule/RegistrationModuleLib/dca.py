@@ -21,7 +21,6 @@ Training (unsupervised, :func:`train`): loss ``NCC(window 9) + λ · diffusion (
 At test time :func:`predict_field` gives the initial field, which the engine refines by instance optimisation.
 """
 
-import math
 import time
 
 import numpy as np

@@ -163,7 +163,8 @@ def optimise(F_np, M_np, spacing, extent, iterations=(100, 60, 30), similarity="
             opt.step()
             if it == n_it - 1:
                 history.append({"level": lv + 1, "shape": list(shape[::-1]), "iterations": n_it,
-                                "similarity": round(float(d_loss.detach()), 5), "penalty": round(float(reg.detach()), 6),
+                                "similarity": round(float(d_loss.detach()), 5),
+                                "penalty": round(float(reg.detach()), 6),
                                 "time_s": round(time.perf_counter() - t_level, 2)})
         done += n_it
         with torch.no_grad():

@@ -7,7 +7,7 @@ selections.
 """
 
 from PETWorkbenchLib.errors import InputError
-from PETWorkbenchLib.terminology import TERMINOLOGY_FILE, organ_table, terminology_path  # noqa: F401
+from PETWorkbenchLib.terminology import TERMINOLOGY_FILE, organ_table, terminology_path  # noqa: F401 - re-exported
 
 
 def _table():

@@ -46,7 +46,6 @@ def _cmd_train(args, rep):
     out = Path(args.out)
     if args.nproc > 1:
         out.mkdir(parents=True, exist_ok=True)
-        import json
         cfg_path = out / "config.json"
         from PETWorkbenchLib.imageio import write_json
         write_json(cfg, cfg_path)

@@ -40,7 +40,7 @@ def ssim(pred, ref, data_range=None, sigma=1.5):
     if r <= 0:
         raise InputError("reference image is empty (maximum <= 0); SSIM undefined")
     c1, c2 = (0.01 * r) ** 2, (0.03 * r) ** 2
-    f = lambda a: ndimage.gaussian_filter(a, sigma, truncate=3.5)  # noqa: E731
+    f = lambda a: ndimage.gaussian_filter(a, sigma, truncate=3.5)
     mx, my = f(pred), f(ref)
     sxx = f(pred * pred) - mx * mx
     syy = f(ref * ref) - my * my

@@ -102,7 +102,7 @@ class Routing_Module(nn.Module):  # noqa: N801 (name kept for state-dict compati
         return w, hidden
 
 
-class Attention_Expert(nn.Module):  # noqa: N801
+class Attention_Expert(nn.Module):  # noqa: N801 - the authors' class name, so their state-dict keys map one to one
     """Global channel attention (linear in the number of voxels) followed by a depth-wise 3x3x3 convolution."""
 
     def __init__(self, n_feats, num_heads=16, bias=False, qk_norm=True):
@@ -135,7 +135,7 @@ class Attention_Expert(nn.Module):  # noqa: N801
         return self.project_out(out)
 
 
-class MLP_Expert(nn.Module):  # noqa: N801
+class MLP_Expert(nn.Module):  # noqa: N801 - the authors' class name, so their state-dict keys map one to one
     """FFN expert: 1x1x1 conv -> GELU -> 1x1x1 conv."""
 
     def __init__(self, in_feat, h_feat, out_feat):
@@ -182,7 +182,7 @@ class _ExpertBank(nn.Module):
         return out, hidden_new
 
 
-class Attention_Bank(_ExpertBank):  # noqa: N801
+class Attention_Bank(_ExpertBank):  # noqa: N801 - the authors' class name, so their state-dict keys map one to one
     experts_attr = "att_experts"
 
     def __init__(self, n_feats, num_experts=3, num_heads=16, hidden_dim=16, gating="relu", use_hidden=True,
@@ -195,7 +195,7 @@ class Attention_Bank(_ExpertBank):  # noqa: N801
         self.routing = Routing_Module(n_feats, hidden_dim, num_experts, gating=gating, use_hidden=use_hidden)
 
 
-class MLP_Bank(_ExpertBank):  # noqa: N801
+class MLP_Bank(_ExpertBank):  # noqa: N801 - the authors' class name, so their state-dict keys map one to one
     experts_attr = "mpl_experts"  # (sic) upstream spelling, kept for state-dict compatibility
 
     def __init__(self, n_feats, num_experts=3, mlp_ratio=2, hidden_dim=16, gating="relu", use_hidden=True):
@@ -207,7 +207,7 @@ class MLP_Bank(_ExpertBank):  # noqa: N801
         self.routing = Routing_Module(n_feats, hidden_dim, num_experts, gating=gating, use_hidden=use_hidden)
 
 
-class Transformer_Block(nn.Module):  # noqa: N801
+class Transformer_Block(nn.Module):  # noqa: N801 - the authors' class name, so their state-dict keys map one to one
     """Dynamic routing block (pre-norm, learnable per-channel residual scales beta/gamma initialised to 1)."""
 
     def __init__(self, cfg):
@@ -229,7 +229,7 @@ class Transformer_Block(nn.Module):  # noqa: N801
         return y + self.gamma * out, hidden
 
 
-class Base_Block(nn.Module):  # noqa: N801
+class Base_Block(nn.Module):  # noqa: N801 - the authors' class name, so their state-dict keys map one to one
     """Base Transformer block (Fig. 2(b)): one attention expert and one FFN expert, no routing."""
 
     def __init__(self, cfg):

@@ -75,7 +75,8 @@ def test_volume_bad_inputs(mrml):
 
 SPECS = [
     {"value": 3, "name": "liver", "color": [0.86, 0.55, 0.39],
-     "terminology": {"category": {"codingScheme": "SCT", "codeValue": "123037004", "codeMeaning": "Anatomical Structure"},
+     "terminology": {"category": {"codingScheme": "SCT", "codeValue": "123037004",
+                                  "codeMeaning": "Anatomical Structure"},
                      "type": {"codingScheme": "SCT", "codeValue": "10200004", "codeMeaning": "Liver"}}},
     {"value": 1, "name": "spleen", "color": [0.62, 0.36, 0.45]},
     {"value": 7, "name": "kidney", "color": [0.72, 0.3, 0.2]},

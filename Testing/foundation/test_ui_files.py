@@ -13,8 +13,8 @@ MODULES = ["SynthesisModule", "SegmentationModule", "RegistrationModule", "Recon
 UI_FILES = sorted(glob.glob(str(ROOT / "*" / "Resources" / "UI" / "*.ui")))
 
 QtWidgets = pytest.importorskip("PySide6.QtWidgets")
-from PySide6.QtCore import QFile, QIODevice, qInstallMessageHandler  # noqa: E402
-from PySide6.QtUiTools import QUiLoader  # noqa: E402
+from PySide6.QtCore import QFile, QIODevice, qInstallMessageHandler
+from PySide6.QtUiTools import QUiLoader
 
 
 @pytest.fixture(scope="module")

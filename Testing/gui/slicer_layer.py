@@ -332,7 +332,7 @@ def new_scene():
     scene.SetCacheManager(cache)
     scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")   # setSliceViewerLayers sets the layers of these
     _state.loaded = []
-    modules = types.SimpleNamespace(**{k: types.SimpleNamespace(logic=(lambda l=l: l)) for k, l in logics.items()})
+    modules = types.SimpleNamespace(**{k: types.SimpleNamespace(logic=(lambda lg=lg: lg)) for k, lg in logics.items()})
     for name, mod in _state.app.moduleManager()._modules.items():
         setattr(modules, name.lower(), mod)
     slicer.modules = modules

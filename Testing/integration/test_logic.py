@@ -144,7 +144,7 @@ def test_registration_logic_transform_agrees_with_engine(mrml):
     from RegistrationModule import RegistrationModuleLogic
     scene, logics = mrml
     z, y, x = np.mgrid[:24, :32, :32].astype(np.float32)
-    blob = lambda cx, cy: np.exp(-((x - cx) ** 2 + (y - cy) ** 2 + (z - 12) ** 2) / 30.0).astype(np.float32)  # noqa
+    blob = lambda cx, cy: np.exp(-((x - cx) ** 2 + (y - cy) ** 2 + (z - 12) ** 2) / 30.0).astype(np.float32)
     f_img, m_img = sitk.GetImageFromArray(blob(15, 16)), sitk.GetImageFromArray(blob(18, 15))
     for im in (f_img, m_img):
         im.SetSpacing((2.0, 2.0, 2.0))

@@ -8,9 +8,9 @@ import pytest
 torch = pytest.importorskip("torch")
 sitk = pytest.importorskip("SimpleITK")
 
-from PETWorkbenchLib.errors import InputError  # noqa: E402
-from ReconstructionModuleLib import listmode as L  # noqa: E402
-from ReconstructionModuleLib.simulate import shared_data_dir  # noqa: E402
+from PETWorkbenchLib.errors import InputError
+from ReconstructionModuleLib import listmode as L
+from ReconstructionModuleLib.simulate import shared_data_dir
 
 torch.set_num_threads(1)
 LM_DIR = shared_data_dir() / "stir_mmr_small_listmode"

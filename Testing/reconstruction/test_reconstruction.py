@@ -10,10 +10,10 @@ import pytest
 torch = pytest.importorskip("torch")
 sitk = pytest.importorskip("SimpleITK")
 
-from PETWorkbenchLib.errors import Cancelled, InputError  # noqa: E402
-from ReconstructionModuleLib.lowdose import poisson_sample, thin_counts  # noqa: E402
-from ReconstructionModuleLib.osem import mlem, osem  # noqa: E402
-from ReconstructionModuleLib.projector import PETSystem, ParallelProjector, gaussian_filter_3d  # noqa: E402
+from PETWorkbenchLib.errors import Cancelled, InputError
+from ReconstructionModuleLib.lowdose import poisson_sample, thin_counts
+from ReconstructionModuleLib.osem import mlem, osem
+from ReconstructionModuleLib.projector import PETSystem, ParallelProjector, gaussian_filter_3d
 
 torch.set_num_threads(1)
 
@@ -138,7 +138,7 @@ def test_mlem_and_osem_agree_and_subsets_accelerate():
     s1 = PETSystem(img.shape, (2.0, 2.0, 2.0), n_subsets=1)
     s8 = PETSystem(img.shape, (2.0, 2.0, 2.0), n_subsets=8)
     y = s1.forward(torch.from_numpy(img))
-    err = lambda x: float(np.abs(x.numpy() - img).mean())  # noqa: E731
+    err = lambda x: float(np.abs(x.numpy() - img).mean())
     e_ml2, e_os2 = err(mlem(s1, y, n_iter=2)), err(osem(s8, y, n_iter=2))
     assert e_os2 < e_ml2  # 8 subsets: ~8x the updates for the same number of passes
     with pytest.raises(InputError, match="one subset"):
@@ -297,7 +297,7 @@ def test_generate_dataset_small(tmp_path):
     # same mean activity (SUV) at every dose, more noise at lower dose
     assert abs(lo.mean() / f.mean() - 1) < 0.05 and abs(l20.mean() / f.mean() - 1) < 0.05
     body = sitk.GetArrayFromImage(ct) > -300
-    hp = lambda a: np.abs(a - sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(  # noqa: E731
+    hp = lambda a: np.abs(a - sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(
         sitk.GetImageFromArray(a), 2.0)))[body].mean()
     assert hp(f) < hp(lo) < hp(l20)
     # deterministic with the seed; another seed gives another patient

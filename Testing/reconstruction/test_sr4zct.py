@@ -9,9 +9,9 @@ import pytest
 torch = pytest.importorskip("torch")
 sitk = pytest.importorskip("SimpleITK")
 
-from PETWorkbenchLib.errors import InputError  # noqa: E402
-from ReconstructionModuleLib import sr4zct as S  # noqa: E402
-from ReconstructionModuleLib.simulate import shared_data_dir  # noqa: E402
+from PETWorkbenchLib.errors import InputError
+from ReconstructionModuleLib import sr4zct as S
+from ReconstructionModuleLib.simulate import shared_data_dir
 
 torch.set_num_threads(1)
 CT = shared_data_dir() / "totalsegmentator_example_ct" / "example_ct.nii.gz"

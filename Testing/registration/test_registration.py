@@ -17,11 +17,11 @@ for p in (ROOT, ROOT / "RegistrationModule"):
 torch = pytest.importorskip("torch")
 torch.set_num_threads(1)
 
-from PETWorkbenchLib.errors import Cancelled, InputError  # noqa: E402
-from RegistrationModuleLib import register  # noqa: E402
-from RegistrationModuleLib import metrics, ops  # noqa: E402
-from RegistrationModuleLib.regularizers import implicit_solve  # noqa: E402
-from RegistrationModuleLib.result import RegistrationResult  # noqa: E402
+from PETWorkbenchLib.errors import Cancelled, InputError
+from RegistrationModuleLib import register
+from RegistrationModuleLib import metrics, ops
+from RegistrationModuleLib.regularizers import implicit_solve
+from RegistrationModuleLib.result import RegistrationResult
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -371,7 +371,7 @@ def test_dca_unsupervised_training_lowers_the_loss(tmp_path):
 
     ck = tmp_path / "dca.pt"
     logs = []
-    net = dca.train(sampler, TINY, steps=10, lr=3e-3, device="cpu", checkpoint=str(ck), log=logs.append,
+    dca.train(sampler, TINY, steps=10, lr=3e-3, device="cpu", checkpoint=str(ck), log=logs.append,
                     save_every=10)
     first = float(logs[0].split("ncc ")[1].split()[0])
     last = float(logs[-1].split("ncc ")[1].split()[0])

@@ -65,7 +65,8 @@ def test_shared_encoder_two_decoders_same_architecture_and_deep_supervision():
     den_shapes = [tuple(p.shape) for p in net.den_decoder.parameters()]
     # same architecture except the output heads (C classes vs 1 channel)
     assert len(seg_shapes) == len(den_shapes)
-    assert sum(a != b for a, b in zip(seg_shapes, den_shapes)) == 2 * 2  # weight + bias of the 2 heads (one per decoder stage)
+    # weight + bias of the 2 heads (one per decoder stage)
+    assert sum(a != b for a, b in zip(seg_shapes, den_shapes)) == 2 * 2
     net.train()
     out = net(torch.randn(2, 1, 16, 16, 16))
     assert [o.shape[2:] for o in out["seg"]] == [(16, 16, 16), (8, 8, 8)]  # one output per decoder stage
@@ -235,7 +236,7 @@ def test_training_writes_checkpoints_and_resumes(trained):
     cfg = dict(TINY, epochs=3)
     logs = []
     s2 = train(cfg, out, cases=cases, device="cpu", log=logs.append)
-    assert any("resumed" in l and "iteration 4" in l for l in logs)
+    assert any("resumed" in line and "iteration 4" in line for line in logs)
     assert s2["iterations"] == 6
     ck = torch.load(str(out / "model.pt"), weights_only=True)
     assert ck["config"]["task"] == "ldos" and ck["config"]["network"]["denoise"] is True
@@ -331,7 +332,6 @@ def test_cli_segment_and_evaluate(trained, tmp_path):
 # ---------------------------------------------------------------- DDP
 def test_ddp_two_gloo_processes_keep_replicas_identical(tmp_path):
     import torch.multiprocessing as mp
-    import SegmentationModuleLib.train as tr
     mp.spawn(_ddp_worker_params, args=(2, str(tmp_path), str(tmp_path / "init")), nprocs=2, join=True)
     p0 = torch.load(str(tmp_path / "p0.pt"))
     p1 = torch.load(str(tmp_path / "p1.pt"))

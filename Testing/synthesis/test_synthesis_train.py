@@ -136,7 +136,8 @@ def test_ddp_two_cpu_processes_average_gradients(tiny_manifest, tmp_path):
     opt = torch.optim.Adam(net.parameters(), lr=full["train"]["lr"])
     loss = 0
     for rank, center in ((0, "A"), (1, "B")):
-        lo, fu = sampler.sample(center, full["train"]["batch_size"], np.random.default_rng([full["train"]["seed"], rank, 0]))
+        lo, fu = sampler.sample(center, full["train"]["batch_size"],
+                                np.random.default_rng([full["train"]["seed"], rank, 0]))
         loss = loss + charbonnier_loss(net(torch.from_numpy(lo)), torch.from_numpy(fu)) / 2
     loss.backward()
     opt.step()
