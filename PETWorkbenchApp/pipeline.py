@@ -32,8 +32,6 @@ from PETWorkbenchLib.progress import Reporter
 
 STEPS = ("simulate", "synthesize", "segment", "uptake", "register", "report")
 INPUT_KEYS = ("low_dose", "ct", "full_dose", "labels", "lesions")
-SYNTHESIS_MODEL = "synthesis-drmc-cpu"
-SEGMENTATION_MODEL = "segmentation-ldos-cpu"
 DEMO_DRF = 10
 DEMO_CENTER = "C1"
 
@@ -178,11 +176,12 @@ def step_simulate(st, rep, device="cpu", seed=0, max_slices=64):
     return info
 
 
-def step_synthesize(st, rep, device="cpu", model=SYNTHESIS_MODEL):
+def step_synthesize(st, rep, device="cpu", model=None):
     if st.has_valid("synthesized.nii.gz", "routing.json"):
         return {"skipped": True}
+    from PETWorkbenchLib.models import default_model
     from SynthesisModuleLib import synthesize
-    model = str(model)
+    model = str(model or default_model("synthesis"))
     low = _read(st.input("low_dose") or "", "low-dose PET")
     out, routing = synthesize(low, model, device=device, progress=rep)
     st.write_image(out, "synthesized.nii.gz")
@@ -190,11 +189,12 @@ def step_synthesize(st, rep, device="cpu", model=SYNTHESIS_MODEL):
     return {"model": Path(model).name}
 
 
-def step_segment(st, rep, device="cpu", model=SEGMENTATION_MODEL):
+def step_segment(st, rep, device="cpu", model=None):
     if st.has("organs_low.nii.gz", "organs_synth.nii.gz"):
         return {"skipped": True}
+    from PETWorkbenchLib.models import default_model
     from SegmentationModuleLib import segment
-    model = str(model)
+    model = str(model or default_model("segmentation"))
     low = _read(st.input("low_dose") or "", "low-dose PET")
     lab, _ = segment(low, model, device=device, progress=rep.sub(0.0, 0.5))
     st.write_image(lab, "organs_low.nii.gz")
@@ -408,8 +408,11 @@ def run_study(spec, out_root, steps=None, device="cpu", seed=0, models=None, pro
     st = Study(spec, out_root)
     done = st.path("DONE.json")
     wanted = [s for s in (steps or STEPS) if s in STEPS]
-    fingerprints = {"synthesis": model_fingerprint(models.get("synthesis", SYNTHESIS_MODEL)),
-                    "segmentation": model_fingerprint(models.get("segmentation", SEGMENTATION_MODEL))}
+    from PETWorkbenchLib.models import default_model
+    for family in ("synthesis", "segmentation"):
+        models[family] = models.get(family) or default_model(family)
+    fingerprints = {"synthesis": model_fingerprint(models["synthesis"]),
+                    "segmentation": model_fingerprint(models["segmentation"])}
     if not st.spec.get("low_dose") and not st.spec.get("anatomy"):
         raise InputError(f"Study {st.id} names no low_dose PET (and no anatomy to simulate from)")
     _supersede_stale_outputs(st, fingerprints, input_fingerprints(st, seed))
@@ -427,8 +430,8 @@ def run_study(spec, out_root, steps=None, device="cpu", seed=0, models=None, pro
     t0 = time.perf_counter()
     results = {}
     runners = {"simulate": lambda r: step_simulate(st, r, device, seed),
-               "synthesize": lambda r: step_synthesize(st, r, device, models.get("synthesis", SYNTHESIS_MODEL)),
-               "segment": lambda r: step_segment(st, r, device, models.get("segmentation", SEGMENTATION_MODEL)),
+               "synthesize": lambda r: step_synthesize(st, r, device, models["synthesis"]),
+               "segment": lambda r: step_segment(st, r, device, models["segmentation"]),
                "uptake": lambda r: step_uptake(st, r),
                "register": lambda r: step_register(st, r, device),
                "report": lambda r: step_report(st, r)}

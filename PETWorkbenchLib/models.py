@@ -113,6 +113,15 @@ def registry(family=None, path=None):
     return [e for e in load_registry(path).values() if family in (None, e.family)]
 
 
+def default_model(family, path=None):
+    """Id of the model marked ``"default": true`` for ``family`` in Models.json: the one place defaults are set."""
+    ids = [e.id for e in registry(family, path) if e.extra.get("default")]
+    if len(ids) != 1:
+        raise ModelError(f"Models.json must mark exactly one default {family} model; it marks "
+                         f"{', '.join(ids) if ids else 'none'}")
+    return ids[0]
+
+
 def get(model_id, path=None):
     reg = load_registry(path)
     if model_id not in reg:

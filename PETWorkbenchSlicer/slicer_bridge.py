@@ -222,6 +222,8 @@ class ModuleWidgetMixin:
                 if self.modelFilter is not None and not self.modelFilter(e):
                     continue
                 self.ui.modelComboBox.addItem(f"{e.title} ({models.status(e)})", e.id)
+                if e.extra.get("default"):
+                    self.ui.modelComboBox.currentIndex = self.ui.modelComboBox.count - 1
         except Exception as err:  # a broken registry must not break the module GUI
             self.ui.statusLabel.text = f"Model registry problem: {err}"
 

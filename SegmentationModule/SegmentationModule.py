@@ -23,9 +23,6 @@ from slicer.util import VTKObservationMixin
 
 from PETWorkbenchSlicer.slicer_bridge import ModuleWidgetMixin
 
-DEFAULT_MODEL = "segmentation-ldos-cpu"
-
-
 class SegmentationModule(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
@@ -93,7 +90,7 @@ class SegmentationModuleWidget(ModuleWidgetMixin, ScriptedLoadableModuleWidget, 
         if not organs:
             raise ValueError("Select at least one organ")
         return self.logic.segment(p.inputVolume, p.outputSegmentation, organs=organs,
-                                  model=self.selectedModel() or DEFAULT_MODEL, device=p.device,
+                                  model=self.selectedModel(), device=p.device,
                                   tableNode=p.outputTable, overwrite=p.overwrite, wait=False,
                                   progress=self.controller.progress)
 
@@ -115,7 +112,7 @@ class SegmentationModuleLogic(ScriptedLoadableModuleLogic):
     def getParameterNode(self):
         return SegmentationModuleParameterNode(super().getParameterNode())
 
-    def segment(self, petVolumeNode, segmentationNode=None, organs=None, model=DEFAULT_MODEL, device="auto",
+    def segment(self, petVolumeNode, segmentationNode=None, organs=None, model=None, device="auto",
                 tableNode=None, overwrite=False, wait=True, progress=None, log=None):
         """PET node (SUV) -> organ segments in ``segmentationNode`` (new if None) + uptake table node.
 
@@ -148,14 +145,15 @@ class SegmentationModuleLogic(ScriptedLoadableModuleLogic):
         return self.predictLabels(petVolumeNode, organs=[s["name"] for s in specs] if organs else None,
                                   model=model, device=device, finish=finish, wait=wait, progress=progress, log=log)
 
-    def predictLabels(self, petVolumeNode, organs=None, model=DEFAULT_MODEL, device="auto", finish=None, wait=True,
+    def predictLabels(self, petVolumeNode, organs=None, model=None, device="auto", finish=None, wait=True,
                       progress=None, log=None):
         """Run the model in the worker and return the predicted label image (SimpleITK, on the PET grid), or
         ``finish(labelImage)`` when given. Nothing in the scene is changed here."""
         import SimpleITK as sitk
-        from PETWorkbenchLib import imageio, units
+        from PETWorkbenchLib import imageio, models, units
         from PETWorkbenchSlicer import mrml
         from PETWorkbenchSlicer.slicer_bridge import EngineRun
+        model = model or models.default_model("segmentation")
 
         image = mrml.volume_to_image(petVolumeNode, dtype="float32")
         units.check_pet_range(sitk.GetArrayViewFromImage(image), "SUV")

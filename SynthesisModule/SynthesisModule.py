@@ -22,9 +22,6 @@ from slicer.util import VTKObservationMixin
 
 from PETWorkbenchSlicer.slicer_bridge import ModuleWidgetMixin
 
-DEFAULT_MODEL = "synthesis-drmc-cpu"
-
-
 class SynthesisModule(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
@@ -83,7 +80,7 @@ class SynthesisModuleWidget(ModuleWidgetMixin, ScriptedLoadableModuleWidget, VTK
 
     def startRun(self):
         p = self._parameterNode
-        return self.logic.synthesize(p.inputVolume, p.outputVolume, model=self.selectedModel() or DEFAULT_MODEL,
+        return self.logic.synthesize(p.inputVolume, p.outputVolume, model=self.selectedModel(),
                                      device=p.device, patchSize=p.patchSize, overlap=p.overlap,
                                      patchBatch=p.patchBatch, units=p.units, patientWeight=p.patientWeight,
                                      injectedDose=p.injectedDose, wait=False, progress=self.controller.progress)
@@ -103,16 +100,17 @@ class SynthesisModuleLogic(ScriptedLoadableModuleLogic):
     def getParameterNode(self):
         return SynthesisModuleParameterNode(super().getParameterNode())
 
-    def synthesize(self, inputVolumeNode, outputVolumeNode=None, model=DEFAULT_MODEL, device="auto", patchSize=None,
+    def synthesize(self, inputVolumeNode, outputVolumeNode=None, model=None, device="auto", patchSize=None,
                    overlap=0.5, patchBatch=4, units="SUV", patientWeight=None, injectedDose=None, wait=True,
                    progress=None, log=None):
         """Low-dose PET node -> full-dose estimate in ``outputVolumeNode`` (new node if None), same grid and units
         as the input. ``patchSize`` None/0 uses the model's training patch (at 2 mm). ``wait=True`` returns the
         output node; otherwise an EngineRun to poll/cancel."""
         import SimpleITK as sitk
-        from PETWorkbenchLib import imageio, units as pet_units
+        from PETWorkbenchLib import imageio, models, units as pet_units
         from PETWorkbenchSlicer import mrml
         from PETWorkbenchSlicer.slicer_bridge import EngineRun
+        model = model or models.default_model("synthesis")
 
         image = mrml.volume_to_image(inputVolumeNode, dtype="float32")
         arr = sitk.GetArrayViewFromImage(image)

@@ -54,8 +54,10 @@ def _cmd_segment(args, rep):
     pet = _read(args.input, "PET", bounded=True)
     from PETWorkbenchLib.units import check_pet_image
     check_pet_image(pet, f"PET {Path(args.input).name}")
-    label, probs = segment(pet, args.model, organs=_organs_arg(args.organs), device=args.device,
-                           progress=rep.sub(0.0, 0.95), return_probabilities=bool(args.probabilities))
+    from PETWorkbenchLib.models import default_model
+    label, probs = segment(pet, args.model or default_model("segmentation"), organs=_organs_arg(args.organs),
+                           device=args.device, progress=rep.sub(0.0, 0.95),
+                           return_probabilities=bool(args.probabilities))
     rows = organ_uptake(sitk.Cast(pet, sitk.sitkFloat64), label, organ_specs())
     write_image(label, args.output, inputs=inputs, overwrite=args.overwrite)
     if probs is not None:
@@ -137,7 +139,8 @@ def _cmd_evaluate(args, rep):
 def add_commands(subparsers):
     p = subparsers.add_parser("segment", help="LDOS organ segmentation of a PET volume in SUV")
     p.add_argument("--input", required=True, help="PET volume (SUV), NIfTI or NRRD")
-    p.add_argument("--model", default="segmentation-ldos-cpu", help="model id or checkpoint file")
+    p.add_argument("--model", default=None, help="model id or checkpoint file (default: the segmentation model "
+                   "marked default in Models.json)")
     p.add_argument("--output", required=True, help="output label map")
     p.add_argument("--organs", default="", help="comma-separated organ names or values (default: all 18)")
     p.add_argument("--probabilities", default="", help="also write class probabilities here")

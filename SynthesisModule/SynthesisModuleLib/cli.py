@@ -9,8 +9,6 @@ from pathlib import Path
 
 from PETWorkbenchLib.errors import InputError
 
-DEFAULT_MODEL = "synthesis-drmc-cpu"
-
 
 def _cmd_synthesize(args, rep):
     from PETWorkbenchLib.imageio import check_output, write_image, write_json
@@ -21,8 +19,9 @@ def _cmd_synthesize(args, rep):
     if args.routing_json:
         check_output(args.routing_json, inputs + [args.output], args.overwrite, "routing file")
     image = read_input(args.input, "low-dose PET")
-    out, summary = synthesize(image, args.model, device=args.device, patch=args.patch, overlap=args.overlap,
-                              sw_batch_size=args.sw_batch_size, units=args.units, progress=rep)
+    from PETWorkbenchLib.models import default_model
+    out, summary = synthesize(image, args.model or default_model("synthesis"), device=args.device, patch=args.patch,
+                              overlap=args.overlap, sw_batch_size=args.sw_batch_size, units=args.units, progress=rep)
     write_image(out, args.output, inputs=inputs, overwrite=args.overwrite)
     if args.routing_json:
         write_json(summary, args.routing_json, inputs=inputs, overwrite=args.overwrite)
@@ -103,7 +102,8 @@ def add_commands(subparsers) -> None:
     p = subparsers.add_parser("synthesize", help="full-dose PET estimate from a low-dose PET (DRMC)")
     p.add_argument("input", help="low-dose PET (NIfTI/NRRD) in SUV")
     p.add_argument("output", help="output file")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="model id or weights file")
+    p.add_argument("--model", default=None, help="model id or weights file (default: the synthesis model marked "
+                   "default in Models.json)")
     p.add_argument("--device", default="auto")
     p.add_argument("--patch", type=int, default=None, help="sliding-window patch size (default: training size)")
     p.add_argument("--overlap", type=float, default=0.5)

@@ -94,3 +94,22 @@ def test_one_device_resolver():
     assert torch_device(choose_device("cpu")) == torch.device("cpu")
     with pytest.raises(InputError):
         torch_device("tpu")
+
+
+def test_default_models_are_set_in_models_json_only(tmp_path):
+    import json
+
+    from PETWorkbenchLib.errors import ModelError
+    from PETWorkbenchLib.models import default_model
+    from PETWorkbenchLib.paths import resources_dir
+    assert default_model("synthesis") == "synthesis-drmc-cpu"
+    assert default_model("segmentation") == "segmentation-ldos-cpu"
+    data = json.loads((resources_dir() / "Models.json").read_text())
+    for m in data["models"]:
+        m["default"] = m["family"] == "segmentation"          # every segmentation model marked: ambiguous
+    reg = tmp_path / "Models.json"
+    reg.write_text(json.dumps(data))
+    with pytest.raises(ModelError, match="exactly one default segmentation model"):
+        default_model("segmentation", reg)
+    with pytest.raises(ModelError, match="marks none"):
+        default_model("synthesis", reg)
