@@ -208,11 +208,15 @@ class ModuleWidgetMixin:
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         if self.family:
             self.fillModels()
+        self.fillChoices()
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self.initializeParameterNode()
+
+    def fillChoices(self):
+        """Fill lists whose entries come from an engine's registry, before the parameter node is bound to them."""
 
     def fillModels(self):
         from PETWorkbenchLib import models

@@ -24,6 +24,8 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
 from slicer.util import VTKObservationMixin
 
 from PETWorkbenchSlicer.slicer_bridge import ModuleWidgetMixin
+from RegistrationModuleLib.similarities import describe as describe_similarities
+from RegistrationModuleLib.similarities import similarity_names
 
 
 class RegistrationModule(ScriptedLoadableModule):
@@ -53,7 +55,7 @@ class RegistrationModuleParameterNode:
     fixedLabels: vtkMRMLLabelMapVolumeNode
     movingLabels: vtkMRMLLabelMapVolumeNode
     method: Annotated[str, Choice(["instance", "dca"])] = "instance"
-    similarity: Annotated[str, Choice(["lncc", "mind", "mse"])] = "lncc"
+    similarity: Annotated[str, Choice(similarity_names(ui_only=True))] = "lncc"
     smoothness: Annotated[float, WithinRange(0.0, 10.0)] = 1.0
     iterations: Annotated[int, WithinRange(10, 2000)] = 100
     diffeomorphic: bool = False
@@ -75,6 +77,12 @@ class RegistrationModuleWidget(ModuleWidgetMixin, ScriptedLoadableModuleWidget, 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
         self.setupModuleUi()
+
+    def fillChoices(self):
+        self.ui.similarityComboBox.clear()
+        for name in similarity_names(ui_only=True):
+            self.ui.similarityComboBox.addItem(name)
+        self.ui.similarityComboBox.toolTip = describe_similarities(ui_only=True)
 
     def canApply(self, p):
         if not p.fixedVolume or not p.movingVolume:

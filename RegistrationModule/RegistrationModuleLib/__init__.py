@@ -41,7 +41,15 @@ inference.  CLI: ``petworkbench register FIXED MOVING --output FIELD.nii.gz [--w
 Method notes and deviations from the papers: ``METHOD.md`` in this folder.
 """
 
-from .engine import check_inputs, register, prealign_transform  # noqa: F401 - the package's API
-from .result import RegistrationResult  # noqa: F401 - the package's API
-
 __all__ = ["register", "RegistrationResult", "check_inputs", "prealign_transform"]
+
+
+def __getattr__(name):
+    """The API is imported on first use, so that torch-free parts (the similarity registry) load without torch."""
+    if name in ("register", "check_inputs", "prealign_transform"):
+        from . import engine
+        return getattr(engine, name)
+    if name == "RegistrationResult":
+        from .result import RegistrationResult
+        return RegistrationResult
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

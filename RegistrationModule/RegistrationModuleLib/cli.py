@@ -19,7 +19,8 @@ def add_commands(subparsers):
     p.add_argument("--moving-labels-out", help="write the warped moving label map (needs --moving-labels)")
     p.add_argument("--method", default="instance", choices=["instance", "dca"])
     p.add_argument("--model", help="TM-DCA model id or checkpoint (method dca)")
-    p.add_argument("--similarity", default="lncc", choices=["lncc", "mind", "mse", "dice"])
+    from .similarities import SIMILARITIES, describe
+    p.add_argument("--similarity", default="lncc", choices=list(SIMILARITIES), help=describe())
     p.add_argument("--regularizer", default="diffusion", choices=["diffusion", "elastic", "curvature"])
     p.add_argument("--smoothness", type=float, default=1.0)
     p.add_argument("--iterations", type=_levels, default=(100, 60, 30),

@@ -9,7 +9,8 @@ import SimpleITK as sitk
 from PETWorkbenchLib.errors import InputError
 from PETWorkbenchLib.progress import Reporter
 
-SIMILARITIES = ("lncc", "mind", "mse", "dice")
+from .similarities import similarity_term
+
 REGULARIZERS = ("diffusion", "elastic", "curvature")
 PREALIGN = ("none", "rigid", "affine")
 METHODS = ("instance", "dca")
@@ -227,8 +228,7 @@ def register(fixed, moving, method="instance", similarity="lncc", smoothness=1.0
     rep = Reporter(progress, cancel)
     if method not in METHODS:
         raise InputError(f"unknown method '{method}': choose one of {', '.join(METHODS)}")
-    if similarity not in SIMILARITIES:
-        raise InputError(f"unknown similarity '{similarity}': choose one of {', '.join(SIMILARITIES)}")
+    term = similarity_term(similarity)
     if regularizer not in REGULARIZERS:
         raise InputError(f"unknown regularizer '{regularizer}': choose one of {', '.join(REGULARIZERS)}")
     if prealign not in PREALIGN + ("center",):
@@ -242,8 +242,8 @@ def register(fixed, moving, method="instance", similarity="lncc", smoothness=1.0
         raise InputError(f"iterations must be non-negative integers (one per pyramid level), got {iterations}")
     if final_scale not in (1, 2, 4):
         raise InputError(f"final_scale must be 1 (full resolution), 2 or 4, got {final_scale!r}")
-    if similarity == "dice" and fixed_labels is None:
-        raise InputError("similarity 'dice' needs fixed_labels and moving_labels")
+    if not term.uses_images and fixed_labels is None:
+        raise InputError(f"similarity '{similarity}' needs fixed_labels and moving_labels")
     center = prealign == "center"
     if center:
         prealign = "none"
@@ -263,7 +263,7 @@ def register(fixed, moving, method="instance", similarity="lncc", smoothness=1.0
     # 1. pre-alignment ---------------------------------------------------------------------------------------
     rep(0.0, "pre-alignment")
     affine = prealign_transform(fixed, moving, prealign, fixed_mask, moving_mask,
-                                multimodal=(similarity == "mind"), center=center, rep=rep)
+                                multimodal=term.multimodal, center=center, rep=rep)
     t_pre = time.perf_counter() - t0
     fixedf = sitk.Cast(fixed, sitk.sitkFloat32)
     mov_min = float(sitk.GetArrayViewFromImage(moving).min())

@@ -78,7 +78,8 @@ def optimise(F_np, M_np, spacing, extent, iterations=(100, 60, 30), similarity="
     labels = None
     if fixed_labels is not None:
         labels = _onehot(fixed_labels, moving_labels, device)
-    use_image = similarity != "dice"
+    from .similarities import similarity_term
+    label_only = not similarity_term(similarity).uses_images
     n_levels = len(iterations)
     shapes = []
     for lv in range(n_levels):
@@ -108,11 +109,7 @@ def optimise(F_np, M_np, spacing, extent, iterations=(100, 60, 30), similarity="
         mm = ops.resize(mm0, shape) if mm0 is not None else None
         grid = ops.identity_grid(shape, device)
         win = lncc_window if factor == 1 else max(3, lncc_window - 2)
-        if similarity == "lncc":
-            lncc_f = sim.LNCC(F, win)
-        if similarity == "mind":
-            Fd = sim.mind(F)
-            Md = sim.mind(M)
+        image_loss = sim.image_term(similarity, F, M, win)
         if labels is not None:
             Lf = ops.downsample(labels[0], shape, factor)
             Lm = ops.downsample(labels[1], shape, factor)
@@ -133,15 +130,10 @@ def optimise(F_np, M_np, spacing, extent, iterations=(100, 60, 30), similarity="
                 wm = ops.warp(mm, disp, extent, grid=grid, padding_mode="zeros")
                 weight = wm if weight is None else weight * wm
             loss = 0.0
-            if use_image:
-                if similarity == "lncc":
-                    loss = lncc_f(ops.warp(M, disp, extent, grid=grid), weight)
-                elif similarity == "mse":
-                    loss = sim.mse(F, ops.warp(M, disp, extent, grid=grid), weight)
-                else:
-                    loss = sim.mind_loss(Fd, ops.warp(Md, disp, extent, grid=grid), weight)
+            if image_loss is not None:
+                loss = image_loss(lambda t: ops.warp(t, disp, extent, grid=grid), weight)
             if labels is not None:
-                wl = 1.0 if similarity == "dice" else label_weight
+                wl = 1.0 if label_only else label_weight
                 loss = loss + wl * sim.soft_dice(Lf, ops.warp(Lm, disp, extent, grid=grid), weight)
             return loss
 

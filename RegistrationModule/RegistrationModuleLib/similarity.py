@@ -88,3 +88,26 @@ def soft_dice(fixed_onehot, warped_onehot, weight=None):
     present = den > 0
     dice = 2 * inter / den.clamp_min(EPS)
     return 1.0 - dice[present].mean()
+
+
+def lncc_term(fixed, moving, window):
+    f = LNCC(fixed, window)
+    return lambda warp, weight: f(warp(moving), weight)
+
+
+def mse_term(fixed, moving, window):
+    return lambda warp, weight: mse(fixed, warp(moving), weight)
+
+
+def mind_term(fixed, moving, window):
+    fixed_desc, moving_desc = mind(fixed), mind(moving)       # the moving descriptor is computed once and warped
+    return lambda warp, weight: mind_loss(fixed_desc, warp(moving_desc), weight)
+
+
+def image_term(name, fixed, moving, window):
+    """The loss of the registered term ``name`` (:mod:`RegistrationModuleLib.similarities`) for these images, or
+    None for a label-only term."""
+    from .similarities import similarity_term
+    term = similarity_term(name)
+    return globals()[term.builder](fixed, moving, window) if term.uses_images else None
+

@@ -1,0 +1,48 @@
+"""The similarity terms registration offers: the one list that the command line, the engine and the module's
+user interface read. Torch-free, so that Slicer can list the terms before PyTorch is installed.
+
+Adding a term is one entry here plus its builder in :mod:`RegistrationModuleLib.similarity`:
+``builder(fixed, moving, window) -> loss(warp, weight)``, where ``warp(tensor)`` resamples a moving-side tensor with
+the current deformation and ``weight`` is the voxel weight map (masks) or None.
+"""
+
+from dataclasses import dataclass
+
+from PETWorkbenchLib.errors import InputError
+
+
+@dataclass(frozen=True)
+class SimilarityTerm:
+    name: str
+    description: str            # one line: the CLI help and the module's tooltip
+    builder: str = ""           # name of the builder in similarity.py; empty for a label-only term
+    multimodal: bool = False    # suits different modalities (the moment-based pre-alignment is used then)
+    in_ui: bool = True          # offered in the module's similarity list
+
+    @property
+    def uses_images(self):
+        return bool(self.builder)
+
+
+SIMILARITIES = {t.name: t for t in (
+    SimilarityTerm("lncc", "local normalised cross-correlation: same modality", "lncc_term"),
+    SimilarityTerm("mind", "MIND descriptors: PET/CT/MR (modality independent)", "mind_term", multimodal=True),
+    SimilarityTerm("mse", "mean squared difference: same modality and intensity scale", "mse_term"),
+    SimilarityTerm("dice", "soft Dice of the label maps only (needs fixed and moving labels)", in_ui=False),
+)}
+
+
+def similarity_term(name):
+    """The registered term ``name``; InputError listing the registered ones otherwise."""
+    if name not in SIMILARITIES:
+        raise InputError(f"unknown similarity '{name}': choose one of {', '.join(SIMILARITIES)}")
+    return SIMILARITIES[name]
+
+
+def similarity_names(ui_only=False):
+    return [n for n, t in SIMILARITIES.items() if t.in_ui or not ui_only]
+
+
+def describe(ui_only=False):
+    """'name: description; ...' for help texts and tooltips."""
+    return "; ".join(f"{n}: {SIMILARITIES[n].description}" for n in similarity_names(ui_only))
