@@ -24,12 +24,8 @@ test: venv
 	$(PY) -m pytest -q Testing/gui
 
 bench: venv
-	$(PY) benchmarks/reconstruction.py --quick
-	$(PY) benchmarks/synthesis.py --quick
-	$(PY) benchmarks/segmentation.py --quick
-	$(PY) benchmarks/registration.py --quick
-	$(PY) benchmarks/reliability.py --quick
-	$(PY) benchmarks/memory.py --quick
+	$(PY) -m pip install -q -c constraints.txt -e ".[bench]"
+	$(PY) benchmarks/run_all.py --quick
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -17,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-FAMILIES = ["reconstruction", "synthesis", "segmentation", "registration"]
+FAMILIES = ["reconstruction", "synthesis", "segmentation", "registration", "reliability", "memory"]
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
 EXPLAIN = {
@@ -27,6 +27,10 @@ EXPLAIN = {
                  "execution of the full paper configuration",
     "segmentation": "held-out simulated 5 %-dose cases; LDOS vs the same-budget segmentation-only network",
     "registration": "real CT warped by a known breathing-like deformation; ours vs ANTs SyN in the same run",
+    "reliability": "bad inputs and faults (full disk, SIGTERM, read-only folder, damaged weights, cut files) through "
+                   "the command line in real processes",
+    "memory": "engine peak RSS per input voxel against the bound each engine enforces; 512 x 512 x 600 at 2 mm "
+              "extrapolated",
 }
 
 
@@ -47,7 +51,8 @@ def save(family, last, quick, source):
 
 def last_figures(text, family):
     keys = {"reconstruction": "adjoint_relerr=", "synthesis": "psnr_low=", "segmentation": "dice_ldos=",
-            "registration": "disp_true_vox="}[family]
+            "registration": "disp_true_vox=", "reliability": "bad_inputs_tried=",
+            "memory": "synthesis_bytes_per_voxel="}[family]
     lines = [ln for ln in text.strip().splitlines() if ln.startswith(keys)]
     if not lines:
         raise SystemExit(f"no final key=value line of the {family} benchmark found")

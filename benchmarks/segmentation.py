@@ -192,7 +192,8 @@ def write_models_d(results, infer_s, manifest, command, notes=None):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--manifest", default=str(ROOT / ".cache" / "simdata" / "v1" / "manifest.csv"))
+    ap.add_argument("--manifest", default=None, help="a simulated set's manifest.csv (default: the standard set, "
+                    "generated into .cache/simdata/<key> when missing)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--split", default="test")
@@ -209,8 +210,8 @@ def main():
         LDOS, SEGONLY, SEGONLY_FD, DENOISER = (d / f.name for f in (LDOS, SEGONLY, SEGONLY_FD, DENOISER))
         for k, v in list(TITLES.items()):
             TITLES[k] = v[:1] + (d / v[1].name,) + v[2:]
-    if not Path(a.manifest).is_file():
-        sys.exit(f"manifest not found: {a.manifest} (run the data generator first)")
+    from common import standard_manifest
+    a.manifest = standard_manifest(a.manifest)
     results, line = run(a.manifest, a.quick, a.threads, a.split, a.out or None)
     if a.write_models_d:
         cmd = "python benchmarks/segmentation.py" + (" --quick" if a.quick else "") + f" --split {a.split}"

@@ -121,7 +121,8 @@ def write_models(ev, a, command):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--manifest", default=str(ROOT / ".cache" / "simdata" / "v1" / "manifest.csv"))
+    ap.add_argument("--manifest", default=None, help="a simulated set's manifest.csv (default: the standard set, "
+                    "generated into .cache/simdata/<key> when missing)")
     ap.add_argument("--drmc", default=str(ROOT / "Resources" / "Models" / "synthesis-drmc-cpu.pt"))
     ap.add_argument("--baseline", default=str(ROOT / "Resources" / "Models" / "synthesis-baseline-cpu.pt"))
     ap.add_argument("--out", default=str(ROOT / ".cache" / "synthesis" / "benchmark"))
@@ -139,6 +140,8 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     from SynthesisModuleLib.evaluate import evaluate
 
+    from common import standard_manifest
+    a.manifest = standard_manifest(a.manifest)
     t0 = time.time()
     ev = evaluate({"drmc": a.drmc, "baseline": a.baseline}, a.manifest, out_dir=a.out, device="cpu",
                   sw_batch_size=4, overlap=0.25 if a.quick else 0.5,

@@ -3,8 +3,8 @@
 ``LDOS_ORGANS``: the 18 organ classes of LDOS (CT-free low-dose PET organ segmentation) with the label values
 used by every PETWorkbench data set and model, as (value, name) pairs read from the one organ list,
 ``Resources/Terminology/PETWorkbenchOrgans.term.json`` (see :mod:`PETWorkbenchLib.terminology`).
-``TS_TO_LDOS`` maps TotalSegmentator ("total" task, v2) class names to those values (left/right, vertebrae and
-lung lobes merged).
+:func:`ts_name_to_ldos` maps TotalSegmentator ("total" task, v2) class names to those values (left/right,
+vertebrae and lung lobes merged).
 """
 
 from __future__ import annotations
@@ -14,12 +14,9 @@ import numpy as np
 
 from PETWorkbenchLib.terminology import organ_specs
 
-__all__ = ["LDOS_ORGANS", "LDOS_NAMES", "LDOS_VALUES", "TS_TO_LDOS", "ts_name_to_ldos", "read_ts_label_table",
-           "ts_to_ldos_lut", "segment_specs"]
+__all__ = ["LDOS_ORGANS", "ts_name_to_ldos", "read_ts_label_table", "ts_to_ldos_lut", "segment_specs"]
 
 LDOS_ORGANS = [(s["value"], s["name"]) for s in organ_specs()]
-LDOS_NAMES = {v: n for v, n in LDOS_ORGANS}
-LDOS_VALUES = {n: v for v, n in LDOS_ORGANS}
 
 _EXACT = {
     "spleen": 1, "colon": 2, "urinary_bladder": 3, "sacrum": 4, "heart": 6, "atrial_appendage_left": 6,
@@ -58,15 +55,6 @@ def ts_to_ldos_lut(ts_names: dict) -> np.ndarray:
     for v, n in ts_names.items():
         lut[v] = ts_name_to_ldos(n)
     return lut
-
-
-# TotalSegmentator v2 class names (value -> name) of the "total" task, for the classes the mapping uses
-TS_TO_LDOS = {n: v for n, v in _EXACT.items()}
-TS_TO_LDOS.update({f"vertebrae_{s}": 5 for s in
-                   ["S1"] + [f"L{i}" for i in range(1, 6)] + [f"T{i}" for i in range(1, 13)] +
-                   [f"C{i}" for i in range(1, 8)]})
-TS_TO_LDOS.update({n: 17 for n in ["lung_upper_lobe_left", "lung_lower_lobe_left", "lung_upper_lobe_right",
-                                   "lung_middle_lobe_right", "lung_lower_lobe_right"]})
 
 
 def segment_specs():

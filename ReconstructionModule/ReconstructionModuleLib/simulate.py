@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from .projector import PETSystem, gaussian_filter_3d
 
 __all__ = ["CENTERS", "SUV_TABLE", "hu_to_mu", "shared_data_dir", "load_anatomy", "load_body_anatomy",
            "load_brain_anatomy", "make_patient", "simulate_case", "reproduce_case", "acquire", "generate_dataset",
-           "generate_standard_set", "MANIFEST_COLUMNS"]
+           "generate_standard_set", "ensure_standard_set", "standard_set_key", "body_anatomy_dir", "MANIFEST_COLUMNS"]
 
 # --------------------------------------------------------------------------------------------------------------
 # Centre profiles (DRMC, Table 1).  Spacing is (x, y, z) mm, matrix the in-plane matrix of the centre.
@@ -154,9 +155,19 @@ def shared_data_dir() -> Path:
 _ANATOMY_CACHE = {}
 
 
+def body_anatomy_dir() -> Path:
+    """The body CT with its TotalSegmentator labels: the shared data folder's copy when there is one, else the
+    same files shipped in ``Resources/SampleData/TotalSegmentatorExampleCT`` (so a clone needs nothing else)."""
+    shared = shared_data_dir() / "totalsegmentator_example_ct"
+    if (shared / "example_ct.nii.gz").is_file():
+        return shared
+    from PETWorkbenchLib.paths import resources_dir
+    return resources_dir() / "SampleData" / "TotalSegmentatorExampleCT"
+
+
 def load_body_anatomy(folder=None):
     """Real CT + TotalSegmentator labels: dict(ct=Image(HU), ts=Image(labels), names={value: name})."""
-    folder = Path(folder) if folder else shared_data_dir() / "totalsegmentator_example_ct"
+    folder = Path(folder) if folder else body_anatomy_dir()
     key = ("body", str(folder))
     if key in _ANATOMY_CACHE:
         return _ANATOMY_CACHE[key]
@@ -695,9 +706,41 @@ def reproduce_case(case_dir, noiseless: bool = False, anatomy=None, progress=Non
     return res
 
 
+STANDARD_SET = dict(patients=8, tracers=("FDG", "FAPI"), extra_drfs=(20,), n_test=2, n_unknown=2,
+                    second_tracer_every=2, max_slices=110, max_voxels=1_800_000)
+
+
 def generate_standard_set(out_dir, seed=0, progress=None, cancel=None, resume=True) -> Path:
     """The standard training/test set: 6 train + 2 test patients per known centre (FDG; FAPI for every second
     patient), 2 test patients per unknown centre; extra DRF 20 for every case."""
-    return generate_dataset(out_dir, 8, centers=list(CENTERS), tracers=("FDG", "FAPI"), extra_drfs=(20,),
-                            seed=seed, n_test=2, n_unknown=2, second_tracer_every=2, progress=progress,
-                            cancel=cancel, max_slices=110, max_voxels=1_800_000, resume=resume)
+    s = STANDARD_SET
+    return generate_dataset(out_dir, s["patients"], centers=list(CENTERS), tracers=s["tracers"],
+                            extra_drfs=s["extra_drfs"], seed=seed, n_test=s["n_test"], n_unknown=s["n_unknown"],
+                            second_tracer_every=s["second_tracer_every"], progress=progress, cancel=cancel,
+                            max_slices=s["max_slices"], max_voxels=s["max_voxels"], resume=resume)
+
+
+def standard_set_key(seed=0) -> str:
+    """What the standard set is made from, as 12 hex digits: its settings, the centre profiles, the tissue uptake
+    table, the generator's source files and the anatomy's checksum. A change of any of them is another set."""
+    import inspect
+    from PETWorkbenchLib.models import sha256_of
+    from . import lowdose, organs, osem, projector
+    h = hashlib.sha256()
+    h.update(json.dumps({"settings": STANDARD_SET, "seed": seed, "centers": CENTERS, "suv": SUV_TABLE},
+                        sort_keys=True, default=str).encode())
+    for mod in (sys.modules[__name__], lowdose, organs, osem, projector):
+        h.update(inspect.getsource(mod).encode())
+    h.update(sha256_of(body_anatomy_dir() / "example_ct.nii.gz").encode())
+    return h.hexdigest()[:12]
+
+
+def ensure_standard_set(cache_root=None, seed=0, progress=None, cancel=None) -> Path:
+    """manifest.csv of the standard set in ``<cache_root>/<standard_set_key>/`` (default ``<repo>/.cache/simdata``),
+    generated (resumably) when missing or incomplete: what benchmarks and training use on a fresh clone."""
+    root = Path(cache_root) if cache_root else Path(__file__).resolve().parents[2] / ".cache" / "simdata"
+    out = root / standard_set_key(seed)
+    done = out / "dataset.json"
+    if done.is_file() and (out / "manifest.csv").is_file():
+        return out / "manifest.csv"
+    return generate_standard_set(out, seed=seed, progress=progress, cancel=cancel, resume=True)

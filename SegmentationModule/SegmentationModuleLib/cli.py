@@ -51,9 +51,8 @@ def _cmd_segment(args, rep):
     named = [p for p, _ in outputs if p]
     if len({str(Path(p).resolve()) for p in named}) != len(named):
         raise InputError("--output, --probabilities and --uptake must be different files")
-    pet = _read(args.input, "PET", bounded=True)
-    from PETWorkbenchLib.units import check_pet_image
-    check_pet_image(pet, f"PET {Path(args.input).name}")
+    from PETWorkbenchLib.units import pet_in_suv
+    pet, _ = pet_in_suv(_read(args.input, "PET", bounded=True), args, f"PET {Path(args.input).name}")
     from PETWorkbenchLib.models import default_model
     label, probs = segment(pet, args.model or default_model("segmentation"), organs=_organs_arg(args.organs),
                            device=args.device, progress=rep.sub(0.0, 0.95),
@@ -64,7 +63,8 @@ def _cmd_segment(args, rep):
         write_image(probs, args.probabilities, inputs=inputs, overwrite=args.overwrite)
     if args.uptake:
         write_json(rows, args.uptake, inputs=inputs, overwrite=args.overwrite)
-    return {"output": str(args.output), "organs_found": [r["name"] for r in rows], "uptake": rows}
+    return {"output": str(args.output), "organs_found": [r["name"] for r in rows], "uptake": rows,
+            "uptake_units": "SUV"}
 
 
 def _cmd_train(args, rep):
@@ -91,7 +91,7 @@ def evaluate_manifest(model, manifest, split="test", input_key=None, denoiser=No
     from .metrics import aggregate, evaluate
     from .organs import organ_specs
     rep = Reporter(progress)
-    rows = select(read_manifest(manifest), split=split, tracer=tracer)
+    rows = select(read_manifest(manifest), split=split, tracers=tracer)
     if not rows:
         raise InputError(f"No cases with split '{split}' in {manifest}")
     _, cfg = load_model(model)
@@ -145,6 +145,8 @@ def add_commands(subparsers):
     p.add_argument("--organs", default="", help="comma-separated organ names or values (default: all 18)")
     p.add_argument("--probabilities", default="", help="also write class probabilities here")
     p.add_argument("--uptake", default="", help="write the organ uptake table (JSON) here")
+    from PETWorkbenchLib.units import add_units_arguments
+    add_units_arguments(p)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_segment)
 

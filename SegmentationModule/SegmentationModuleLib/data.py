@@ -5,7 +5,6 @@ manifest), tracer, center. Volumes are resampled once to the config spacing and 
 ``cache_dir`` given (default: ``<manifest dir>/../seg_cache``).
 """
 
-import csv
 import hashlib
 import json
 import os
@@ -14,37 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from PETWorkbenchLib.errors import InputError
-
-
-def read_manifest(manifest):
-    manifest = Path(manifest)
-    if not manifest.is_file():
-        raise InputError(f"Manifest not found: {manifest}")
-    with open(manifest, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        raise InputError(f"Manifest {manifest} has no rows")
-    for r in rows:
-        r["_root"] = str(manifest.parent)
-    return rows
-
-
-def select(rows, split=None, tracer=None):
-    out = [r for r in rows if (split is None or r.get("split") in _as_set(split))
-           and (tracer is None or r.get("tracer", "").lower() in {t.lower() for t in _as_set(tracer)})]
-    return out
-
-
-def _as_set(x):
-    return {x} if isinstance(x, str) else set(x)
-
-
-def case_path(row, key):
-    p = row.get(key)
-    if not p:
-        raise InputError(f"Case {row.get('case_id')} has no '{key}' column value")
-    p = Path(p)
-    return p if p.is_absolute() else Path(row["_root"]) / p
+from PETWorkbenchLib.manifest import case_path, read_manifest, select  # noqa: F401 - the engine's names for them
 
 
 def file_stamps(row, keys):

@@ -120,7 +120,7 @@ def train(cfg, out_dir, cases=None, manifest=None, resume=True, max_minutes=None
         if manifest is None:
             raise InputError("train() needs cases or a manifest")
         from .data import load_case, read_manifest, select
-        rows = select(read_manifest(manifest), split=cfg.get("train_split", "train"), tracer=cfg.get("tracers"))
+        rows = select(read_manifest(manifest), split=cfg.get("train_split", "train"), tracers=cfg.get("tracers"))
         if not rows:
             raise InputError(f"No training cases with split '{cfg.get('train_split', 'train')}' in {manifest}")
         cases = [load_case(r, cfg, cache_dir or (out_dir / "cache")) for r in rows]

@@ -18,10 +18,15 @@ def _cmd_synthesize(args, rep):
     check_output(args.output, inputs, args.overwrite)
     if args.routing_json:
         check_output(args.routing_json, inputs + [args.output], args.overwrite, "routing file")
-    image = read_input(args.input, "low-dose PET")
     from PETWorkbenchLib.models import default_model
+    from PETWorkbenchLib.units import pet_in_suv
+    image, factor = pet_in_suv(read_input(args.input, "low-dose PET"), args,
+                               f"low-dose PET {Path(args.input).name}")
     out, summary = synthesize(image, args.model or default_model("synthesis"), device=args.device, patch=args.patch,
-                              overlap=args.overlap, sw_batch_size=args.sw_batch_size, units=args.units, progress=rep)
+                              overlap=args.overlap, sw_batch_size=args.sw_batch_size, units="SUV", progress=rep)
+    if factor != 1.0:
+        out = out / factor                                      # back to the input's units, as the module does
+    summary["units"] = args.units
     write_image(out, args.output, inputs=inputs, overwrite=args.overwrite)
     if args.routing_json:
         write_json(summary, args.routing_json, inputs=inputs, overwrite=args.overwrite)
@@ -33,10 +38,9 @@ def read_input(path, what):
     from PETWorkbenchLib.imageio import image_header, read_image
 
     from .infer import input_voxel_limit
-    reader, p = image_header(path, what)
+    reader, _ = image_header(path, what)
     limit, reason = input_voxel_limit(reader.GetSpacing())
-    from PETWorkbenchLib.units import check_pet_image
-    return check_pet_image(read_image(path, what, max_voxels=limit, limit_reason=reason), f"{what} {p.name}")
+    return read_image(path, what, max_voxels=limit, limit_reason=reason)
 
 
 def _cmd_train(args, rep):
@@ -108,7 +112,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--patch", type=int, default=None, help="sliding-window patch size (default: training size)")
     p.add_argument("--overlap", type=float, default=0.5)
     p.add_argument("--sw-batch-size", type=int, default=2)
-    p.add_argument("--units", default="SUV", help="units of the input (the model needs SUV)")
+    from PETWorkbenchLib.units import add_units_arguments
+    add_units_arguments(p)
     p.add_argument("--routing-json", default=None, help="write the routing summary here")
     p.set_defaults(func=_cmd_synthesize)
 

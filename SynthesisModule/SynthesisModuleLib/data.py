@@ -7,13 +7,13 @@ Intensity normalisation (documented in METHOD.md): the network works on SUV (bod
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
 from PETWorkbenchLib.errors import InputError
+from PETWorkbenchLib.manifest import select  # noqa: F401 - the engine's name for it
 from PETWorkbenchLib.imageio import resample_to_spacing
 
 TARGET_SPACING = (2.0, 2.0, 2.0)
@@ -37,40 +37,14 @@ def normalise(suv, suv_scale=1.0):
 
 
 # -------------------------------------------------------------------------------------------------- manifest
+MANIFEST_REQUIRED = ("case_id", "center", "split", "full_dose", "low_dose")
+
+
 def read_manifest(path):
-    """Rows of a simulated multi-centre manifest.csv with absolute paths; see the package docstring for columns."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"manifest not found: {path}")
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    if not rows:
-        raise InputError(f"manifest {path} has no rows")
-    need = {"case_id", "center", "split", "full_dose", "low_dose"}
-    missing = need - set(rows[0])
-    if missing:
-        raise InputError(f"manifest {path} lacks columns {sorted(missing)}")
-    for r in rows:
-        for key in ("full_dose", "low_dose", "low_dose_drf20", "ct", "labels", "lesions"):
-            if r.get(key):
-                r[key] = str((path.parent / r[key]).resolve())
-        r["known"] = str(r.get("known", "1")).strip().lower() in ("1", "true", "yes", "known")
-    return rows
-
-
-def select(rows, split=None, known=None, centers=None, tracers=None):
-    out = []
-    for r in rows:
-        if tracers and r.get("tracer") and r["tracer"] not in tracers:
-            continue
-        if split is not None and r["split"] not in ([split] if isinstance(split, str) else split):
-            continue
-        if known is not None and r["known"] != known:
-            continue
-        if centers is not None and r["center"] not in centers:
-            continue
-        out.append(r)
-    return out
+    """Rows of a simulated multi-centre manifest.csv (:func:`PETWorkbenchLib.manifest.read_manifest`) with the
+    columns DRMC needs."""
+    from PETWorkbenchLib.manifest import read_manifest as read
+    return read(path, MANIFEST_REQUIRED)
 
 
 def load_pair_2mm(row, suv_scale=1.0, low_key="low_dose"):

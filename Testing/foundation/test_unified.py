@@ -113,3 +113,29 @@ def test_default_models_are_set_in_models_json_only(tmp_path):
         default_model("segmentation", reg)
     with pytest.raises(ModelError, match="marks none"):
         default_model("synthesis", reg)
+
+
+def test_one_manifest_reader_for_both_engines(tmp_path):
+    """The rows both engines read: absolute image paths (as the synthesis copy made them), the same case paths
+    (as the segmentation copy resolved them), known as a bool, and the selections of both."""
+    from SegmentationModuleLib import data as seg_data
+    from SynthesisModuleLib import data as syn_data
+    (tmp_path / "c1").mkdir()
+    (tmp_path / "manifest.csv").write_text(
+        "case_id,center,known,tracer,split,full_dose,low_dose,low_dose_drf20,labels\n"
+        "a,C1,1,FDG,train,c1/a_full.nii.gz,c1/a_low.nii.gz,c1/a_20.nii.gz,c1/a_lab.nii.gz\n"
+        "b,C5,0,FAPI,test,c1/b_full.nii.gz,c1/b_low.nii.gz,,c1/b_lab.nii.gz\n")
+    syn = syn_data.read_manifest(tmp_path / "manifest.csv")
+    seg = seg_data.read_manifest(tmp_path / "manifest.csv")
+    assert syn == seg
+    assert syn[0]["full_dose"] == str((tmp_path / "c1" / "a_full.nii.gz").resolve())
+    assert seg_data.case_path(seg[0], "low_dose_drf20") == (tmp_path / "c1" / "a_20.nii.gz").resolve()
+    assert syn[0]["known"] is True and syn[1]["known"] is False
+    assert [r["case_id"] for r in syn_data.select(syn, split="train", known=True)] == ["a"]
+    assert [r["case_id"] for r in seg_data.select(seg, split="test", tracers="fapi")] == ["b"]
+    with pytest.raises(InputError, match="has no 'low_dose_drf20'"):
+        seg_data.case_path(seg[1], "low_dose_drf20")
+    (tmp_path / "bad.csv").write_text("case_id,split\nx,train\n")
+    with pytest.raises(InputError, match="lacks columns"):
+        syn_data.read_manifest(tmp_path / "bad.csv")
+    assert seg_data.read_manifest(tmp_path / "bad.csv")[0]["case_id"] == "x"

@@ -185,3 +185,21 @@ def test_cli_synthesize_and_train(tiny_manifest, tmp_path):
     rc = main(["synthesize", str(tmp_path / "in.nii.gz"), str(tmp_path / "o2.nii.gz"), "--model", "x.pt",
                "--units", "Bq/ml"])
     assert rc == 2  # InputError
+
+
+def test_cli_takes_bq_per_ml_with_weight_and_dose(tmp_path):
+    """Bq/ml in, Bq/ml out, the network run on the same SUV as for an SUV input."""
+    from PETWorkbenchApp.cli import main
+    torch.save(_ckpt(), tmp_path / "w.pt")
+    suv = phantom()[0]
+    factor = 70.0 * 1000.0 / 350e6                          # SUV per Bq/ml for 70 kg and 350 MBq
+    write_image(suv, tmp_path / "suv.nii.gz")
+    write_image(suv / factor, tmp_path / "bq.nii.gz")
+    common = ["--model", str(tmp_path / "w.pt"), "--device", "cpu"]
+    assert main(["synthesize", str(tmp_path / "suv.nii.gz"), str(tmp_path / "o_suv.nii.gz")] + common) == 0
+    assert main(["synthesize", str(tmp_path / "bq.nii.gz"), str(tmp_path / "o_bq.nii.gz"), "--units", "Bq/ml",
+                 "--weight-kg", "70", "--injected-dose-mbq", "350"] + common) == 0
+    a = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "o_suv.nii.gz")))
+    b = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "o_bq.nii.gz")))
+    assert np.allclose(b * factor, a, rtol=1e-4, atol=1e-4 * a.max())
+    assert main(["synthesize", str(tmp_path / "bq.nii.gz"), str(tmp_path / "o3.nii.gz")] + common) == 2  # as SUV
