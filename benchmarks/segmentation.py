@@ -48,7 +48,7 @@ def run(manifest, quick=False, threads=2, split="test", out=None):
     import torch
     torch.set_num_threads(threads)
     import SimpleITK as sitk
-    from SegmentationModuleLib.cli import evaluate_manifest
+    from SegmentationModuleLib.evaluate import evaluate_manifest
     from SegmentationModuleLib.data import case_path, file_stamps, read_manifest, select
     from SegmentationModuleLib.infer import segment
 

@@ -47,8 +47,8 @@ __all__ = ["register", "RegistrationResult", "check_inputs", "prealign_transform
 def __getattr__(name):
     """The API is imported on first use, so that torch-free parts (the similarity registry) load without torch."""
     if name in ("register", "check_inputs", "prealign_transform"):
-        from . import engine
-        return getattr(engine, name)
+        from . import infer
+        return getattr(infer, name)
     if name == "RegistrationResult":
         from .result import RegistrationResult
         return RegistrationResult

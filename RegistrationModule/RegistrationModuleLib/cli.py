@@ -83,7 +83,7 @@ def _reader(max_voxels=None, reason=None):
 def run_register(args, reporter=None):
     from PETWorkbenchLib.errors import InputError
     from PETWorkbenchLib.imageio import check_output, memory_budget_bytes, write_image
-    from .engine import register
+    from .infer import register
 
     overwrite = getattr(args, "overwrite", False)
     inputs = [p for p in (args.fixed, args.moving, args.fixed_mask, args.moving_mask, args.fixed_labels,

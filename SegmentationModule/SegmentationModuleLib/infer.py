@@ -13,7 +13,7 @@ def load_model(checkpoint, device="cpu", progress=None):
     """Checkpoint (path, registry id or loaded dict) -> (network in eval mode, config)."""
     from PETWorkbenchLib.device import torch_device
     from PETWorkbenchLib.models import load_checkpoint, load_model_checkpoint
-    from .network import build_network
+    from .model import build_network
     if isinstance(checkpoint, dict):
         ckpt = checkpoint
     elif isinstance(checkpoint, (str, Path)) and Path(checkpoint).is_file():

@@ -27,7 +27,7 @@ from PETWorkbenchLib.progress import Reporter
 
 from .augment import misalign_labels
 from .losses import denoising_loss, ldos_loss
-from .network import build_network
+from .model import build_network
 
 TASKS = ("ldos", "segonly", "denoise")
 

@@ -87,7 +87,7 @@ def test_segmentation_logic_keeps_user_segments_on_failure(mrml, tmp_path):
     from PETWorkbenchLib.errors import InputError
     from PETWorkbenchLib.models import save_checkpoint
     from SegmentationModule import SegmentationModuleLogic
-    from SegmentationModuleLib.network import build_network
+    from SegmentationModuleLib.model import build_network
     from SegmentationModuleLib.train import load_config
     torch.manual_seed(0)
     cfg = load_config("ldos_cpu_demo")

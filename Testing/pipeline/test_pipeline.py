@@ -16,7 +16,7 @@ import SimpleITK as sitk
 def tiny_models(tmp_path_factory):
     import torch
     from PETWorkbenchLib.models import save_checkpoint
-    from SegmentationModuleLib.network import build_network
+    from SegmentationModuleLib.model import build_network
     from SegmentationModuleLib.train import load_config as seg_config
     from SynthesisModuleLib import build_model, load_config
     d = tmp_path_factory.mktemp("models")

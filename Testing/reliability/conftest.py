@@ -8,7 +8,7 @@ def tiny_models(tmp_path_factory):
     """Untrained synthesis and segmentation weights of the engines' own architectures, CPU-instant."""
     import torch
     from PETWorkbenchLib.models import save_checkpoint
-    from SegmentationModuleLib.network import build_network
+    from SegmentationModuleLib.model import build_network
     from SegmentationModuleLib.train import load_config as seg_config
     from SynthesisModuleLib import build_model, load_config
     d = tmp_path_factory.mktemp("tiny-models")

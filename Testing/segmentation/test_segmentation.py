@@ -14,7 +14,7 @@ from SegmentationModuleLib.augment import misalign_labels, warp_labels
 from SegmentationModuleLib.data import PatchSampler, random_cases
 from SegmentationModuleLib.losses import (deep_supervision_weights, denoising_loss, ldos_loss, phi_schedule,
                                           segmentation_loss, soft_dice_loss)
-from SegmentationModuleLib.network import LDOSNet
+from SegmentationModuleLib.model import LDOSNet
 from SegmentationModuleLib.organs import terminology_path
 
 torch.set_num_threads(1)
