@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from PETWorkbenchLib.errors import InputError
+from PETWorkbenchLib.metrics import psnr  # noqa: F401 - the engine's name for it (pass the HU range)
 from PETWorkbenchLib.progress import Reporter
 
 __all__ = ["slice_profile_matrices", "degrade_axis_matrix", "MSDNet", "sr4zct", "sr4zct_array",
@@ -128,16 +129,6 @@ def slice_thickness(img: sitk.Image, thickness_mm=None):
             except ValueError:
                 pass
     return float(img.GetSpacing()[2]), "spacing (no slice thickness in the metadata)"
-
-
-def psnr(ref, x, data_range=None, mask=None):
-    ref = np.asarray(ref, np.float64)
-    x = np.asarray(x, np.float64)
-    if mask is not None:
-        ref, x = ref[mask], x[mask]
-    dr = float(ref.max() - ref.min()) if data_range is None else float(data_range)
-    mse = float(np.mean((ref - x) ** 2))
-    return float("inf") if mse == 0 else 10 * math.log10(dr * dr / mse)
 
 
 def thick_slice_volume(vol, r_xy, r_z, o_z=0.0):

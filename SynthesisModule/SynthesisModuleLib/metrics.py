@@ -15,6 +15,7 @@ import numpy as np
 from scipy import ndimage
 
 from PETWorkbenchLib.errors import InputError
+from PETWorkbenchLib.metrics import psnr, ssim  # noqa: F401 - the engine's names for them
 
 
 def _check_pair(pred, ref):
@@ -23,30 +24,6 @@ def _check_pair(pred, ref):
     if pred.shape != ref.shape:
         raise InputError(f"estimate shape {pred.shape} differs from reference shape {ref.shape}")
     return pred, ref
-
-
-def psnr(pred, ref, data_range=None):
-    pred, ref = _check_pair(pred, ref)
-    r = float(ref.max()) if data_range is None else float(data_range)
-    if r <= 0:
-        raise InputError("reference image is empty (maximum <= 0); PSNR undefined")
-    mse = float(np.mean((pred - ref) ** 2))
-    return float("inf") if mse == 0 else float(10.0 * np.log10(r * r / mse))
-
-
-def ssim(pred, ref, data_range=None, sigma=1.5):
-    pred, ref = _check_pair(pred, ref)
-    r = float(ref.max()) if data_range is None else float(data_range)
-    if r <= 0:
-        raise InputError("reference image is empty (maximum <= 0); SSIM undefined")
-    c1, c2 = (0.01 * r) ** 2, (0.03 * r) ** 2
-    f = lambda a: ndimage.gaussian_filter(a, sigma, truncate=3.5)
-    mx, my = f(pred), f(ref)
-    sxx = f(pred * pred) - mx * mx
-    syy = f(ref * ref) - my * my
-    sxy = f(pred * ref) - mx * my
-    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
-    return float(s.mean())
 
 
 def lesion_components(lesions):

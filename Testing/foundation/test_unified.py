@@ -139,3 +139,46 @@ def test_one_manifest_reader_for_both_engines(tmp_path):
     with pytest.raises(InputError, match="lacks columns"):
         syn_data.read_manifest(tmp_path / "bad.csv")
     assert seg_data.read_manifest(tmp_path / "bad.csv")[0]["case_id"] == "x"
+
+
+def _old_registration_hd95(x, y, sp):
+    """The registration copy before: both directions pooled, then the 95th percentile."""
+    from scipy import ndimage
+    sx, sy = (m & ~ndimage.binary_erosion(m, border_value=0) for m in (x, y))
+    d = np.concatenate([ndimage.distance_transform_edt(~sy, sampling=sp)[sx],
+                        ndimage.distance_transform_edt(~sx, sampling=sp)[sy]])
+    return float(np.percentile(d, 95))
+
+
+def test_one_set_of_image_metrics():
+    """PSNR/SSIM: the synthesis numbers unchanged, SR4ZCT's unchanged where its callers pass the HU range; HD95: the
+    segmentation convention (max of the directed 95th percentiles) for registration too, which differs from its old
+    pooled percentile only for asymmetric errors."""
+    from PETWorkbenchLib import metrics
+    from ReconstructionModuleLib import sr4zct
+    from RegistrationModuleLib import metrics as reg_metrics
+    from SegmentationModuleLib import metrics as seg_metrics
+    from SynthesisModuleLib import metrics as syn_metrics
+    rng = np.random.default_rng(0)
+    ref = rng.random((12, 14, 16)) * 5
+    pred = ref + rng.normal(0, 0.1, ref.shape)
+    assert syn_metrics.psnr is metrics.psnr and syn_metrics.ssim is metrics.ssim and sr4zct.psnr is metrics.psnr
+    assert metrics.psnr(pred, ref) == 10 * np.log10(ref.max() ** 2 / np.mean((pred - ref) ** 2))
+    ct = ref * 600 - 1000
+    assert abs(sr4zct.psnr(ct, ct + 3.0, 3024.0) - 20 * np.log10(3024.0 / 3.0)) < 1e-9
+    a = np.zeros((40, 40, 40), bool)
+    a[8:20, 8:20, 8:20] = True
+    b = a.copy()
+    b[8:12, 30:34, 8:12] = True                                             # a stray blob: asymmetric error
+    sp = (1.0, 1.0, 1.0)
+    hd, asd = metrics.hd95_asd(b, a, sp)
+    assert seg_metrics.binary_metrics(b, a, sp)["hd95"] == hd
+    img = lambda m: sitk.GetImageFromArray(m.astype(np.uint8))            # noqa: E731 - local helper
+    ia, ib = img(a), img(b)
+    ia.SetSpacing(sp[::-1])
+    ib.SetSpacing(sp[::-1])
+    per, _ = reg_metrics.hd95(ia, ib)
+    assert per[1] == metrics.hd95_asd(a, b, sp)[0] == hd
+    assert _old_registration_hd95(a, b, sp) != hd                             # the convention really changed
+    shifted = np.roll(a, 3, axis=1)
+    assert abs(reg_metrics.hd95(ia, img(shifted))[0][1] - _old_registration_hd95(a, shifted, sp)) < 1e-9
