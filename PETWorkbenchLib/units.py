@@ -5,7 +5,10 @@ Models work in SUV; this module converts when the patient weight and injected do
 when they are not.
 """
 
+from dataclasses import dataclass
+
 from .errors import InputError
+from .requests import option
 
 KNOWN_UNITS = ("SUV", "BQML")
 
@@ -96,20 +99,21 @@ def check_pet_image(image, name="The PET volume", units="SUV", max_voxels=None):
     return image
 
 
-def add_units_arguments(parser):
-    """``--units``, ``--weight-kg``, ``--injected-dose-mbq`` (and ``--decay-factor``) for commands that take PET."""
-    parser.add_argument("--units", default="SUV", help="units of the input PET: SUV (default) or Bq/ml (then give "
-                        "--weight-kg and --injected-dose-mbq)")
-    parser.add_argument("--weight-kg", type=float, default=None, help="patient weight (Bq/ml input)")
-    parser.add_argument("--injected-dose-mbq", type=float, default=None,
-                        help="injected activity at scan time, MBq (Bq/ml input)")
-    parser.add_argument("--decay-factor", type=float, default=1.0,
-                        help="decay of the injected dose to scan time (Bq/ml input; default 1)")
+@dataclass(kw_only=True)
+class PETUnits:
+    """The units fields of a request that takes PET (:mod:`PETWorkbenchLib.requests`): ``--units``,
+    ``--weight-kg``, ``--injected-dose-mbq``, ``--decay-factor``."""
+
+    units: str = option("SUV", help="units of the input PET: SUV (default) or Bq/ml (then give --weight-kg and "
+                        "--injected-dose-mbq)")
+    weight_kg: float = option(None, parse=float, help="patient weight (Bq/ml input)")
+    injected_dose_mbq: float = option(None, parse=float, help="injected activity at scan time, MBq (Bq/ml input)")
+    decay_factor: float = option(1.0, help="decay of the injected dose to scan time (Bq/ml input; default 1)")
 
 
 def pet_in_suv(image, args, name):
-    """(PET in SUV, factor SUV per input unit) from a command's image and its units arguments
-    (:func:`add_units_arguments`), checked by :func:`check_pet_image`."""
+    """(PET in SUV, factor SUV per input unit) from a command's image and its units (a :class:`PETUnits`
+    request or namespace), checked by :func:`check_pet_image`."""
     factor = 1.0
     if normalise_units(args.units) == "BQML":
         dose = args.injected_dose_mbq * 1e6 if args.injected_dose_mbq else None

@@ -137,16 +137,18 @@ class RegistrationModuleLogic(ScriptedLoadableModuleLogic):
         from PETWorkbenchLib import imageio
         from PETWorkbenchSlicer import mrml
         from PETWorkbenchLib.errors import InputError
+        from PETWorkbenchLib.requests import to_argv
         from PETWorkbenchSlicer.slicer_bridge import EngineRun
+        from RegistrationModuleLib.cli import RegisterRequest
 
         fixed = mrml.volume_to_image(fixedVolumeNode, dtype="float32")
         moving = mrml.volume_to_image(movingVolumeNode, dtype="float32")
         extra = {}
-        for flag, node in (("--fixed-mask", fixedMaskNode), ("--fixed-labels", fixedLabelsNode),
-                           ("--moving-labels", movingLabelsNode)):
+        for flag, node in (("fixed_mask", fixedMaskNode), ("fixed_labels", fixedLabelsNode),
+                           ("moving_labels", movingLabelsNode)):
             if node is not None:
                 extra[flag] = mrml.volume_to_image(node)
-        if ("--fixed-labels" in extra) != ("--moving-labels" in extra):
+        if ("fixed_labels" in extra) != ("moving_labels" in extra):
             raise InputError("Label-driven registration needs label maps for both the fixed and the moving image")
         warpVolume = warpVolume or outputVolumeNode is not None
         jacobian = jacobian or jacobianVolumeNode is not None
@@ -155,23 +157,26 @@ class RegistrationModuleLogic(ScriptedLoadableModuleLogic):
             p = lambda n: os.path.join(tmp, n)
             imageio.write_image(fixed, p("fixed.nii"))
             imageio.write_image(moving, p("moving.nii"))
-            args = [p("fixed.nii"), p("moving.nii"), "--output", p("field.nii"), "--method", method,
-                    "--similarity", similarity, "--smoothness", str(float(smoothness)), "--device", device]
-            if iterations:
-                args += ["--iterations", str(iterations) if isinstance(iterations, str) else
-                         ",".join(str(int(i)) for i in (iterations if hasattr(iterations, "__len__")
-                                                         else (iterations, max(int(iterations) * 6 // 10, 1),
-                                                               max(int(iterations) * 3 // 10, 1))))]
+            if not iterations:
+                levels = {}                                       # the engine's default schedule
+            elif isinstance(iterations, str):
+                levels = tuple(int(v) for v in iterations.split(",") if v.strip())
+            elif hasattr(iterations, "__len__"):
+                levels = tuple(int(i) for i in iterations)
+            else:       # one number: the finest level's count, the coarser levels 60 % and 30 % of it
+                n = int(iterations)
+                levels = (n, max(n * 6 // 10, 1), max(n * 3 // 10, 1))
+            levels = {"iterations": levels} if levels else {}
+            files = {}
             for flag, img in extra.items():
-                imageio.write_image(img, p(flag.strip("-") + ".nii"))
-                args += [flag, p(flag.strip("-") + ".nii")]
-            if diffeomorphic:
-                args.append("--diffeomorphic")
-            if warpVolume:
-                args += ["--warped", p("warped.nii")]
-            if jacobian:
-                args += ["--jacobian", p("jacobian.nii")]
-            return args
+                files[flag] = p(flag + ".nii")
+                imageio.write_image(img, files[flag])
+            request = RegisterRequest(fixed=p("fixed.nii"), moving=p("moving.nii"), output=p("field.nii"),
+                                      method=method, similarity=similarity, smoothness=float(smoothness),
+                                      diffeomorphic=bool(diffeomorphic), device=device, **levels,
+                                      warped=p("warped.nii") if warpVolume else None,
+                                      jacobian=p("jacobian.nii") if jacobian else None, **files)
+            return to_argv(request)
 
         def finish(tmp, result):
             p = lambda n: os.path.join(tmp, n)

@@ -151,20 +151,20 @@ class SegmentationModuleLogic(ScriptedLoadableModuleLogic):
         ``finish(labelImage)`` when given. Nothing in the scene is changed here."""
         import SimpleITK as sitk
         from PETWorkbenchLib import imageio, models, units
+        from PETWorkbenchLib.requests import to_argv
         from PETWorkbenchSlicer import mrml
         from PETWorkbenchSlicer.slicer_bridge import EngineRun
+        from SegmentationModuleLib.cli import SegmentRequest
         model = model or models.default_model("segmentation")
 
         image = mrml.volume_to_image(petVolumeNode, dtype="float32")
         units.check_pet_range(sitk.GetArrayViewFromImage(image), "SUV")
 
         def prepare(tmp):
-            args = ["--input", os.path.join(tmp, "pet.nii"), "--output", os.path.join(tmp, "labels.nii"),
-                    "--model", str(model), "--device", device]
-            if organs:
-                args += ["--organs", ",".join(organs)]
-            imageio.write_image(image, args[1])
-            return args
+            request = SegmentRequest(input=os.path.join(tmp, "pet.nii"), output=os.path.join(tmp, "labels.nii"),
+                                     model=str(model), device=device, organs=",".join(organs or []))
+            imageio.write_image(image, request.input)
+            return to_argv(request)
 
         def read(tmp, result):
             labels = imageio.read_image(os.path.join(tmp, "labels.nii"), "engine output")

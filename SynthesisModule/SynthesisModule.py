@@ -108,7 +108,9 @@ class SynthesisModuleLogic(ScriptedLoadableModuleLogic):
         output node; otherwise an EngineRun to poll/cancel."""
         import SimpleITK as sitk
         from PETWorkbenchLib import imageio, models, units as pet_units
+        from PETWorkbenchLib.requests import to_argv
         from PETWorkbenchSlicer import mrml
+        from SynthesisModuleLib.cli import SynthesizeRequest
         from PETWorkbenchSlicer.slicer_bridge import EngineRun
         model = model or models.default_model("synthesis")
 
@@ -121,10 +123,10 @@ class SynthesisModuleLogic(ScriptedLoadableModuleLogic):
 
         def prepare(tmp):
             imageio.write_image(image * scale if scale != 1.0 else image, os.path.join(tmp, "input.nii"))
-            return [os.path.join(tmp, "input.nii"), os.path.join(tmp, "output.nii"),
-                    "--routing-json", os.path.join(tmp, "routing.json"), "--model", str(model), "--device", device,
-                    "--overlap", str(float(overlap)), "--sw-batch-size", str(int(patchBatch))] + (
-                        ["--patch", str(int(patchSize))] if patchSize else [])
+            return to_argv(SynthesizeRequest(
+                input=os.path.join(tmp, "input.nii"), output=os.path.join(tmp, "output.nii"),
+                routing_json=os.path.join(tmp, "routing.json"), model=str(model), device=device,
+                overlap=float(overlap), sw_batch_size=int(patchBatch), patch=int(patchSize) if patchSize else None))
 
         def finish(tmp, result):
             out = imageio.read_image(os.path.join(tmp, "output.nii"), "engine output")

@@ -1,37 +1,53 @@
 """``petworkbench register``: deformable registration from the command line (and the Slicer worker)."""
 
+from dataclasses import dataclass
 from pathlib import Path
+
+from PETWorkbenchLib.requests import option
+
+from .similarities import describe, similarity_names
 
 
 def _levels(text):
     return tuple(int(v) for v in str(text).replace(" ", "").split(",") if v != "")
 
 
+def _levels_text(levels):
+    return ",".join(str(int(v)) for v in levels)
+
+
+@dataclass
+class RegisterRequest:
+    """``petworkbench register``: what the command line and the Registration module's logic both build."""
+
+    fixed: str = option(positional=True, help="fixed image (NIfTI/NRRD)")
+    moving: str = option(positional=True, help="moving image")
+    output: str = option(required=True, short="-o", help="displacement field to write (.nii.gz / .nrrd / .mha)")
+    warped: str = option(None, help="write the moving image resampled onto the fixed grid")
+    jacobian: str = option(None, help="write the Jacobian determinant image")
+    moving_labels_out: str = option(None, help="write the warped moving label map (needs --moving-labels)")
+    method: str = option("instance", choices=("instance", "dca"), help="instance optimisation or TM-DCA")
+    model: str = option(None, help="TM-DCA model id or checkpoint (method dca)")
+    similarity: str = option("lncc", choices=similarity_names, help=describe())
+    regularizer: str = option("diffusion", choices=("diffusion", "elastic", "curvature"), help="regulariser")
+    smoothness: float = option(1.0, help="regularisation weight")
+    iterations: tuple = option((100, 60, 30), parse=_levels, format=_levels_text,
+                               help="Adam iterations per pyramid level, coarse to fine (default 100,60,30)")
+    diffeomorphic: bool = option(flag=True, help="integrate the field as a stationary velocity")
+    prealign: str = option("affine", choices=("affine", "rigid", "none", "center"), help="pre-alignment")
+    fixed_mask: str = option(None, help="fixed mask (label map)")
+    moving_mask: str = option(None, help="moving mask (label map)")
+    fixed_labels: str = option(None, help="fixed label map (label-driven terms, Dice)")
+    moving_labels: str = option(None, help="moving label map")
+    device: str = option("auto", help="auto, cpu, cuda[:N] or mps")
+
+
 def add_commands(subparsers):
+    from PETWorkbenchLib.requests import add_arguments
     p = subparsers.add_parser("register", help="deformable registration of MOVING onto FIXED",
                               description="Register MOVING to FIXED; writes the displacement field (fixed grid, "
                                           "LPS mm, x_moving = x_fixed + u(x_fixed)).")
-    p.add_argument("fixed", help="fixed image (NIfTI/NRRD)")
-    p.add_argument("moving", help="moving image")
-    p.add_argument("--output", "-o", required=True, help="displacement field to write (.nii.gz / .nrrd / .mha)")
-    p.add_argument("--warped", help="write the moving image resampled onto the fixed grid")
-    p.add_argument("--jacobian", help="write the Jacobian determinant image")
-    p.add_argument("--moving-labels-out", help="write the warped moving label map (needs --moving-labels)")
-    p.add_argument("--method", default="instance", choices=["instance", "dca"])
-    p.add_argument("--model", help="TM-DCA model id or checkpoint (method dca)")
-    from .similarities import SIMILARITIES, describe
-    p.add_argument("--similarity", default="lncc", choices=list(SIMILARITIES), help=describe())
-    p.add_argument("--regularizer", default="diffusion", choices=["diffusion", "elastic", "curvature"])
-    p.add_argument("--smoothness", type=float, default=1.0)
-    p.add_argument("--iterations", type=_levels, default=(100, 60, 30),
-                   help="Adam iterations per pyramid level, coarse to fine (default 100,60,30)")
-    p.add_argument("--diffeomorphic", action="store_true")
-    p.add_argument("--prealign", default="affine", choices=["affine", "rigid", "none", "center"])
-    p.add_argument("--fixed-mask")
-    p.add_argument("--moving-mask")
-    p.add_argument("--fixed-labels")
-    p.add_argument("--moving-labels")
-    p.add_argument("--device", default="auto")
+    add_arguments(p, RegisterRequest)
     p.set_defaults(func=run_register)
 
     try:
@@ -83,9 +99,11 @@ def _reader(max_voxels=None, reason=None):
 def run_register(args, reporter=None):
     from PETWorkbenchLib.errors import InputError
     from PETWorkbenchLib.imageio import check_output, memory_budget_bytes, write_image
+    from PETWorkbenchLib.requests import from_args
     from .infer import register
 
     overwrite = getattr(args, "overwrite", False)
+    args = from_args(RegisterRequest, args)
     inputs = [p for p in (args.fixed, args.moving, args.fixed_mask, args.moving_mask, args.fixed_labels,
                           args.moving_labels) if p]
     outputs = [(args.output, "displacement field"), (args.warped, "warped image"), (args.jacobian, "Jacobian image"),

@@ -10,9 +10,26 @@
   [--denoiser ID|file.pt (Fake-FDPET)] [--output metrics.json]``
 """
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from PETWorkbenchLib.errors import InputError
+from PETWorkbenchLib.requests import option
+from PETWorkbenchLib.units import PETUnits
+
+
+@dataclass
+class SegmentRequest(PETUnits):
+    """``petworkbench segment``: what the command line and the Segmentation module's logic both build."""
+
+    input: str = option(required=True, help="PET volume (NIfTI/NRRD), in SUV or Bq/ml (see --units)")
+    output: str = option(required=True, help="output label map")
+    model: str = option(None, help="model id or checkpoint file (default: the segmentation model marked default "
+                        "in Models.json)")
+    organs: str = option("", help="comma-separated organ names or values (default: all 18)")
+    probabilities: str = option("", help="also write class probabilities here")
+    uptake: str = option("", help="write the organ uptake table (JSON) here")
+    device: str = option("auto", help="auto, cpu, cuda[:N] or mps")
 
 
 def _group(subparsers, name):
@@ -43,27 +60,30 @@ def _cmd_segment(args, rep):
     from .infer import segment
     from .organs import organ_specs
     from .uptake import organ_uptake
-    inputs = [args.input]
-    outputs = [(args.output, "label map"), (args.probabilities, "probabilities file"), (args.uptake, "uptake table")]
+    from PETWorkbenchLib.requests import from_args
+    overwrite = args.overwrite
+    req = from_args(SegmentRequest, args)
+    inputs = [req.input]
+    outputs = [(req.output, "label map"), (req.probabilities, "probabilities file"), (req.uptake, "uptake table")]
     for path, what in outputs:
         if path:
-            check_output(path, inputs, args.overwrite, what)
+            check_output(path, inputs, overwrite, what)
     named = [p for p, _ in outputs if p]
     if len({str(Path(p).resolve()) for p in named}) != len(named):
         raise InputError("--output, --probabilities and --uptake must be different files")
     from PETWorkbenchLib.units import pet_in_suv
-    pet, _ = pet_in_suv(_read(args.input, "PET", bounded=True), args, f"PET {Path(args.input).name}")
+    pet, _ = pet_in_suv(_read(req.input, "PET", bounded=True), req, f"PET {Path(req.input).name}")
     from PETWorkbenchLib.models import default_model
-    label, probs = segment(pet, args.model or default_model("segmentation"), organs=_organs_arg(args.organs),
-                           device=args.device, progress=rep.sub(0.0, 0.95),
-                           return_probabilities=bool(args.probabilities))
+    label, probs = segment(pet, req.model or default_model("segmentation"), organs=_organs_arg(req.organs),
+                           device=req.device, progress=rep.sub(0.0, 0.95),
+                           return_probabilities=bool(req.probabilities))
     rows = organ_uptake(sitk.Cast(pet, sitk.sitkFloat64), label, organ_specs())
-    write_image(label, args.output, inputs=inputs, overwrite=args.overwrite)
+    write_image(label, req.output, inputs=inputs, overwrite=overwrite)
     if probs is not None:
-        write_image(probs, args.probabilities, inputs=inputs, overwrite=args.overwrite)
-    if args.uptake:
-        write_json(rows, args.uptake, inputs=inputs, overwrite=args.overwrite)
-    return {"output": str(args.output), "organs_found": [r["name"] for r in rows], "uptake": rows,
+        write_image(probs, req.probabilities, inputs=inputs, overwrite=overwrite)
+    if req.uptake:
+        write_json(rows, req.uptake, inputs=inputs, overwrite=overwrite)
+    return {"output": str(req.output), "organs_found": [r["name"] for r in rows], "uptake": rows,
             "uptake_units": "SUV"}
 
 
@@ -101,17 +121,9 @@ def _cmd_evaluate(args, rep):
 
 
 def add_commands(subparsers):
-    p = subparsers.add_parser("segment", help="LDOS organ segmentation of a PET volume in SUV")
-    p.add_argument("--input", required=True, help="PET volume (SUV), NIfTI or NRRD")
-    p.add_argument("--model", default=None, help="model id or checkpoint file (default: the segmentation model "
-                   "marked default in Models.json)")
-    p.add_argument("--output", required=True, help="output label map")
-    p.add_argument("--organs", default="", help="comma-separated organ names or values (default: all 18)")
-    p.add_argument("--probabilities", default="", help="also write class probabilities here")
-    p.add_argument("--uptake", default="", help="write the organ uptake table (JSON) here")
-    from PETWorkbenchLib.units import add_units_arguments
-    add_units_arguments(p)
-    p.add_argument("--device", default="auto")
+    from PETWorkbenchLib.requests import add_arguments
+    p = subparsers.add_parser("segment", help="LDOS organ segmentation of a PET volume")
+    add_arguments(p, SegmentRequest)
     p.set_defaults(func=_cmd_segment)
 
     t = _group(subparsers, "train").add_parser("segmentation", help="train LDOS or a baseline")

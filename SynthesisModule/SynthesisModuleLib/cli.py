@@ -5,32 +5,53 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from PETWorkbenchLib.errors import InputError
+from PETWorkbenchLib.requests import option
+from PETWorkbenchLib.units import PETUnits
+
+
+@dataclass
+class SynthesizeRequest(PETUnits):
+    """``petworkbench synthesize``: what the command line and the Synthesis module's logic both build."""
+
+    input: str = option(positional=True, help="low-dose PET (NIfTI/NRRD), in SUV or Bq/ml (see --units)")
+    output: str = option(positional=True, help="output file")
+    model: str = option(None, help="model id or weights file (default: the synthesis model marked default in "
+                        "Models.json)")
+    device: str = option("auto", help="auto, cpu, cuda[:N] or mps")
+    patch: int = option(None, parse=int, help="sliding-window patch size (default: training size)")
+    overlap: float = option(0.5, help="sliding-window overlap in [0, 1)")
+    sw_batch_size: int = option(2, help="patches per forward pass")
+    routing_json: str = option(None, help="write the routing summary here")
 
 
 def _cmd_synthesize(args, rep):
     from PETWorkbenchLib.imageio import check_output, write_image, write_json
+    from PETWorkbenchLib.requests import from_args
 
     from .infer import synthesize
-    inputs = [args.input]
-    check_output(args.output, inputs, args.overwrite)
-    if args.routing_json:
-        check_output(args.routing_json, inputs + [args.output], args.overwrite, "routing file")
+    overwrite = args.overwrite
+    req = from_args(SynthesizeRequest, args)
+    inputs = [req.input]
+    check_output(req.output, inputs, overwrite)
+    if req.routing_json:
+        check_output(req.routing_json, inputs + [req.output], overwrite, "routing file")
     from PETWorkbenchLib.models import default_model
     from PETWorkbenchLib.units import pet_in_suv
-    image, factor = pet_in_suv(read_input(args.input, "low-dose PET"), args,
-                               f"low-dose PET {Path(args.input).name}")
-    out, summary = synthesize(image, args.model or default_model("synthesis"), device=args.device, patch=args.patch,
-                              overlap=args.overlap, sw_batch_size=args.sw_batch_size, units="SUV", progress=rep)
+    image, factor = pet_in_suv(read_input(req.input, "low-dose PET"), req,
+                               f"low-dose PET {Path(req.input).name}")
+    out, summary = synthesize(image, req.model or default_model("synthesis"), device=req.device, patch=req.patch,
+                              overlap=req.overlap, sw_batch_size=req.sw_batch_size, units="SUV", progress=rep)
     if factor != 1.0:
         out = out / factor                                      # back to the input's units, as the module does
-    summary["units"] = args.units
-    write_image(out, args.output, inputs=inputs, overwrite=args.overwrite)
-    if args.routing_json:
-        write_json(summary, args.routing_json, inputs=inputs, overwrite=args.overwrite)
-    return {"output": args.output, **summary}
+    summary["units"] = req.units
+    write_image(out, req.output, inputs=inputs, overwrite=overwrite)
+    if req.routing_json:
+        write_json(summary, req.routing_json, inputs=inputs, overwrite=overwrite)
+    return {"output": req.output, **summary}
 
 
 def read_input(path, what):
@@ -103,18 +124,9 @@ def _cmd_evaluate(args, rep):
 
 
 def add_commands(subparsers) -> None:
+    from PETWorkbenchLib.requests import add_arguments
     p = subparsers.add_parser("synthesize", help="full-dose PET estimate from a low-dose PET (DRMC)")
-    p.add_argument("input", help="low-dose PET (NIfTI/NRRD) in SUV")
-    p.add_argument("output", help="output file")
-    p.add_argument("--model", default=None, help="model id or weights file (default: the synthesis model marked "
-                   "default in Models.json)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--patch", type=int, default=None, help="sliding-window patch size (default: training size)")
-    p.add_argument("--overlap", type=float, default=0.5)
-    p.add_argument("--sw-batch-size", type=int, default=2)
-    from PETWorkbenchLib.units import add_units_arguments
-    add_units_arguments(p)
-    p.add_argument("--routing-json", default=None, help="write the routing summary here")
+    add_arguments(p, SynthesizeRequest)
     p.set_defaults(func=_cmd_synthesize)
 
     from PETWorkbenchLib.commands import group

@@ -8,7 +8,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import TINY_MODEL, phantom, write_image
+from synthesis_data import TINY_MODEL, phantom, write_image
 from PETWorkbenchLib.errors import Cancelled, InputError, ModelError
 from SynthesisModuleLib import infer
 from SynthesisModuleLib.data import CenterPatchSampler

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_MODEL, TINY_TRAIN
+from synthesis_data import TINY_MODEL, TINY_TRAIN
 from SynthesisModuleLib.data import CenterPatchSampler, read_manifest, select
 from SynthesisModuleLib.model import build_model, charbonnier_loss
 from SynthesisModuleLib.train import export_weights, load_config, train
