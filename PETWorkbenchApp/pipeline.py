@@ -226,13 +226,7 @@ def step_uptake(st, rep):
 
 def step_register(st, rep, device="cpu", iterations=(200, 100, 50), smoothness=2.0, learning_rate=2.0):
     """Moving = synthesized (or low-dose) PET, fixed = CT; multi-modal MIND similarity inside the CT's body mask.
-
-    Settings chosen on a demo study against its known field (mean error in the body, synthesized PET as
-    moving; true misalignment 4.3 mm): defaults of the registration module (smoothness 4, step 0.5, 100/60/30
-    iterations) 4.98 mm; body mask only 4.0 mm; these settings 3.4 mm. On the current demo patient they give
-    3.1 mm against a true 4.4 mm. Far from the diaphragm and organ boundaries PET has no structure to register,
-    so part of the field cannot be recovered from PET/CT.
-    """
+    How these settings were chosen: RegistrationModuleLib/METHOD.md, "PET -> CT in the main job"."""
     if st.has_valid("field.nii.gz", "registration.json"):
         return {"skipped": True}
     ct_path = st.input("ct")

@@ -66,6 +66,7 @@ def _table():
                                 "anatomicContextName": ANATOMIC_CONTEXT_NAME, "anatomicRegion": None,
                                 "anatomicRegionModifier": None,
                                 "slicerTerminologyEntry": _serialized(context, category, type_)},
+                "_sources": tuple(t.get("PETWorkbenchSourceClasses", [])),
             })
     organs.sort(key=lambda o: o["value"])
     return context, tuple(organs)
@@ -78,7 +79,13 @@ def context_name():
 
 def organ_table():
     """All organs, sorted by label value: [{value, name, displayName, color (0..1 RGB), terminology}] (copies)."""
-    return copy.deepcopy(list(_table()[1]))
+    return [{k: v for k, v in o.items() if k != "_sources"} for o in copy.deepcopy(list(_table()[1]))]
+
+
+def source_classes():
+    """{label value: TotalSegmentator class names or shell patterns (``vertebrae_*``)} that the simulator maps to
+    each organ (``PETWorkbenchSourceClasses`` in the terminology file: a new organ is one entry there)."""
+    return {o["value"]: list(o["_sources"]) for o in _table()[1]}
 
 
 def organ_specs(organs=None):

@@ -4,7 +4,7 @@
 used by every PETWorkbench data set and model, as (value, name) pairs read from the one organ list,
 ``Resources/Terminology/PETWorkbenchOrgans.term.json`` (see :mod:`PETWorkbenchLib.terminology`).
 :func:`ts_name_to_ldos` maps TotalSegmentator ("total" task, v2) class names to those values (left/right,
-vertebrae and lung lobes merged).
+vertebrae and lung lobes merged), from each organ's ``PETWorkbenchSourceClasses`` in the same file.
 """
 
 from __future__ import annotations
@@ -12,29 +12,23 @@ from __future__ import annotations
 import csv
 import numpy as np
 
-from PETWorkbenchLib.terminology import organ_specs
+from PETWorkbenchLib.terminology import organ_specs, source_classes
 
 __all__ = ["LDOS_ORGANS", "ts_name_to_ldos", "read_ts_label_table", "ts_to_ldos_lut", "segment_specs"]
 
 LDOS_ORGANS = [(s["value"], s["name"]) for s in organ_specs()]
 
-_EXACT = {
-    "spleen": 1, "colon": 2, "urinary_bladder": 3, "sacrum": 4, "heart": 6, "atrial_appendage_left": 6,
-    "aorta": 7, "clavicula_left": 8, "clavicula_right": 8, "femur_left": 9, "femur_right": 9,
-    "hip_left": 10, "hip_right": 10, "autochthon_left": 11, "autochthon_right": 11,
-    "kidney_left": 12, "kidney_right": 12, "kidney_cyst_left": 12, "kidney_cyst_right": 12,
-    "brain": 13, "liver": 14, "stomach": 15, "pancreas": 16, "esophagus": 18,
-}
-
 
 def ts_name_to_ldos(name: str) -> int:
-    """LDOS value of a TotalSegmentator class name (0 when the class is not one of the 18 organs)."""
-    if name in _EXACT:
-        return _EXACT[name]
-    if name.startswith("vertebrae_"):
-        return 5
-    if name.startswith("lung_"):
-        return 17
+    """LDOS value of a TotalSegmentator class name (0 when the class is not one of the organs): the organ whose
+    ``PETWorkbenchSourceClasses`` in the terminology file names the class, exactly or by a shell pattern."""
+    from fnmatch import fnmatchcase
+    for value, patterns in source_classes().items():
+        if name in patterns:
+            return value
+    for value, patterns in source_classes().items():
+        if any(fnmatchcase(name, p) for p in patterns if any(c in p for c in "*?[")):
+            return value
     return 0
 
 

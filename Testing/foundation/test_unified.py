@@ -182,3 +182,53 @@ def test_one_set_of_image_metrics():
     assert _old_registration_hd95(a, b, sp) != hd                             # the convention really changed
     shifted = np.roll(a, 3, axis=1)
     assert abs(reg_metrics.hd95(ia, img(shifted))[0][1] - _old_registration_hd95(a, shifted, sp)) < 1e-9
+
+
+_OLD_TS_TO_LDOS = {
+    "spleen": 1, "colon": 2, "urinary_bladder": 3, "sacrum": 4, "heart": 6, "atrial_appendage_left": 6,
+    "aorta": 7, "clavicula_left": 8, "clavicula_right": 8, "femur_left": 9, "femur_right": 9,
+    "hip_left": 10, "hip_right": 10, "autochthon_left": 11, "autochthon_right": 11,
+    "kidney_left": 12, "kidney_right": 12, "kidney_cyst_left": 12, "kidney_cyst_right": 12,
+    "brain": 13, "liver": 14, "stomach": 15, "pancreas": 16, "esophagus": 18,
+}
+
+
+def _old_ts_name_to_ldos(name):
+    if name in _OLD_TS_TO_LDOS:
+        return _OLD_TS_TO_LDOS[name]
+    return 5 if name.startswith("vertebrae_") else 17 if name.startswith("lung_") else 0
+
+
+def test_the_simulator_maps_anatomy_from_the_organ_list():
+    """Every TotalSegmentator class of the shipped anatomy maps to the organ the previous hand-written table gave."""
+    from PETWorkbenchLib.paths import resources_dir
+    from ReconstructionModuleLib.organs import read_ts_label_table, ts_name_to_ldos
+    names = read_ts_label_table(resources_dir() / "SampleData" / "TotalSegmentatorExampleCT" / "labels_total_v2.tsv")
+    assert len(names) > 100
+    assert {n: ts_name_to_ldos(n) for n in names.values()} == {n: _old_ts_name_to_ldos(n) for n in names.values()}
+
+
+def test_a_new_organ_is_one_entry_in_the_terminology(tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    from PETWorkbenchLib import terminology
+    from PETWorkbenchLib.paths import resources_dir
+    from ReconstructionModuleLib.organs import ts_name_to_ldos
+    src = resources_dir()
+    (tmp_path / "Terminology").mkdir()
+    shutil.copy(src / "Models.json", tmp_path / "Models.json")
+    doc = json.loads((src / terminology.TERMINOLOGY_FILE).read_text())
+    entry = dict(doc["SegmentationCodes"]["Category"][0]["Type"][0], CodeValue="69748006", CodeMeaning="Thyroid",
+                 **{"3dSlicerLabel": "thyroid", "3dSlicerIntegerLabel": 19, "PETWorkbenchDisplayName": "Thyroid",
+                    "PETWorkbenchSourceClasses": ["thyroid_gland"]})
+    doc["SegmentationCodes"]["Category"][0]["Type"].append(entry)
+    (tmp_path / terminology.TERMINOLOGY_FILE).write_text(json.dumps(doc))
+    monkeypatch.setenv("PETWORKBENCH_RESOURCES", str(tmp_path))
+    terminology._table.cache_clear()
+    try:
+        assert terminology.organ_specs(["thyroid"])[0]["value"] == 19        # segmentation, effect, report
+        assert ts_name_to_ldos("thyroid_gland") == 19                        # simulator
+    finally:
+        monkeypatch.delenv("PETWORKBENCH_RESOURCES")
+        terminology._table.cache_clear()
