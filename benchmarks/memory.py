@@ -14,7 +14,9 @@ the model grid.
 The input's own float32 copy (4 bytes per voxel) is added, since it is freed in the reference process before the
 engine runs; the engines' constants (``BYTES_PER_INPUT_VOXEL`` etc.) must bound the result. The last line is
 ``synthesis_bytes_per_voxel segmentation_bytes_per_voxel synthesis_bound_ok segmentation_bound_ok
-wholebody_gb_synthesis wholebody_gb_segmentation`` (whole body = 512 x 512 x 600 at 2 mm, from the measured rate).
+wholebody_gb_synthesis wholebody_gb_segmentation registration_bytes_per_voxel registration_bound_ok`` (whole body =
+512 x 512 x 600 at 2 mm, from the measured rate). Registration is measured on the fixed grid (LNCC, a few
+iterations per level; memory does not grow with the iteration count).
 """
 
 import argparse
@@ -24,7 +26,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PATHS = [ROOT, ROOT / "SynthesisModule", ROOT / "SegmentationModule"]
+PATHS = [ROOT, ROOT / "SynthesisModule", ROOT / "SegmentationModule", ROOT / "RegistrationModule"]
 
 CHILD = r"""
 import resource, sys
@@ -34,6 +36,7 @@ torch.set_num_threads(2)
 engine, nx, nz, sp, run = {engine!r}, {nx}, {nz}, {sp}, {run}
 import SynthesisModuleLib.infer as sinf
 import SegmentationModuleLib.infer as ginf
+import RegistrationModuleLib.infer as rinf
 from PETWorkbenchLib.models import load_model_checkpoint
 load_model_checkpoint("synthesis-drmc-cpu"); load_model_checkpoint("segmentation-ldos-cpu")
 a = np.random.default_rng(0).random((nz, nx, nx), dtype=np.float32) * 3
@@ -48,6 +51,9 @@ if run and engine == "synthesis":
         return y[0, 0].numpy(), []
     sinf.predict_array = fake
     sinf.synthesize(img, "synthesis-drmc-cpu", device="cpu")
+elif run and engine == "registration":
+    moving = img * 1.01
+    rinf.register(img, moving, iterations=(3, 2, 2), prealign="none", device="cpu")
 elif run:
     load = ginf.load_model
     def fake_load(ck, dev="cpu", progress=None):
@@ -66,7 +72,9 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 def peak_kb(engine, nx, nz, sp, run):
     code = CHILD.format(paths=[str(p) for p in PATHS], engine=engine, nx=nx, nz=nz, sp=sp, run=run)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"{engine} measurement failed: {out.stderr.strip().splitlines()[-1]}")
     return int(out.stdout.strip().splitlines()[-1])
 
 
@@ -92,15 +100,18 @@ def main():
     nx, nz = (192, 160) if args.quick else (args.size, args.slices)
     for p in PATHS:
         sys.path.insert(0, str(p))
+    from RegistrationModuleLib import cli as rcli
     from SegmentationModuleLib import infer as ginf
     from SynthesisModuleLib import infer as sinf
     print(f"volume {nx} x {nx} x {nz}; bytes per input voxel (engine peak RSS + the input itself)")
     print(f"{'engine':<14} {'spacing':>8} {'measured':>9} {'bound':>7} {'fixed MB':>9}")
     worst, ok = {}, {}
-    for engine in ("synthesis", "segmentation"):
-        for sp in (2.0, 1.0):
+    for engine in ("synthesis", "segmentation", "registration"):
+        for sp in ((2.0,) if engine == "registration" else (2.0, 1.0)):
             measured, fixed = bytes_per_voxel(engine, nx, nz, sp)
-            if engine == "synthesis":
+            if engine == "registration":
+                bound = rcli.BYTES_PER_FIXED_VOXEL
+            elif engine == "synthesis":
                 ratio = sp * sp * 2.0 / 8.0
                 bound = sinf.BYTES_PER_INPUT_VOXEL + sinf.BYTES_PER_2MM_VOXEL * ratio
             else:
@@ -113,7 +124,8 @@ def main():
     print(f"synthesis_bytes_per_voxel={worst['synthesis']:.1f} segmentation_bytes_per_voxel="
           f"{worst['segmentation']:.1f} synthesis_bound_ok={int(ok['synthesis'])} segmentation_bound_ok="
           f"{int(ok['segmentation'])} wholebody_gb_synthesis={worst['synthesis'] * wb / 2**30:.2f} "
-          f"wholebody_gb_segmentation={worst['segmentation'] * wb / 2**30:.2f}")
+          f"wholebody_gb_segmentation={worst['segmentation'] * wb / 2**30:.2f} "
+          f"registration_bytes_per_voxel={worst['registration']:.1f} registration_bound_ok={int(ok['registration'])}")
     return 0
 
 

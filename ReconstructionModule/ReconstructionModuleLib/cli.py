@@ -9,8 +9,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 
 from PETWorkbenchLib.errors import InputError
+
+if TYPE_CHECKING:
+    import argparse
 
 
 def _csv(s):
@@ -105,7 +109,7 @@ def _cmd_listmode(args, rep):
                                      n_subsets=args.subsets, device=device, progress=rep, write=write)
 
 
-def add_commands(subparsers) -> None:
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("simulate", help="multi-center pseudo-PET data generator (full/low dose, CT, labels)")
     p.add_argument("--out", required=True, help="output folder (manifest.csv + one folder per case)")
     p.add_argument("--patients", type=int, help="patients per known centre")

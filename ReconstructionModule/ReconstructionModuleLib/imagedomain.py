@@ -7,6 +7,8 @@ given seed.  The outputs are in the units of the input image.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import SimpleITK as sitk
 import torch
@@ -17,6 +19,9 @@ from PETWorkbenchLib.progress import Reporter
 from .lowdose import check_drf, thin_counts
 from .osem import osem, sensitivity
 from .projector import PETSystem
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__ = ["simulate_lowdose_image", "square_pixel_reference"]
 
@@ -35,9 +40,11 @@ def square_pixel_reference(img: sitk.Image) -> sitk.Image:
     return ref
 
 
-def simulate_lowdose_image(img: sitk.Image, drf, ct: sitk.Image | None = None, counts_per_cm: float = 2.0e6,
+def simulate_lowdose_image(img: sitk.Image, drf: float, ct: sitk.Image | None = None, counts_per_cm: float = 2.0e6,
                            psf_fwhm_mm: float = 4.0, n_iter: int = 3, n_subsets: int = 8,
-                           post_filter_mm: float = 0.0, seed=0, device="cpu", progress=None, cancel=None):
+                           post_filter_mm: float = 0.0, seed: int = 0, device: str | torch.device = "cpu",
+                           progress: Callable[[float, str], None] | None = None,
+                           cancel: Callable[[], bool] | None = None) -> dict:
     """Low-dose version of a PET image at dose reduction factor ``drf`` (and the matching re-simulated full dose).
 
     Returns dict(low_dose=Image, full_dose=Image, prompts=float, prompts_low=float).

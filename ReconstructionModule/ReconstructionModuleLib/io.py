@@ -8,6 +8,7 @@ optional ``additive`` (randoms + scatter, same shape as prompts), ``norm`` (per-
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
@@ -17,16 +18,22 @@ from PETWorkbenchLib.errors import InputError
 from .osem import osem
 from .projector import PETSystem
 
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Sequence
+
+    import torch
+
 __all__ = ["save_sinogram", "load_sinogram", "reconstruct_sinogram_file"]
 
 
-def save_sinogram(path, prompts, spacing, shape, **extra):
+def save_sinogram(path: str | Path, prompts: np.ndarray, spacing: Sequence[float], shape: Sequence[int],
+                  **extra: np.ndarray | float | None) -> Path:
     from PETWorkbenchLib.imageio import save_npz
     return save_npz(path, prompts=np.asarray(prompts, np.float32), spacing=np.asarray(spacing, float),
                     shape=np.asarray(shape, int), **{k: np.asarray(v) for k, v in extra.items() if v is not None})
 
 
-def load_sinogram(path) -> dict:
+def load_sinogram(path: str | Path) -> dict:
     p = Path(path)
     if not p.exists():
         raise InputError(f"sinogram file not found: {p}")
@@ -48,8 +55,11 @@ def load_sinogram(path) -> dict:
     return d
 
 
-def reconstruct_sinogram_file(path, out, n_iter=3, n_subsets=8, psf_fwhm_mm=0.0, post_filter_mm=0.0,
-                              device="cpu", progress=None, cancel=None, inputs=(), overwrite=True) -> dict:
+def reconstruct_sinogram_file(path: str | Path, out: str | Path, n_iter: int = 3, n_subsets: int = 8,
+                              psf_fwhm_mm: float = 0.0, post_filter_mm: float = 0.0, device: str | torch.device = "cpu",
+                              progress: Callable[[float, str], None] | None = None,
+                              cancel: Callable[[], bool] | None = None, inputs: Iterable[str | Path] = (),
+                              overwrite: bool = True) -> dict:
     d = load_sinogram(path)
     y = d["prompts"]
     shape = tuple(int(v) for v in d["shape"])

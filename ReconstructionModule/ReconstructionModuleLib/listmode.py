@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -27,6 +28,9 @@ from PETWorkbenchLib.progress import Reporter
 from .osem import osem
 from .projector import ParallelProjector, PETSystem
 
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 __all__ = ["read_interfile_header", "read_listmode", "histogram", "reconstruct_listmode",
            "reconstruct_listmode_file", "MMR"]
 
@@ -35,7 +39,7 @@ MMR = dict(name="Siemens mMR", rings=64, detectors_per_ring=504, n_views=252, n_
            ring_spacing_mm=4.0625, inner_radius_mm=328.0, doi_mm=7.0)
 
 
-def read_interfile_header(path) -> dict:
+def read_interfile_header(path: str | Path) -> dict:
     """Interfile ``key := value`` pairs; keys lower-cased without the ``!``/``%`` prefixes."""
     out = {}
     try:
@@ -76,7 +80,7 @@ def _geometry_from_header(h):
     return g
 
 
-def read_listmode(path) -> dict:
+def read_listmode(path: str | Path) -> dict:
     """Read a PETLINK list-mode file (the ``.l`` file or its Interfile ``.l.hdr`` header).
 
     Returns dict(prompts=addresses, delays=addresses, prompt_time_ms, delay_time_ms, n_time_tags, duration_ms,
@@ -164,7 +168,8 @@ def _ssrb_lut(geom):
     return np.concatenate(out)
 
 
-def histogram(lm: dict, time_window_s=None, axial_rebin: int = 1, view_mash: int = 1, bin_mash: int = 1) -> dict:
+def histogram(lm: dict, time_window_s: tuple[float, float] | None = None, axial_rebin: int = 1, view_mash: int = 1,
+              bin_mash: int = 1) -> dict:
     """SSRB-histogram prompts and delays into 2D sinograms (n_slices, n_views, n_bins).
 
     ``time_window_s``: (start, end) seconds; only events with a time tag in [start, end) are used.  Returns
@@ -217,10 +222,11 @@ def _bin_positions(g, bin_mash=1):
     return s.reshape(-1, bin_mash).mean(1)
 
 
-def reconstruct_listmode(lm: dict, time_window_s=None, image_size: int = 128, pixel_mm: float = 4.0,
-                         axial_rebin: int = 16, view_mash: int = 2, bin_mash: int = 2, n_iter: int = 3,
-                         n_subsets: int = 6, post_filter_mm: float = 0.0, device="cpu", progress=None,
-                         cancel=None) -> dict:
+def reconstruct_listmode(lm: dict, time_window_s: tuple[float, float] | None = None, image_size: int = 128,
+                         pixel_mm: float = 4.0, axial_rebin: int = 16, view_mash: int = 2, bin_mash: int = 2,
+                         n_iter: int = 3, n_subsets: int = 6, post_filter_mm: float = 0.0,
+                         device: str | torch.device = "cpu", progress: Callable[[float, str], None] | None = None,
+                         cancel: Callable[[], bool] | None = None) -> dict:
     """Histogram (SSRB) and reconstruct with OSEM; prompts are the data, the delays (flat per slice) the randoms
     estimate.  No attenuation or normalisation files come with the data, so the image is not quantitative.
     Returns dict(image=Image, histogram=..., ...)."""
@@ -246,8 +252,9 @@ def reconstruct_listmode(lm: dict, time_window_s=None, image_size: int = 128, pi
     return dict(image=img, histogram=h)
 
 
-def reconstruct_listmode_file(path, out, time_window_s=None, n_iter=3, n_subsets=6, progress=None,
-                              cancel=None, write=None, **kw) -> dict:
+def reconstruct_listmode_file(path: str | Path, out: str | Path, time_window_s: tuple[float, float] | None = None,
+                              n_iter: int = 3, n_subsets: int = 6, progress: Callable[[float, str], None] | None = None,
+                              cancel: Callable[[], bool] | None = None, write: dict | None = None, **kw: Any) -> dict:
     from PETWorkbenchLib.imageio import write_image
     lm = read_listmode(path)
     res = reconstruct_listmode(lm, time_window_s, n_iter=n_iter, n_subsets=n_subsets, progress=progress,

@@ -15,7 +15,7 @@ from PETWorkbenchLib.errors import InputError
 __all__ = ["check_drf", "thin_counts", "poisson_sample"]
 
 
-def check_drf(drf) -> float:
+def check_drf(drf: float) -> float:
     try:
         d = float(drf)
     except (TypeError, ValueError):
@@ -29,7 +29,8 @@ def _rng(seed):
     return seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
 
 
-def thin_counts(counts, drf, seed=0):
+def thin_counts(counts: np.ndarray | torch.Tensor, drf: float, seed: int | np.random.Generator | None = 0
+                ) -> np.ndarray | torch.Tensor:
     """Keep each count with probability 1/DRF (binomial thinning).  ``counts``: integer-valued array/tensor."""
     d = check_drf(drf)
     is_t = torch.is_tensor(counts)
@@ -47,7 +48,8 @@ def thin_counts(counts, drf, seed=0):
     return torch.from_numpy(out).to(counts.device) if is_t else out
 
 
-def poisson_sample(mean, seed=0):
+def poisson_sample(mean: np.ndarray | torch.Tensor, seed: int | np.random.Generator | None = 0
+                   ) -> np.ndarray | torch.Tensor:
     """Poisson realisation of an expected-count array (deterministic for a given seed)."""
     is_t = torch.is_tensor(mean)
     m = mean.detach().cpu().double().numpy() if is_t else np.asarray(mean, dtype=np.float64)

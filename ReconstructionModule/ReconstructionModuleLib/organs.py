@@ -10,9 +10,13 @@ vertebrae and lung lobes merged), from each organ's ``PETWorkbenchSourceClasses`
 from __future__ import annotations
 
 import csv
+from typing import TYPE_CHECKING
 import numpy as np
 
 from PETWorkbenchLib.terminology import organ_specs, source_classes
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 __all__ = ["LDOS_ORGANS", "ts_name_to_ldos", "read_ts_label_table", "ts_to_ldos_lut", "segment_specs"]
 
@@ -32,7 +36,7 @@ def ts_name_to_ldos(name: str) -> int:
     return 0
 
 
-def read_ts_label_table(path) -> dict:
+def read_ts_label_table(path: str | Path) -> dict:
     """{value: name} from a TotalSegmentator ``labels_total_v2.tsv`` style table (header ``label<TAB>name``)."""
     out = {}
     with open(path, newline="") as f:
@@ -51,7 +55,7 @@ def ts_to_ldos_lut(ts_names: dict) -> np.ndarray:
     return lut
 
 
-def segment_specs():
+def segment_specs() -> list[dict]:
     """Segment specs (value, name, color) of the LDOS-18 label map, as in docs/ARCHITECTURE.md (colours of the
     organ terminology)."""
     return [{"value": s["value"], "name": s["name"], "color": s["color"]} for s in organ_specs()]

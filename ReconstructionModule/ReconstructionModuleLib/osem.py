@@ -8,6 +8,8 @@ An optional Gaussian post-filter (FWHM in mm) is applied to the final image only
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 import torch
 
@@ -16,10 +18,13 @@ from PETWorkbenchLib.progress import Reporter
 
 from .projector import PETSystem, gaussian_filter_3d
 
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 __all__ = ["osem", "mlem", "sensitivity"]
 
 
-def sensitivity(system: PETSystem):
+def sensitivity(system: PETSystem) -> list[torch.Tensor]:
     """Per-subset sensitivity images B_k(1) (list of (nz, ny, nx) tensors)."""
     out = []
     for k in range(system.n_subsets):
@@ -40,8 +45,11 @@ def _check_sino(system, y, name):
     return y
 
 
-def osem(system: PETSystem, prompts, additive=None, n_iter: int = 3, x0=None, post_filter_fwhm_mm: float = 0.0,
-         sens=None, eps: float = 1e-8, progress=None, cancel=None) -> torch.Tensor:
+def osem(system: PETSystem, prompts: np.ndarray | torch.Tensor, additive: np.ndarray | torch.Tensor | None = None,
+         n_iter: int = 3, x0: np.ndarray | torch.Tensor | None = None, post_filter_fwhm_mm: float = 0.0,
+         sens: list[torch.Tensor] | None = None, eps: float = 1e-8,
+         progress: Callable[[float, str], None] | None = None,
+         cancel: Callable[[], bool] | None = None) -> torch.Tensor:
     """Reconstruct ``prompts`` (nz, n_angles, n_bins) with OSEM using ``system.n_subsets`` subsets.
 
     ``additive``: expected randoms + scatter sinogram (same shape) or None.  ``sens``: precomputed
@@ -79,7 +87,8 @@ def osem(system: PETSystem, prompts, additive=None, n_iter: int = 3, x0=None, po
     return x
 
 
-def mlem(system: PETSystem, prompts, additive=None, n_iter: int = 20, **kw):
+def mlem(system: PETSystem, prompts: np.ndarray | torch.Tensor, additive: np.ndarray | torch.Tensor | None = None,
+         n_iter: int = 20, **kw: Any) -> torch.Tensor:
     """MLEM: OSEM with a single subset (``system`` must have been built with n_subsets=1)."""
     if system.n_subsets != 1:
         raise InputError(f"MLEM needs a system with one subset, this one has {system.n_subsets}")

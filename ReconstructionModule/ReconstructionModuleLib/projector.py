@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.sparse as sp
@@ -29,19 +30,23 @@ import torch
 
 from PETWorkbenchLib.errors import InputError
 
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
 __all__ = ["joseph_matrix", "ParallelProjector", "PETSystem", "gaussian_filter_3d", "gaussian_matrix",
            "default_sinogram_shape"]
 
 
-def default_sinogram_shape(nx: int, ny: int, angle_factor: float = 0.75):
+def default_sinogram_shape(nx: int, ny: int, angle_factor: float = 0.75) -> tuple[int, int]:
     """Radial bins cover the image diagonal; views = angle_factor * bins (rounded up to a multiple of 4)."""
     n_bins = int(math.ceil(math.hypot(nx, ny))) + 2
     n_angles = int(math.ceil(angle_factor * n_bins / 4.0) * 4)
     return n_angles, n_bins
 
 
-def joseph_matrix(nx: int, ny: int, pixel_mm: float, angles, n_bins: int, bin_mm: float | None = None,
-                  bin_positions_mm=None):
+def joseph_matrix(nx: int, ny: int, pixel_mm: float, angles: np.ndarray | Sequence[float], n_bins: int,
+                  bin_mm: float | None = None,
+                  bin_positions_mm: np.ndarray | Sequence[float] | None = None) -> sp.csr_matrix:
     """Sparse (len(angles)*n_bins, ny*nx) scipy CSR matrix of line-integral weights (mm).
 
     Pixel (iy, ix) has its centre at ((ix - (nx-1)/2) * pixel_mm, (iy - (ny-1)/2) * pixel_mm); the line of
@@ -191,7 +196,8 @@ class ParallelProjector:
         return sino[:, torch.as_tensor(self.subset_views[subset], device=sino.device)]
 
 
-def gaussian_matrix(n: int, fwhm_mm: float, spacing_mm: float, dtype=torch.float32, device="cpu"):
+def gaussian_matrix(n: int, fwhm_mm: float, spacing_mm: float, dtype: torch.dtype = torch.float32,
+                    device: str | torch.device = "cpu") -> torch.Tensor | None:
     """Symmetric (n, n) matrix of a sampled, normalised 1D Gaussian with zero padding (None if negligible)."""
     sigma = float(fwhm_mm) / (2.0 * math.sqrt(2.0 * math.log(2.0))) / float(spacing_mm)
     if sigma < 1e-3 or n < 2:
@@ -209,7 +215,8 @@ def gaussian_matrix(n: int, fwhm_mm: float, spacing_mm: float, dtype=torch.float
 _GM_CACHE = {}
 
 
-def gaussian_filter_3d(img: torch.Tensor, fwhm_mm, spacing_zyx) -> torch.Tensor:
+def gaussian_filter_3d(img: torch.Tensor, fwhm_mm: float | Sequence[float | None],
+                       spacing_zyx: Sequence[float]) -> torch.Tensor:
     """Separable Gaussian filter of an (nz, ny, nx) tensor with zero padding (a symmetric, self-adjoint operator).
 
     ``fwhm_mm`` is a scalar (isotropic) or a (z, y, x) triple; axes whose sigma is negligible are skipped.

@@ -21,6 +21,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
@@ -34,6 +35,9 @@ from .lowdose import check_drf, poisson_sample, thin_counts
 from .organs import LDOS_ORGANS, read_ts_label_table, ts_to_ldos_lut
 from .osem import osem, sensitivity
 from .projector import PETSystem, gaussian_filter_3d
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
 
 __all__ = ["CENTERS", "SUV_TABLE", "hu_to_mu", "shared_data_dir", "load_anatomy", "load_body_anatomy",
            "load_brain_anatomy", "make_patient", "simulate_case", "reproduce_case", "acquire", "generate_dataset",
@@ -126,7 +130,7 @@ def _ts_class_to_tissue(name: str) -> str:
 # --------------------------------------------------------------------------------------------------------------
 # CT -> 511 keV attenuation
 # --------------------------------------------------------------------------------------------------------------
-def hu_to_mu(hu, kvp: int = 120):
+def hu_to_mu(hu: np.ndarray, kvp: int = 120) -> np.ndarray:
     """Bilinear HU -> linear attenuation coefficient at 511 keV, in 1/mm.
 
     Carney et al., Med Phys 2006;33:976 (120 kVp): mu = 9.6e-5 (HU + 1000) for HU + 1000 <= 1047 and
@@ -165,7 +169,7 @@ def body_anatomy_dir() -> Path:
     return resources_dir() / "SampleData" / "TotalSegmentatorExampleCT"
 
 
-def load_body_anatomy(folder=None):
+def load_body_anatomy(folder: str | Path | None = None) -> dict:
     """Real CT + TotalSegmentator labels: dict(ct=Image(HU), ts=Image(labels), names={value: name})."""
     folder = Path(folder) if folder else body_anatomy_dir()
     key = ("body", str(folder))
@@ -202,12 +206,12 @@ def _nib_to_sitk(img):
     return out
 
 
-def load_anatomy(region: str, folder=None):
+def load_anatomy(region: str, folder: str | Path | None = None) -> dict:
     """The anatomy a centre profile's ``region`` uses: the brain MRI for "brain", else the body CT (``folder``)."""
     return load_brain_anatomy() if region == "brain" else load_body_anatomy(folder)
 
 
-def load_brain_anatomy():
+def load_brain_anatomy() -> dict:
     """MNI152 2009a grey/white-matter maps (nilearn, offline) + a synthetic head (scalp, skull, CSF) and CT."""
     key = ("brain",)
     if key in _ANATOMY_CACHE:
@@ -256,7 +260,7 @@ def load_brain_anatomy():
 # --------------------------------------------------------------------------------------------------------------
 # Patients
 # --------------------------------------------------------------------------------------------------------------
-def key_entropy(key) -> int:
+def key_entropy(key: object) -> int:
     """A 64-bit integer from the whole text of ``key`` (a hash: keys sharing a prefix still differ)."""
     return int.from_bytes(hashlib.blake2b(str(key).encode(), digest_size=8).digest(), "little")
 
@@ -271,8 +275,8 @@ def _center_of(img):
     return np.array(img.TransformContinuousIndexToPhysicalPoint(((sz - 1) / 2).tolist()))
 
 
-def make_patient(anatomy, seed: int, patient_key="p0", tracers=TRACERS, elastic_mm: float = 6.0,
-                 with_lesions: bool = True):
+def make_patient(anatomy: dict, seed: int, patient_key: str = "p0", tracers: Sequence[str] = TRACERS,
+                 elastic_mm: float = 6.0, with_lesions: bool = True) -> dict:
     """Random "patient" built on one anatomy: a smooth spatial transform (output -> anatomy space, elastic
     B-spline + small anisotropic scaling), per-organ uptake jitter per tracer and lesions (centre, radii, SUV).
     """
@@ -348,8 +352,8 @@ def _place_lesions(anatomy, rng, tracers):
 # --------------------------------------------------------------------------------------------------------------
 # Centre grids and ground truth on them
 # --------------------------------------------------------------------------------------------------------------
-def center_grid(anatomy, profile, axial_u: float = 0.5, max_slices: int | None = None,
-                max_voxels: int | None = None):
+def center_grid(anatomy: dict, profile: dict, axial_u: float = 0.5, max_slices: int | None = None,
+                max_voxels: int | None = None) -> sitk.Image:
     """Reference image (centre spacing) covering the anatomy in-plane; a window of at most max_slices slices
     (placed by axial_u in [0, 1]) axially."""
     ct = anatomy["ct"]
@@ -407,7 +411,7 @@ def _dense_transform(tx, ref, factor=4):
     return sitk.DisplacementFieldTransform(disp)
 
 
-def truth_on_grid(anatomy, patient, ref, tracer: str):
+def truth_on_grid(anatomy: dict, patient: dict, ref: sitk.Image, tracer: str) -> dict[str, np.ndarray]:
     """Ground truth on the reference grid: dict(suv, ct, ldos, lesions, mu) numpy (z, y, x) arrays."""
     if tracer not in TRACERS:
         raise InputError(f"unknown tracer {tracer!r}; choose one of {', '.join(TRACERS)}")
@@ -476,8 +480,8 @@ def _normalisation(sino_shape, key, spread=0.08):
     return torch.from_numpy(eff.astype(np.float32))[None]
 
 
-def acquire(system: PETSystem, suv, counts_true: float, seed, scatter_fraction=0.3, randoms_fraction=0.1,
-            noiseless: bool = False):
+def acquire(system: PETSystem, suv: np.ndarray | torch.Tensor, counts_true: float, seed: int | np.random.Generator,
+            scatter_fraction: float = 0.3, randoms_fraction: float = 0.1, noiseless: bool = False) -> dict:
     """Expected trues, additive randoms+scatter and Poisson prompts for an SUV image.
 
     Returns dict(prompts, additive, scale) with ``scale`` = counts per (SUV * unit of the system model), so that
@@ -507,8 +511,10 @@ def _image(arr, ref, dtype=None):
     return im
 
 
-def simulate_case(anatomy, patient, profile, tracer="FDG", drfs=(12,), seed=0, max_slices=None,
-                  max_voxels=None, device="cpu", progress=None, cancel=None, noiseless: bool = False):
+def simulate_case(anatomy: dict, patient: dict, profile: dict, tracer: str = "FDG", drfs: Sequence[float] = (12,),
+                  seed: int = 0, max_slices: int | None = None, max_voxels: int | None = None,
+                  device: str | torch.device = "cpu", progress: Callable[[float, str], None] | None = None,
+                  cancel: Callable[[], bool] | None = None, noiseless: bool = False) -> dict:
     """Simulate one scan of ``patient`` at a centre: full dose + one OSEM image per DRF (binomial thinning).
 
     Returns dict(images={"full_dose": Image, "drf<d>": Image, "ct", "labels", "lesions"}, info={...}).
@@ -577,10 +583,13 @@ def _plan(n_patients, centers, tracers, n_test, n_unknown, second_tracer_every):
     return plan
 
 
-def generate_dataset(out_dir, n_patients, centers=None, tracers=("FDG",), extra_drfs=(20,), seed=0,
-                     progress=None, cancel=None, n_test: int | None = None, n_unknown: int | None = None,
-                     second_tracer_every: int = 1, max_slices: int | None = 110, max_voxels: int | None = 2_500_000,
-                     device="cpu", anatomy_dir=None, resume: bool = False) -> Path:
+def generate_dataset(out_dir: str | Path, n_patients: int, centers: Sequence[str] | None = None,
+                     tracers: Sequence[str] = ("FDG",), extra_drfs: Sequence[float] = (20,), seed: int = 0,
+                     progress: Callable[[float, str], None] | None = None, cancel: Callable[[], bool] | None = None,
+                     n_test: int | None = None, n_unknown: int | None = None, second_tracer_every: int = 1,
+                     max_slices: int | None = 110, max_voxels: int | None = 2_500_000,
+                     device: str | torch.device = "cpu", anatomy_dir: str | Path | None = None,
+                     resume: bool = False) -> Path:
     """Write a multi-center data set and return the path of its ``manifest.csv``.
 
     ``n_patients`` per known centre (the last ``n_test`` of them, default 25 % rounded up, are test patients);
@@ -673,7 +682,9 @@ def generate_dataset(out_dir, n_patients, centers=None, tracers=("FDG",), extra_
     return man
 
 
-def reproduce_case(case_dir, noiseless: bool = False, anatomy=None, progress=None, cancel=None) -> dict:
+def reproduce_case(case_dir: str | Path, noiseless: bool = False, anatomy: dict | None = None,
+                   progress: Callable[[float, str], None] | None = None,
+                   cancel: Callable[[], bool] | None = None) -> dict:
     """Simulate a case of a generated data set again from its ``case.json`` (same patient, centre, grid, seed;
     the same images up to floating-point differences, e.g. of another thread count).
 
@@ -710,7 +721,8 @@ STANDARD_SET = dict(patients=8, tracers=("FDG", "FAPI"), extra_drfs=(20,), n_tes
                     second_tracer_every=2, max_slices=110, max_voxels=1_800_000)
 
 
-def generate_standard_set(out_dir, seed=0, progress=None, cancel=None, resume=True) -> Path:
+def generate_standard_set(out_dir: str | Path, seed: int = 0, progress: Callable[[float, str], None] | None = None,
+                          cancel: Callable[[], bool] | None = None, resume: bool = True) -> Path:
     """The standard training/test set: 6 train + 2 test patients per known centre (FDG; FAPI for every second
     patient), 2 test patients per unknown centre; extra DRF 20 for every case."""
     s = STANDARD_SET
@@ -720,7 +732,7 @@ def generate_standard_set(out_dir, seed=0, progress=None, cancel=None, resume=Tr
                             max_slices=s["max_slices"], max_voxels=s["max_voxels"], resume=resume)
 
 
-def standard_set_key(seed=0) -> str:
+def standard_set_key(seed: int = 0) -> str:
     """What the standard set is made from, as 12 hex digits: its settings, the centre profiles, the tissue uptake
     table, the generator's source files and the anatomy's checksum. A change of any of them is another set."""
     import inspect
@@ -735,7 +747,9 @@ def standard_set_key(seed=0) -> str:
     return h.hexdigest()[:12]
 
 
-def ensure_standard_set(cache_root=None, seed=0, progress=None, cancel=None) -> Path:
+def ensure_standard_set(cache_root: str | Path | None = None, seed: int = 0,
+                        progress: Callable[[float, str], None] | None = None,
+                        cancel: Callable[[], bool] | None = None) -> Path:
     """manifest.csv of the standard set in ``<cache_root>/<standard_set_key>/`` (default ``<repo>/.cache/simdata``),
     generated (resumably) when missing or incomplete: what benchmarks and training use on a fresh clone."""
     root = Path(cache_root) if cache_root else Path(__file__).resolve().parents[2] / ".cache" / "simdata"

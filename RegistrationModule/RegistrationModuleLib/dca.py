@@ -21,12 +21,19 @@ Training (unsupervised, :func:`train`): loss ``NCC(window 9) + λ · diffusion (
 At test time :func:`predict_field` gives the initial field, which the engine refines by instance optimisation.
 """
 
+from __future__ import annotations
+
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+    from pathlib import Path
 
 DEFAULT_CONFIG = {
     "img_size": [160, 192, 224],      # network input size (z, y, x)
@@ -228,7 +235,7 @@ class TMDCA(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- losses / warp
-def spatial_transform(img, flow_vox):
+def spatial_transform(img: torch.Tensor, flow_vox: torch.Tensor) -> torch.Tensor:
     """Warp ``img`` (B, C, D, H, W) by a displacement in voxels (channels x, y, z)."""
     D, H, W = img.shape[2:]
     axes = [torch.linspace(-1, 1, n, device=img.device, dtype=img.dtype) for n in (D, H, W)]
@@ -238,12 +245,12 @@ def spatial_transform(img, flow_vox):
     return F.grid_sample(img, grid, mode="bilinear", padding_mode="border", align_corners=True)
 
 
-def ncc_loss(a, b, win=9):
+def ncc_loss(a: torch.Tensor, b: torch.Tensor, win: int = 9) -> torch.Tensor:
     from . import similarity
     return similarity.lncc(a, b, win)
 
 
-def diffusion_loss(flow):
+def diffusion_loss(flow: torch.Tensor) -> torch.Tensor:
     dz = flow[:, :, 1:] - flow[:, :, :-1]
     dy = flow[:, :, :, 1:] - flow[:, :, :, :-1]
     dx = flow[:, :, :, :, 1:] - flow[:, :, :, :, :-1]
@@ -251,8 +258,10 @@ def diffusion_loss(flow):
 
 
 # ---------------------------------------------------------------------------------------------- training
-def train(pair_sampler, config=None, steps=1000, lr=1e-4, reg_weight=1.0, device="cuda", checkpoint=None,
-          resume=True, log=print, save_every=200, amp=True):
+def train(pair_sampler: Callable[[], tuple[torch.Tensor, torch.Tensor]], config: dict | None = None,
+          steps: int = 1000, lr: float = 1e-4, reg_weight: float = 1.0, device: str | torch.device = "cuda",
+          checkpoint: str | Path | None = None, resume: bool = True, log: Callable[[str], None] = print,
+          save_every: int = 200, amp: bool = True) -> TMDCA:
     """Unsupervised training; ``pair_sampler()`` returns (moving, fixed) float tensors (1, 1, *img_size), 0..1."""
     from PETWorkbenchLib.models import load_checkpoint, save_checkpoint
     dev = torch.device(device)
@@ -292,7 +301,7 @@ def train(pair_sampler, config=None, steps=1000, lr=1e-4, reg_weight=1.0, device
 
 
 # ---------------------------------------------------------------------------------------------- inference
-def load(model, device="cpu"):
+def load(model: str | Path | None, device: str | torch.device = "cpu") -> TMDCA:
     """Model id (Models.json) or checkpoint path -> network in eval mode."""
     from PETWorkbenchLib.errors import ModelError
     if model is None:
@@ -309,7 +318,8 @@ def load(model, device="cpu"):
 
 
 @torch.no_grad()
-def predict_field(model, F_np, M_np, spacing, device="cpu"):
+def predict_field(model: nn.Module | str | Path | None, F_np: np.ndarray, M_np: np.ndarray,
+                  spacing: Sequence[float], device: str | torch.device = "cpu") -> np.ndarray:
     """Network prediction on the fixed grid: (3, *spatial) field in mm along index axes (engine convention)."""
     from PETWorkbenchLib.errors import InputError
     if F_np.ndim != 3:

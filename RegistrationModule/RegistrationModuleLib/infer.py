@@ -1,7 +1,10 @@
 """Weight-free deformable registration: pre-alignment + multi-resolution instance optimisation (see package doc)."""
 
+from __future__ import annotations
+
 import math
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
@@ -10,6 +13,14 @@ from PETWorkbenchLib.errors import InputError
 from PETWorkbenchLib.progress import Reporter
 
 from .similarities import similarity_term
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+    from pathlib import Path
+
+    import torch
+
+    from .result import RegistrationResult
 
 REGULARIZERS = ("diffusion", "elastic", "curvature")
 PREALIGN = ("none", "rigid", "affine")
@@ -40,7 +51,7 @@ def _corners(img):
     return np.array(pts)
 
 
-def physical_bounds(img):
+def physical_bounds(img: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
     c = _corners(img)
     return c.min(0), c.max(0)
 
@@ -57,7 +68,9 @@ def _check_companion(img, ref, name, ref_name):
     return img
 
 
-def check_inputs(fixed, moving, fixed_mask=None, moving_mask=None, fixed_labels=None, moving_labels=None):
+def check_inputs(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image | None = None,
+                 moving_mask: sitk.Image | None = None, fixed_labels: sitk.Image | None = None,
+                 moving_labels: sitk.Image | None = None) -> None:
     """Validate a registration pair; raises :class:`InputError` naming the problem."""
     _check_image(fixed, "fixed image")
     _check_image(moving, "moving image")
@@ -87,8 +100,10 @@ def check_inputs(fixed, moving, fixed_mask=None, moving_mask=None, fixed_labels=
 
 
 # ----------------------------------------------------------------------------------------------- pre-alignment
-def prealign_transform(fixed, moving, mode="affine", fixed_mask=None, moving_mask=None, multimodal=False,
-                       center=False, rep=None):
+def prealign_transform(fixed: sitk.Image, moving: sitk.Image, mode: str = "affine",
+                       fixed_mask: sitk.Image | None = None, moving_mask: sitk.Image | None = None,
+                       multimodal: bool = False, center: bool = False,
+                       rep: Reporter | None = None) -> sitk.AffineTransform:
     """Rigid or affine pre-alignment with SimpleITK (Mattes mutual information, 3-level pyramid).
 
     Returns a ``sitk.AffineTransform`` mapping fixed-space points to moving-space points.
@@ -169,25 +184,25 @@ def _level_shapes(shape, n_levels):
     return shapes
 
 
-def field_to_lps(field_idx_mm, direction, nd):
+def field_to_lps(field_idx_mm: np.ndarray, direction: Sequence[float], nd: int) -> np.ndarray:
     """(nd, *spatial) field along index axes -> (*spatial, nd) LPS field."""
     D = np.asarray(direction, dtype=np.float64).reshape(nd, nd)
     u = np.moveaxis(field_idx_mm, 0, -1)
     return u @ D.T
 
 
-def field_from_lps(u_lps, direction, nd):
+def field_from_lps(u_lps: np.ndarray, direction: Sequence[float], nd: int) -> np.ndarray:
     D = np.asarray(direction, dtype=np.float64).reshape(nd, nd)
     return np.moveaxis(u_lps @ D, -1, 0)
 
 
-def displacement_image(u_lps, ref):
+def displacement_image(u_lps: np.ndarray, ref: sitk.Image) -> sitk.Image:
     img = sitk.GetImageFromArray(np.ascontiguousarray(u_lps, dtype=np.float64), isVector=True)
     img.CopyInformation(ref)
     return img
 
 
-def compose_affine(u_lps, ref, affine):
+def compose_affine(u_lps: np.ndarray, ref: sitk.Image, affine: sitk.AffineTransform | None) -> np.ndarray:
     """Total field of ``x -> A(x + u(x))`` on the grid of ``ref``."""
     nd = ref.GetDimension()
     if affine is None:
@@ -212,11 +227,15 @@ def _is_identity(affine, nd):
 
 
 # ----------------------------------------------------------------------------------------------- main entry
-def register(fixed, moving, method="instance", similarity="lncc", smoothness=1.0, iterations=(100, 60, 30),
-             diffeomorphic=False, fixed_mask=None, moving_mask=None, fixed_labels=None, moving_labels=None,
-             device="auto", progress=None, cancel=None, regularizer="diffusion", prealign="affine",
-             learning_rate=0.5, penalty=1.0, label_weight=1.0, lncc_window=7, model=None,
-             output_field="smooth", final_scale=1, seed=0):
+def register(fixed: sitk.Image, moving: sitk.Image, method: str = "instance", similarity: str = "lncc",
+             smoothness: float = 1.0, iterations: int | Sequence[int] = (100, 60, 30), diffeomorphic: bool = False,
+             fixed_mask: sitk.Image | None = None, moving_mask: sitk.Image | None = None,
+             fixed_labels: sitk.Image | None = None, moving_labels: sitk.Image | None = None, device: str = "auto",
+             progress: Callable[[float, str], None] | None = None, cancel: Callable[[], bool] | None = None,
+             regularizer: str = "diffusion", prealign: str = "affine",
+             learning_rate: float = 0.5, penalty: float = 1.0, label_weight: float = 1.0, lncc_window: int = 7,
+             model: str | Path | torch.nn.Module | None = None, output_field: str = "smooth", final_scale: int = 1,
+             seed: int = 0) -> RegistrationResult:
     """Register ``moving`` to ``fixed``; see the package docstring for the parameters."""
     import torch
 

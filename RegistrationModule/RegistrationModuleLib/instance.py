@@ -10,14 +10,22 @@ where ``h`` is the full-resolution voxel size (so σ is dimensionless) and ``γ 
 diffeomorphic mode ``u`` is a stationary velocity field and the deformation is its scaling-and-squaring exponential.
 """
 
+from __future__ import annotations
+
 import math
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from . import ops, similarity as sim
 from .regularizers import implicit_solve
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from PETWorkbenchLib.progress import Reporter
 
 
 def _t(a, device):
@@ -58,10 +66,14 @@ class Adam:
         self.p.sub_(self.lr * mhat / (vhat.sqrt() + self.eps))
 
 
-def optimise(F_np, M_np, spacing, extent, iterations=(100, 60, 30), similarity="lncc", smoothness=1.0,
-             regularizer="diffusion", diffeomorphic=False, fixed_mask=None, moving_mask=None, domain=None,
-             fixed_labels=None, moving_labels=None, label_weight=1.0, learning_rate=0.5, penalty=1.0,
-             lncc_window=7, device="cpu", rep=None, init_field=None, output_field="smooth", final_scale=1):
+def optimise(F_np: np.ndarray, M_np: np.ndarray, spacing: Sequence[float], extent: Sequence[float],
+             iterations: Sequence[int] = (100, 60, 30), similarity: str = "lncc", smoothness: float = 1.0,
+             regularizer: str = "diffusion", diffeomorphic: bool = False, fixed_mask: np.ndarray | None = None,
+             moving_mask: np.ndarray | None = None, domain: np.ndarray | None = None,
+             fixed_labels: np.ndarray | None = None, moving_labels: np.ndarray | None = None,
+             label_weight: float = 1.0, learning_rate: float = 0.5, penalty: float = 1.0, lncc_window: int = 7,
+             device: str | torch.device = "cpu", rep: Reporter | None = None, init_field: np.ndarray | None = None,
+             output_field: str = "smooth", final_scale: int = 1) -> tuple[np.ndarray, dict]:
     """Return ``(field, info)``: field ``(ndim, *spatial)`` float64 numpy in mm along index axes."""
     nd = F_np.ndim
     full = F_np.shape

@@ -1,5 +1,9 @@
 """Registration metrics: Dice, HD95 over labels, folding %, std(log J), landmark TRE."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 import numpy as np
 import SimpleITK as sitk
 
@@ -7,6 +11,9 @@ from PETWorkbenchLib.errors import InputError
 from PETWorkbenchLib.metrics import hd95_asd
 
 from .result import jacobian_array, jacobian_stats
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 
 def _arr(img):
@@ -21,7 +28,8 @@ def _check_same_grid(a, b, what):
         raise InputError(f"{what}: label maps have different shapes {np.shape(_arr(a))} vs {np.shape(_arr(b))}")
 
 
-def dice(labels_a, labels_b, values=None):
+def dice(labels_a: sitk.Image | np.ndarray, labels_b: sitk.Image | np.ndarray, values: Sequence[int] | None = None
+         ) -> tuple[dict[int, float], float]:
     """Per-label Dice ``{value: dice}`` and their mean (labels present in either map, 0 = background)."""
     _check_same_grid(labels_a, labels_b, "dice")
     a, b = _arr(labels_a), _arr(labels_b)
@@ -37,7 +45,8 @@ def dice(labels_a, labels_b, values=None):
     return out, float(np.nanmean(list(out.values())))
 
 
-def hd95(labels_a, labels_b, spacing=None, values=None):
+def hd95(labels_a: sitk.Image | np.ndarray, labels_b: sitk.Image | np.ndarray, spacing: Sequence[float] | None = None,
+         values: Sequence[int] | None = None) -> tuple[dict[int, float], float]:
     """Per-label HD95 in mm (:func:`PETWorkbenchLib.metrics.hd95_asd`: max of the two directed 95th percentiles),
     and its mean."""
     _check_same_grid(labels_a, labels_b, "hd95")
@@ -58,13 +67,14 @@ def hd95(labels_a, labels_b, spacing=None, values=None):
     return out, (float(np.mean(vals)) if vals else float("nan"))
 
 
-def folding(displacement, mask=None):
+def folding(displacement: sitk.Image, mask: sitk.Image | np.ndarray | None = None) -> dict[str, float]:
     """``{"folding_pct", "std_log_j", ...}`` of a displacement field (SimpleITK vector image)."""
     m = _arr(mask) if mask is not None else None
     return jacobian_stats(jacobian_array(displacement), m)
 
 
-def tre(displacement, fixed_points, moving_points):
+def tre(displacement: sitk.Image, fixed_points: np.ndarray, moving_points: np.ndarray
+        ) -> tuple[np.ndarray, float]:
     """Landmark target registration error (mm): ``|x_f + u(x_f) - x_m|`` per pair; returns (errors, mean)."""
     fp = np.asarray(fixed_points, float)
     mp = np.asarray(moving_points, float)

@@ -10,17 +10,24 @@ Conventions used throughout the engine:
   same physical extent ``extent = spacing * (N - 1)`` as the full-resolution image.
 """
 
+from __future__ import annotations
+
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
-def spatial_ndim(t):
+
+def spatial_ndim(t: torch.Tensor) -> int:
     return t.dim() - 2
 
 
-def identity_grid(shape, device, dtype=torch.float32):
+def identity_grid(shape: Sequence[int], device: str | torch.device | None,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Normalised identity grid ``(1, *shape, ndim)`` with last axis ordered (x, y[, z])."""
     axes = [torch.linspace(-1.0, 1.0, n, device=device, dtype=dtype) if n > 1
             else torch.zeros(1, device=device, dtype=dtype) for n in shape]
@@ -28,14 +35,15 @@ def identity_grid(shape, device, dtype=torch.float32):
     return torch.stack(mesh[::-1], dim=-1).unsqueeze(0)   # last axis (x, y, z)
 
 
-def mm_to_norm(field, extent):
+def mm_to_norm(field: torch.Tensor, extent: Sequence[float]) -> torch.Tensor:
     """Field in mm (channel = index axis) -> normalised grid offsets ``(1, *spatial, ndim)``."""
     scale = torch.as_tensor([2.0 / max(e, 1e-6) for e in extent], device=field.device, dtype=field.dtype)
     nd = field.shape[1]
     return (field * scale.view(1, nd, *([1] * nd))).movedim(1, -1)
 
 
-def warp(image, field, extent, mode="bilinear", padding_mode="border", grid=None):
+def warp(image: torch.Tensor, field: torch.Tensor, extent: Sequence[float], mode: str = "bilinear",
+         padding_mode: str = "border", grid: torch.Tensor | None = None) -> torch.Tensor:
     """Sample ``image`` at ``x + u(x)`` (pull-back).  ``field`` in mm on the grid of the output."""
     if grid is None:
         grid = identity_grid(field.shape[2:], field.device, field.dtype)
@@ -43,7 +51,7 @@ def warp(image, field, extent, mode="bilinear", padding_mode="border", grid=None
     return F.grid_sample(image, g, mode=mode, padding_mode=padding_mode, align_corners=True)
 
 
-def compose_exp(velocity, extent, steps=7):
+def compose_exp(velocity: torch.Tensor, extent: Sequence[float], steps: int = 7) -> torch.Tensor:
     """Scaling and squaring: displacement of ``exp(v)`` for a stationary velocity field in mm."""
     grid = identity_grid(velocity.shape[2:], velocity.device, velocity.dtype)
     u = velocity / (2 ** steps)
@@ -52,7 +60,7 @@ def compose_exp(velocity, extent, steps=7):
     return u
 
 
-def resize(t, shape, mode="linear"):
+def resize(t: torch.Tensor, shape: Sequence[int], mode: str = "linear") -> torch.Tensor:
     nd = spatial_ndim(t)
     if tuple(t.shape[2:]) == tuple(shape):
         return t
@@ -62,7 +70,7 @@ def resize(t, shape, mode="linear"):
     return F.interpolate(t, size=tuple(shape), mode=m, align_corners=True)
 
 
-def gaussian_blur(t, sigmas):
+def gaussian_blur(t: torch.Tensor, sigmas: Sequence[float]) -> torch.Tensor:
     """Separable Gaussian blur; ``sigmas`` in voxels per spatial axis (array order)."""
     nd = spatial_ndim(t)
     C = t.shape[1]
@@ -89,7 +97,7 @@ def gaussian_blur(t, sigmas):
     return out
 
 
-def box_filter(t, size):
+def box_filter(t: torch.Tensor, size: int) -> torch.Tensor:
     """Separable mean filter of odd ``size`` by running sums (mean over the valid part of the window)."""
     r = size // 2
     out = t
@@ -109,7 +117,7 @@ def box_filter(t, size):
     return out
 
 
-def downsample(t, shape, factor):
+def downsample(t: torch.Tensor, shape: Sequence[int], factor: float) -> torch.Tensor:
     """Anti-aliased resampling to ``shape`` (Gaussian pre-filter of sigma 0.5*factor voxels)."""
     if tuple(t.shape[2:]) == tuple(shape):
         return t
@@ -117,7 +125,7 @@ def downsample(t, shape, factor):
     return resize(gaussian_blur(t, sig), shape)
 
 
-def spatial_gradient_mm(field, spacing):
+def spatial_gradient_mm(field: torch.Tensor, spacing: Sequence[float]) -> torch.Tensor:
     """Central-difference Jacobian of a mm field: ``J[c, d] = d u_c / d x_d`` (d = index axis, in mm).
 
     Returns a tensor ``(ndim, ndim, *spatial)``; ``spacing`` ordered by index axis (x, y, z).
@@ -135,7 +143,7 @@ def spatial_gradient_mm(field, spacing):
     return torch.stack(rows)
 
 
-def jacobian_determinant(field, spacing):
+def jacobian_determinant(field: torch.Tensor, spacing: Sequence[float]) -> torch.Tensor:
     J = spatial_gradient_mm(field, spacing)
     nd = J.shape[0]
     eye = torch.eye(nd, dtype=J.dtype, device=J.device).view(nd, nd, *([1] * nd))

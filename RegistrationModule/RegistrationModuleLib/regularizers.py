@@ -13,10 +13,16 @@ that opposite image borders do not interact.  The solve is pointwise per frequen
 without gradient (``torch.no_grad``) as in the paper.
 """
 
+from __future__ import annotations
+
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 KINDS = ("diffusion", "elastic", "curvature")
 
@@ -38,7 +44,8 @@ def _symbols(shape, spacing_arr, device, dtype):
 
 
 @torch.no_grad()
-def implicit_solve(field, gamma_mm2, spacing, kind="diffusion", mu=1.0, lam=0.0):
+def implicit_solve(field: torch.Tensor, gamma_mm2: float, spacing: Sequence[float], kind: str = "diffusion",
+                   mu: float = 1.0, lam: float = 0.0) -> torch.Tensor:
     """Return ``ū = (I + γL)^{-1} u`` for a field ``(1, nd, *spatial)`` in mm.
 
     ``gamma_mm2`` is γ in mm² (physical, hence resolution independent); ``spacing`` is the grid spacing of this

@@ -1,12 +1,14 @@
 """Registration result: displacement field (fixed grid, LPS mm, ``x_moving = x_fixed + u(x_fixed)``)."""
 
+from __future__ import annotations
+
 import numpy as np
 import SimpleITK as sitk
 
 from PETWorkbenchLib.errors import InputError
 
 
-def jacobian_array(field):
+def jacobian_array(field: sitk.Image) -> np.ndarray:
     """Jacobian determinant (numpy, array order) of a SimpleITK displacement field in LPS mm.
 
     With ``G[c, d] = d u_c / d s_d`` (LPS component c, index axis d in mm) and the direction matrix D, the
@@ -32,7 +34,7 @@ def jacobian_array(field):
     return det * float(np.linalg.det(D))
 
 
-def jacobian_stats(det, mask=None):
+def jacobian_stats(det: np.ndarray, mask: np.ndarray | None = None) -> dict[str, float]:
     """Folding percentage (|J| <= 0) and std(log J) over ``mask`` (or everywhere)."""
     vals = det[mask > 0] if mask is not None else det.ravel()
     if vals.size == 0:

@@ -6,6 +6,8 @@ Adding a term is one entry here plus its builder in :mod:`RegistrationModuleLib.
 the current deformation and ``weight`` is the voxel weight map (masks) or None.
 """
 
+from __future__ import annotations
+
 from dataclasses import dataclass
 
 from PETWorkbenchLib.errors import InputError
@@ -32,17 +34,17 @@ SIMILARITIES = {t.name: t for t in (
 )}
 
 
-def similarity_term(name):
+def similarity_term(name: str) -> SimilarityTerm:
     """The registered term ``name``; InputError listing the registered ones otherwise."""
     if name not in SIMILARITIES:
         raise InputError(f"unknown similarity '{name}': choose one of {', '.join(SIMILARITIES)}")
     return SIMILARITIES[name]
 
 
-def similarity_names(ui_only=False):
+def similarity_names(ui_only: bool = False) -> list[str]:
     return [n for n, t in SIMILARITIES.items() if t.in_ui or not ui_only]
 
 
-def describe(ui_only=False):
+def describe(ui_only: bool = False) -> str:
     """'name: description; ...' for help texts and tooltips."""
     return "; ".join(f"{n}: {SIMILARITIES[n].description}" for n in similarity_names(ui_only))

@@ -11,9 +11,20 @@
 * ``dice``: soft Dice between one-hot label maps (label-driven mode).
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 import torch
 
 from . import ops
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    # ``loss(warp, weight)``: ``warp`` resamples a moving-side tensor with the current deformation,
+    # ``weight`` is the voxel weight map (masks) or None
+    ImageLoss = Callable[[Callable[[torch.Tensor], torch.Tensor], torch.Tensor | None], torch.Tensor]
 
 EPS = 1e-5
 
@@ -41,15 +52,16 @@ class LNCC:
         return -_wmean(cc, weight)
 
 
-def lncc(fixed, warped, window=7, weight=None):
+def lncc(fixed: torch.Tensor, warped: torch.Tensor, window: int = 7,
+         weight: torch.Tensor | None = None) -> torch.Tensor:
     return LNCC(fixed, window)(warped, weight)
 
 
-def mse(fixed, warped, weight=None):
+def mse(fixed: torch.Tensor, warped: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     return _wmean((fixed - warped) ** 2, weight)
 
 
-def mind(image, radius=1, dilation=2):
+def mind(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.Tensor:
     """MIND descriptor ``(1, 2*ndim, *spatial)`` of a normalised image ``(1, 1, *spatial)``."""
     nd = ops.spatial_ndim(image)
     size = 2 * radius + 1
@@ -72,11 +84,12 @@ def mind(image, radius=1, dilation=2):
     return desc / desc.amax(dim=1, keepdim=True).clamp_min(1e-8)
 
 
-def mind_loss(fixed_desc, warped_desc, weight=None):
+def mind_loss(fixed_desc: torch.Tensor, warped_desc: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     return _wmean((fixed_desc - warped_desc) ** 2, weight)
 
 
-def soft_dice(fixed_onehot, warped_onehot, weight=None):
+def soft_dice(fixed_onehot: torch.Tensor, warped_onehot: torch.Tensor,
+              weight: torch.Tensor | None = None) -> torch.Tensor:
     """1 − mean soft Dice over channels (labels)."""
     nd = ops.spatial_ndim(fixed_onehot)
     dims = tuple(range(2, 2 + nd))
@@ -90,21 +103,21 @@ def soft_dice(fixed_onehot, warped_onehot, weight=None):
     return 1.0 - dice[present].mean()
 
 
-def lncc_term(fixed, moving, window):
+def lncc_term(fixed: torch.Tensor, moving: torch.Tensor, window: int) -> ImageLoss:
     f = LNCC(fixed, window)
     return lambda warp, weight: f(warp(moving), weight)
 
 
-def mse_term(fixed, moving, window):
+def mse_term(fixed: torch.Tensor, moving: torch.Tensor, window: int) -> ImageLoss:
     return lambda warp, weight: mse(fixed, warp(moving), weight)
 
 
-def mind_term(fixed, moving, window):
+def mind_term(fixed: torch.Tensor, moving: torch.Tensor, window: int) -> ImageLoss:
     fixed_desc, moving_desc = mind(fixed), mind(moving)       # the moving descriptor is computed once and warped
     return lambda warp, weight: mind_loss(fixed_desc, warp(moving_desc), weight)
 
 
-def image_term(name, fixed, moving, window):
+def image_term(name: str, fixed: torch.Tensor, moving: torch.Tensor, window: int) -> ImageLoss | None:
     """The loss of the registered term ``name`` (:mod:`RegistrationModuleLib.similarities`) for these images, or
     None for a label-only term."""
     from .similarities import similarity_term

@@ -4,11 +4,14 @@ Used by the registration benchmark and by the end-to-end pipeline to give a simu
 misalignment against its CT (as real PET/CT has, from breathing), so the recovered deformation can be scored.
 """
 
+from __future__ import annotations
+
 import numpy as np
 import SimpleITK as sitk
 
 
-def known_deformation(ref, body, amp_si=10.0, amp_ap=4.0, bumps=4, bump_amp=6.0, bump_sigma=30.0, seed=0):
+def known_deformation(ref: sitk.Image, body: np.ndarray, amp_si: float = 10.0, amp_ap: float = 4.0, bumps: int = 4,
+                      bump_amp: float = 6.0, bump_sigma: float = 30.0, seed: int = 0) -> np.ndarray:
     """Smooth pull-back field (LPS mm, array (*spatial, 3)) on the grid of ``ref``: breathing-like + bumps.
 
     Superior-inferior motion strongest in the upper body (diaphragm), anterior-posterior expansion, and
@@ -38,14 +41,15 @@ def known_deformation(ref, body, amp_si=10.0, amp_ap=4.0, bumps=4, bump_amp=6.0,
     return u
 
 
-def field_image(u, ref):
+def field_image(u: np.ndarray, ref: sitk.Image) -> sitk.Image:
     """numpy field (*spatial, 3) -> SimpleITK vector image on ``ref``'s grid."""
     img = sitk.GetImageFromArray(u.astype(np.float64), isVector=True)
     img.CopyInformation(ref)
     return img
 
 
-def warp_with(img, u, ref, label=False, default=None):
+def warp_with(img: sitk.Image, u: np.ndarray, ref: sitk.Image, label: bool = False,
+              default: float | None = None) -> sitk.Image:
     """Resample ``img`` through the pull-back field ``u`` (on ``ref``): out(x) = img(x + u(x))."""
     tx = sitk.DisplacementFieldTransform(field_image(u, ref))
     if default is None:
@@ -54,7 +58,7 @@ def warp_with(img, u, ref, label=False, default=None):
                          img.GetPixelID())
 
 
-def body_mask(ct, thr=-500):
+def body_mask(ct: sitk.Image, thr: float = -500) -> np.ndarray:
     """Largest connected component above ``thr`` HU, holes filled: the patient's body on a CT."""
     from scipy import ndimage
     a = sitk.GetArrayFromImage(ct) > thr

@@ -32,23 +32,30 @@ Training: :func:`SegmentationModuleLib.train.train` (configs in ``configs/``), C
 ``petworkbench train segmentation``, ``petworkbench evaluate segmentation`` (see ``cli.py``).
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from .interactive import region_at_click
 from .metrics import evaluate
 from .organs import organ_specs, resolve_organs
 from .uptake import organ_uptake
 
+if TYPE_CHECKING:
+    import SimpleITK as sitk
 
-def segment(*args, **kwargs):
+
+def segment(*args: Any, **kwargs: Any) -> tuple[sitk.Image, sitk.Image | None]:
     from .infer import segment as _segment
     return _segment(*args, **kwargs)
 
 
-def denoise(*args, **kwargs):
+def denoise(*args: Any, **kwargs: Any) -> sitk.Image:
     from .infer import denoise as _denoise
     return _denoise(*args, **kwargs)
 
 
-def segment_fake_fdpet(*args, **kwargs):
+def segment_fake_fdpet(*args: Any, **kwargs: Any) -> tuple[sitk.Image, sitk.Image | None]:
     from .infer import segment_fake_fdpet as _f
     return _f(*args, **kwargs)
 

@@ -7,8 +7,15 @@ random global translation plus a smooth random deformation (a coarse random disp
 trilinear interpolation), resampled with nearest neighbour.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 
 def _identity_grid(shape, device):
@@ -20,8 +27,9 @@ def _identity_grid(shape, device):
     return torch.stack([x, y, z], -1)  # grid_sample wants (x, y, z)
 
 
-def random_displacement(batch, shape, spacing_mm, max_shift_mm=6.0, max_deform_mm=4.0, control_points=4,
-                        generator=None, device="cpu"):
+def random_displacement(batch: int, shape: Sequence[int], spacing_mm: Sequence[float], max_shift_mm: float = 6.0,
+                        max_deform_mm: float = 4.0, control_points: int = 4, generator: torch.Generator | None = None,
+                        device: str | torch.device = "cpu") -> torch.Tensor:
     """Random displacement in voxels, (B, 3, D, H, W) ordered (z, y, x): translation + smooth deformation."""
     sp = torch.as_tensor(spacing_mm, dtype=torch.float32, device=device).view(1, 3, 1, 1, 1)
     shift = (torch.rand(batch, 3, 1, 1, 1, generator=generator) * 2 - 1).to(device) * max_shift_mm
@@ -30,7 +38,7 @@ def random_displacement(batch, shape, spacing_mm, max_shift_mm=6.0, max_deform_m
     return (shift + smooth) / sp
 
 
-def warp_labels(label, disp_vox):
+def warp_labels(label: torch.Tensor, disp_vox: torch.Tensor) -> torch.Tensor:
     """Nearest-neighbour pull-back of an integer label batch (B, D, H, W) by a voxel displacement (B,3,D,H,W)."""
     b, d, h, w = label.shape
     grid = _identity_grid((d, h, w), label.device).unsqueeze(0).repeat(b, 1, 1, 1, 1)
@@ -41,8 +49,9 @@ def warp_labels(label, disp_vox):
     return out[:, 0].round().long()
 
 
-def misalign_labels(label, spacing_mm, p=0.5, max_shift_mm=6.0, max_deform_mm=4.0, control_points=4,
-                    generator=None):
+def misalign_labels(label: torch.Tensor, spacing_mm: Sequence[float], p: float = 0.5, max_shift_mm: float = 6.0,
+                    max_deform_mm: float = 4.0, control_points: int = 4,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
     """Apply the misalignment augmentation to each batch element with probability ``p``."""
     b = label.shape[0]
     apply = torch.rand(b, generator=generator) < p

@@ -10,12 +10,18 @@
   [--denoiser ID|file.pt (Fake-FDPET)] [--output metrics.json]``
 """
 
+from __future__ import annotations
+
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PETWorkbenchLib.errors import InputError
 from PETWorkbenchLib.requests import option
 from PETWorkbenchLib.units import PETUnits
+
+if TYPE_CHECKING:
+    import argparse
 
 
 @dataclass
@@ -120,7 +126,7 @@ def _cmd_evaluate(args, rep):
                                             for k, o in res["organs"].items()}}
 
 
-def add_commands(subparsers):
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
     from PETWorkbenchLib.requests import add_arguments
     p = subparsers.add_parser("segment", help="LDOS organ segmentation of a PET volume")
     add_arguments(p, SegmentRequest)

@@ -5,38 +5,47 @@ manifest), tracer, center. Volumes are resampled once to the config spacing and 
 ``cache_dir`` given (default: ``<manifest dir>/../seg_cache``).
 """
 
+from __future__ import annotations
+
 import hashlib
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from PETWorkbenchLib.errors import InputError
 from PETWorkbenchLib.manifest import case_path, read_manifest, select  # noqa: F401 - the engine's names for them
 
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
 
-def file_stamps(row, keys):
+    import SimpleITK as sitk
+
+
+def file_stamps(row: dict, keys: Iterable[str]) -> list[list[int]]:
     """[[size, mtime_ns], ...] of a case's files: part of cache keys, so a regenerated data set is re-read."""
     return [[st.st_size, st.st_mtime_ns] for st in (os.stat(case_path(row, k)) for k in keys)]
 
 
-def normalise(suv, norm):
+def normalise(suv: np.ndarray, norm: dict) -> np.ndarray:
     """SUV -> network intensity: clip to [0, clip] and divide by scale."""
     return np.clip(suv, 0.0, norm.get("clip", 50.0)) / norm.get("scale", 5.0)
 
 
-def denormalise(x, norm):
+def denormalise(x: np.ndarray, norm: dict) -> np.ndarray:
     return x * norm.get("scale", 5.0)
 
 
-def resample_to_spacing(image, spacing, is_label=False):
+def resample_to_spacing(image: sitk.Image, spacing: Sequence[float], is_label: bool = False) -> sitk.Image:
     """The model grid of LDOS: :func:`PETWorkbenchLib.imageio.resample_to_spacing` keeping the origin."""
     from PETWorkbenchLib.imageio import resample_to_spacing as resample
     return resample(image, spacing, label=is_label, keep="origin")
 
 
-def load_case(row, cfg, cache_dir, input_key=None, target_key=None):
+def load_case(row: dict, cfg: dict, cache_dir: str | Path, input_key: str | None = None,
+              target_key: str | None = None) -> dict:
     """Dict with arrays x (input, normalised), y (full dose, normalised), label (int), spacing (z, y, x)."""
     import SimpleITK as sitk
     input_key = input_key or cfg.get("input_key", "low_dose_drf20")
@@ -123,7 +132,9 @@ class PatchSampler:
         return np.stack(xs)[:, None], np.stack(ys)[:, None], np.stack(ls).astype(np.int64)
 
 
-def random_cases(n, shape=(32, 32, 32), n_classes=19, seed=0, spacing=(4.0, 4.0, 4.0), radius=(2.5, 5.0)):
+def random_cases(n: int, shape: tuple[int, int, int] = (32, 32, 32), n_classes: int = 19, seed: int = 0,
+                 spacing: tuple[float, float, float] = (4.0, 4.0, 4.0),
+                 radius: tuple[float, float] = (2.5, 5.0)) -> list[dict]:
     """Tiny synthetic cases (blobs of organ labels, uptake per organ, Poisson-like noise) for tests."""
     rng = np.random.default_rng(seed)
     cases = []

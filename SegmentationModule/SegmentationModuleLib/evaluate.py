@@ -1,9 +1,22 @@
 """Evaluation of a segmentation model on a data set's manifest: per-case and aggregate Dice, IoU, HD95, ASD."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from PETWorkbenchLib.errors import InputError
 
-def evaluate_manifest(model, manifest, split="test", input_key=None, denoiser=None, device="auto", progress=None,
-                      tracer=None):
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+    from pathlib import Path
+
+    import torch
+
+
+def evaluate_manifest(model: str | Path | dict, manifest: str | Path, split: str | Sequence[str] = "test",
+                      input_key: str | None = None, denoiser: str | Path | dict | None = None,
+                      device: str | torch.device = "auto", progress: Callable[[float, str], None] | None = None,
+                      tracer: str | Sequence[str] | None = None) -> dict:
     """Segment every case of ``split`` and score it against its labels. Returns per-case and aggregate metrics."""
     import time
     import SimpleITK as sitk

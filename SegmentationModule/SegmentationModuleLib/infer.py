@@ -1,6 +1,9 @@
 """Inference: organ label map (and optionally probabilities / the denoised PET) for a PET volume in SUV."""
 
+from __future__ import annotations
+
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -8,8 +11,17 @@ from PETWorkbenchLib.errors import InputError, ModelError
 from PETWorkbenchLib.units import check_pet_image
 from PETWorkbenchLib.progress import Reporter
 
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Sequence
 
-def load_model(checkpoint, device="cpu", progress=None):
+    import SimpleITK as sitk
+    import torch
+
+    from .model import LDOSNet
+
+
+def load_model(checkpoint: str | Path | dict, device: str | torch.device = "cpu",
+               progress: Callable[[float, str], None] | None = None) -> tuple[LDOSNet, dict]:
     """Checkpoint (path, registry id or loaded dict) -> (network in eval mode, config)."""
     from PETWorkbenchLib.device import torch_device
     from PETWorkbenchLib.models import load_checkpoint, load_model_checkpoint
@@ -43,7 +55,7 @@ BYTES_PER_INPUT_VOXEL = 24
 BYTES_PER_MODEL_VOXEL = 100
 
 
-def input_voxel_limit(spacing, model_spacing=(4.0, 4.0, 4.0)):
+def input_voxel_limit(spacing: Sequence[float], model_spacing: Sequence[float] = (4.0, 4.0, 4.0)) -> tuple[int, str]:
     """(Largest input voxel count segment() accepts at this spacing within the memory budget, why); checked from
     the header before reading."""
     import math
@@ -91,8 +103,10 @@ def _back_to_input(img_model, image, is_label):
     return sitk.Resample(img_model, image, sitk.Transform(), interp, 0, img_model.GetPixelID())
 
 
-def segment(image, checkpoint, organs=None, device="auto", progress=None, cancel=None,
-            return_probabilities=False, allow_empty=False):
+def segment(image: sitk.Image, checkpoint: str | Path | dict, organs: str | int | Iterable[str | int] | None = None,
+            device: str | torch.device = "auto", progress: Callable[[float, str], None] | None = None,
+            cancel: Callable[[], bool] | None = None, return_probabilities: bool = False,
+            allow_empty: bool = False) -> tuple[sitk.Image, sitk.Image | None]:
     """Organ label map on the input grid (uint8, values of Resources/Terminology/PETWorkbenchOrgans.term.json).
 
     Returns ``(label_image, probabilities)``; ``probabilities`` is None unless ``return_probabilities``, then a
@@ -129,7 +143,9 @@ def segment(image, checkpoint, organs=None, device="auto", progress=None, cancel
     return label, probs
 
 
-def denoise(image, checkpoint, device="auto", progress=None, cancel=None):
+def denoise(image: sitk.Image, checkpoint: str | Path | dict, device: str | torch.device = "auto",
+            progress: Callable[[float, str], None] | None = None,
+            cancel: Callable[[], bool] | None = None) -> sitk.Image:
     """Full-dose estimate (SUV, input grid) from an LDOS or denoiser checkpoint's denoising decoder."""
     from PETWorkbenchLib.device import torch_device
     from .data import denormalise
@@ -145,8 +161,10 @@ def denoise(image, checkpoint, device="auto", progress=None, cancel=None):
     return _back_to_input(_to_image(np.maximum(arr, 0), img), image, False)
 
 
-def segment_fake_fdpet(image, denoiser, segmenter, organs=None, device="auto", progress=None, cancel=None,
-                       **kwargs):
+def segment_fake_fdpet(image: sitk.Image, denoiser: str | Path | dict, segmenter: str | Path | dict,
+                       organs: str | int | Iterable[str | int] | None = None, device: str | torch.device = "auto",
+                       progress: Callable[[float, str], None] | None = None, cancel: Callable[[], bool] | None = None,
+                       **kwargs: bool) -> tuple[sitk.Image, sitk.Image | None]:
     """Fake-FDPET baseline: denoise with ``denoiser`` then segment the result with ``segmenter`` (a model trained
     on full-dose PET). ``kwargs`` go to :func:`segment`."""
     rep = Reporter(progress, cancel)

@@ -1,12 +1,20 @@
 """Click-to-mask logic of the "PET organs" Segment Editor effect (engine side, no Slicer needed)."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 import numpy as np
 from scipy import ndimage
 
 from PETWorkbenchLib.errors import InputError
 
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
-def region_at_click(label_image_array, organ_value_or_None, ijk, connectivity=1):
+
+def region_at_click(label_image_array: np.ndarray, organ_value_or_None: int | None, ijk: Sequence[float],
+                    connectivity: int = 1) -> np.ndarray:
     """Boolean mask of the connected component of the predicted organ under a click.
 
     ``label_image_array``: integer prediction in SimpleITK/numpy order (k, j, i) = (z, y, x).

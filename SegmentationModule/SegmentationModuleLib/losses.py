@@ -10,13 +10,19 @@ Deep-supervision weights follow nnU-Net: ``1 / 2^z`` for z = 0 (full resolution)
 to 0, normalised to sum 1 (used for both ``w^z`` and ``v^z``).
 """
 
+from __future__ import annotations
+
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
-def deep_supervision_weights(n):
+
+def deep_supervision_weights(n: int) -> list[float]:
     w = [1.0 / (2 ** i) for i in range(n)]
     if n > 1:
         w[-1] = 0.0
@@ -24,12 +30,13 @@ def deep_supervision_weights(n):
     return [x / s for x in w]
 
 
-def phi_schedule(epoch, ell=0.002):
+def phi_schedule(epoch: float, ell: float = 0.002) -> float:
     """Weight of the denoising loss at ``epoch`` (paper: phi = exp(-l E), l = 0.002)."""
     return math.exp(-ell * float(epoch))
 
 
-def soft_dice_loss(logits, target, smooth=1e-5, include_background=False):
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5,
+                   include_background: bool = False) -> torch.Tensor:
     """1 - mean soft Dice over classes, batch Dice as in nnU-Net (sums over batch and space)."""
     probs = torch.softmax(logits.float(), 1)
     onehot = F.one_hot(target.long(), logits.shape[1]).permute(0, 4, 1, 2, 3).to(probs.dtype)
@@ -42,7 +49,7 @@ def soft_dice_loss(logits, target, smooth=1e-5, include_background=False):
     return 1.0 - dice.mean()
 
 
-def seg_loss_single(logits, target):
+def seg_loss_single(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), target.long()) + soft_dice_loss(logits, target)
 
 
@@ -58,7 +65,8 @@ def _down_image(img, shape):
     return F.adaptive_avg_pool3d(img, shape)
 
 
-def segmentation_loss(seg_outputs, label, weights=None):
+def segmentation_loss(seg_outputs: torch.Tensor | Sequence[torch.Tensor], label: torch.Tensor,
+                      weights: Sequence[float] | None = None) -> torch.Tensor | float:
     """L_s over deep-supervision outputs (list, highest resolution first) or a single logits tensor."""
     if torch.is_tensor(seg_outputs):
         seg_outputs = [seg_outputs]
@@ -71,7 +79,8 @@ def segmentation_loss(seg_outputs, label, weights=None):
     return total
 
 
-def denoising_loss(den_outputs, full_dose, weights=None):
+def denoising_loss(den_outputs: torch.Tensor | Sequence[torch.Tensor], full_dose: torch.Tensor,
+                   weights: Sequence[float] | None = None) -> torch.Tensor | float:
     """L_g: weighted L1 to the full-dose image at every scale."""
     if torch.is_tensor(den_outputs):
         den_outputs = [den_outputs]
@@ -84,7 +93,8 @@ def denoising_loss(den_outputs, full_dose, weights=None):
     return total
 
 
-def ldos_loss(outputs, label, full_dose=None, epoch=0, ell=0.002, lam=1.0, phi=None):
+def ldos_loss(outputs: dict, label: torch.Tensor, full_dose: torch.Tensor | None = None, epoch: float = 0,
+              ell: float = 0.002, lam: float = 1.0, phi: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Total loss and its parts. ``outputs`` is the network's dict. Without a "den" output (segmentation-only
     baseline) the total is ``lam * L_s``."""
     ls = segmentation_loss(outputs["seg"], label)

@@ -7,13 +7,22 @@
   two directed 95th percentiles, as MONAI's ``compute_hausdorff_distance``; ASD = mean of all distances).
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from PETWorkbenchLib.errors import InputError
 from PETWorkbenchLib.metrics import hd95_asd, surface_distances  # noqa: F401 - surface_distances: the engine's name
 
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
 
-def binary_metrics(pred, ref, spacing):
+    import SimpleITK as sitk
+
+
+def binary_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> dict[str, float | None]:
     pred, ref = np.asarray(pred, bool), np.asarray(ref, bool)
     inter = np.logical_and(pred, ref).sum()
     ps, rs = pred.sum(), ref.sum()
@@ -36,7 +45,8 @@ def _as_array(x):
     return np.asarray(x), None
 
 
-def evaluate(pred, ref, specs, spacing=None):
+def evaluate(pred: sitk.Image | np.ndarray, ref: sitk.Image | np.ndarray, specs: Iterable[dict],
+             spacing: Sequence[float] | None = None) -> dict:
     """Per-organ metrics and means.
 
     ``pred``/``ref``: label images (SimpleITK) or arrays (z, y, x) with ``spacing`` (z, y, x) in mm. Images are
@@ -74,7 +84,7 @@ def evaluate(pred, ref, specs, spacing=None):
     return {"organs": organs, "mean": summarize(organs)}
 
 
-def summarize(organs):
+def summarize(organs: dict[str, dict]) -> dict:
     scored = [m for m in organs.values() if m.get("status") != "missing"]
     out = {"n_scored": len(scored), "n_missing": sum(m.get("status") == "missing" for m in organs.values())}
     for k in ("dice", "iou", "hd95", "asd"):
@@ -85,7 +95,7 @@ def summarize(organs):
     return out
 
 
-def aggregate(results):
+def aggregate(results: Iterable[dict]) -> dict:
     """Mean over cases of the per-case, per-organ metrics (only where the organ was scored)."""
     names = {}
     for r in results:

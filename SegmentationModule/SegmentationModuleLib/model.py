@@ -12,6 +12,8 @@
 ``LDOSNet(denoise=False)`` is the segmentation-only baseline (same encoder and segmentation decoder).
 """
 
+from __future__ import annotations
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -156,7 +158,7 @@ NET_KEYS = ("in_channels", "n_classes", "features", "strides", "n_blocks", "n_co
             "denoise_residual", "deep_supervision")
 
 
-def build_network(cfg):
+def build_network(cfg: dict) -> LDOSNet:
     """Build an LDOSNet from a config dict's ``network`` section."""
     net = dict(cfg.get("network", cfg))
     unknown = set(net) - set(NET_KEYS)

@@ -6,15 +6,22 @@ read by :mod:`PETWorkbenchLib.terminology`; this module turns it into segment sp
 selections.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from PETWorkbenchLib.errors import InputError
 from PETWorkbenchLib.terminology import TERMINOLOGY_FILE, organ_table, terminology_path  # noqa: F401 - re-exported
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
 
 def _table():
     return organ_table()
 
 
-def organ_specs(organs=None):
+def organ_specs(organs: str | int | Iterable[str | int] | None = None) -> list[dict]:
     """Segment specs for all organs (or the selected ones: names or label values), sorted by value."""
     table = _table()
     if organs is None:
@@ -23,16 +30,16 @@ def organ_specs(organs=None):
     return [o for o in table if o["value"] in values]
 
 
-def organ_names():
+def organ_names() -> list[str]:
     return [o["name"] for o in _table()]
 
 
-def n_classes():
+def n_classes() -> int:
     """Number of network output classes (background + organs)."""
     return 1 + max(o["value"] for o in _table())
 
 
-def resolve_organs(organs):
+def resolve_organs(organs: str | int | Iterable[str | int] | None) -> list[int]:
     """Organ names or label values -> sorted list of label values. Unknown organs are an InputError."""
     if organs is None:
         return [o["value"] for o in _table()]

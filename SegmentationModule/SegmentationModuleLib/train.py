@@ -13,10 +13,13 @@ checkpoints. ``checkpoint_latest.pt`` is written every epoch and when a time lim
 resumes from it. Checkpoints hold tensors and plain data only and are read with torch's weights-only loader.
 """
 
+from __future__ import annotations
+
 import json
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,10 +32,13 @@ from .augment import misalign_labels
 from .losses import denoising_loss, ldos_loss
 from .model import build_network
 
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
 TASKS = ("ldos", "segonly", "denoise")
 
 
-def load_config(path_or_name):
+def load_config(path_or_name: dict | str | Path) -> dict:
     """A config dict from a JSON file or the name of a bundled config (``ldos_cpu_demo``, ``ldos_resenc_l``)."""
     if isinstance(path_or_name, dict):
         return json.loads(json.dumps(path_or_name))
@@ -45,7 +51,7 @@ def load_config(path_or_name):
         return json.load(f)
 
 
-def network_config_for_task(cfg):
+def network_config_for_task(cfg: dict) -> dict:
     cfg = json.loads(json.dumps(cfg))
     task = cfg.get("task", "ldos")
     if task not in TASKS:
@@ -54,7 +60,7 @@ def network_config_for_task(cfg):
     return cfg
 
 
-def dist_info():
+def dist_info() -> tuple[int, int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -79,14 +85,15 @@ def _make_optimizer(params, ocfg):
     raise InputError(f"Unknown optimizer '{name}' (sgd or adamw)")
 
 
-def poly_lr(lr0, it, total, exponent=0.9):
+def poly_lr(lr0: float, it: int, total: int, exponent: float = 0.9) -> float:
     return lr0 * (1 - min(it, total) / max(total, 1)) ** exponent
 
 
 RESUME_KEYS = ("model", "optimizer", "iteration", "sampler_rng", "torch_rng")
 
 
-def read_checkpoint(path, keys=RESUME_KEYS, map_location="cpu"):
+def read_checkpoint(path: str | Path, keys: Sequence[str] = RESUME_KEYS,
+                    map_location: str | torch.device = "cpu") -> dict:
     """A checkpoint written by :func:`train` (:func:`PETWorkbenchLib.models.read_torch_file`: tensors and plain
     data only; anything else raises ModelError naming the file and nothing in it is run)."""
     from PETWorkbenchLib.models import read_torch_file
@@ -98,8 +105,12 @@ def _rng_state(rng):
     return json.loads(json.dumps(rng.bit_generator.state, default=lambda a: a.tolist()))
 
 
-def train(cfg, out_dir, cases=None, manifest=None, resume=True, max_minutes=None, device="auto", threads=None,
-          progress=None, cancel=None, log=print, cache_dir=None):
+def train(cfg: dict | str | Path, out_dir: str | Path, cases: list[dict] | None = None,
+          manifest: str | Path | None = None, resume: bool = True, max_minutes: float | None = None,
+          device: str | torch.device = "auto", threads: int | None = None,
+          progress: Callable[[float, str], None] | None = None, cancel: Callable[[], bool] | None = None,
+          log: Callable[[str], None] = print,
+          cache_dir: str | Path | None = None) -> dict:
     """Train a model; returns a summary dict. ``cases`` (list of dicts from :mod:`.data`) or ``manifest``
     (volumes resampled once and cached as .npz in ``cache_dir``, default ``<out_dir>/cache``)."""
     from PETWorkbenchLib.device import torch_device

@@ -5,18 +5,26 @@ the sphere centre may be any voxel of the organ and the sphere mean uses every i
 inside the sphere. It is None when the organ is smaller than the sphere (volume < 1 ml).
 """
 
+from __future__ import annotations
+
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage
 
 from PETWorkbenchLib.errors import InputError
 
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
+
+    import SimpleITK as sitk
+
 PEAK_VOLUME_ML = 1.0
 PEAK_RADIUS_MM = (3.0 * PEAK_VOLUME_ML * 1000.0 / (4.0 * math.pi)) ** (1.0 / 3.0)  # 6.2035 mm
 
 
-def sphere_kernel(spacing_zyx, radius_mm=PEAK_RADIUS_MM):
+def sphere_kernel(spacing_zyx: Sequence[float], radius_mm: float = PEAK_RADIUS_MM) -> np.ndarray:
     r = [int(math.floor(radius_mm / s)) for s in spacing_zyx]
     zz, yy, xx = np.meshgrid(*[np.arange(-k, k + 1) * s for k, s in zip(r, spacing_zyx)], indexing="ij")
     return (zz ** 2 + yy ** 2 + xx ** 2 <= radius_mm ** 2 + 1e-9).astype(np.float64)
@@ -32,7 +40,7 @@ def _check_same_grid(a, b):
                              f"{tuple(round(v, 4) for v in y)}; resample the labels onto the PET grid")
 
 
-def organ_uptake(pet_image, label_image, specs):
+def organ_uptake(pet_image: sitk.Image, label_image: sitk.Image, specs: Iterable[dict]) -> list[dict]:
     """Uptake table rows for every spec in ``specs`` (value, name) present in ``label_image``.
 
     Returns a list of dicts ``name, value, volume_ml, suv_mean, suv_max, suv_peak`` (``suv_peak`` None when the

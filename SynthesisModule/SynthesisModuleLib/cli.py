@@ -7,10 +7,16 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PETWorkbenchLib.errors import InputError
 from PETWorkbenchLib.requests import option
 from PETWorkbenchLib.units import PETUnits
+
+if TYPE_CHECKING:
+    import argparse
+
+    import SimpleITK as sitk
 
 
 @dataclass
@@ -54,7 +60,7 @@ def _cmd_synthesize(args, rep):
     return {"output": req.output, **summary}
 
 
-def read_input(path, what):
+def read_input(path: str | Path, what: str) -> sitk.Image:
     """The PET of the command line, refused from its header when larger than the engine's memory bound."""
     from PETWorkbenchLib.imageio import image_header, read_image
 
@@ -123,7 +129,7 @@ def _cmd_evaluate(args, rep):
     return summary
 
 
-def add_commands(subparsers) -> None:
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
     from PETWorkbenchLib.requests import add_arguments
     p = subparsers.add_parser("synthesize", help="full-dose PET estimate from a low-dose PET (DRMC)")
     add_arguments(p, SynthesizeRequest)

@@ -20,7 +20,7 @@ TARGET_SPACING = (2.0, 2.0, 2.0)
 
 
 # ----------------------------------------------------------------------------------------------- resampling
-def to_2mm_array(image, label=False):
+def to_2mm_array(image: sitk.Image, label: bool = False) -> tuple[np.ndarray, sitk.Image]:
     """(array (z, y, x) float32 or int, resampled image) on the 2 mm isotropic grid."""
     if label:
         img = resample_to_spacing(image, TARGET_SPACING, label=True)
@@ -29,7 +29,7 @@ def to_2mm_array(image, label=False):
     return sitk.GetArrayFromImage(img).astype(np.float32), img
 
 
-def normalise(suv, suv_scale=1.0):
+def normalise(suv: np.ndarray, suv_scale: float = 1.0) -> np.ndarray:
     """SUV / ``suv_scale`` after clipping negatives to 0, as a new float32 array (one copy)."""
     out = np.clip(suv, 0.0, None, dtype=np.float32)
     out /= float(suv_scale)
@@ -40,14 +40,14 @@ def normalise(suv, suv_scale=1.0):
 MANIFEST_REQUIRED = ("case_id", "center", "split", "full_dose", "low_dose")
 
 
-def read_manifest(path):
+def read_manifest(path: str | Path) -> list[dict]:
     """Rows of a simulated multi-centre manifest.csv (:func:`PETWorkbenchLib.manifest.read_manifest`) with the
     columns DRMC needs."""
     from PETWorkbenchLib.manifest import read_manifest as read
     return read(path, MANIFEST_REQUIRED)
 
 
-def load_pair_2mm(row, suv_scale=1.0, low_key="low_dose"):
+def load_pair_2mm(row: dict, suv_scale: float = 1.0, low_key: str = "low_dose") -> tuple[np.ndarray, np.ndarray]:
     """(low, full) normalised float32 arrays on the 2 mm grid for one manifest row."""
     low, _ = to_2mm_array(sitk.ReadImage(row[low_key]))
     full, _ = to_2mm_array(sitk.ReadImage(row["full_dose"]))

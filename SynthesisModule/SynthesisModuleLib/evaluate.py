@@ -6,6 +6,7 @@ import csv
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
@@ -19,12 +20,20 @@ from .data import normalise, read_manifest, select, to_2mm_array
 from .infer import load_model, predict_array, routing_summary
 from .metrics import lesion_suv_errors, psnr, routing_plot, ssim, suv_bias_from_errors
 
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    import torch
+
+    from .model import Generator
+
 # b_mean/b_max: the paper's lesion SUVmean/SUVmax bias (relative, absolute); e_mean: signed relative SUVmean error
 # (diagnostic: negative = lesion uptake under-stated).
 METRICS = ("psnr", "ssim", "b_mean", "b_max", "e_mean")
 
 
-def load_case_2mm(row, references=None):
+def load_case_2mm(row: dict, references: dict[str, Callable[[dict], sitk.Image]] | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict[str, np.ndarray]]:
     """(low SUV, full SUV, lesion mask or None, {reference name: SUV}) on the full-dose image's 2 mm grid.
 
     ``references``: name -> callable(row) -> SUV image of the case (e.g. its noise-free reconstruction)."""
@@ -43,7 +52,7 @@ def load_case_2mm(row, references=None):
     return low, np.clip(full, 0, None), les, refs
 
 
-def case_metrics(est, full, lesions):
+def case_metrics(est: np.ndarray, full: np.ndarray, lesions: np.ndarray | None) -> dict[str, float]:
     out = {"psnr": psnr(est, full), "ssim": ssim(est, full)}
     if lesions is not None and np.any(lesions > 0):
         errors = lesion_suv_errors(est, full, lesions)
@@ -59,7 +68,7 @@ def _nanmean(v):
     return float(np.mean(v)) if v else float("nan")
 
 
-def tables(rows):
+def tables(rows: list[dict]) -> tuple[dict, dict]:
     """method -> center -> metric -> mean; plus method -> {'known': avg, 'unknown': avg} over centre means."""
     per = {}
     for r in rows:
@@ -79,7 +88,7 @@ def tables(rows):
     return table, avg
 
 
-def markdown_table(table, avg):
+def markdown_table(table: dict, avg: dict) -> str:
     lines = ["| method | centre | known | n | PSNR | SSIM | B_mean | B_max | SUVmean error (signed) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for meth, cs in table.items():
@@ -92,9 +101,13 @@ def markdown_table(table, avg):
     return "\n".join(lines) + "\n"
 
 
-def evaluate(models: dict, manifest, out_dir=None, split="test", patch=None, overlap=0.5, sw_batch_size=2,
-             device="auto", max_cases_per_center=None, include_unknown=True, tracers=None, progress=None,
-             cancel=None, references=None) -> dict:
+def evaluate(models: dict[str, str | Path | dict | Generator], manifest: str | Path,
+             out_dir: str | Path | None = None, split: str | Sequence[str] = "test",
+             patch: int | Sequence[int] | None = None, overlap: float = 0.5, sw_batch_size: int = 2,
+             device: str | torch.device = "auto", max_cases_per_center: int | None = None,
+             include_unknown: bool = True, tracers: str | Sequence[str] | None = None,
+             progress: Callable[[float, str], None] | None = None, cancel: Callable[[], bool] | None = None,
+             references: dict[str, Callable[[dict], sitk.Image]] | None = None) -> dict:
     """Evaluate ``models`` (name -> weights path / checkpoint dict / Generator) and the low-dose input.
 
     ``references``: optional name -> callable(row) -> SUV image, evaluated like the input (e.g. the noise-free

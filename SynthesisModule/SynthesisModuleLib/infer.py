@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
@@ -19,6 +20,13 @@ from .data import TARGET_SPACING, normalise
 from .model import build_model
 from .train import load_config
 
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from .model import Generator
+
+    Prediction = torch.Tensor | tuple[torch.Tensor, ...] | dict[str, torch.Tensor]
+
 # A 2 mm grid of more voxels than this (60 x 60 x 140 cm) is refused: input, output and blending weights would
 # together exceed ~1 GB of RAM.
 MAX_VOXELS_2MM = 300 * 300 * 700
@@ -29,7 +37,7 @@ BYTES_PER_INPUT_VOXEL = 16
 BYTES_PER_2MM_VOXEL = 8
 
 
-def input_voxel_limit(spacing):
+def input_voxel_limit(spacing: Sequence[float]) -> tuple[int, str]:
     """(Largest input voxel count synthesize() accepts at this spacing, why): the 2 mm grid limit and the memory
     budget (:func:`PETWorkbenchLib.imageio.memory_budget_bytes`), checked from the header before reading."""
     from PETWorkbenchLib.imageio import memory_budget_bytes
@@ -43,7 +51,7 @@ def input_voxel_limit(spacing):
     return by_grid, f"a 2 mm grid of at most {MAX_VOXELS_2MM:,} voxels"
 
 
-def load_model(model, device="cpu"):
+def load_model(model: str | Path | dict | Generator, device: str | torch.device = "cpu") -> tuple[Generator, dict]:
     """(Generator in eval mode, full config) from a path, a model id, a checkpoint dict or a Generator."""
     if isinstance(model, torch.nn.Module):
         cfg = getattr(model, "full_config", None) or {"model": model.config, "train": {}}
@@ -72,15 +80,20 @@ def load_model(model, device="cpu"):
     return net.to(device).eval(), cfg
 
 
-def sliding_window(predictor, image_tensor, roi_size, overlap=0.5, sw_batch_size=4, mode="gaussian",
-                   device=None, progress=None, cancel=None):
+def sliding_window(predictor: Callable[[torch.Tensor], Prediction], image_tensor: torch.Tensor,
+                   roi_size: Sequence[int], overlap: float = 0.5, sw_batch_size: int = 4, mode: str = "gaussian",
+                   device: str | torch.device | None = None, progress: Callable[[float, str], None] | None = None,
+                   cancel: Callable[[], bool] | None = None) -> Prediction:
     """Thin indirection to PETWorkbenchLib.inference.sliding_window (MONAI sliding_window_inference)."""
     from PETWorkbenchLib.inference import sliding_window as shared
     return shared(predictor, image_tensor, roi_size, overlap=overlap, sw_batch_size=sw_batch_size, mode=mode,
                   device=device, progress=progress, cancel=cancel)
 
 
-def predict_array(model, arr, patch=64, overlap=0.5, sw_batch_size=2, device="cpu", progress=None, cancel=None):
+def predict_array(model: Generator, arr: np.ndarray, patch: int | Sequence[int] = 64, overlap: float = 0.5,
+                  sw_batch_size: int = 2, device: str | torch.device = "cpu",
+                  progress: Callable[[float, str], None] | None = None,
+                  cancel: Callable[[], bool] | None = None) -> tuple[np.ndarray, list[torch.Tensor] | None]:
     """Run the network on a normalised (z, y, x) array on the 2 mm grid; returns (array, routing_log)."""
     dev = torch_device(device)
     model = model.to(dev).eval()
@@ -97,7 +110,7 @@ def predict_array(model, arr, patch=64, overlap=0.5, sw_batch_size=2, device="cp
     return y[0, 0].numpy(), log
 
 
-def routing_summary(log, num_banks):
+def routing_summary(log: list[torch.Tensor] | None, num_banks: int) -> dict:
     """Per bank (block b attention / FFN): mean weight per expert, top-1 expert fractions, sparsity."""
     if not log:
         return {"routed": False}
@@ -118,8 +131,10 @@ def routing_summary(log, num_banks):
     }
 
 
-def synthesize(image, model, device="auto", patch=None, overlap=0.5, sw_batch_size=2, units="SUV",
-               progress=None, cancel=None):
+def synthesize(image: sitk.Image, model: str | Path | dict | Generator, device: str | torch.device = "auto",
+               patch: int | Sequence[int] | None = None, overlap: float = 0.5, sw_batch_size: int = 2,
+               units: str = "SUV", progress: Callable[[float, str], None] | None = None,
+               cancel: Callable[[], bool] | None = None) -> tuple[sitk.Image, dict]:
     """Full-dose estimate of a low-dose PET ``image`` (SUV). Returns (SimpleITK.Image SUV on the input grid,
     routing summary dict). See the package docstring."""
     rep = Reporter(progress, cancel)

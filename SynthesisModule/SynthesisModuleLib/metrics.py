@@ -11,11 +11,22 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from scipy import ndimage
 
 from PETWorkbenchLib.errors import InputError
 from PETWorkbenchLib.metrics import psnr, ssim  # noqa: F401 - the engine's names for them
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from pathlib import Path
+
+    import torch
+
+    from .data import CenterPatchSampler
+    from .model import Generator
 
 
 def _check_pair(pred, ref):
@@ -26,7 +37,7 @@ def _check_pair(pred, ref):
     return pred, ref
 
 
-def lesion_components(lesions):
+def lesion_components(lesions: np.ndarray) -> list[np.ndarray]:
     lesions = np.asarray(lesions)
     vals = np.unique(lesions[lesions > 0])
     if len(vals) > 1:  # already instance-labelled
@@ -35,7 +46,8 @@ def lesion_components(lesions):
     return [lab == i for i in range(1, n + 1)]
 
 
-def lesion_suv_errors(pred, ref, lesions, min_voxels=1):
+def lesion_suv_errors(pred: np.ndarray, ref: np.ndarray, lesions: np.ndarray, min_voxels: int = 1
+                      ) -> list[tuple[float, float]]:
     """Signed relative errors ((pred - ref) / ref) of SUVmean and SUVmax, one (mean, max) pair per lesion.
 
     Lesions are the connected components (or instance labels) of ``lesions``; lesions with fewer than
@@ -55,7 +67,7 @@ def lesion_suv_errors(pred, ref, lesions, min_voxels=1):
     return errors
 
 
-def suv_bias_from_errors(errors):
+def suv_bias_from_errors(errors: Sequence[tuple[float, float]]) -> tuple[float, float, int]:
     """(B_mean, B_max, n_lesions) from ``lesion_suv_errors``: mean relative absolute bias of SUVmean and SUVmax
     (DRMC's definition); NaN when no lesion is scoreable."""
     if not errors:
@@ -64,13 +76,16 @@ def suv_bias_from_errors(errors):
     return float(e[:, 0].mean()), float(e[:, 1].mean()), len(errors)
 
 
-def lesion_suv_bias(pred, ref, lesions, min_voxels=1):
+def lesion_suv_bias(pred: np.ndarray, ref: np.ndarray, lesions: np.ndarray, min_voxels: int = 1
+                    ) -> tuple[float, float, int]:
     """(B_mean, B_max, n_lesions) of ``pred`` against ``ref`` over the lesions; see ``suv_bias_from_errors``."""
     return suv_bias_from_errors(lesion_suv_errors(pred, ref, lesions, min_voxels))
 
 
 # ------------------------------------------------------------------------------------------- interference
-def interference(model, sampler, n_batches=4, batch_size=1, param_prefixes=None, eps=1e-3, seed=0, device="cpu"):
+def interference(model: Generator, sampler: CenterPatchSampler, n_batches: int = 4, batch_size: int = 1,
+                 param_prefixes: dict[str, str] | None = None, eps: float = 1e-3, seed: int = 0,
+                 device: str | torch.device = "cpu") -> dict:
     """Centre interference I_ij (supplement eq. 4-5) for each parameter group.
 
     For each centre c, ``n_batches`` batches X_c^k are drawn and the loss gradients g_c^k computed. With
@@ -127,7 +142,7 @@ def interference(model, sampler, n_batches=4, batch_size=1, param_prefixes=None,
 
 
 # ---------------------------------------------------------------------------------------------- routing plot
-def routing_plot(summaries: dict, path, title="Top-1 expert per layer per centre"):
+def routing_plot(summaries: dict, path: str | Path, title: str = "Top-1 expert per layer per centre") -> str:
     """PNG in the spirit of Fig. 3(b): for each centre, stacked bars of the top-1 expert fraction per bank.
 
     ``summaries``: centre -> routing summary (from ``infer.routing_summary``). Needs matplotlib (imported here).

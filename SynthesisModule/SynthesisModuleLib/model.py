@@ -294,6 +294,6 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def charbonnier_loss(pred, target, eps: float = 1e-3):
+def charbonnier_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
     """Charbonnier loss mean(sqrt((Y - Y_hat)^2 + eps^2)) (Sec. 2.4, eps = 1e-3)."""
     return torch.sqrt((pred - target) ** 2 + eps * eps).mean()

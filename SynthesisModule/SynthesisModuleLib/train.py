@@ -19,6 +19,7 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,6 +30,9 @@ from PETWorkbenchLib.progress import Reporter
 
 from .data import CenterPatchSampler, read_manifest, select
 from .model import build_model, charbonnier_loss, count_parameters, model_config
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
 
 DEFAULT_TRAIN = {
     "patch_size": 64,
@@ -51,7 +55,7 @@ DEFAULT_TRAIN = {
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
-def load_config(config) -> dict:
+def load_config(config: dict | str | Path) -> dict:
     """Config dict from a dict, a JSON file path or the name of a file in ``configs/`` (without .json)."""
     if isinstance(config, dict):
         cfg = copy.deepcopy(config)
@@ -77,14 +81,15 @@ def _dist_env():
     return world, rank
 
 
-def read_checkpoint(path, keys=("config", "state_dict"), map_location="cpu"):
+def read_checkpoint(path: str | Path, keys: Sequence[str] = ("config", "state_dict"),
+                    map_location: str | torch.device = "cpu") -> dict:
     """A checkpoint written by :func:`train` (:func:`PETWorkbenchLib.models.read_torch_file`: tensors and plain
     data only; anything else raises ModelError naming the file and nothing in it is run)."""
     from PETWorkbenchLib.models import read_torch_file
     return read_torch_file(path, keys, "training checkpoint", map_location)
 
 
-def export_weights(checkpoint_path, out_path):
+def export_weights(checkpoint_path: str | Path, out_path: str | Path) -> Path:
     """Write the shipped form {config, state_dict, meta} of a training checkpoint; returns its path."""
     ck = read_checkpoint(checkpoint_path)
     meta = {"step": ck.get("step"), "elapsed_s": ck.get("elapsed_s")}
@@ -92,8 +97,9 @@ def export_weights(checkpoint_path, out_path):
     return save_torch({"config": ck["config"], "state_dict": state, "meta": meta}, out_path, inputs=(checkpoint_path,))
 
 
-def train(config, manifest=None, out_dir=".", sampler=None, resume=True, device="cpu", progress=None,
-          cancel=None) -> dict:
+def train(config: dict | str | Path, manifest: str | Path | None = None, out_dir: str | Path = ".",
+          sampler: CenterPatchSampler | None = None, resume: bool = True, device: str | torch.device = "cpu",
+          progress: Callable[[float, str], None] | None = None, cancel: Callable[[], bool] | None = None) -> dict:
     """Train one model; returns a summary dict. ``sampler`` (a CenterPatchSampler) replaces ``manifest``."""
     cfg = load_config(config)
     tr = cfg["train"]
@@ -208,13 +214,13 @@ OVERRIDES = (("max_steps", int, "stop at this many steps in all"),
              ("lesion_oversample", float, "fraction of lesion-centred patches"))
 
 
-def add_override_arguments(parser):
+def add_override_arguments(parser: argparse.ArgumentParser) -> None:
     """--max-steps, --max-minutes, --lr, --lesion-oversample: training settings that replace the config's."""
     for key, typ, text in OVERRIDES:
         parser.add_argument("--" + key.replace("_", "-"), type=typ, default=None, help=text)
 
 
-def apply_overrides(cfg, args):
+def apply_overrides(cfg: dict, args: argparse.Namespace) -> dict:
     """Copy the override arguments that were given into cfg['train']; returns cfg."""
     for key, typ, _ in OVERRIDES:
         value = getattr(args, key, None)
@@ -223,7 +229,7 @@ def apply_overrides(cfg, args):
     return cfg
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Train DRMC / baseline (use torchrun for several processes)")
     ap.add_argument("--config", required=True)
     ap.add_argument("--manifest", required=True)
