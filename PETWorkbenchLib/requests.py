@@ -12,18 +12,18 @@ logic (the worker's argument list) are built, so that an option is added in one 
 
 Options: ``positional`` (given in field order, before the others), ``required`` (an option that must be given),
 ``flag`` (a bool switch), ``choices`` (a list or a callable returning one), ``parse``/``format`` (text <-> value,
-e.g. "100,60,30" <-> (100, 60, 30)), ``short`` (e.g. "-o"); the type of a plain option is the type of its default
-(str when the default is None).
+e.g. "100,60,30" <-> (100, 60, 30)), ``short`` (e.g. "-o"), ``nargs`` (several values after the option); the type
+of a plain option is the type of its default (str when the default is None).
 """
 
 from dataclasses import MISSING, field, fields
 
 
 def option(default=None, *, help="", positional=False, required=False, flag=False, choices=None, parse=None,
-           format=None, short=None):
+           format=None, short=None, nargs=None):
     """A request field with its command-line metadata (see the module docstring)."""
     meta = {"help": help, "positional": positional, "required": required, "flag": flag, "choices": choices,
-            "parse": parse, "format": format, "short": short}
+            "parse": parse, "format": format, "short": short, "nargs": nargs}
     if (positional or required) and default is None:
         return field(default=MISSING, metadata=meta)
     return field(default=False if flag and default is None else default, metadata=meta)
@@ -47,6 +47,8 @@ def add_arguments(parser, cls):
         default = None if f.default is MISSING else f.default
         kw["type"] = m.get("parse") or (type(default) if default is not None and not isinstance(default, bool)
                                         else str)
+        if m.get("nargs"):
+            kw["nargs"] = m["nargs"]
         if m.get("positional"):
             parser.add_argument(f.name, **kw)
         else:
@@ -71,6 +73,8 @@ def to_argv(request):
             if value:
                 options.append(_cli_name(f))
         elif value is not None and (f.default is MISSING or value != f.default):
-            text = m["format"](value) if m.get("format") else str(value)
-            options += [_cli_name(f), text]
+            if m.get("nargs"):
+                options += [_cli_name(f)] + [str(v) for v in value]
+            else:
+                options += [_cli_name(f), m["format"](value) if m.get("format") else str(value)]
     return positional + options

@@ -119,18 +119,21 @@ class ReconstructionModuleLogic(ScriptedLoadableModuleLogic):
     def getParameterNode(self):
         return ReconstructionModuleParameterNode(super().getParameterNode())
 
-    def _run(self, command, args, inputNode, outputVolumeNode, defaultName, wait, progress, log, image=None,
-             device="auto"):
+    def _run(self, command, request, inputNode, outputVolumeNode, defaultName, wait, progress, log, image=None):
+        """Run ``command`` with ``request`` (its typed request; ``input`` and ``out`` are set here to files in the
+        worker's temporary folder)."""
+        import dataclasses
         from PETWorkbenchLib import imageio
+        from PETWorkbenchLib.requests import to_argv
         from PETWorkbenchSlicer import mrml
         from PETWorkbenchSlicer.slicer_bridge import EngineRun
 
         def prepare(tmp):
-            extra = ["--out", os.path.join(tmp, "output.nii"), "--device", device]
+            files = {"out": os.path.join(tmp, "output.nii")}
             if image is not None:
-                imageio.write_image(image, os.path.join(tmp, "input.nii"))
-                extra += ["--input", os.path.join(tmp, "input.nii")]
-            return extra + list(args)
+                files["input"] = os.path.join(tmp, "input.nii")
+                imageio.write_image(image, files["input"])
+            return to_argv(dataclasses.replace(request, **files))
 
         def finish(tmp, result):
             output = imageio.read_image(os.path.join(tmp, "output.nii"), "engine output")
@@ -151,42 +154,48 @@ class ReconstructionModuleLogic(ScriptedLoadableModuleLogic):
         """OSEM reconstruction of a Siemens mMR PETLINK list-mode file (.l.hdr / .l; prompts minus delays,
         optional time window in seconds from the start) or of a 2D multi-slice sinogram file (.npz)."""
         from PETWorkbenchLib.errors import InputError
+        from ReconstructionModuleLib.cli import ListModeRequest, ReconstructRequest
         dataFile = str(dataFile) if dataFile else ""
         if not dataFile or not os.path.isfile(dataFile):
             raise InputError(f"Data file not found: {dataFile}")
         if dataFile.endswith(".npz"):
-            command, args = "reconstruct", ["--sinogram", dataFile, "--post-filter", str(float(postFilterMm))]
+            command = "reconstruct"
+            request = ReconstructRequest(sinogram=dataFile, out="", post_filter=float(postFilterMm),
+                                         iterations=int(iterations), subsets=int(subsets), device=device)
         else:
-            command, args = "listmode", ["--header", dataFile]
-            if timeWindow:
-                args += ["--time-window", "0", str(float(timeWindow))]
-        args += ["--iterations", str(int(iterations)), "--subsets", str(int(subsets))]
+            command = "listmode"
+            request = ListModeRequest(header=dataFile, out="", iterations=int(iterations), subsets=int(subsets),
+                                      time_window=(0.0, float(timeWindow)) if timeWindow else None, device=device)
         name = os.path.basename(dataFile).split(".")[0] + " OSEM"
-        return self._run(command, args, None, outputVolumeNode, name, wait, progress, log, device=device)
+        return self._run(command, request, None, outputVolumeNode, name, wait, progress, log)
 
     def simulateLowDose(self, inputVolumeNode, drf=10.0, seed=0, outputVolumeNode=None, device="auto", wait=True,
                         progress=None, log=None):
         """Image-domain low-dose simulation: forward-project, Poisson counts, binomial thinning by ``drf``, OSEM."""
-        from PETWorkbenchSlicer import mrml
         from PETWorkbenchLib.errors import InputError
+        from PETWorkbenchSlicer import mrml
+        from ReconstructionModuleLib.cli import LowDoseRequest
         if drf < 1:
             raise InputError(f"Dose reduction factor must be >= 1, got {drf}")
         image = mrml.volume_to_image(inputVolumeNode, dtype="float32")
-        args = ["--drf", str(float(drf)), "--seed", str(int(seed))]
-        return self._run("lowdose", args, inputVolumeNode, outputVolumeNode,
-                         f"{inputVolumeNode.GetName()} DRF{drf:g}", wait, progress, log, image=image, device=device)
+        request = LowDoseRequest(input="", out="", drf=float(drf), seed=int(seed), device=device)
+        return self._run("lowdose", request, inputVolumeNode, outputVolumeNode,
+                         f"{inputVolumeNode.GetName()} DRF{drf:g}", wait, progress, log, image=image)
 
     def superResolve(self, inputVolumeNode, outputVolumeNode=None, epochs=20, device="auto", wait=True,
                      progress=None, log=None):
         """SR4ZCT through-plane super-resolution (self-supervised on the volume itself)."""
         from PETWorkbenchSlicer import mrml
+        from ReconstructionModuleLib.cli import SR4ZCTRequest
         image = mrml.volume_to_image(inputVolumeNode, dtype="float32")
-        thickness = inputVolumeNode.GetAttribute("DICOM.SliceThickness")
-        args = ["--epochs", str(int(epochs))]
-        if thickness:
-            args += ["--thickness", thickness]
-        return self._run("sr4zct", args, inputVolumeNode, outputVolumeNode, f"{inputVolumeNode.GetName()} SR4ZCT",
-                         wait, progress, log, image=image, device=device)
+        try:
+            thickness = float(inputVolumeNode.GetAttribute("DICOM.SliceThickness") or "nan")
+        except ValueError:      # not a number: the engine reads the thickness from the spacing instead
+            thickness = float("nan")
+        request = SR4ZCTRequest(input="", out="", epochs=int(epochs), device=device,
+                                thickness=thickness if thickness == thickness else None)
+        return self._run("sr4zct", request, inputVolumeNode, outputVolumeNode, f"{inputVolumeNode.GetName()} SR4ZCT",
+                         wait, progress, log, image=image)
 
 
 class ReconstructionModuleTest(ScriptedLoadableModuleTest):

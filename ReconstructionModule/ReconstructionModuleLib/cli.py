@@ -9,12 +9,77 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from PETWorkbenchLib.errors import InputError
+from PETWorkbenchLib.requests import option
 
 if TYPE_CHECKING:
     import argparse
+
+
+_DEVICE = "auto, cpu, cuda[:N] or mps"
+
+
+@dataclass
+class ReconstructRequest:
+    """``petworkbench reconstruct``: OSEM of a 2D multi-slice sinogram file (command line and module logic)."""
+
+    sinogram: str = option(required=True, help=".npz with prompts (nz, views, bins), spacing; optional additive, "
+                           "norm, mu")
+    out: str = option(required=True, help="output image")
+    iterations: int = option(3, help="OSEM iterations")
+    subsets: int = option(8, help="OSEM subsets")
+    psf: float = option(0.0, help="resolution model FWHM in mm")
+    post_filter: float = option(0.0, help="Gaussian post-filter FWHM in mm")
+    threads: int = option(None, parse=int, help="CPU threads")
+    device: str = option("auto", help=_DEVICE)
+
+
+@dataclass
+class LowDoseRequest:
+    """``petworkbench lowdose``: image-domain low-dose simulation of a PET volume."""
+
+    input: str = option(required=True, help="PET volume")
+    drf: float = option(required=True, parse=float, help="dose reduction factor (>= 1)")
+    out: str = option(required=True, help="output low-dose image")
+    full_out: str = option(None, help="also write the re-simulated full-dose image")
+    ct: str = option(None, help="CT on any grid (attenuation); without it no attenuation is modelled")
+    counts_per_cm: float = option(2.0e6, help="full-dose true counts per cm axial")
+    psf: float = option(4.0, help="resolution model FWHM in mm")
+    iterations: int = option(3, help="OSEM iterations")
+    subsets: int = option(8, help="OSEM subsets")
+    seed: int = option(0, help="random seed")
+    threads: int = option(None, parse=int, help="CPU threads")
+    device: str = option("auto", help=_DEVICE)
+
+
+@dataclass
+class SR4ZCTRequest:
+    """``petworkbench sr4zct``: SR4ZCT self-supervised through-plane resolution enhancement."""
+
+    input: str = option(required=True, help="CT (or other) volume with thick slices")
+    out: str = option(required=True, help="output volume")
+    out_spacing: float = option(None, parse=float, help="output slice spacing (default: in-plane)")
+    thickness: float = option(None, parse=float, help="slice thickness in mm (default: metadata)")
+    epochs: int = option(None, parse=int, help="training epochs (default: the method's)")
+    seed: int = option(0, help="random seed")
+    threads: int = option(None, parse=int, help="CPU threads")
+    device: str = option("auto", help=_DEVICE)
+
+
+@dataclass
+class ListModeRequest:
+    """``petworkbench listmode``: histogram and reconstruct a Siemens mMR PETLINK list-mode file."""
+
+    header: str = option(required=True, help="interfile list-mode header (.l.hdr) or the .l file")
+    out: str = option(required=True, help="output image")
+    time_window: tuple = option(None, parse=float, nargs=2, help="START_S END_S: only events in this window")
+    iterations: int = option(3, help="OSEM iterations")
+    subsets: int = option(6, help="OSEM subsets")
+    threads: int = option(None, parse=int, help="CPU threads")
+    device: str = option("auto", help=_DEVICE)
 
 
 def _csv(s):
@@ -110,6 +175,7 @@ def _cmd_listmode(args, rep):
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    from PETWorkbenchLib.requests import add_arguments
     p = subparsers.add_parser("simulate", help="multi-center pseudo-PET data generator (full/low dose, CT, labels)")
     p.add_argument("--out", required=True, help="output folder (manifest.csv + one folder per case)")
     p.add_argument("--patients", type=int, help="patients per known centre")
@@ -129,49 +195,17 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_simulate)
 
     p = subparsers.add_parser("reconstruct", help="OSEM reconstruction of a 2D multi-slice sinogram file (.npz)")
-    p.add_argument("--sinogram", required=True, help=".npz with prompts (nz, views, bins), spacing; optional "
-                   "additive, norm, mu")
-    p.add_argument("--out", required=True)
-    p.add_argument("--iterations", type=int, default=3)
-    p.add_argument("--subsets", type=int, default=8)
-    p.add_argument("--psf", type=float, default=0.0, help="resolution model FWHM in mm")
-    p.add_argument("--post-filter", type=float, default=0.0, help="Gaussian post-filter FWHM in mm")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps")
+    add_arguments(p, ReconstructRequest)
     p.set_defaults(func=_cmd_reconstruct)
 
     p = subparsers.add_parser("lowdose", help="image-domain low-dose simulation of a PET volume")
-    p.add_argument("--input", required=True)
-    p.add_argument("--drf", type=float, required=True, help="dose reduction factor (>= 1)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--full-out", help="also write the re-simulated full-dose image")
-    p.add_argument("--ct", help="CT on any grid (attenuation); without it no attenuation is modelled")
-    p.add_argument("--counts-per-cm", type=float, default=2.0e6, help="full-dose true counts per cm axial")
-    p.add_argument("--psf", type=float, default=4.0)
-    p.add_argument("--iterations", type=int, default=3)
-    p.add_argument("--subsets", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps")
+    add_arguments(p, LowDoseRequest)
     p.set_defaults(func=_cmd_lowdose)
 
     p = subparsers.add_parser("sr4zct", help="SR4ZCT self-supervised through-plane resolution enhancement")
-    p.add_argument("--input", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--out-spacing", type=float, default=None, help="output slice spacing (default: in-plane)")
-    p.add_argument("--thickness", type=float, default=None, help="slice thickness in mm (default: metadata)")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps")
+    add_arguments(p, SR4ZCTRequest)
     p.set_defaults(func=_cmd_sr4zct)
 
     p = subparsers.add_parser("listmode", help="histogram + reconstruct Siemens mMR PETLINK list-mode")
-    p.add_argument("--header", required=True, help="interfile list-mode header (.l.hdr) or the .l file")
-    p.add_argument("--out", required=True)
-    p.add_argument("--time-window", type=float, nargs=2, metavar=("START_S", "END_S"))
-    p.add_argument("--iterations", type=int, default=3)
-    p.add_argument("--subsets", type=int, default=6)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps")
+    add_arguments(p, ListModeRequest)
     p.set_defaults(func=_cmd_listmode)

@@ -53,3 +53,19 @@ def test_a_new_option_is_one_field():
     add_arguments(parser, Request)
     with pytest.raises(SystemExit):
         parser.parse_args(["x", "--scale", "abc"])
+
+
+def test_reconstruction_requests_round_trip():
+    sys.path.insert(0, str(ROOT / "ReconstructionModule"))
+    from ReconstructionModuleLib.cli import ListModeRequest, LowDoseRequest, ReconstructRequest, SR4ZCTRequest
+    cases = [
+        (ReconstructRequest, ReconstructRequest(sinogram="s.npz", out="o.nii", post_filter=4.0, iterations=2)),
+        (LowDoseRequest, LowDoseRequest(input="p.nii", out="l.nii", drf=10.0, seed=3, ct="ct.nii")),
+        (SR4ZCTRequest, SR4ZCTRequest(input="c.nii", out="s.nii", epochs=5, thickness=3.0)),
+        (ListModeRequest, ListModeRequest(header="x.l.hdr", out="o.nii", time_window=(0.0, 10.0))),
+    ]
+    for cls, req in cases:
+        back = _round_trip(cls, req)
+        if cls is ListModeRequest:
+            back.time_window = tuple(back.time_window)
+        assert back == req
