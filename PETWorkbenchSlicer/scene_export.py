@@ -63,10 +63,13 @@ def write_study_scene(study_dir, scene=None):
     into a temporary folder beside it, checked, then put in place of the previous scene."""
     import tempfile
     from PETWorkbenchLib.imageio import read_image
-    study_dir = Path(study_dir)
+    study_dir = Path(study_dir).resolve()      # absolute, so that the scene stores paths relative to its folder
     final = study_dir / "scene"
     try:
         out = Path(tempfile.mkdtemp(prefix=".scene.part-", dir=study_dir))
+        mask = os.umask(0)
+        os.umask(mask)
+        out.chmod(0o777 & ~mask)
     except OSError as e:
         raise ResourceError(f"Cannot write the scene in {study_dir}: {os_error_reason(e)}") from None
     try:

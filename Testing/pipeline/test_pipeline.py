@@ -190,3 +190,22 @@ def test_outputs_of_other_model_weights_are_superseded_not_reused(tmp_path):
     moved = list((st.dir / "superseded").glob("*/synthesized.nii.gz"))
     assert len(moved) == 1 and moved[0].read_text() == "synthesized.nii.gz"        # moved, never deleted
     assert json.loads(st.path("models.json").read_text())["synthesis"] == model_fingerprint(w2)
+
+
+def test_scene_written_from_a_relative_folder_moves_with_it(tmp_path, monkeypatch, mrml):
+    """The scene is written into a temporary folder and swapped in: its files are named relative to it, so the
+    scene loads from anywhere, a second export replaces the first, and no temporary folder is left."""
+    import shutil
+
+    from PETWorkbenchSlicer.scene_export import load_scene, write_study_scene
+    _fake_study(tmp_path / "study")
+    monkeypatch.chdir(tmp_path)
+    write_study_scene(Path("study"))
+    path, _ = write_study_scene(Path("study"))                    # replaces the first one
+    assert [p.name for p in (tmp_path / "study").iterdir() if p.name.startswith(".scene")] == []
+    text = Path(path).read_text()
+    assert ".scene.part" not in text and str(tmp_path) not in text
+    shutil.move(str(tmp_path / "study"), str(tmp_path / "moved"))
+    monkeypatch.chdir("/")
+    scene = load_scene(tmp_path / "moved" / "scene" / "Scene.mrml")
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") >= 3
