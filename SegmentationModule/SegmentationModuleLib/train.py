@@ -40,15 +40,8 @@ TASKS = ("ldos", "segonly", "denoise")
 
 def load_config(path_or_name: dict | str | Path) -> dict:
     """A config dict from a JSON file or the name of a bundled config (``ldos_cpu_demo``, ``ldos_resenc_l``)."""
-    if isinstance(path_or_name, dict):
-        return json.loads(json.dumps(path_or_name))
-    p = Path(path_or_name)
-    if not p.is_file():
-        p = Path(__file__).resolve().parent / "configs" / f"{path_or_name}.json"
-    if not p.is_file():
-        raise InputError(f"Config not found: {path_or_name}")
-    with open(p) as f:
-        return json.load(f)
+    from PETWorkbenchLib.config import read_config
+    return read_config(path_or_name, Path(__file__).resolve().parent / "configs")
 
 
 def network_config_for_task(cfg: dict) -> dict:

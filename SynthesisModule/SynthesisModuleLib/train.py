@@ -57,16 +57,8 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 def load_config(config: dict | str | Path) -> dict:
     """Config dict from a dict, a JSON file path or the name of a file in ``configs/`` (without .json)."""
-    if isinstance(config, dict):
-        cfg = copy.deepcopy(config)
-    else:
-        p = Path(config)
-        if not p.is_file():
-            p = CONFIG_DIR / f"{config}.json"
-        if not p.is_file():
-            raise InputError(f"config {config!r} not found (neither a file nor one of "
-                             f"{sorted(q.stem for q in CONFIG_DIR.glob('*.json'))})")
-        cfg = json.loads(p.read_text())
+    from PETWorkbenchLib.config import read_config
+    cfg = read_config(config, CONFIG_DIR)
     cfg["model"] = model_config(cfg.get("model"))
     tr = copy.deepcopy(DEFAULT_TRAIN)
     tr.update(cfg.get("train") or {})
