@@ -27,9 +27,9 @@ if TYPE_CHECKING:
 
     Prediction = torch.Tensor | tuple[torch.Tensor, ...] | dict[str, torch.Tensor]
 
-# A 2 mm grid of more voxels than this (60 x 60 x 140 cm) is refused: input, output and blending weights would
-# together exceed ~1 GB of RAM.
-MAX_VOXELS_2MM = 300 * 300 * 700
+# A 2 mm grid of more voxels than this (102 x 102 x 140 cm, beyond any PET field of view) is refused as implausible;
+# memory is bounded separately by the budget (input_voxel_limit).
+MAX_VOXELS_2MM = 512 * 512 * 700
 # Peak memory of synthesize() per voxel of the input grid (the input itself included) and of the 2 mm grid, with
 # a margin over the peak RSS measured by benchmarks/memory.py (about 13 + 7 bytes at 2 mm input spacing).
 # A 512 x 512 x 600 volume at 2 mm needs about 3.8 GB with these figures, beside the model and torch.
