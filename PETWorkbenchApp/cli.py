@@ -24,7 +24,7 @@ import traceback
 
 from PETWorkbenchLib import commands
 from PETWorkbenchLib.commands import group
-from PETWorkbenchLib.errors import EXIT_BUG, EXIT_INPUT, EXIT_PARTIAL, InputError, as_user_error
+from PETWorkbenchLib.errors import EXIT_BUG, EXIT_PARTIAL, InputError, as_user_error
 from PETWorkbenchLib.progress import Reporter
 
 FAMILIES = ("ReconstructionModuleLib", "SynthesisModuleLib", "SegmentationModuleLib", "RegistrationModuleLib")
@@ -88,7 +88,7 @@ _FAMILY_STATUS = {}
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="petworkbench", description="PETWorkbench engines from the command line "
+    parser = _ArgumentParser(prog="petworkbench", description="PETWorkbench engines from the command line "
                                      "(research use only, not for clinical decisions).")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--progress-lines", action="store_true", help=argparse.SUPPRESS)
@@ -169,7 +169,7 @@ def _print_summary(summary):
 
 
 class _ArgumentParser(argparse.ArgumentParser):
-    """argparse with one-line usage errors that exit with the input-error code."""
+    """argparse with one-line usage errors that exit with the input-error code (sub-parsers inherit the class)."""
 
     def error(self, message):
         raise InputError(f"{self.prog}: {message} (see '{self.prog} --help')")
@@ -194,13 +194,12 @@ def main(argv=None):
     code = 0
     try:
         parser = build_parser()
-        _strict_usage_errors(parser)
         args = parser.parse_args(argv)
         args.json, args.debug, args.overwrite = as_json, debug, "--overwrite" in flags
         func = getattr(args, "func", None)
         if func is None:
             (getattr(args, "_group", None) or parser).print_help()
-            return EXIT_INPUT
+            return InputError.exit_code
         if lines:
             rep = Reporter(_progress_line)
         elif sys.stderr.isatty():
@@ -248,21 +247,6 @@ def main(argv=None):
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return code
-
-
-def _strict_usage_errors(parser):
-    """Make every (sub)parser report usage errors as InputError instead of exiting with argparse's code 2."""
-    seen = set()
-    todo = [parser]
-    while todo:
-        p = todo.pop()
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        p.__class__ = _ArgumentParser
-        for action in p._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                todo.extend(action.choices.values())
 
 
 def _report_error(kind, message, lines):

@@ -21,12 +21,12 @@ Slicer) is available.
 """
 
 import json
+import re
 import time
 from pathlib import Path
 
-import re
-
 from PETWorkbenchLib.errors import InputError, ResourceError, os_error_reason
+from PETWorkbenchLib.imageio import read_image
 from PETWorkbenchLib.paths import resources_dir
 from PETWorkbenchLib.progress import Reporter
 
@@ -38,11 +38,6 @@ DEMO_CENTER = "C1"
 
 def sample_anatomy_dir():
     return resources_dir() / "SampleData" / "TotalSegmentatorExampleCT"
-
-
-def _read(path, what):
-    from PETWorkbenchLib.imageio import read_image
-    return read_image(path, what)
 
 
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -182,7 +177,7 @@ def step_synthesize(st, rep, device="cpu", model=None):
     from PETWorkbenchLib.models import default_model
     from SynthesisModuleLib import synthesize
     model = str(model or default_model("synthesis"))
-    low = _read(st.input("low_dose") or "", "low-dose PET")
+    low = read_image(st.input("low_dose") or "", "low-dose PET")
     out, routing = synthesize(low, model, device=device, progress=rep)
     st.write_image(out, "synthesized.nii.gz")
     st.write_json(routing, "routing.json")
@@ -195,11 +190,11 @@ def step_segment(st, rep, device="cpu", model=None):
     from PETWorkbenchLib.models import default_model
     from SegmentationModuleLib import segment
     model = str(model or default_model("segmentation"))
-    low = _read(st.input("low_dose") or "", "low-dose PET")
+    low = read_image(st.input("low_dose") or "", "low-dose PET")
     lab, _ = segment(low, model, device=device, progress=rep.sub(0.0, 0.5))
     st.write_image(lab, "organs_low.nii.gz")
     if st.has("synthesized.nii.gz"):
-        syn = _read(st.path("synthesized.nii.gz"), "synthesized PET")
+        syn = read_image(st.path("synthesized.nii.gz"), "synthesized PET")
         lab2, _ = segment(syn, model, device=device, progress=rep.sub(0.5, 1.0))
         st.write_image(lab2, "organs_synth.nii.gz")
     return {"model": Path(str(model)).name}
@@ -210,12 +205,12 @@ def step_uptake(st, rep):
         return {"skipped": True}
     from SegmentationModuleLib import organ_specs, organ_uptake
     pet_path = st.path("synthesized.nii.gz") if st.has("synthesized.nii.gz") else st.input("low_dose")
-    pet = _read(pet_path, "PET")
-    labels = _read(st.path("organs_low.nii.gz"), "organ labels")
+    pet = read_image(pet_path, "PET")
+    labels = read_image(st.path("organs_low.nii.gz"), "organ labels")
     rows = organ_uptake(pet, labels, organ_specs())
     full = st.input("full_dose")
     if full is not None:
-        ref_rows = {r["name"]: r for r in organ_uptake(_read(full, "full-dose PET"), labels, organ_specs())}
+        ref_rows = {r["name"]: r for r in organ_uptake(read_image(full, "full-dose PET"), labels, organ_specs())}
         for r in rows:
             ref = ref_rows.get(r["name"])
             r["suv_mean_full_dose"] = ref["suv_mean"] if ref else None
@@ -234,9 +229,9 @@ def step_register(st, rep, device="cpu", iterations=(200, 100, 50), smoothness=2
         return {"skipped": True, "reason": "no CT for this study"}
     import SimpleITK as sitk
     from RegistrationModuleLib import register
-    ct = _read(ct_path, "CT")
+    ct = read_image(ct_path, "CT")
     pet_path = st.path("synthesized.nii.gz") if st.has("synthesized.nii.gz") else st.input("low_dose")
-    pet = _read(pet_path, "PET")
+    pet = read_image(pet_path, "PET")
     from RegistrationModuleLib.synthetic import body_mask
     body = body_mask(ct)
     mask = sitk.GetImageFromArray(body.astype("uint8"))
@@ -251,7 +246,7 @@ def step_register(st, rep, device="cpu", iterations=(200, 100, 50), smoothness=2
     true = st.path("true_field.nii.gz")
     if true.is_file():
         import numpy as np
-        u_true = sitk.GetArrayFromImage(_read(true, "true field"))
+        u_true = sitk.GetArrayFromImage(read_image(true, "true field"))
         u = sitk.GetArrayFromImage(res.displacement)
         if u.shape[:3] == u_true.shape[:3]:
             vox = float(np.mean(ct.GetSpacing()))
@@ -272,8 +267,8 @@ def compute_metrics(st):
     arr = sitk.GetArrayFromImage
     if full is not None and st.has("synthesized.nii.gz"):
         from PETWorkbenchLib.imageio import match_grid
-        full_img = _read(full, "full-dose PET")
-        on_full = lambda p, what: match_grid(_read(p, what), full_img, f"the {what}", "the full-dose PET")
+        full_img = read_image(full, "full-dose PET")
+        on_full = lambda p, what: match_grid(read_image(p, what), full_img, f"the {what}", "the full-dose PET")
         f = arr(full_img).astype("float64")
         lo = arr(on_full(st.input("low_dose"), "low-dose PET")).astype("float64")
         sy = arr(on_full(st.path("synthesized.nii.gz"), "synthesized PET")).astype("float64")
@@ -288,7 +283,7 @@ def compute_metrics(st):
     if ref is not None:
         for key, name in (("dice_low", "organs_low.nii.gz"), ("dice_synth", "organs_synth.nii.gz")):
             if st.has(name):
-                ev = evaluate(_read(st.path(name), name), _read(ref, "reference labels"), organ_specs())
+                ev = evaluate(read_image(st.path(name), name), read_image(ref, "reference labels"), organ_specs())
                 m[key] = ev["mean"].get("dice")
                 m[key.replace("dice", "organs")] = {k: v.get("dice") for k, v in ev["organs"].items()
                                                     if v.get("status") != "missing"}
@@ -420,7 +415,7 @@ def run_study(spec, out_root, steps=None, device="cpu", seed=0, models=None, pro
     if "simulate" in wanted and not simulated:
         wanted.remove("simulate")
     if "low_dose" in st.spec and "simulate" not in wanted:
-        _read(st.spec["low_dose"], "low-dose PET")          # fail early on unreadable input
+        read_image(st.spec["low_dose"], "low-dose PET")          # fail early on unreadable input
     t0 = time.perf_counter()
     results = {}
     runners = {"simulate": lambda r: step_simulate(st, r, device, seed),

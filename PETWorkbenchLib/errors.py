@@ -1,6 +1,6 @@
 """Exceptions shared by every engine; their messages are shown to users as they are.
 
-Each class has the exit code the ``petworkbench`` command ends with (:data:`EXIT_CODES`, README "Exit codes"):
+Each class carries (``exit_code``) the code the ``petworkbench`` command ends with (README "Exit codes"):
 
 ====  ==============================================================================================
 0     success
@@ -55,10 +55,7 @@ class EngineError(PETWorkbenchError):
         self.log = log
 
 
-EXIT_OK, EXIT_BUG, EXIT_INPUT, EXIT_MODEL, EXIT_RESOURCE, EXIT_PARTIAL, EXIT_CANCELLED = 0, 1, 2, 3, 4, 5, 130
-EXIT_CODES = {EXIT_OK: "success", EXIT_BUG: "internal error", EXIT_INPUT: "bad input", EXIT_MODEL: "model problem",
-              EXIT_RESOURCE: "disk, permission or memory problem", EXIT_PARTIAL: "some studies of a batch failed",
-              EXIT_CANCELLED: "cancelled"}
+EXIT_BUG, EXIT_PARTIAL = 1, 5      # the two codes no exception class carries
 
 _OS_REASONS = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
                errno.EACCES: "permission denied", errno.EPERM: "permission denied", errno.EIO: "an I/O error",
@@ -96,8 +93,3 @@ def as_user_error(err, action="running"):
         return ResourceError(f"Cannot write or read{where}: {os_error_reason(err)}")
     return None
 
-
-def exit_code(err):
-    """The documented exit code of an exception (1 for a bug)."""
-    user = as_user_error(err)
-    return user.exit_code if user is not None else EXIT_BUG

@@ -29,7 +29,6 @@ from pathlib import Path
 
 from .errors import InputError, PETWorkbenchError, ResourceError, os_error_reason
 
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".hdr", ".img", ".img.gz")
 _CHUNK = 1 << 24
 
 
@@ -114,7 +113,8 @@ def _fsync_dir(folder):
         os.close(fd)
 
 
-def _umask():
+def current_umask():
+    """The process's file-creation mask (new files get 0o666 & ~mask, folders 0o777 & ~mask)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -130,7 +130,7 @@ def atomic_write(path, write, verify=None, *, inputs=(), overwrite=True, what="o
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part" + full_suffix(path), dir=path.parent)
         os.close(fd)
-        os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())
+        os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~current_umask())
     except OSError as e:
         raise ResourceError(f"Cannot write {path}: {os_error_reason(e)}") from None
     tmp = Path(tmp)
@@ -291,6 +291,13 @@ def memory_budget_bytes():
     return 0.8 * psutil.virtual_memory().total, "memory budget (80 % of RAM; set PETWORKBENCH_MEMORY_GB)"
 
 
+def voxel_budget(bytes_per_voxel):
+    """(Voxels that fit the memory budget at ``bytes_per_voxel``, why): the one way engines state their bound."""
+    budget, source = memory_budget_bytes()
+    return int(budget / bytes_per_voxel), (f"about {bytes_per_voxel:.0f} bytes per voxel within the "
+                                           f"{budget / 2**30:.3g} GB {source}")
+
+
 # ------------------------------------------------------------------------------------------------------ reading
 _SRC_PATH = re.compile(r"(?:[A-Za-z]:)?[^\s:]*[/\\][^\s:]*\.(?:cxx|hxx|txx|h|cpp):\d+:?\s*")
 
@@ -435,10 +442,10 @@ def image_header(path, what="image"):
     return reader, p
 
 
-def read_image(path, what="image", *, pixel_type=None, dims=(3,), max_voxels=None, allow_nonfinite=False,
-               limit_reason=None):
-    """Read an image with every check described in the module docstring. ``max_voxels`` is the engine's bound,
-    applied from the header before the voxels are read (``limit_reason`` says where it comes from)."""
+def read_image(path, what="image", *, pixel_type=None, dims=(3,), voxel_limit=None, allow_nonfinite=False):
+    """Read an image with every check described in the module docstring. ``voxel_limit(spacing) -> (max voxels,
+    why)`` is the engine's memory bound (e.g. :func:`voxel_budget`), applied from the header before the voxels are
+    read."""
     import numpy as np
     import SimpleITK as sitk
     reader, p = image_header(path, what)
@@ -449,10 +456,10 @@ def read_image(path, what="image", *, pixel_type=None, dims=(3,), max_voxels=Non
     nvox = int(math.prod(reader.GetSize()))
     if nvox == 0:
         raise InputError(f"{what} {p.name} has no voxels (size {tuple(reader.GetSize())})")
+    max_voxels, why = voxel_limit(reader.GetSpacing()) if voxel_limit else (None, "")
     if max_voxels is not None and nvox > max_voxels:
         raise InputError(f"{what} {p.name} is too large: {' x '.join(map(str, reader.GetSize()))} = {nvox:,} voxels, "
-                         f"the limit is {int(max_voxels):,}{' (' + limit_reason + ')' if limit_reason else ''}; "
-                         "crop it or resample it to a coarser grid first")
+                         f"the limit is {int(max_voxels):,} ({why}); crop it or resample it to a coarser grid first")
     if p.name.lower().endswith((".nii", ".nii.gz")):
         _nifti_data_check(p, what)
     _detached_data_check(p, what)

@@ -72,12 +72,10 @@ def check_pet_range(array, units="SUV", name="The PET volume"):
 SUV_UNIT_NAMES = ("suv", "suvbw", "g/ml", "suv (bw)")
 
 
-def check_pet_image(image, name="The PET volume", units="SUV", max_voxels=None):
+def check_pet_image(image, name="The PET volume", units="SUV"):
     """The one PET validator of the engines: a 3-D scalar SimpleITK image in SUV (``units``), at least 2 voxels per
-    axis, at most ``max_voxels``, with the value checks of :func:`check_pet_range`. Raises InputError naming
-    ``name``; returns the image."""
-    import math
-
+    axis, with the value checks of :func:`check_pet_range` (size bounds: the engines' ``voxel_limit`` when reading).
+    Raises InputError naming ``name``; returns the image."""
     import SimpleITK as sitk
     if image is None:
         raise InputError("No PET volume given")
@@ -90,8 +88,6 @@ def check_pet_image(image, name="The PET volume", units="SUV", max_voxels=None):
     size = image.GetSize()
     if min(size) < 2:
         raise InputError(f"{name} is too small (size {size}); a 3D volume with at least 2 voxels per axis is needed")
-    if max_voxels is not None and math.prod(size) > max_voxels:
-        raise InputError(f"{name} has {math.prod(size)} voxels, more than the limit {max_voxels}")
     if units is None or str(units).strip().lower() not in SUV_UNIT_NAMES:
         raise InputError(f"{name} units are {units!r}; the model expects SUV (body weight). Convert Bq/ml to SUV "
                          "first (PETWorkbenchLib.units, needs patient weight and injected dose)")

@@ -62,18 +62,16 @@ def write_study_scene(study_dir, scene=None):
     """Build the scene of one pipeline study folder and save ``<study_dir>/scene/Scene.mrml`` with its data: written
     into a temporary folder beside it, checked, then put in place of the previous scene."""
     import tempfile
-    from PETWorkbenchLib.imageio import read_image
+    from PETWorkbenchLib.imageio import current_umask
     study_dir = Path(study_dir).resolve()      # absolute, so that the scene stores paths relative to its folder
     final = study_dir / "scene"
     try:
         out = Path(tempfile.mkdtemp(prefix=".scene.part-", dir=study_dir))
-        mask = os.umask(0)
-        os.umask(mask)
-        out.chmod(0o777 & ~mask)
+        out.chmod(0o777 & ~current_umask())
     except OSError as e:
         raise ResourceError(f"Cannot write the scene in {study_dir}: {os_error_reason(e)}") from None
     try:
-        scene_path, ids = _write_scene(study_dir, out, scene, read_image)
+        scene_path, ids = _write_scene(study_dir, out, scene)
         _replace_folder(out, final)
     finally:
         if out.exists():
@@ -97,10 +95,11 @@ def _replace_folder(new, final):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_scene(study_dir, out, scene, read_image):
+def _write_scene(study_dir, out, scene):
     import SimpleITK as sitk
-    from . import mrml
+    from PETWorkbenchLib.imageio import read_image
     from PETWorkbenchLib.terminology import organ_specs
+    from . import mrml
     if scene is None:
         scene, _ = headless_scene()
     nodes = {}

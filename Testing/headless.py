@@ -1,6 +1,7 @@
 """Headless 3D Slicer for tests: a real MRML scene from slicer-core with the module logics registered, plus
-stand-ins for the parts of Slicer's Python API that need the GUI application (qt, ctk, ScriptedLoadableModule,
-parameterNodeWrapper), so that each <Name>Module.py can be imported and its Logic class exercised."""
+stand-ins for the parts of Slicer's Python API that need the GUI application (ScriptedLoadableModule,
+parameterNodeWrapper; qt and ctk import but have no attributes), so that each <Name>Module.py can be imported and
+its Logic class exercised."""
 
 import sys
 import types
@@ -17,35 +18,18 @@ def init_headless_slicer():
     return scene, slicer.app.applicationLogic(), logics
 
 
-class _Anything:
-    """Stand-in object: any attribute or call returns another stand-in (GUI calls do nothing headless)."""
-
-    def __init__(self, *a, **k):
-        pass
-
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return _Anything()
-
-    def __call__(self, *a, **k):
-        return _Anything()
-
-    def __bool__(self):
-        return False
-
-    def __iter__(self):
-        return iter(())
-
-
-def _anything_module(name):
+def _gui_only_module(name):
+    """``qt`` / ``ctk`` for the logic tests: importable (the module files import them at file scope), but every
+    attribute raises, so logic code that reaches for a GUI class fails here instead of getting a dummy. The widgets
+    run against real Qt classes in Testing/gui."""
     m = types.ModuleType(name)
     m.__file__ = __file__                      # a normal (non built-in) module for inspect/torch
 
     def getattr_(attr):
         if attr.startswith("__"):
             raise AttributeError(attr)
-        return _Anything if attr[:1].isupper() else _Anything()
+        raise AttributeError(f"{name}.{attr} is used outside a widget: the headless logic tests have no {name} "
+                             "(the GUI tests in Testing/gui run the widgets)")
 
     m.__getattr__ = getattr_
     return m
@@ -56,7 +40,7 @@ def install_module_shims():
     `from slicer.parameterNodeWrapper import ...` work headless. Real Slicer provides the real ones."""
     for name in ("qt", "ctk", "slicer.i18n"):
         if name not in sys.modules:
-            sys.modules[name] = _anything_module(name)
+            sys.modules[name] = _gui_only_module(name)
     sys.modules["slicer.i18n"].tr = lambda s: s
     sys.modules["slicer.i18n"].translate = lambda ctx, s: s
     slm = types.ModuleType("slicer.ScriptedLoadableModule")

@@ -19,11 +19,16 @@ if TYPE_CHECKING:
     import argparse
 
 
-_DEVICE = "auto, cpu, cuda[:N] or mps"
+@dataclass(kw_only=True)
+class _Compute:
+    """Where a reconstruction command runs: ``--threads``, ``--device``."""
+
+    threads: int = option(None, parse=int, help="CPU threads")
+    device: str = option("auto", help="auto, cpu, cuda[:N] or mps")
 
 
 @dataclass
-class ReconstructRequest:
+class ReconstructRequest(_Compute):
     """``petworkbench reconstruct``: OSEM of a 2D multi-slice sinogram file (command line and module logic)."""
 
     sinogram: str = option(required=True, help=".npz with prompts (nz, views, bins), spacing; optional additive, "
@@ -33,12 +38,10 @@ class ReconstructRequest:
     subsets: int = option(8, help="OSEM subsets")
     psf: float = option(0.0, help="resolution model FWHM in mm")
     post_filter: float = option(0.0, help="Gaussian post-filter FWHM in mm")
-    threads: int = option(None, parse=int, help="CPU threads")
-    device: str = option("auto", help=_DEVICE)
 
 
 @dataclass
-class LowDoseRequest:
+class LowDoseRequest(_Compute):
     """``petworkbench lowdose``: image-domain low-dose simulation of a PET volume."""
 
     input: str = option(required=True, help="PET volume")
@@ -51,12 +54,10 @@ class LowDoseRequest:
     iterations: int = option(3, help="OSEM iterations")
     subsets: int = option(8, help="OSEM subsets")
     seed: int = option(0, help="random seed")
-    threads: int = option(None, parse=int, help="CPU threads")
-    device: str = option("auto", help=_DEVICE)
 
 
 @dataclass
-class SR4ZCTRequest:
+class SR4ZCTRequest(_Compute):
     """``petworkbench sr4zct``: SR4ZCT self-supervised through-plane resolution enhancement."""
 
     input: str = option(required=True, help="CT (or other) volume with thick slices")
@@ -65,12 +66,10 @@ class SR4ZCTRequest:
     thickness: float = option(None, parse=float, help="slice thickness in mm (default: metadata)")
     epochs: int = option(None, parse=int, help="training epochs (default: the method's)")
     seed: int = option(0, help="random seed")
-    threads: int = option(None, parse=int, help="CPU threads")
-    device: str = option("auto", help=_DEVICE)
 
 
 @dataclass
-class ListModeRequest:
+class ListModeRequest(_Compute):
     """``petworkbench listmode``: histogram and reconstruct a Siemens mMR PETLINK list-mode file."""
 
     header: str = option(required=True, help="interfile list-mode header (.l.hdr) or the .l file")
@@ -78,8 +77,6 @@ class ListModeRequest:
     time_window: tuple = option(None, parse=float, nargs=2, help="START_S END_S: only events in this window")
     iterations: int = option(3, help="OSEM iterations")
     subsets: int = option(6, help="OSEM subsets")
-    threads: int = option(None, parse=int, help="CPU threads")
-    device: str = option("auto", help=_DEVICE)
 
 
 def _csv(s):

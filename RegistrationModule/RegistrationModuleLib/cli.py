@@ -92,20 +92,17 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 BYTES_PER_FIXED_VOXEL = 400
 
 
-def _reader(max_voxels=None, reason=None):
+def _read(path, what, pixel_type=None, voxel_limit=None):
+    """A 2D or 3D image of the command, or None when the option was not given."""
     from PETWorkbenchLib.imageio import read_image
-
-    def read(path, what, pixel_type=None):
-        if path is None:
-            return None
-        return read_image(path, what, pixel_type=pixel_type, dims=(2, 3), max_voxels=max_voxels,
-                          limit_reason=reason)
-    return read
+    if path is None:
+        return None
+    return read_image(path, what, pixel_type=pixel_type, dims=(2, 3), voxel_limit=voxel_limit)
 
 
 def run_register(args: argparse.Namespace, reporter: Callable[[float, str], None] | None = None) -> dict:
     from PETWorkbenchLib.errors import InputError
-    from PETWorkbenchLib.imageio import check_output, memory_budget_bytes, write_image
+    from PETWorkbenchLib.imageio import check_output, voxel_budget, write_image
     from PETWorkbenchLib.requests import from_args
     from .infer import register
 
@@ -123,18 +120,14 @@ def run_register(args: argparse.Namespace, reporter: Callable[[float, str], None
         raise InputError("the output files must all be different")
     if args.moving_labels_out and not args.moving_labels:
         raise InputError("--moving-labels-out needs --moving-labels")
-    budget, source = memory_budget_bytes()
-    read = _reader(int(budget / BYTES_PER_FIXED_VOXEL),
-                   f"about {BYTES_PER_FIXED_VOXEL} bytes per voxel within the {budget / 2**30:.3g} GB {source}")
-    fixed = read(args.fixed, "fixed image")
-    read = _reader()
-    moving = read(args.moving, "moving image")
-    moving_labels = read(args.moving_labels, "moving label map")
+    fixed = _read(args.fixed, "fixed image", voxel_limit=lambda spacing: voxel_budget(BYTES_PER_FIXED_VOXEL))
+    moving = _read(args.moving, "moving image")
+    moving_labels = _read(args.moving_labels, "moving label map")
     res = register(fixed, moving, method=args.method, model=args.model, similarity=args.similarity,
                    regularizer=args.regularizer, smoothness=args.smoothness, iterations=args.iterations,
                    diffeomorphic=args.diffeomorphic, prealign=args.prealign,
-                   fixed_mask=read(args.fixed_mask, "fixed mask"), moving_mask=read(args.moving_mask, "moving mask"),
-                   fixed_labels=read(args.fixed_labels, "fixed label map"), moving_labels=moving_labels,
+                   fixed_mask=_read(args.fixed_mask, "fixed mask"), moving_mask=_read(args.moving_mask, "moving mask"),
+                   fixed_labels=_read(args.fixed_labels, "fixed label map"), moving_labels=moving_labels,
                    device=args.device, progress=reporter)
     write = {"inputs": inputs, "overwrite": overwrite}
     res.save(args.output, **write)
@@ -175,18 +168,17 @@ def run_evaluate(args: argparse.Namespace, reporter: Callable[[float, str], None
     from .result import RegistrationResult
 
     from PETWorkbenchLib.imageio import match_grid
-    read = _reader()
-    field = read(args.field, "displacement field", sitk.sitkVectorFloat64)
+    field = _read(args.field, "displacement field", sitk.sitkVectorFloat64)
     res = RegistrationResult(field)
     out = {"folding": metrics.folding(res.displacement)}
     if args.fixed_labels:
-        fixed_labels = match_grid(read(args.fixed_labels, "fixed label map"), res.displacement,
+        fixed_labels = match_grid(_read(args.fixed_labels, "fixed label map"), res.displacement,
                                   "the fixed label map", "the displacement field")
         if args.warped_labels:
-            warped = match_grid(read(args.warped_labels, "warped label map"), fixed_labels,
+            warped = match_grid(_read(args.warped_labels, "warped label map"), fixed_labels,
                                 "the warped label map", "the fixed label map")
         elif args.moving_labels:
-            warped = res.warp(read(args.moving_labels, "moving label map"), is_label=True)
+            warped = res.warp(_read(args.moving_labels, "moving label map"), is_label=True)
         else:
             raise InputError("--fixed-labels needs --warped-labels or --moving-labels")
         per, mean = metrics.dice(fixed_labels, warped)
@@ -221,7 +213,7 @@ def run_train(args: argparse.Namespace, reporter: Callable[[float, str], None] |
     size = tuple(args.img_size)
     vols = []
     for p in paths:
-        a = sitk.GetArrayFromImage(_reader()(p, "training image", sitk.sitkFloat32))
+        a = sitk.GetArrayFromImage(_read(p, "training image", sitk.sitkFloat32))
         lo, hi = np.percentile(a, [0.5, 99.5])
         a = np.clip((a - lo) / max(hi - lo, 1e-6), 0, 1)
         t = torch.from_numpy(a)[None, None]

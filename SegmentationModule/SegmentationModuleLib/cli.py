@@ -47,13 +47,10 @@ def _group(subparsers, name):
 
 
 def _read(path, what, pixel_type=None, bounded=False):
-    from PETWorkbenchLib.imageio import image_header, read_image
-    limit = reason = None
-    if bounded:
-        from .infer import input_voxel_limit
-        reader, _ = image_header(path, what)
-        limit, reason = input_voxel_limit(reader.GetSpacing())
-    return read_image(path, what, pixel_type=pixel_type, max_voxels=limit, limit_reason=reason)
+    from PETWorkbenchLib.imageio import read_image
+
+    from .infer import input_voxel_limit
+    return read_image(path, what, pixel_type=pixel_type, voxel_limit=input_voxel_limit if bounded else None)
 
 
 def _organs_arg(s):

@@ -59,11 +59,9 @@ def input_voxel_limit(spacing: Sequence[float], model_spacing: Sequence[float] =
     """(Largest input voxel count segment() accepts at this spacing within the memory budget, why); checked from
     the header before reading."""
     import math
-    from PETWorkbenchLib.imageio import memory_budget_bytes
-    budget, source = memory_budget_bytes()
+    from PETWorkbenchLib.imageio import voxel_budget
     ratio = math.prod(float(s) for s in spacing) / math.prod(model_spacing)
-    per_voxel = BYTES_PER_INPUT_VOXEL + BYTES_PER_MODEL_VOXEL * ratio
-    return int(budget / per_voxel), f"about {per_voxel:.0f} bytes per voxel within the {budget / 2**30:.3g} GB {source}"
+    return voxel_budget(BYTES_PER_INPUT_VOXEL + BYTES_PER_MODEL_VOXEL * ratio)
 
 
 def _predict(net, cfg, image, dev, rep, heads):

@@ -62,12 +62,10 @@ def _cmd_synthesize(args, rep):
 
 def read_input(path: str | Path, what: str) -> sitk.Image:
     """The PET of the command line, refused from its header when larger than the engine's memory bound."""
-    from PETWorkbenchLib.imageio import image_header, read_image
+    from PETWorkbenchLib.imageio import read_image
 
     from .infer import input_voxel_limit
-    reader, _ = image_header(path, what)
-    limit, reason = input_voxel_limit(reader.GetSpacing())
-    return read_image(path, what, max_voxels=limit, limit_reason=reason)
+    return read_image(path, what, voxel_limit=input_voxel_limit)
 
 
 def _cmd_train(args, rep):

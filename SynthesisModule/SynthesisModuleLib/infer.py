@@ -40,15 +40,11 @@ BYTES_PER_2MM_VOXEL = 8
 def input_voxel_limit(spacing: Sequence[float]) -> tuple[int, str]:
     """(Largest input voxel count synthesize() accepts at this spacing, why): the 2 mm grid limit and the memory
     budget (:func:`PETWorkbenchLib.imageio.memory_budget_bytes`), checked from the header before reading."""
-    from PETWorkbenchLib.imageio import memory_budget_bytes
-    budget, source = memory_budget_bytes()
+    from PETWorkbenchLib.imageio import voxel_budget
     ratio = math.prod(float(s) for s in spacing) / 8.0          # 2 mm voxels per input voxel
-    per_voxel = BYTES_PER_INPUT_VOXEL + BYTES_PER_2MM_VOXEL * ratio
-    by_memory = int(budget / per_voxel)
+    by_memory = voxel_budget(BYTES_PER_INPUT_VOXEL + BYTES_PER_2MM_VOXEL * ratio)
     by_grid = int(MAX_VOXELS_2MM / max(ratio, 1e-9))
-    if by_memory < by_grid:
-        return by_memory, f"about {per_voxel:.0f} bytes per voxel within the {budget / 2**30:.3g} GB {source}"
-    return by_grid, f"a 2 mm grid of at most {MAX_VOXELS_2MM:,} voxels"
+    return by_memory if by_memory[0] < by_grid else (by_grid, f"a 2 mm grid of at most {MAX_VOXELS_2MM:,} voxels")
 
 
 def load_model(model: str | Path | dict | Generator, device: str | torch.device = "cpu") -> tuple[Generator, dict]:

@@ -102,7 +102,12 @@ def test_registered_with_slicers_sample_data_module(mrml, monkeypatch):
     """register_sample_data() through Slicer's real SampleData.py: every source with its file types."""
     if not SAMPLE_DATA_PY.is_file():
         pytest.skip("Slicer's SampleData.py (../shared/slicer-python) not present")
+    import types
+
     import slicer
+    qt = types.ModuleType("qt")                 # SampleData.py derives one class from qt.QObject at file scope;
+    qt.QObject = type("QObject", (), {})        # nothing else of Qt exists here (no catch-all stand-in)
+    monkeypatch.setitem(sys.modules, "qt", qt)
     monkeypatch.syspath_prepend(str(SAMPLE_DATA_PY.parent))
     monkeypatch.delitem(sys.modules, "SampleData", raising=False)
     from PETWorkbenchSlicer.slicer_bridge import register_sample_data
