@@ -92,7 +92,8 @@ def load_registry(path=None):
 
 def upsert_entries(entries, path=None):
     """Add or replace (by id) model entries in Models.json, keeping the others and their order. Used by the
-    training/benchmark scripts that measure a model, so the registry always carries the measured numbers."""
+    training/benchmark scripts that measure a model, so the registry always carries the measured numbers. A
+    replaced entry keeps its ``"default"`` mark unless the new entry sets one."""
     path = Path(path) if path else resources_dir() / "Models.json"
     data = json.loads(path.read_text())
     models = data.setdefault("models", [])
@@ -100,6 +101,9 @@ def upsert_entries(entries, path=None):
     for e in entries:
         _entry(e, path)                                  # validates the fields
         if e["id"] in index:
+            old = models[index[e["id"]]]
+            if "default" in old and "default" not in e:
+                e = {**e, "default": old["default"]}
             models[index[e["id"]]] = e
         else:
             index[e["id"]] = len(models)

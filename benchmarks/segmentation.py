@@ -8,8 +8,10 @@ on the full-dose images (paper's FDPET reference) and, when its denoiser is pres
 (denoise, then segment with the full-dose model). Means are over the organs present in each case's reference
 (missing organs are not scored). ``infer_s`` is the time of one whole-volume LDOS segmentation on the CPU.
 Only whole-body cases are used (the brain-only centre has no trunk organs). ``--quick`` uses at most 4 test
-cases, spread over the centres. The last line is one ``key=value`` line:
-dice_ldos dice_segonly dice_fullDose_segonly hd95_ldos hd95_segonly infer_s.
+cases, spread over the centres. Inference uses nnU-Net's mirror test-time augmentation (``--no-tta``: without).
+``--models`` restricts the evaluation to some of ldos, segonly, fullDose_segonly, fakeFDPET. The last line is one
+``key=value`` line: dice_ldos dice_segonly dice_fullDose_segonly hd95_ldos hd95_segonly infer_s dice_paired_wins
+hd95_paired_wins (held-out cases where LDOS beats segmentation-only in mean Dice / in mean HD95, "wins/total").
 """
 
 import argparse
@@ -41,10 +43,21 @@ def _region(row):
 
 
 def _fmt(v):
-    return "nan" if v is None else f"{v:.4f}"
+    return "nan" if v is None else v if isinstance(v, str) else f"{v:.4f}"
 
 
-def run(manifest, quick=False, threads=2, split="test", out=None):
+def paired_wins(a, b, key, higher_better=True):
+    """"w/n": cases (matched by id) where result ``a``'s per-case mean ``key`` beats ``b``'s."""
+    if not a or not b:
+        return "nan"
+    bm = {c["case_id"]: c["mean"].get(key) for c in b["per_case"]}
+    pairs = [(c["mean"].get(key), bm.get(c["case_id"])) for c in a["per_case"]]
+    pairs = [(x, y) for x, y in pairs if x is not None and y is not None and x == x and y == y]
+    wins = sum((x > y) if higher_better else (x < y) for x, y in pairs)
+    return f"{wins}/{len(pairs)}"
+
+
+def run(manifest, quick=False, threads=2, split="test", out=None, tta=True, only=None):
     import torch
     torch.set_num_threads(threads)
     import SimpleITK as sitk
@@ -73,6 +86,8 @@ def run(manifest, quick=False, threads=2, split="test", out=None):
             ("fullDose_segonly", SEGONLY_FD, "full_dose", None),
             ("fakeFDPET", SEGONLY_FD, "low_dose_drf20", DENOISER)]
     for name, model, key, den in plan:
+        if only and name not in only:
+            continue
         if not model.is_file() or (den is not None and not den.is_file()):
             print(f"{name}: model not present, skipped", flush=True)
             continue
@@ -82,7 +97,7 @@ def run(manifest, quick=False, threads=2, split="test", out=None):
         # (and per input/label file stamps, so a regenerated set is re-evaluated)
         stamps = [file_stamps(r, (key, "labels")) for r in rows]
         tag = hashlib.sha256(b"".join([model.read_bytes(), den.read_bytes() if den else b"",
-                                       json.dumps([key, [r["case_id"] for r in rows], stamps]).encode()])
+                                       json.dumps([key, [r["case_id"] for r in rows], stamps, tta]).encode()])
                              ).hexdigest()[:16]
         cached = CACHE / f"{name}_{tag}.json"
         if cached.is_file():
@@ -90,7 +105,7 @@ def run(manifest, quick=False, threads=2, split="test", out=None):
             print(f"{name}: cached result {cached.name}")
         else:
             res = evaluate_manifest(str(model), str(sub), split=split, input_key=key,
-                                    denoiser=str(den) if den else None, device="cpu")
+                                    denoiser=str(den) if den else None, device="cpu", tta=None if tta else False)
             CACHE.mkdir(parents=True, exist_ok=True)
             cached.write_text(json.dumps(res, default=float))
         results[name] = res
@@ -111,12 +126,13 @@ def run(manifest, quick=False, threads=2, split="test", out=None):
     if LDOS.is_file():
         pet = sitk.ReadImage(str(case_path(rows[0], "low_dose_drf20")), sitk.sitkFloat32)
         t = time.time()
-        segment(pet, str(LDOS), device="cpu", allow_empty=True)
+        segment(pet, str(LDOS), device="cpu", allow_empty=True, tta=None if tta else False)
         infer_s = time.time() - t
         print(f"one whole volume {pet.GetSize()} at {tuple(round(s, 2) for s in pet.GetSpacing())} mm: "
               f"{infer_s:.1f} s on CPU ({threads} threads)")
     if out:
-        slim = {k: {kk: v[kk] for kk in ("mean", "organs", "cases", "seconds_per_case")} for k, v in results.items()}
+        slim = {k: {kk: v[kk] for kk in ("mean", "organs", "cases", "seconds_per_case", "per_case")}
+                for k, v in results.items()}
         slim["infer_s"] = infer_s
         Path(out).write_text(json.dumps(slim, indent=1))
 
@@ -125,7 +141,9 @@ def run(manifest, quick=False, threads=2, split="test", out=None):
 
     line = {"dice_ldos": g("ldos", "dice"), "dice_segonly": g("segonly", "dice"),
             "dice_fullDose_segonly": g("fullDose_segonly", "dice"), "hd95_ldos": g("ldos", "hd95"),
-            "hd95_segonly": g("segonly", "hd95"), "infer_s": infer_s}
+            "hd95_segonly": g("segonly", "hd95"), "infer_s": infer_s,
+            "dice_paired_wins": paired_wins(results.get("ldos"), results.get("segonly"), "dice"),
+            "hd95_paired_wins": paired_wins(results.get("ldos"), results.get("segonly"), "hd95", False)}
     print(" ".join(f"{k}={_fmt(v)}" for k, v in line.items()))
     return results, line
 
@@ -198,6 +216,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--split", default="test")
     ap.add_argument("--out", default="", help="write the full metrics (JSON) here")
+    ap.add_argument("--no-tta", action="store_true", help="without mirror test-time augmentation")
+    ap.add_argument("--models", default="", help="comma-separated subset of ldos,segonly,fullDose_segonly,fakeFDPET")
     ap.add_argument("--models-dir", default="", help="take the .pt files from here instead of Resources/Models")
     ap.add_argument("--write-models-d", action="store_true",
                     help="update the segmentation entries of Resources/Models.json with the metrics of this run")
@@ -212,7 +232,8 @@ def main():
             TITLES[k] = v[:1] + (d / v[1].name,) + v[2:]
     from common import standard_manifest
     a.manifest = standard_manifest(a.manifest)
-    results, line = run(a.manifest, a.quick, a.threads, a.split, a.out or None)
+    results, line = run(a.manifest, a.quick, a.threads, a.split, a.out or None, tta=not a.no_tta,
+                        only=[m for m in a.models.split(",") if m] or None)
     if a.write_models_d:
         cmd = "python benchmarks/segmentation.py" + (" --quick" if a.quick else "") + f" --split {a.split}"
         notes = dict(n.split("=", 1) for n in a.training_note)

@@ -58,6 +58,21 @@ def noise_free_reference():
     return reference
 
 
+def centres_per_step(config, known=4):
+    """Centres whose gradients every optimiser step of a training config averaged (None in the config = all
+    known centres)."""
+    n = (config.get("train") or {}).get("centers_per_step")
+    return known if n in (None, 0) else int(n)
+
+
+def shipped_centres_per_step(model_id="synthesis-drmc-cpu"):
+    """centres_per_step of the shipped model's training record in Resources/Models.json (nan when not recorded)."""
+    for e in json.loads((ROOT / "Resources" / "Models.json").read_text())["models"]:
+        if e.get("id") == model_id:
+            return (e.get("training") or {}).get("centres_per_step", float("nan"))
+    return float("nan")
+
+
 def write_models(ev, a, command):
     """Registry entries (Resources/Models.json) of the two shipped models with the metrics measured by this run."""
     import csv
@@ -74,7 +89,7 @@ def write_models(ev, a, command):
              "Baseline Transformer of DRMC (Yang et al., MICCAI 2023), 3N base blocks")):
         ck = load_checkpoint(file)
         meta = ck.get("meta", {})
-        log_path = Path(a.train_dir) / f"{name}_cpu" / "train_log_rank0.csv"
+        log_path = Path(a.train_dir) / a.run_name.format(name=name) / "train_log_rank0.csv"
         log = list(csv.DictReader(open(log_path))) if log_path.is_file() else []
         last = log[-5:]
         training = {
@@ -86,7 +101,8 @@ def write_models(ev, a, command):
             "hardware": "1 CPU thread (shared 2-core machine)",
             "command": f"petworkbench train synthesis --config {name}_cpu --manifest .cache/simdata/v1/manifest.csv "
                        f"--out .cache/synthesis/{name}_cpu",
-            "config_file": f"SynthesisModule/SynthesisModuleLib/configs/{name}_cpu.json"}
+            "config_file": f"SynthesisModule/SynthesisModuleLib/configs/{name}_cpu.json",
+            "centres_per_step": centres_per_step(ck["config"])}
         if last:
             training["final_loss_mean_last50"] = round(sum(float(r["loss"]) for r in last) / len(last), 6)
             training["identity_loss_mean_last50"] = round(sum(float(r["loss_identity"]) for r in last) / len(last), 6)
@@ -131,6 +147,7 @@ def main(argv=None):
     ap.add_argument("--write-models", action="store_true",
                     help="update the synthesis entries of Resources/Models.json with the metrics of this run")
     ap.add_argument("--train-dir", default=str(ROOT / ".cache" / "synthesis"), help="training folders (logs)")
+    ap.add_argument("--run-name", default="{name}_cpu", help="training folder of each model in --train-dir")
     ap.add_argument("--training-note", default="", help="how the shipped weights were trained (Models.json)")
     ap.add_argument("--floor", action="store_true",
                     help="also evaluate the noise-free reconstruction of every case (simulated again, ~10 s a case)")
@@ -160,17 +177,29 @@ def main(argv=None):
         "ssim_drmc": avg["drmc"]["known"]["ssim"],
         "suvmax_bias_low": avg["low"]["known"]["b_max"],
         "suvmax_bias_drmc": avg["drmc"]["known"]["b_max"],
+        "suvmax_bias_baseline": avg["baseline"]["known"]["b_max"],
         "psnr_drmc_unknown": avg["drmc"].get("unknown", {}).get("psnr", float("nan")),
         "psnr_low_unknown": avg["low"].get("unknown", {}).get("psnr", float("nan")),
         "dense_sparse_maxdiff": ds["maxdiff"],
         "sparse_speedup": ds["dense_s"] / ds["sparse_s"],
         "params_full": ds["params_full"],
     }
-    if a.floor:
-        kv["suvmax_bias_noise_free"] = avg["noise_free"]["known"]["b_max"]
+    worse = []
+    for c, row in sorted(ev["table"]["drmc"].items()):
+        low = ev["table"]["low"][c]["b_max"]
+        if row["b_max"] == row["b_max"] and low == low:  # lesions scored (not NaN)
+            verdict = "worse" if row["b_max"] > low else "better"
+            print(f"{c}: lesion SUVmax bias DRMC {row['b_max']:.4f} vs low-dose input {low:.4f} "
+                  f"({verdict} by {abs(row['b_max'] - low):.4f})")
+            if row["b_max"] > low:
+                worse.append(f"{c}:{row['b_max'] - low:+.4f}")
+    kv["drmc_bias_worse_than_input"] = ",".join(worse) or "none"
     if a.write_models:
         write_models(ev, a, "python benchmarks/synthesis.py" + (" --quick" if a.quick else "")
                      + (f" --max-cases {a.max_cases}" if a.max_cases else "") + (" --floor" if a.floor else ""))
+    kv["centres_per_step"] = shipped_centres_per_step()
+    if a.floor:
+        kv["suvmax_bias_noise_free"] = avg["noise_free"]["known"]["b_max"]
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in kv.items()))
 
 

@@ -111,8 +111,11 @@ class PatchSampler:
         pad = [(0, max(0, p - s)) for p, s in zip(self.patch, a.shape)]
         return np.pad(a, pad, constant_values=value) if any(p[1] for p in pad) else a
 
-    def sample(self, batch_size):
+    def sample(self, batch_size, margin=(0, 0, 0)):
+        """(x, y, label) batches of patches; ``margin`` voxels more on each side (zero-padded at the volume's
+        border) for spatial augmentation, centred on the same patch (the random draws do not depend on it)."""
         xs, ys, ls = [], [], []
+        m = [int(v) for v in margin]
         for b in range(batch_size):
             ci = int(self.rng.integers(len(self.cases)))
             c = self.cases[ci]
@@ -127,7 +130,10 @@ class PatchSampler:
                 lo = np.clip(centre - ps // 2 + self.rng.integers(-ps // 4, ps // 4 + 1), 0, shape - ps)
             else:
                 lo = np.array([int(self.rng.integers(0, s - p + 1)) for s, p in zip(shape, ps)])
-            sl = tuple(slice(int(a), int(a) + int(p)) for a, p in zip(lo, ps))
+            if any(m):
+                pad = [(v, v) for v in m]
+                x, y, lab = np.pad(x, pad), np.pad(y, pad), np.pad(lab, pad)
+            sl = tuple(slice(int(a), int(a) + int(p) + 2 * v) for a, p, v in zip(lo, ps, m))
             xs.append(x[sl]), ys.append(y[sl]), ls.append(lab[sl])
         return np.stack(xs)[:, None], np.stack(ys)[:, None], np.stack(ls).astype(np.int64)
 

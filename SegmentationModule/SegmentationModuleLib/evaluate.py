@@ -16,8 +16,9 @@ if TYPE_CHECKING:
 def evaluate_manifest(model: str | Path | dict, manifest: str | Path, split: str | Sequence[str] = "test",
                       input_key: str | None = None, denoiser: str | Path | dict | None = None,
                       device: str | torch.device = "auto", progress: Callable[[float, str], None] | None = None,
-                      tracer: str | Sequence[str] | None = None) -> dict:
-    """Segment every case of ``split`` and score it against its labels. Returns per-case and aggregate metrics."""
+                      tracer: str | Sequence[str] | None = None, tta: bool | None = None) -> dict:
+    """Segment every case of ``split`` and score it against its labels. Returns per-case and aggregate metrics.
+    ``tta``: mirror test-time augmentation (None: the model's default, on; False: off)."""
     import time
     import SimpleITK as sitk
     from PETWorkbenchLib.progress import Reporter
@@ -40,9 +41,10 @@ def evaluate_manifest(model: str | Path | dict, manifest: str | Path, split: str
         ref = read_image(case_path(r, "labels"), f"case {r['case_id']} labels", pixel_type=sitk.sitkUInt8)
         t = time.time()
         if denoiser:
-            pred, _ = segment_fake_fdpet(pet, denoiser, model, device=device, progress=sub, allow_empty=True)
+            pred, _ = segment_fake_fdpet(pet, denoiser, model, device=device, progress=sub, allow_empty=True,
+                                         tta=tta)
         else:
-            pred, _ = segment(pet, model, device=device, progress=sub, allow_empty=True)
+            pred, _ = segment(pet, model, device=device, progress=sub, allow_empty=True, tta=tta)
         times.append(time.time() - t)
         res = evaluate(pred, ref, specs)
         res["case_id"] = r["case_id"]

@@ -1,7 +1,8 @@
 """LDOS network: an nnU-Net ResEnc-style residual encoder shared by two decoders of the same architecture.
 
 * encoder: stem conv -> ``n_stages`` stages of pre-activation-free residual blocks (nnU-Net ``BasicBlockD``:
-  conv-norm-act, conv-norm, skip = [avg-pool] + 1x1 conv + norm when the shape changes, add, act);
+  conv-norm-act, conv-norm, skip = [avg-pool when strided] + [1x1 conv + norm when the channel count changes],
+  add, act);
 * decoders: per stage a transposed conv (kernel = stride), concatenation with the encoder skip and
   ``n_conv_per_stage_decoder`` conv-norm-act blocks, with a 1x1 output head at every resolution
   (deep supervision outputs, highest resolution first);
@@ -10,6 +11,10 @@
   low-dose input at each scale).
 
 ``LDOSNet(denoise=False)`` is the segmentation-only baseline (same encoder and segmentation decoder).
+
+The encoder and either decoder are operation-for-operation nnU-Net's ``ResidualEncoderUNet`` (package
+``dynamic-network-architectures``) with :func:`nnunet_kwargs`; :func:`nnunet_state_dict` and
+:func:`load_nnunet_state_dict` translate the weights between the two layouts.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ class BasicBlockD(nn.Module):
         skip = []
         if stride != 1:
             skip.append(nn.AvgPool3d(stride, stride))
-        if cin != cout or stride != 1:
+        if cin != cout:  # as nnU-Net: a strided block that keeps the channel count only pools its skip
             skip += [nn.Conv3d(cin, cout, 1, bias=False), _norm(cout)]
         self.skip = nn.Sequential(*skip)
         self.act = _act()
@@ -165,3 +170,130 @@ def build_network(cfg: dict) -> LDOSNet:
     if unknown:
         raise ValueError(f"unknown network config keys: {sorted(unknown)}")
     return LDOSNet(**net)
+
+
+# ---------------------------------------------------------------- nnU-Net (dynamic-network-architectures) layout
+_DECODERS = {"seg": "seg_decoder", "den": "den_decoder"}
+
+
+def _decoder(net: LDOSNet, decoder: str) -> UNetDecoder:
+    if decoder not in _DECODERS:
+        raise ValueError(f"decoder must be 'seg' or 'den', got {decoder!r}")
+    dec = getattr(net, _DECODERS[decoder])
+    if dec is None:
+        raise ValueError("this network has no denoising decoder")
+    return dec
+
+
+def nnunet_kwargs(net: LDOSNet, decoder: str = "seg") -> dict:
+    """Keyword arguments of ``ResidualEncoderUNet`` for the network made of ``net``'s encoder and its ``decoder``
+    (``"seg"``: ``n_classes`` outputs, ``"den"``: 1 output)."""
+    dec = _decoder(net, decoder)
+    return {
+        "input_channels": net.encoder.stem[0].in_channels,
+        "n_stages": len(net.features),
+        "features_per_stage": list(net.features),
+        "conv_op": nn.Conv3d,
+        "kernel_sizes": 3,
+        "strides": list(net.strides),
+        "n_blocks_per_stage": [len(stage) for stage in net.encoder.stages],
+        "num_classes": dec.heads[0].out_channels,
+        "n_conv_per_stage_decoder": [len(convs) for convs in dec.convs],
+        "conv_bias": True,
+        "norm_op": nn.InstanceNorm3d,
+        "norm_op_kwargs": {"eps": 1e-5, "affine": True},
+        "nonlin": nn.LeakyReLU,
+        "nonlin_kwargs": {"negative_slope": 0.01, "inplace": True},
+        "deep_supervision": net.deep_supervision,
+    }
+
+
+def _conv_norm_keys(conv_key: str, conv: nn.Module, norm_key: str, norm: nn.Module,
+                    theirs: str) -> dict[str, tuple[str, ...]]:
+    """Keys of a conv + norm pair; nnU-Net's ``ConvDropoutNormReLU`` registers each module twice (as ``conv`` /
+    ``norm`` and inside ``all_modules``), so every tensor has two names there."""
+    keys = {}
+    for i, (ours, module, name) in enumerate(((conv_key, conv, "conv"), (norm_key, norm, "norm"))):
+        for p, _ in module.named_parameters():
+            keys[f"{ours}.{p}"] = (f"{theirs}.{name}.{p}", f"{theirs}.all_modules.{i}.{p}")
+    return keys
+
+
+def _nnunet_key_map(net: LDOSNet, decoder: str) -> dict[str, tuple[str, ...]]:
+    """Our state-dict key -> every ``ResidualEncoderUNet`` state-dict key holding the same tensor (main name first)."""
+    dec = _decoder(net, decoder)
+    enc = net.encoder
+    keys = _conv_norm_keys("encoder.stem.0", enc.stem[0], "encoder.stem.1", enc.stem[1], "encoder.stem.convs.0")
+    for s, stage in enumerate(enc.stages):
+        for b, block in enumerate(stage):
+            ours, theirs = f"encoder.stages.{s}.{b}", f"encoder.stages.{s}.blocks.{b}"
+            for c in ("conv1", "conv2"):
+                conv, norm = getattr(block, c)[0], getattr(block, c)[1]
+                keys.update(_conv_norm_keys(f"{ours}.{c}.0", conv, f"{ours}.{c}.1", norm, f"{theirs}.{c}"))
+            if len(block.skip) and isinstance(block.skip[-1], nn.InstanceNorm3d):  # projection: [pool,] conv, norm
+                j = len(block.skip) - 2
+                keys.update(_conv_norm_keys(f"{ours}.skip.{j}", block.skip[j], f"{ours}.skip.{j + 1}",
+                                            block.skip[j + 1], f"{theirs}.skip.{j}"))
+    # their decoder keeps a reference to the encoder: every encoder tensor is also under "decoder.encoder."
+    keys = {k: v + tuple(f"decoder.{a}" for a in v) for k, v in keys.items()}
+    prefix = _DECODERS[decoder]
+    for i, (up, convs, head) in enumerate(zip(dec.up, dec.convs, dec.heads)):
+        for p, _ in up.named_parameters():
+            keys[f"{prefix}.up.{i}.{p}"] = (f"decoder.transpconvs.{i}.{p}",)
+        for j, cna in enumerate(convs):
+            keys.update(_conv_norm_keys(f"{prefix}.convs.{i}.{j}.0", cna[0], f"{prefix}.convs.{i}.{j}.1", cna[1],
+                                        f"decoder.stages.{i}.convs.{j}"))
+        for p, _ in head.named_parameters():
+            keys[f"{prefix}.heads.{i}.{p}"] = (f"decoder.seg_layers.{i}.{p}",)
+    return keys
+
+
+def nnunet_state_dict(net: LDOSNet, decoder: str = "seg") -> dict:
+    """The encoder and the ``decoder`` (``"seg"`` or ``"den"``) of ``net`` as a ``ResidualEncoderUNet`` state dict
+    (built with :func:`nnunet_kwargs`; loads with ``strict=True``). The tensors share memory with ``net``."""
+    ours = net.state_dict()
+    return {alias: ours[k] for k, aliases in _nnunet_key_map(net, decoder).items() for alias in aliases}
+
+
+def _listed(keys: list[str], n: int = 8) -> str:
+    return ", ".join(keys[:n]) + (f" (and {len(keys) - n} more)" if len(keys) > n else "")
+
+
+def load_nnunet_state_dict(net: LDOSNet, state: dict, decoder: str = "seg") -> None:
+    """Copy a ``ResidualEncoderUNet`` state dict into ``net``'s encoder and its ``decoder`` (``"seg"`` or
+    ``"den"``); the inverse of :func:`nnunet_state_dict`. Strict: ValueError naming the missing and unexpected keys,
+    the shape mismatches and the duplicate names of one tensor that disagree; ``net`` is unchanged then."""
+    kmap = _nnunet_key_map(net, decoder)
+    expected = {a for aliases in kmap.values() for a in aliases}
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected)
+    errors = []
+    if missing:
+        errors.append(f"missing keys: {_listed(missing)}")
+    if unexpected:
+        errors.append(f"unexpected keys: {_listed(unexpected)}")
+    ours = net.state_dict()
+    mismatched, differing = [], []
+    for k, aliases in kmap.items():
+        present = [a for a in aliases if a in state]
+        if not present:
+            continue
+        src = state[present[0]]
+        if not torch.is_tensor(src) or tuple(src.shape) != tuple(ours[k].shape):
+            shape = tuple(src.shape) if torch.is_tensor(src) else type(src).__name__
+            mismatched.append(f"{present[0]} {shape} (network: {tuple(ours[k].shape)})")
+            continue
+        for a in present[1:]:
+            other = state[a]
+            if other is not src and not (torch.is_tensor(other) and other.shape == src.shape
+                                         and other.dtype == src.dtype and torch.equal(other.to(src.device), src)):
+                differing.append(f"{a} != {present[0]}")
+    if mismatched:
+        errors.append(f"shape mismatches: {_listed(mismatched)}")
+    if differing:
+        errors.append(f"names of one tensor with different values: {_listed(differing)}")
+    if errors:
+        raise ValueError("the nnU-Net state dict does not fit this network: " + "; ".join(errors))
+    with torch.no_grad():
+        for k, aliases in kmap.items():
+            ours[k].copy_(state[aliases[0]])

@@ -28,7 +28,7 @@ from PETWorkbenchLib.errors import InputError
 from PETWorkbenchLib.imageio import save_torch
 from PETWorkbenchLib.progress import Reporter
 
-from .augment import misalign_labels
+from .augment import augment_batch, augmentation_config, build_augmentation, misalign_labels, spatial_margin
 from .losses import denoising_loss, ldos_loss
 from .model import build_network
 
@@ -103,9 +103,11 @@ def train(cfg: dict | str | Path, out_dir: str | Path, cases: list[dict] | None 
           device: str | torch.device = "auto", threads: int | None = None,
           progress: Callable[[float, str], None] | None = None, cancel: Callable[[], bool] | None = None,
           log: Callable[[str], None] = print,
-          cache_dir: str | Path | None = None) -> dict:
+          cache_dir: str | Path | None = None, init: str | Path | None = None) -> dict:
     """Train a model; returns a summary dict. ``cases`` (list of dicts from :mod:`.data`) or ``manifest``
-    (volumes resampled once and cached as .npz in ``cache_dir``, default ``<out_dir>/cache``)."""
+    (volumes resampled once and cached as .npz in ``cache_dir``, default ``<out_dir>/cache``). ``init``: a model
+    file whose weights the network starts from when there is no checkpoint to resume (a later training stage,
+    fresh optimiser and learning-rate schedule)."""
     from PETWorkbenchLib.device import torch_device
     cfg = network_config_for_task(load_config(cfg))
     task = cfg["task"]
@@ -151,12 +153,26 @@ def train(cfg: dict | str | Path, out_dir: str | Path, cases: list[dict] | None 
             else sampler.rng.bit_generator.state
         torch.set_rng_state(state["torch_rng"])
         log(f"resumed from {ck} at iteration {start_it}")
+    elif init is not None:
+        from PETWorkbenchLib.errors import ModelError
+        from PETWorkbenchLib.models import load_checkpoint
+        src = load_checkpoint(init)
+        if src.get("config", {}).get("network") != cfg["network"]:
+            raise ModelError(f"weights {init} were made with another network config")
+        model.load_state_dict(src["state_dict"])
+        log(f"starting from the weights of {init}")
     net = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         net = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None,
                   find_unused_parameters=(task == "denoise"))
     heads = {"ldos": ("seg", "den"), "segonly": ("seg",), "denoise": ("den",)}[task]
+    aug = augmentation_config(cfg.get("augmentation"))
+    margin = spatial_margin(cfg["patch_size"], aug)
+    transform = None
+    if aug:
+        intensity_std = float(np.std(np.concatenate([c["x"].ravel()[::97] for c in cases])))
+        transform = build_augmentation(aug, cfg["patch_size"], intensity_std)  # same draws for every task
     mis = cfg.get("misalignment", {})
     lr0 = cfg.get("optimizer", {}).get("lr", 1e-2)
     bs = int(cfg.get("batch_size", 2))
@@ -183,7 +199,10 @@ def train(cfg: dict | str | Path, out_dir: str | Path, cases: list[dict] | None 
         epoch = it // ipe
         for g in opt.param_groups:
             g["lr"] = poly_lr(lr0, it, total)
-        x, y, lab = sampler.sample(bs)
+        x, y, lab = sampler.sample(bs, margin)
+        if transform is not None:  # per-sample seeds from (seed, rank, iteration): resumed runs draw the same
+            seeds = [(seed * 1_000_003 + rank * 7_919 + it) * 16 + b for b in range(bs)]
+            x, y, lab = augment_batch(transform, x, y, lab, seeds)
         x, y, lab = torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev), torch.from_numpy(lab).to(dev)
         if task != "denoise" and mis.get("p", 0) > 0:
             lab = misalign_labels(lab, spacing, p=mis["p"], max_shift_mm=mis.get("max_shift_mm", 6.0),
@@ -229,7 +248,8 @@ def train(cfg: dict | str | Path, out_dir: str | Path, cases: list[dict] | None 
             "iterations": it, "total_iterations": total, "stopped": stopped, "history": history[-5:],
             "seconds_total": round(elapsed_before + time.time() - t0, 1), "n_cases": len(cases),
             "cases": [c.get("case_id") for c in cases][:200], "world_size": world,
-            "torch_threads": torch.get_num_threads()})
+            "torch_threads": torch.get_num_threads(), "init": str(init) if init else None,
+            "augmentation": cfg.get("augmentation")})
     if world > 1:
         import torch.distributed as dist
         dist.barrier()

@@ -83,7 +83,8 @@ def _cmd_train(args, rep):
         env["PYTHONPATH"] = os.pathsep.join([here, root, env.get("PYTHONPATH", "")])
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
                "-m", "SynthesisModuleLib.train", "--config", str(cfg_path), "--manifest", args.manifest,
-               "--out", str(out), "--device", args.device] + (["--no-resume"] if args.no_resume else [])
+               "--out", str(out), "--device", args.device] + (["--no-resume"] if args.no_resume else []) + \
+            (["--init", str(args.init)] if args.init else [])
         rep(0.0, f"launching {args.nproc} processes")
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -93,7 +94,8 @@ def _cmd_train(args, rep):
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1]
         summary = _json.loads(line)
     else:
-        summary = train(cfg, args.manifest, out, resume=not args.no_resume, device=args.device, progress=rep)
+        summary = train(cfg, args.manifest, out, resume=not args.no_resume, device=args.device, progress=rep,
+                        init=args.init)
     if args.export:
         summary["exported"] = str(export_weights(out / "last.pt", args.export))
     return summary
@@ -141,10 +143,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         if name == "train":
             q.add_argument("--config", required=True, help="config file or name in SynthesisModuleLib/configs")
             q.add_argument("--out", required=True, help="output folder (checkpoints, logs; resumes from it)")
-            q.add_argument("--nproc", type=int, default=1, help="processes (torchrun, one centre each per step)")
+            q.add_argument("--nproc", type=int, default=1,
+                           help="processes (torchrun); each step's centres are shared out over them")
             from .train import add_override_arguments
             add_override_arguments(q)
             q.add_argument("--no-resume", action="store_true")
+            q.add_argument("--init", default=None,
+                           help="start from these weights (a model file) when there is no checkpoint to resume")
             q.add_argument("--export", default=None, help="write shipped weights {config, state_dict} here")
             q.set_defaults(func=_cmd_train)
         else:
@@ -156,5 +161,6 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
             q.add_argument("--max-cases", type=int, default=None, help="at most this many cases per centre")
             q.add_argument("--tracer", action="append", default=None, help="only this tracer (repeatable)")
             q.add_argument("--interference", type=int, default=0,
-                           help="also compute I_ij of the first model with this many batches per centre")
+                           help="also compute I_ij of the first model with this many batches per centre "
+                                "(the supplement uses 100)")
             q.set_defaults(func=_cmd_evaluate)

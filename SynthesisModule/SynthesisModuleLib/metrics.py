@@ -83,62 +83,82 @@ def lesion_suv_bias(pred: np.ndarray, ref: np.ndarray, lesions: np.ndarray, min_
 
 
 # ------------------------------------------------------------------------------------------- interference
-def interference(model: Generator, sampler: CenterPatchSampler, n_batches: int = 4, batch_size: int = 1,
+def interference_batches(sampler: CenterPatchSampler, n_batches: int = 100, batch_size: int = 1, seed: int = 0
+                         ) -> dict[str, dict[str, list[tuple[np.ndarray, np.ndarray]]]]:
+    """The batches :func:`interference` uses: for each centre, ``n_batches`` batches X_j that estimate the update
+    direction d_j and ``n_batches`` other, independent batches X_i at which the loss change is evaluated
+    (``{centre: {"direction": [(low, full), ...], "evaluate": [...]}}``, drawn reproducibly from ``seed``)."""
+    out = {}
+    for ci, c in enumerate(sampler.centers):
+        out[c] = {role: [sampler.sample(c, batch_size, np.random.default_rng([seed, ci, r, k]))
+                         for k in range(int(n_batches))]
+                  for r, role in enumerate(("direction", "evaluate"))}
+    return out
+
+
+def interference(model: Generator, sampler: CenterPatchSampler, n_batches: int = 100, batch_size: int = 1,
                  param_prefixes: dict[str, str] | None = None, eps: float = 1e-3, seed: int = 0,
-                 device: str | torch.device = "cpu") -> dict:
+                 device: str | torch.device = "cpu", batches: dict | None = None) -> dict:
     """Centre interference I_ij (supplement eq. 4-5) for each parameter group.
 
-    For each centre c, ``n_batches`` batches X_c^k are drawn and the loss gradients g_c^k computed. With
-    d_j = E_k[g_j^k / ||g_j^k||] (the expected normalised update direction of centre j), the first-order loss
-    change of centre i caused by a step along centre j is Delta_j L_i(X_i^k) ~ lambda d_j . g_i^k and
-    I_ij = E_k[(d_j . g_i^k) / (d_i . g_i^k)] (lambda cancels). Positive: j helps i; negative: j harms i.
+    Definition: Delta_j L_i(X_i) = E_{X_j}[L_i(X_i; theta) - L_i(X_i; theta - lambda g_j(X_j) / ||g_j(X_j)||)] and
+    I_ij = E_{X_i}[Delta_j L_i(X_i) / Delta_i L_i(X_i)], with g the loss gradient over the group's parameters.
+    To first order in lambda, Delta_j L_i(X_i) = lambda d_j . g_i(X_i) with d_j = E_{X_j}[g_j / ||g_j||], so
+    I_ij = E_{X_i}[(d_j . g_i(X_i)) / (d_i . g_i(X_i))] (lambda cancels). As the supplement, ``n_batches`` = 100
+    batches per centre; d_i is estimated from batches drawn independently of the X_i it is evaluated at (the
+    expectation over X_j in the definition is over fresh batches of centre i too), see :func:`interference_batches`
+    (``batches`` may pass them in). Positive: j helps i; negative: j harms i.
     ``param_prefixes``: dict name -> parameter-name prefix (default: one group per block ``body.<b>.``).
-    Returns {"centers": [...], "groups": {name: I matrix as nested lists}}.
+    Returns {"centers": [...], "groups": {name: I matrix as nested lists}, "n_batches": n}.
     """
     import torch
 
     from .model import charbonnier_loss
 
     model = model.to(device).train()
+    dtype = next(model.parameters()).dtype
     names = [n for n, _ in model.named_parameters()]
     if param_prefixes is None:
         param_prefixes = {f"block{b + 1}": f"body.{b}." for b in range(len(model.body))}
     groups = {g: [i for i, n in enumerate(names) if n.startswith(p)] for g, p in param_prefixes.items()}
     params = list(model.parameters())
     centers = sampler.centers
-    grads = {}  # center -> group -> (K, P) array
-    for ci, c in enumerate(centers):
+    if batches is None:
+        batches = interference_batches(sampler, n_batches, batch_size, seed)
+
+    def gradients(pairs):  # group -> (K, P) array of the loss gradients of the batches
         per = {g: [] for g in groups}
-        for k in range(n_batches):
-            rng = np.random.default_rng([seed, ci, k])
-            low, full = sampler.sample(c, batch_size, rng)
+        for low, full in pairs:
             model.zero_grad(set_to_none=True)
-            loss = charbonnier_loss(model(torch.from_numpy(low).to(device)), torch.from_numpy(full).to(device),
-                                    eps)
-            loss.backward()
+            x = torch.as_tensor(low, dtype=dtype, device=device)
+            y = torch.as_tensor(full, dtype=dtype, device=device)
+            charbonnier_loss(model(x), y, eps).backward()
             for g, idx in groups.items():
                 vec = torch.cat([params[i].grad.flatten() if params[i].grad is not None
-                                 else torch.zeros(params[i].numel(), device=device) for i in idx])
+                                 else torch.zeros(params[i].numel(), dtype=dtype, device=device) for i in idx])
                 per[g].append(vec.detach().cpu().double().numpy())
-        grads[c] = {g: np.stack(v) for g, v in per.items()}
+        return {g: np.stack(v) for g, v in per.items()}
+
+    direction = {c: gradients(batches[c]["direction"]) for c in centers}
+    evaluate = {c: gradients(batches[c]["evaluate"]) for c in centers}
     model.zero_grad(set_to_none=True)
     out = {}
     for g in groups:
         d = {}
         for c in centers:
-            gk = grads[c][g]
+            gk = direction[c][g]
             norms = np.linalg.norm(gk, axis=1, keepdims=True)
             d[c] = (gk / np.where(norms > 0, norms, 1.0)).mean(0)
         mat = np.zeros((len(centers), len(centers)))
         for i, ci in enumerate(centers):
-            denom = grads[ci][g] @ d[ci]
+            denom = evaluate[ci][g] @ d[ci]
             for j, cj in enumerate(centers):
-                num = grads[ci][g] @ d[cj]
+                num = evaluate[ci][g] @ d[cj]
                 ok = np.abs(denom) > 0
                 mat[i, j] = float(np.mean(num[ok] / denom[ok])) if ok.any() else float("nan")
-        out[g] = mat.round(4).tolist()
+        out[g] = mat.round(6).tolist()
     model.eval()
-    return {"centers": centers, "groups": out}
+    return {"centers": centers, "groups": out, "n_batches": len(next(iter(batches.values()))["evaluate"])}
 
 
 # ---------------------------------------------------------------------------------------------- routing plot

@@ -136,3 +136,20 @@ def test_shipped_registry_is_valid():
     for e in models.registry():
         if e.bundled:
             assert models.status(e) == "bundled", e.id
+
+
+def test_upsert_replaces_an_entry_and_keeps_its_default_mark(tmp_path):
+    import json
+    import shutil
+    from PETWorkbenchLib.models import default_model, load_registry, resources_dir, upsert_entries
+    reg = tmp_path / "Models.json"
+    shutil.copy(resources_dir() / "Models.json", reg)
+    mid = default_model("synthesis", reg)
+    entry = next(e for e in json.loads(reg.read_text())["models"] if e["id"] == mid)
+    new = {k: v for k, v in entry.items() if k != "default"}
+    new["title"] = "re-measured"
+    upsert_entries([new], reg)
+    assert default_model("synthesis", reg) == mid and load_registry(reg)[mid].title == "re-measured"
+    upsert_entries([{**new, "default": False}], reg)  # an explicit mark wins
+    models = json.loads(reg.read_text())["models"]
+    assert next(e for e in models if e["id"] == mid)["default"] is False

@@ -131,6 +131,72 @@ def test_interference_is_one_for_identical_centres_and_normalised():
     assert mat[0, 1] < 1.0
 
 
+def test_interference_matches_a_finite_difference_evaluation_of_its_definition():
+    """Supplement eq. 4-5 evaluated literally: step the block's parameters by -lambda g_j / ||g_j|| for each
+    direction batch X_j, measure the loss change at each evaluation batch X_i, average; ratio to the centre's own
+    change, averaged over X_i. With a small lambda (float64) it must equal the first-order result."""
+    from SynthesisModuleLib.metrics import interference_batches
+    from SynthesisModuleLib.model import charbonnier_loss
+    torch.manual_seed(1)
+    net = build_model({**TINY_MODEL, "tail_init": "default"}).double()
+    net.sparse = False
+    rng = np.random.default_rng(0)
+    vols = {c: [(a + s * rng.standard_normal(a.shape).astype(np.float32), a)
+                for a in [phantom((12, 12, 12), seed=k)[0] for k in range(2)]]
+            for c, s in (("A", 0.2), ("B", 0.5), ("C", 0.05))}
+    sampler = CenterPatchSampler(vols, 8)
+    batches = interference_batches(sampler, n_batches=3, batch_size=1, seed=4)
+    assert len(batches["A"]["direction"]) == len(batches["A"]["evaluate"]) == 3
+    assert not np.array_equal(batches["A"]["direction"][0][0], batches["A"]["evaluate"][0][0])  # independent draws
+    got = interference(net, sampler, batches=batches)
+    assert got["n_batches"] == 3
+    group = [p for n, p in net.named_parameters() if n.startswith("body.1.")]
+
+    def loss(pair):
+        with torch.no_grad():
+            x, y = (torch.as_tensor(a, dtype=torch.float64) for a in pair)
+            return float(charbonnier_loss(net(x), y))
+
+    def unit_grad(pair):
+        net.zero_grad(set_to_none=True)
+        x, y = (torch.as_tensor(a, dtype=torch.float64) for a in pair)
+        charbonnier_loss(net(x), y).backward()
+        g = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in group]
+        norm = torch.sqrt(sum((v ** 2).sum() for v in g))
+        return [v / norm for v in g]
+
+    lam = 1e-5
+    centres = ["A", "B", "C"]
+    units = {c: [unit_grad(b) for b in batches[c]["direction"]] for c in centres}
+
+    def delta(c_i, pair):  # Delta_j L_i(X_i) for every centre j
+        base = loss(pair)
+        out = {}
+        for c_j in centres:
+            changes = []
+            for u in units[c_j]:
+                with torch.no_grad():
+                    for p, v in zip(group, u):
+                        p.sub_(lam * v)
+                changes.append(base - loss(pair))
+                with torch.no_grad():
+                    for p, v in zip(group, u):
+                        p.add_(lam * v)
+            out[c_j] = np.mean(changes)
+        return out
+
+    fd = np.zeros((3, 3))
+    for i, c_i in enumerate(centres):
+        ratios = []
+        for pair in batches[c_i]["evaluate"]:
+            d = delta(c_i, pair)
+            ratios.append([d[c_j] / d[c_i] for c_j in centres])
+        fd[i] = np.mean(ratios, axis=0)
+    mat = np.array(got["groups"]["block2"])
+    assert np.allclose(mat, fd, rtol=2e-3, atol=2e-3), (mat, fd)
+    assert np.ptp(mat) > 0.05  # not a trivial all-equal matrix
+
+
 def test_evaluate_tables_unknown_centre_and_routing_png(tiny_manifest, tmp_path):
     s = evaluate({"drmc": _ckpt(identity=True)}, tiny_manifest, out_dir=tmp_path / "ev", device="cpu", patch=12)
     t = s["table"]

@@ -60,13 +60,17 @@ def test_lesion_oversampling_puts_lesions_in_patches(tiny_manifest):
         CenterPatchSampler({"X": []}, 6, lesion_oversample=2.0)
 
 
-def test_train_one_centre_per_step_checkpoint_and_resume(tiny_manifest, tmp_path):
+def test_train_all_centres_per_step_checkpoint_and_resume(tiny_manifest, tmp_path):
     out_a = tmp_path / "a"
     s1 = train(_cfg(max_steps=4), tiny_manifest, out_a)
-    assert s1["steps"] == 4 and (out_a / "last.pt").is_file()
+    assert s1["steps"] == 4 and (out_a / "last.pt").is_file() and s1["centers_per_step"] == 2
     with open(out_a / "train_log_rank0.csv") as fh:
         centers = [r["center"] for r in csv.DictReader(fh)]
-    assert centers == ["A", "B", "A", "B"]  # one centre per step, cycling
+    assert centers == ["A+B"] * 4  # every step sees every known centre (the paper's setup)
+    s_one = train(_cfg(max_steps=4, centers_per_step=1), tiny_manifest, tmp_path / "one")
+    assert s_one["centers_per_step"] == 1
+    with open(tmp_path / "one" / "train_log_rank0.csv") as fh:
+        assert [r["center"] for r in csv.DictReader(fh)] == ["A", "B", "A", "B"]  # opt-in: one centre per step
     # 2 steps, stop, resume for 2 more == 4 uninterrupted steps
     out_b = tmp_path / "b"
     train(_cfg(max_steps=2), tiny_manifest, out_b)
@@ -152,3 +156,108 @@ def test_ddp_two_cpu_processes_average_gradients(tiny_manifest, tmp_path):
     charbonnier_loss(net1(torch.from_numpy(lo)), torch.from_numpy(fu)).backward()
     opt1.step()
     assert max(float((net1.state_dict()[k] - ddp_state[k]).abs().max()) for k in ref) > 1e-5
+
+
+def test_step_centres_share_the_centres_of_a_step_over_processes():
+    from SynthesisModuleLib.train import step_centers
+    c = ["C1", "C2", "C3", "C4"]
+    assert step_centers(0, c, 4) == [(0, "C1"), (1, "C2"), (2, "C3"), (3, "C4")]
+    assert [step_centers(0, c, 4, world=4, rank=r) for r in range(4)] == [[(r, c[r])] for r in range(4)]
+    assert step_centers(5, c, 4, world=2, rank=1) == [(1, "C2"), (3, "C4")]
+    assert [step_centers(s, c, 1)[0][1] for s in range(5)] == ["C1", "C2", "C3", "C4", "C1"]
+    with pytest.raises(InputError, match="processes"):
+        from SynthesisModuleLib.train import train as _train
+        os.environ["WORLD_SIZE"] = "3"
+        try:
+            _train(_cfg(centers_per_step=2), sampler=CenterPatchSampler({"A": [], "B": []}, 12))
+        finally:
+            del os.environ["WORLD_SIZE"]
+
+
+def test_one_process_accumulates_the_mean_gradient_of_all_centres(tiny_manifest, tmp_path):
+    """1 process, 2 centres: one train() step == one Adam step on the mean of the two centres' losses."""
+    cfg = _cfg(max_steps=1, checkpoint_every=1)
+    train(cfg, tiny_manifest, tmp_path)
+    got = torch.load(tmp_path / "last.pt", weights_only=False)["state_dict"]
+    full = load_config(cfg)
+    rows = select(read_manifest(tiny_manifest), split="train", known=True)
+    sampler = CenterPatchSampler.from_manifest(rows, full["train"]["patch_size"])
+    torch.manual_seed(full["train"]["seed"])
+    net = build_model(full["model"])
+    net.sparse = False
+    opt = torch.optim.Adam(net.parameters(), lr=full["train"]["lr"])
+    loss = 0
+    for q, center in enumerate(("A", "B")):
+        rng = np.random.default_rng([full["train"]["seed"], q, 0])
+        lo, fu = sampler.sample(center, full["train"]["batch_size"], rng)
+        loss = loss + charbonnier_loss(net(torch.from_numpy(lo)), torch.from_numpy(fu)) / 2
+    loss.backward()
+    opt.step()
+    ref = net.state_dict()
+    assert max(float((ref[k] - got[k]).abs().max()) for k in ref) < 1e-5
+
+
+def _routing_model(seed=0):
+    from synthesis_data import TINY_MODEL
+    torch.manual_seed(seed)
+    net = build_model({**TINY_MODEL, "tail_init": "default"}).double()
+    with torch.no_grad():  # routing biases that switch some experts off for some samples (sparse paths exercised)
+        for i, blk in enumerate(net.body):
+            for bank in (blk.attention, blk.mlp):
+                bank.routing.conv3.bias.copy_(torch.tensor([0.3, -0.05, -5.0], dtype=torch.float64) * (1 + i))
+    return net
+
+
+def test_sparse_training_follows_the_dense_adam_trajectory_exactly():
+    """Sparse execution skips zero-weight experts; with their gradients filled with zeros, 8 Adam steps
+    (float64) give the parameters of dense training, moments and step counts included."""
+    from SynthesisModuleLib.train import accumulate_step
+    rng = np.random.default_rng(0)
+    batches = [[(torch.from_numpy(rng.random((2, 1, 8, 8, 8))), torch.from_numpy(rng.random((2, 1, 8, 8, 8))))
+                for _ in range(2)] for _ in range(8)]
+    runs = {}
+    for sparse in (False, True):
+        net = _routing_model()
+        net.sparse = sparse
+        net.routing_log = []
+        opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+        for b in batches:
+            accumulate_step(net, net, opt, b, 1e-3, 0.5)
+        runs[sparse] = (net, opt, net.routing_log)
+    log = torch.cat(runs[True][2])
+    assert bool((log == 0).any()) and bool((log > 0).any())  # some experts were skipped, some ran
+    dense, sparse = runs[False][0].state_dict(), runs[True][0].state_dict()
+    assert max(float((dense[k] - sparse[k]).abs().max()) for k in dense) < 1e-12
+    sd, ss = runs[False][1].state_dict()["state"], runs[True][1].state_dict()["state"]
+    assert sd.keys() == ss.keys()
+    for k in sd:
+        assert float(sd[k]["step"]) == float(ss[k]["step"]) == 8.0
+        assert float((sd[k]["exp_avg_sq"] - ss[k]["exp_avg_sq"]).abs().max()) < 1e-12
+    # without the zero fill, Adam skips the unused experts and the trajectories part
+    net = _routing_model()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    import SynthesisModuleLib.train as tr
+    orig = tr.fill_missing_grads
+    tr.fill_missing_grads = lambda model: 0
+    try:
+        for b in batches:
+            accumulate_step(net, net, opt, b, 1e-3, 0.5)
+    finally:
+        tr.fill_missing_grads = orig
+    unfilled = net.state_dict()
+    assert max(float((dense[k] - unfilled[k]).abs().max()) for k in dense) > 1e-6
+
+
+def test_a_later_stage_starts_from_given_weights(tiny_manifest, tmp_path):
+    from PETWorkbenchLib.errors import ModelError
+    train(_cfg(max_steps=2), tiny_manifest, tmp_path / "s1")
+    w = export_weights(tmp_path / "s1" / "last.pt", tmp_path / "w.pt")
+    s = train(_cfg(max_steps=0), tiny_manifest, tmp_path / "s2", init=w)
+    assert s["init"] == str(w)
+    a = torch.load(w, weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "s2" / "last.pt", weights_only=False)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    other = _cfg(max_steps=0)
+    other["model"] = {**other["model"], "n_feats": 4}
+    with pytest.raises(ModelError, match="another model config"):
+        train(other, tiny_manifest, tmp_path / "s3", init=w)
