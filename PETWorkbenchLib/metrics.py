@@ -80,3 +80,36 @@ def hd95_asd(pred, ref, spacing=None):
     hd95 = max(np.percentile(d_pr, 95), np.percentile(d_rp, 95))
     asd = (d_pr.sum() + d_rp.sum()) / (len(d_pr) + len(d_rp))
     return float(hd95), float(asd)
+
+
+# ------------------------------------------------------------------------------------------- uptake measures
+# SUVpeak follows PERCIST 1.0 (Wahl et al. 2009): the highest mean SUV in a 1 cm^3 sphere (radius 6.2 mm); the sphere
+# centre may be any voxel of the region and the sphere mean uses every image voxel whose centre lies inside it.
+PEAK_VOLUME_ML = 1.0
+PEAK_RADIUS_MM = (3.0 * PEAK_VOLUME_ML * 1000.0 / (4.0 * np.pi)) ** (1.0 / 3.0)  # 6.2035 mm
+
+
+def sphere_kernel(spacing_zyx, radius_mm=PEAK_RADIUS_MM):
+    """Binary ball of ``radius_mm`` on a (z, y, x) grid of this spacing (voxel centres inside the sphere)."""
+    r = [int(np.floor(radius_mm / s)) for s in spacing_zyx]
+    zz, yy, xx = np.meshgrid(*[np.arange(-k, k + 1) * s for k, s in zip(r, spacing_zyx)], indexing="ij")
+    return (zz ** 2 + yy ** 2 + xx ** 2 <= radius_mm ** 2 + 1e-9).astype(np.float64)
+
+
+def sphere_mean(pet, spacing_zyx, radius_mm=PEAK_RADIUS_MM):
+    """Mean of ``pet`` in a ball of ``radius_mm`` around every voxel (voxels outside the image do not count):
+    the map whose maximum over a region is the region's SUVpeak."""
+    kernel = sphere_kernel(spacing_zyx, radius_mm)
+    pet = np.asarray(pet, dtype=np.float64)
+    sums = ndimage.correlate(pet, kernel, mode="constant", cval=0.0)
+    counts = ndimage.correlate(np.ones_like(pet), kernel, mode="constant", cval=0.0)
+    return sums / counts
+
+
+def percist_liver_threshold(liver_values):
+    """PERCIST 1.0 threshold of measurable lesions: 1.5 x liver SUVmean + 2 x liver SD (Wahl et al. 2009, who
+    measure the liver in a 3 cm sphere of the right lobe; here the voxels given, e.g. an eroded liver segment)."""
+    v = np.asarray(liver_values, dtype=np.float64)
+    if v.size < 2:
+        raise InputError("the liver reference region has fewer than 2 voxels; the PERCIST threshold needs a liver")
+    return float(1.5 * v.mean() + 2.0 * v.std(ddof=1))

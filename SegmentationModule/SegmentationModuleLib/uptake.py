@@ -7,28 +7,17 @@ inside the sphere. It is None when the organ is smaller than the sphere (volume 
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import numpy as np
-from scipy import ndimage
 
 from PETWorkbenchLib.errors import InputError
+from PETWorkbenchLib.metrics import PEAK_VOLUME_ML, sphere_mean
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Iterable
 
     import SimpleITK as sitk
-
-PEAK_VOLUME_ML = 1.0
-PEAK_RADIUS_MM = (3.0 * PEAK_VOLUME_ML * 1000.0 / (4.0 * math.pi)) ** (1.0 / 3.0)  # 6.2035 mm
-
-
-def sphere_kernel(spacing_zyx: Sequence[float], radius_mm: float = PEAK_RADIUS_MM) -> np.ndarray:
-    r = [int(math.floor(radius_mm / s)) for s in spacing_zyx]
-    zz, yy, xx = np.meshgrid(*[np.arange(-k, k + 1) * s for k, s in zip(r, spacing_zyx)], indexing="ij")
-    return (zz ** 2 + yy ** 2 + xx ** 2 <= radius_mm ** 2 + 1e-9).astype(np.float64)
-
 
 def _check_same_grid(a, b):
     if a.GetSize() != b.GetSize():
@@ -56,8 +45,7 @@ def organ_uptake(pet_image: sitk.Image, label_image: sitk.Image, specs: Iterable
     lab = sitk.GetArrayFromImage(label_image)
     sp = tuple(reversed(pet_image.GetSpacing()))
     voxel_ml = float(np.prod(sp)) / 1000.0
-    kernel = sphere_kernel(sp)
-    sums = counts = None
+    peak_map = None
     rows = []
     for s in specs:
         v = int(s["value"])
@@ -69,10 +57,9 @@ def organ_uptake(pet_image: sitk.Image, label_image: sitk.Image, specs: Iterable
         vol = n * voxel_ml
         peak = None
         if vol >= PEAK_VOLUME_ML - 1e-9:
-            if sums is None:
-                sums = ndimage.correlate(pet, kernel, mode="constant", cval=0.0)
-                counts = ndimage.correlate(np.ones_like(pet), kernel, mode="constant", cval=0.0)
-            peak = float((sums[m] / counts[m]).max())
+            if peak_map is None:
+                peak_map = sphere_mean(pet, sp)
+            peak = float(peak_map[m].max())
         rows.append(dict(name=s["name"], value=v, volume_ml=float(vol), suv_mean=float(vals.mean()),
                          suv_max=float(vals.max()), suv_peak=peak))
     return rows

@@ -1,4 +1,5 @@
-"""Inference: load a model, resample to 2 mm, sliding-window synthesis, back to the input grid."""
+"""Inference: load a model, resample to 2 mm, sliding-window synthesis, the predicted change back to the input grid
+(added to the native input, so the 2 mm round trip costs the input none of its detail)."""
 
 from __future__ import annotations
 
@@ -158,14 +159,24 @@ def synthesize(image: sitk.Image, model: str | Path | dict | Generator, device: 
     scale = float(cfg["train"]["suv_scale"])
     arr = normalise(sitk.GetArrayViewFromImage(img2), scale)
     out, log = predict_array(net, arr, patch, overlap, sw_batch_size, dev, progress=rep.sub(0.1, 0.9), cancel=None)
-    del arr
-    out *= scale
-    np.maximum(out, 0.0, out=out)
     rep(0.9, "resampling back to the input grid")
-    res2 = sitk.GetImageFromArray(out)
-    del out
-    res2.CopyInformation(img2)
-    res = res2 if on_grid else resample_like(res2, img)     # linear interpolation of values >= 0 stays >= 0
+    if on_grid:
+        out *= scale
+        res = sitk.GetImageFromArray(out)
+        res.CopyInformation(img)
+    else:
+        # Only the network's predicted change is resampled back: output = native input + (network output - its
+        # input) on the 2 mm grid, so the round trip through 2 mm does not smooth the input's own detail (a
+        # small lesion loses nothing to interpolation; a network that changes nothing returns the input exactly).
+        out -= arr
+        out *= scale
+        change2 = sitk.GetImageFromArray(out)
+        change2.CopyInformation(img2)
+        del out
+        res = sitk.Add(img, resample_like(change2, img))
+        del change2
+    del arr
+    res = sitk.Maximum(res, 0.0)
     for key in image.GetMetaDataKeys():
         res.SetMetaData(key, image.GetMetaData(key))
     summary = routing_summary(log, net.num_banks)

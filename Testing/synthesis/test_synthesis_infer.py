@@ -58,6 +58,24 @@ def test_any_grid_goes_through_2mm_and_back_nonnegative():
     assert summ["grid_2mm"] == [round(n * sp / 2.0) for n, sp in zip(img.GetSize(), img.GetSpacing())]
 
 
+def test_the_2mm_round_trip_keeps_a_small_lesion():
+    """Only the network's change goes back to the input grid: an identity network returns a 1.3 mm input with a
+    4 mm hot sphere unchanged, where resampling the image itself through 2 mm and back flattens the sphere."""
+    from PETWorkbenchLib.imageio import resample_like, resample_to_spacing
+    z, y, x = np.meshgrid(*[np.arange(24) * 1.3] * 3, indexing="ij")
+    arr = np.full((24, 24, 24), 1.0, np.float32)
+    arr[(z - 15.3) ** 2 + (y - 14.9) ** 2 + (x - 15.6) ** 2 < 2.0 ** 2] = 8.0
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing((1.3, 1.3, 1.3))
+    out, _ = synthesize(img, _ckpt(identity=True), device="cpu", patch=12, overlap=0.25)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(out), arr, atol=1e-5)
+    trip = sitk.GetArrayFromImage(resample_like(resample_to_spacing(img, (2.0, 2.0, 2.0)), img))
+    assert trip.max() < 0.9 * arr.max()  # what resampling the image itself would cost the lesion
+    # a network that does change the image: the change is added to the native input (on-grid part unchanged)
+    res, _ = synthesize(img, _ckpt(seed=2), device="cpu", patch=12, overlap=0.25)
+    assert np.abs(sitk.GetArrayFromImage(res) - arr).max() > 1e-3
+
+
 def test_bad_inputs_get_clear_messages(monkeypatch):
     ck = _ckpt()
     with pytest.raises(InputError, match="3D"):
