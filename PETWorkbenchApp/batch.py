@@ -3,7 +3,8 @@
 Studies come from a CSV (columns ``id`` and ``low_dose`` or ``anatomy``; optional ``ct``, ``full_dose``,
 ``labels``, ``lesions``; relative paths are relative to the CSV) or from a folder with one sub-folder per study
 holding ``low_dose.nii.gz`` (+ optional ``ct.nii.gz``, ``full_dose.nii.gz``, ``labels.nii.gz``,
-``lesions.nii.gz``).
+``lesions.nii.gz``). The PET inputs may be folders holding a PET DICOM series (a ``low_dose``/``full_dose``
+folder in a study folder, or its path in the CSV); their SUV comes from the DICOM tags.
 
 * Every row names its inputs (``low_dose``, or ``anatomy`` for a simulated study); an id is a safe folder name
   (letters, digits, ``.``, ``_``, ``-``), never a path. Problems in the list are refused before anything runs,
@@ -29,11 +30,14 @@ from PETWorkbenchLib.errors import InputError
 from PETWorkbenchLib.progress import Reporter
 
 IMAGE_KEYS = ("low_dose", "ct", "full_dose", "labels", "lesions")
+PET_KEYS = ("low_dose", "full_dose")          # may also be folders holding a PET DICOM series
 
 
 def load_studies(source):
     """CSV file or folder -> list of study dicts (paths made absolute). Raises InputError naming the row of an
     unusable entry (missing or unsafe id, no inputs, duplicate id)."""
+    from PETWorkbenchLib.dicom import is_pet_dicom_input
+
     from .pipeline import check_study_id
     src = Path(source)
     if src.is_file():
@@ -71,6 +75,9 @@ def load_studies(source):
                     if (d / f"{k}{ext}").is_file():
                         s[k] = str((d / f"{k}{ext}").resolve())
                         break
+                else:
+                    if k in PET_KEYS and is_pet_dicom_input(d / k):
+                        s[k] = str((d / k).resolve())
             if "low_dose" in s:
                 s["id"] = check_study_id(d.name)
                 studies.append(s)

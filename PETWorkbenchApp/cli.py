@@ -104,7 +104,8 @@ def build_parser():
     p = sub.add_parser("pipeline", help="the main job (or some steps) for one study")
     p.add_argument("--id", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--low-dose", help="low-dose PET (SUV); without it the study is simulated from --anatomy")
+    p.add_argument("--low-dose", help="low-dose PET (SUV), or a folder holding its PET DICOM series (SUV from the "
+                   "tags); without it the study is simulated from --anatomy")
     p.add_argument("--anatomy", help="folder with example_ct.nii.gz + labels, or 'sample' (default)")
     for k in ("ct", "full-dose", "labels", "lesions"):
         p.add_argument(f"--{k}", help=f"optional {k.replace('-', ' ')} image (used for alignment / metrics)")
@@ -113,7 +114,8 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_pipeline)
     p = sub.add_parser("batch", help="the pipeline over a folder or CSV of studies (resumable; Dask optional)")
-    p.add_argument("studies", help="CSV (id, low_dose|anatomy, ct, full_dose, labels, lesions) or folder")
+    p.add_argument("studies", help="CSV (id, low_dose|anatomy, ct, full_dose, labels, lesions) or folder; the PET "
+                   "inputs may be PET DICOM folders")
     p.add_argument("--out", required=True)
     p.add_argument("--steps", help="comma-separated subset of the pipeline steps")
     p.add_argument("--scheduler", help="Dask scheduler address (tcp://host:8786) or local:N for N local workers")

@@ -6,15 +6,18 @@ older weights are moved to ``superseded/<time>/`` and recomputed):
 
 ``simulate``    (only for studies made from anatomy) whole-body pseudo-PET on real CT anatomy, full-dose and
                 low-dose (DRF 10) OSEM reconstructions, and a CT carrying a known breathing-like misalignment
-``synthesize``  DRMC full-dose estimate from the low-dose PET (+ routing summary)
-``segment``     LDOS organs on the low-dose and on the synthesized PET
+``synthesize``  DRMC full-dose estimate from the low-dose PET (+ routing summary) and the lesion-change report
+                (hot spots of the input and what the network did to them; SynthesisModuleLib.lesions)
+``segment``     LDOS organs on the low-dose and on the synthesized PET (the lesion-change report is redone with
+                PERCIST's liver threshold once the liver is segmented)
 ``uptake``      organ uptake table (volume, SUVmean, SUVmax, SUVpeak) on the synthesized PET
 ``register``    PET -> CT deformable registration (MIND, instance optimisation), scored against the known field
 ``report``      metrics (PSNR, SSIM, lesion SUV bias, Dice, registration error), figures and report.md
 
 A study is a dict: ``{"id": ..., "anatomy": "sample" | folder}`` (simulated from real anatomy) or
 ``{"id": ..., "low_dose": path, "ct": path?, "full_dose": path?, "labels": path?, "lesions": path?}``
-(reference images, when given, are used for metrics).
+(reference images, when given, are used for metrics). The PET inputs (``low_dose``, ``full_dose``) are image files in
+SUV or folders holding a PET DICOM series (SUV from its tags, :func:`PETWorkbenchLib.dicom.read_pet`).
 
 Engine code: no Slicer. The Slicer scene is written by :mod:`PETWorkbenchSlicer.scene_export` when slicer-core (or
 Slicer) is available.
@@ -103,6 +106,11 @@ class Study:
     def inputs(self):
         return [self.spec[k] for k in INPUT_KEYS if self.spec.get(k)]
 
+    def read_pet(self, key, what):
+        """A PET input (``low_dose``, ``full_dose``) in SUV: an image file, or a PET DICOM series."""
+        from PETWorkbenchLib.dicom import read_pet
+        return read_pet(self.input(key), what)[0]
+
     def write_image(self, img, name):
         from PETWorkbenchLib.imageio import write_image
         return write_image(img, self.path(name), inputs=self.inputs())
@@ -177,11 +185,45 @@ def step_synthesize(st, rep, device="cpu", model=None):
     from PETWorkbenchLib.models import default_model
     from SynthesisModuleLib import synthesize
     model = str(model or default_model("synthesis"))
-    low = read_image(st.input("low_dose") or "", "low-dose PET")
+    low = st.read_pet("low_dose", "low-dose PET")
     out, routing = synthesize(low, model, device=device, progress=rep)
     st.write_image(out, "synthesized.nii.gz")
     st.write_json(routing, "routing.json")
-    return {"model": Path(model).name}
+    report = write_lesion_report(st, low, out)
+    return {"model": Path(model).name, "hot_spots": report["n_hot_spots"], "flagged": report["n_flagged"]}
+
+
+LIVER = "liver"
+
+
+def write_lesion_report(st, low=None, synthesized=None):
+    """lesion_changes.json / .csv of the study: hot spots of the low-dose input and their change in the synthesized
+    PET, with PERCIST's liver threshold when a liver is known (segmented on the low dose, else the reference
+    labels), else the fixed threshold."""
+    import SimpleITK as sitk
+    from PETWorkbenchLib.imageio import resample_like, write_csv
+    from PETWorkbenchLib.terminology import organ_specs
+    from SynthesisModuleLib.lesions import lesion_change_report, report_rows
+    low = low if low is not None else st.read_pet("low_dose", "low-dose PET")
+    synthesized = synthesized if synthesized is not None else read_image(st.path("synthesized.nii.gz"),
+                                                                          "synthesized PET")
+    liver, source = None, None
+    value = next(o["value"] for o in organ_specs() if o["name"] == LIVER)
+    for name, path in (("organs segmented on the low dose", st.path("organs_low.nii.gz")),
+                       ("reference labels", st.input("labels"))):
+        if path is not None and Path(path).is_file():
+            lab = resample_like(read_image(path, name), low, label=True)
+            mask = sitk.Equal(lab, value)
+            if sitk.GetArrayViewFromImage(mask).sum() >= 10:
+                liver, source = mask, name
+                break
+    report = lesion_change_report(low, synthesized, liver_mask=liver)
+    report["threshold"]["liver_from"] = source
+    st.write_json(report, "lesion_changes.json")
+    rows = report_rows(report)
+    if rows:
+        write_csv(rows, st.path("lesion_changes.csv"), inputs=st.inputs())
+    return report
 
 
 def step_segment(st, rep, device="cpu", model=None):
@@ -190,13 +232,14 @@ def step_segment(st, rep, device="cpu", model=None):
     from PETWorkbenchLib.models import default_model
     from SegmentationModuleLib import segment
     model = str(model or default_model("segmentation"))
-    low = read_image(st.input("low_dose") or "", "low-dose PET")
+    low = st.read_pet("low_dose", "low-dose PET")
     lab, _ = segment(low, model, device=device, progress=rep.sub(0.0, 0.5))
     st.write_image(lab, "organs_low.nii.gz")
     if st.has("synthesized.nii.gz"):
         syn = read_image(st.path("synthesized.nii.gz"), "synthesized PET")
         lab2, _ = segment(syn, model, device=device, progress=rep.sub(0.5, 1.0))
         st.write_image(lab2, "organs_synth.nii.gz")
+        write_lesion_report(st)  # now with the segmented liver (PERCIST threshold)
     return {"model": Path(str(model)).name}
 
 
@@ -204,13 +247,15 @@ def step_uptake(st, rep):
     if st.has_valid("uptake.json"):
         return {"skipped": True}
     from SegmentationModuleLib import organ_specs, organ_uptake
-    pet_path = st.path("synthesized.nii.gz") if st.has("synthesized.nii.gz") else st.input("low_dose")
-    pet = read_image(pet_path, "PET")
+    synthesized = st.has("synthesized.nii.gz")
+    pet_path = st.path("synthesized.nii.gz") if synthesized else st.input("low_dose")
+    pet = read_image(pet_path, "PET") if synthesized else st.read_pet("low_dose", "PET")
     labels = read_image(st.path("organs_low.nii.gz"), "organ labels")
     rows = organ_uptake(pet, labels, organ_specs())
     full = st.input("full_dose")
     if full is not None:
-        ref_rows = {r["name"]: r for r in organ_uptake(read_image(full, "full-dose PET"), labels, organ_specs())}
+        ref_rows = {r["name"]: r for r in organ_uptake(st.read_pet("full_dose", "full-dose PET"), labels,
+                                                       organ_specs())}
         for r in rows:
             ref = ref_rows.get(r["name"])
             r["suv_mean_full_dose"] = ref["suv_mean"] if ref else None
@@ -230,8 +275,10 @@ def step_register(st, rep, device="cpu", iterations=(200, 100, 50), smoothness=2
     import SimpleITK as sitk
     from RegistrationModuleLib import register
     ct = read_image(ct_path, "CT")
-    pet_path = st.path("synthesized.nii.gz") if st.has("synthesized.nii.gz") else st.input("low_dose")
-    pet = read_image(pet_path, "PET")
+    if st.has("synthesized.nii.gz"):
+        pet = read_image(st.path("synthesized.nii.gz"), "PET")
+    else:
+        pet = st.read_pet("low_dose", "PET")
     from RegistrationModuleLib.synthetic import body_mask
     body = body_mask(ct)
     mask = sitk.GetImageFromArray(body.astype("uint8"))
@@ -267,16 +314,17 @@ def compute_metrics(st):
     arr = sitk.GetArrayFromImage
     if full is not None and st.has("synthesized.nii.gz"):
         from PETWorkbenchLib.imageio import match_grid
-        full_img = read_image(full, "full-dose PET")
-        on_full = lambda p, what: match_grid(read_image(p, what), full_img, f"the {what}", "the full-dose PET")
+        full_img = st.read_pet("full_dose", "full-dose PET")
+        on_full = lambda img, what: match_grid(img, full_img, f"the {what}", "the full-dose PET")
         f = arr(full_img).astype("float64")
-        lo = arr(on_full(st.input("low_dose"), "low-dose PET")).astype("float64")
-        sy = arr(on_full(st.path("synthesized.nii.gz"), "synthesized PET")).astype("float64")
+        lo = arr(on_full(st.read_pet("low_dose", "low-dose PET"), "low-dose PET")).astype("float64")
+        sy = arr(on_full(read_image(st.path("synthesized.nii.gz"), "synthesized PET"), "synthesized PET")
+                 ).astype("float64")
         m["psnr_low"], m["psnr_synth"] = psnr(lo, f), psnr(sy, f)
         m["ssim_low"], m["ssim_synth"] = ssim(lo, f), ssim(sy, f)
         les = st.input("lesions")
         if les is not None:
-            L = arr(on_full(les, "lesion labels")).astype("float64")
+            L = arr(on_full(read_image(les, "lesion labels"), "lesion labels")).astype("float64")
             for key, img in (("low", lo), ("synth", sy)):
                 m[f"suvmean_bias_{key}"], m[f"suvmax_bias_{key}"], _ = lesion_suv_bias(img, f, L)
     ref = st.input("labels")
@@ -307,9 +355,11 @@ def step_report(st, rep):
 # outputs that depend on each model family (the report and scene read them all)
 _REPORT_FILES = ("metrics.json", "report.md", "fig_slices.png", "fig_organs.png", "fig_routing.png", "scene")
 MODEL_OUTPUTS = {
-    "synthesis": ("synthesized.nii.gz", "routing.json", "organs_synth.nii.gz", "uptake.json", "field.nii.gz",
+    "synthesis": ("synthesized.nii.gz", "routing.json", "lesion_changes.json", "lesion_changes.csv",
+                  "organs_synth.nii.gz", "uptake.json", "field.nii.gz",
                   "pet_on_ct.nii.gz", "registration.json") + _REPORT_FILES,
-    "segmentation": ("organs_low.nii.gz", "organs_synth.nii.gz", "uptake.json") + _REPORT_FILES,
+    "segmentation": ("organs_low.nii.gz", "organs_synth.nii.gz", "uptake.json", "lesion_changes.json",
+                     "lesion_changes.csv") + _REPORT_FILES,
 }
 
 
@@ -330,13 +380,15 @@ def model_fingerprint(model):
 def input_fingerprints(st, seed):
     """What the study's results depend on besides the models: each input image's SHA-256 (content, not path), or
     the anatomy and seed of a simulated study."""
+    from PETWorkbenchLib.dicom import is_pet_dicom_input, series_fingerprint
     from PETWorkbenchLib.models import sha256_of
     if st.spec.get("low_dose"):
         fp = {}
         for k in INPUT_KEYS:
             if st.spec.get(k):
                 p = Path(st.spec[k])
-                fp[k] = sha256_of(p)[:32] if p.is_file() else "missing"
+                fp[k] = (sha256_of(p)[:32] if p.is_file() else series_fingerprint(p)[:32] if is_pet_dicom_input(p)
+                         else "missing")
         return fp
     return {"anatomy": str(st.spec.get("anatomy") or "sample"), "seed": int(seed)}
 
@@ -415,7 +467,7 @@ def run_study(spec, out_root, steps=None, device="cpu", seed=0, models=None, pro
     if "simulate" in wanted and not simulated:
         wanted.remove("simulate")
     if "low_dose" in st.spec and "simulate" not in wanted:
-        read_image(st.spec["low_dose"], "low-dose PET")          # fail early on unreadable input
+        st.read_pet("low_dose", "low-dose PET")                    # fail early on unreadable input
     t0 = time.perf_counter()
     results = {}
     runners = {"simulate": lambda r: step_simulate(st, r, device, seed),

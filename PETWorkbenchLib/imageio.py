@@ -315,7 +315,9 @@ def itk_message(err):
     return (cleaned[-1] if cleaned else "unreadable")[:200]
 
 
-def _is_dicom_folder(p):
+def is_dicom_folder(p):
+    """True when one of the first files of folder ``p`` is DICOM (a .dcm name or the DICM marker)."""
+    p = Path(p)
     try:
         for i, f in enumerate(p.iterdir()):
             if i > 50:
@@ -415,9 +417,10 @@ def image_header(path, what="image"):
     if not p.exists():
         raise InputError(f"{what} not found: {p}")
     if p.is_dir():
-        if _is_dicom_folder(p):
-            raise InputError(f"{what} {p} is a DICOM folder; the command line reads volumes in SUV (NIfTI, NRRD, "
-                             "MetaImage): load the series in Slicer's DICOM module, or convert it to SUV first")
+        if is_dicom_folder(p):
+            raise InputError(f"{what} {p} is a DICOM folder; only the PET input of synthesize, segment, pipeline "
+                             "and batch reads a DICOM series: convert this one to NIfTI or NRRD (or load it in "
+                             "Slicer's DICOM module)")
         raise InputError(f"{what} {p} is a folder, not an image file")
     try:
         size = p.stat().st_size

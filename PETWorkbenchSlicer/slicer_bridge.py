@@ -6,6 +6,8 @@
   temporary folder, and outputs read back into nodes **only after success** (cancel or failure leaves the user's
   scene untouched). ``wait=True`` blocks (Python console, batch); otherwise the widget polls it from a timer.
 * :class:`ApplyButtonController`: Apply turns into Cancel while a run is going, with progress bar and status text.
+* :func:`pet_volume_in_suv`: the PET a logic sends to an engine, in SUV; for a volume loaded from Slicer's DICOM
+  database the factor comes from the series' tags (:func:`PETWorkbenchLib.dicom.suv_factor_of_files`).
 
 Headless (pytest, slicer-core) everything except the Qt timer works the same; the tests use ``wait=True``.
 """
@@ -18,7 +20,7 @@ from pathlib import Path
 from PETWorkbenchLib.errors import Cancelled, EngineError, InputError
 from PETWorkbenchLib.worker import run_cli
 
-PIP_REQUIREMENTS = ["monai>=1.3", "SimpleITK", "nibabel", "requests", "tqdm", "psutil", "scipy"]
+PIP_REQUIREMENTS = ["monai>=1.3", "SimpleITK", "nibabel", "requests", "tqdm", "psutil", "scipy", "pydicom"]
 MINIMUM_TORCH = "2.1"
 
 
@@ -43,7 +45,7 @@ def ensure_dependencies(ask=True):
         import torch  # noqa: F401 - imported only to see that it is installed
     except ImportError:
         missing.append("torch")
-    for mod in ("monai", "SimpleITK", "nibabel", "requests", "tqdm", "psutil", "scipy"):
+    for mod in ("monai", "SimpleITK", "nibabel", "requests", "tqdm", "psutil", "scipy", "pydicom"):
         try:
             __import__(mod)
         except ImportError:
@@ -290,6 +292,93 @@ class ModuleWidgetMixin:
             slicer.util.errorDisplay(f"Cannot start: {e}")
             return
         self.controller.start(run, self.onRunSucceeded)
+
+
+# the units options of a logic, as its users know them (PETWorkbenchLib.dicom.units_conflicts names them)
+LOGIC_UNITS_NAMES = {"units": "units", "weight_kg": "patient weight (kg)", "injected_dose_mbq": "injected dose (MBq)",
+                     "decay_factor": "decay factor"}
+
+
+def _carried_suv_units(volumeNode):
+    """The words by which a volume node declares SUV voxels, '' when it does not: Slicer's PET-DICOM extension sets
+    the voxel value quantity and units (e.g. 'Standardized Uptake Value', '{SUVbw}g/ml'), its older versions the
+    attributes DICOM.MeasurementUnitsCodeValue/CodeMeaning."""
+    texts = []
+    for entry in (volumeNode.GetVoxelValueUnits(), volumeNode.GetVoxelValueQuantity()):
+        if entry is not None:
+            texts += [entry.GetCodeValue() or "", entry.GetCodeMeaning() or ""]
+    texts += [volumeNode.GetAttribute(f"DICOM.MeasurementUnitsCode{k}") or "" for k in ("Value", "Meaning")]
+    return "; ".join(t for t in texts if "suv" in t.lower() or "standardized uptake" in t.lower())
+
+
+_OTHER_SUV = ("lbm", "lean body", "bsa", "body surface", "ibw", "ideal body")
+
+
+def volume_suv_info(volumeNode):
+    """How the voxels of a PET volume node become SUV, when the node says it: a dict with ``suv_factor`` and
+    ``units`` ("GML" for SUV, "BQML") plus, for a DICOM series, what :func:`PETWorkbenchLib.dicom.suv_factor_of_files`
+    found; None when the node says nothing (a volume loaded from a file: its units are the caller's to give).
+
+    A node that carries SUV units gets factor 1 (SUVbw only: other SUV normalisations are refused). A node loaded
+    from Slicer's DICOM database names its SOP instances in the attribute "DICOM.instanceUIDs"; their files come
+    from ``slicer.dicomDatabase.fileForInstance`` and the factor from their tags."""
+    import slicer
+    from PETWorkbenchLib.dicom import suv_factor_of_files
+    name = volumeNode.GetName()
+    carried = _carried_suv_units(volumeNode)
+    if carried:
+        if any(k in carried.lower() for k in _OTHER_SUV):
+            raise InputError(f"Volume '{name}' is in {carried}; the models expect SUV normalised by body weight "
+                             "(SUVbw): load the series as SUVbw")
+        return {"suv_factor": 1.0, "units": "GML", "source": f"the volume's units ({carried})"}
+    uids = (volumeNode.GetAttribute("DICOM.instanceUIDs") or "").split()
+    if not uids:
+        return None
+    database = getattr(slicer, "dicomDatabase", None)
+    if database is None:
+        raise InputError(f"Volume '{name}' was loaded from DICOM, but Slicer's DICOM database is not open: the SUV "
+                         "cannot be computed from the series' tags. Open the DICOM module (or save the volume in "
+                         "SUV and load that file)")
+    files = [database.fileForInstance(uid) for uid in uids]
+    lost = [uid for uid, f in zip(uids, files) if not f]
+    if lost:
+        raise InputError(f"Volume '{name}': {len(lost)} of its {len(uids)} DICOM instances are not in the DICOM "
+                         f"database (first: {lost[0]}); the SUV cannot be computed from the series' tags")
+    info = suv_factor_of_files(files, where=f"PET DICOM series of volume '{name}'")
+    return dict(info, source="the DICOM tags")
+
+
+def pet_volume_in_suv(volumeNode, units="SUV", patientWeight=None, injectedDose=None, check=True):
+    """(SimpleITK float32 image in SUV, factor SUV per voxel unit of the node, units of the node: "SUV" or
+    "Bq/ml") of a PET volume node, checked by :func:`PETWorkbenchLib.units.check_pet_range` (unless ``check`` is
+    False).
+
+    A node that says its units (:func:`volume_suv_info`: loaded from DICOM, or carrying SUV units) is converted by
+    what it says, and ``units``, ``patientWeight`` (kg) and ``injectedDose`` (MBq) that contradict it are refused,
+    naming them; any other node is in ``units`` (Bq/ml needs the weight and the dose)."""
+    import SimpleITK as sitk
+    from PETWorkbenchLib import units as pet_units
+    from PETWorkbenchLib.dicom import units_conflicts
+    from . import mrml
+    image = mrml.volume_to_image(volumeNode, dtype="float32")
+    info = volume_suv_info(volumeNode)
+    if info is None:
+        scale, node_units = 1.0, units
+        if pet_units.normalise_units(units) == "BQML":
+            scale = pet_units.suv_factor(patientWeight, (injectedDose or 0) * 1e6)
+    else:
+        wrong = units_conflicts(info, units, patientWeight or None, injectedDose or None, names=LOGIC_UNITS_NAMES)
+        if wrong:
+            raise InputError(f"Volume '{volumeNode.GetName()}': its SUV comes from {info['source']}, and these "
+                             f"settings contradict it: {'; '.join(wrong)}. Leave units at SUV and the patient weight "
+                             "and injected dose empty")
+        scale = info["suv_factor"]
+        node_units = "SUV" if pet_units.normalise_units(info["units"]) == "SUV" else "Bq/ml"
+    if scale != 1.0:
+        image = sitk.Cast(image, sitk.sitkFloat32) * float(scale)
+    if check:
+        pet_units.check_pet_range(sitk.GetArrayViewFromImage(image), "SUV")
+    return image, scale, node_units
 
 
 def vtkModifiedEvent():

@@ -149,16 +149,13 @@ class SegmentationModuleLogic(ScriptedLoadableModuleLogic):
                       progress=None, log=None):
         """Run the model in the worker and return the predicted label image (SimpleITK, on the PET grid), or
         ``finish(labelImage)`` when given. Nothing in the scene is changed here."""
-        import SimpleITK as sitk
-        from PETWorkbenchLib import imageio, models, units
+        from PETWorkbenchLib import imageio, models
         from PETWorkbenchLib.requests import to_argv
-        from PETWorkbenchSlicer import mrml
-        from PETWorkbenchSlicer.slicer_bridge import EngineRun
+        from PETWorkbenchSlicer.slicer_bridge import EngineRun, pet_volume_in_suv
         from SegmentationModuleLib.cli import SegmentRequest
         model = model or models.default_model("segmentation")
 
-        image = mrml.volume_to_image(petVolumeNode, dtype="float32")
-        units.check_pet_range(sitk.GetArrayViewFromImage(image), "SUV")
+        image, _, _ = pet_volume_in_suv(petVolumeNode)       # from the DICOM tags for a volume loaded from DICOM
 
         def prepare(tmp):
             request = SegmentRequest(input=os.path.join(tmp, "pet.nii"), output=os.path.join(tmp, "labels.nii"),
@@ -174,12 +171,14 @@ class SegmentationModuleLogic(ScriptedLoadableModuleLogic):
         return run.wait() if wait else run
 
     def organUptake(self, petVolumeNode, labels, specs, tableNode=None):
-        """Organ uptake table (volume ml, SUVmean, SUVmax, SUVpeak) from a label image or a segmentation node."""
+        """Organ uptake table (volume ml, SUVmean, SUVmax, SUVpeak) from a label image or a segmentation node; a
+        PET loaded from the DICOM database is in SUV by its series' tags."""
         from PETWorkbenchSlicer import mrml
+        from PETWorkbenchSlicer.slicer_bridge import pet_volume_in_suv
         from SegmentationModuleLib.uptake import organ_uptake
         if hasattr(labels, "IsA") and labels.IsA("vtkMRMLSegmentationNode"):
             labels, specs = mrml.segmentation_to_labelmap(labels, petVolumeNode)
-        rows = organ_uptake(mrml.volume_to_image(petVolumeNode, dtype="float32"), labels, specs)
+        rows = organ_uptake(pet_volume_in_suv(petVolumeNode, check=False)[0], labels, specs)
         table = mrml.table_from_rows(rows, tableNode, name=f"{petVolumeNode.GetName()} organ uptake")
         mrml.reference_result(table, petVolumeNode)
         return table

@@ -104,25 +104,20 @@ class SynthesisModuleLogic(ScriptedLoadableModuleLogic):
                    overlap=0.5, patchBatch=4, units="SUV", patientWeight=None, injectedDose=None, wait=True,
                    progress=None, log=None):
         """Low-dose PET node -> full-dose estimate in ``outputVolumeNode`` (new node if None), same grid and units
-        as the input. ``patchSize`` None/0 uses the model's training patch (at 2 mm). ``wait=True`` returns the
-        output node; otherwise an EngineRun to poll/cancel."""
-        import SimpleITK as sitk
-        from PETWorkbenchLib import imageio, models, units as pet_units
+        as the input. A volume loaded from the DICOM database is converted to SUV with its series' tags (``units``,
+        ``patientWeight`` and ``injectedDose`` are then not needed). ``patchSize`` None/0 uses the model's training
+        patch (at 2 mm). ``wait=True`` returns the output node; otherwise an EngineRun to poll/cancel."""
+        from PETWorkbenchLib import imageio, models
         from PETWorkbenchLib.requests import to_argv
         from PETWorkbenchSlicer import mrml
         from SynthesisModuleLib.cli import SynthesizeRequest
-        from PETWorkbenchSlicer.slicer_bridge import EngineRun
+        from PETWorkbenchSlicer.slicer_bridge import EngineRun, pet_volume_in_suv
         model = model or models.default_model("synthesis")
 
-        image = mrml.volume_to_image(inputVolumeNode, dtype="float32")
-        arr = sitk.GetArrayViewFromImage(image)
-        scale = 1.0
-        if pet_units.normalise_units(units) == "BQML":
-            scale = pet_units.suv_factor(patientWeight, (injectedDose or 0) * 1e6)
-        pet_units.check_pet_range(arr * scale, "SUV")
+        image, scale, units = pet_volume_in_suv(inputVolumeNode, units, patientWeight, injectedDose)
 
         def prepare(tmp):
-            imageio.write_image(image * scale if scale != 1.0 else image, os.path.join(tmp, "input.nii"))
+            imageio.write_image(image, os.path.join(tmp, "input.nii"))
             return to_argv(SynthesizeRequest(
                 input=os.path.join(tmp, "input.nii"), output=os.path.join(tmp, "output.nii"),
                 routing_json=os.path.join(tmp, "routing.json"), model=str(model), device=device,

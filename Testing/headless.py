@@ -95,3 +95,23 @@ def install_module_shims():
             def removeObservers(self, *a, **k):
                 pass
         slicer.util.VTKObservationMixin = VTKObservationMixin
+
+
+class DICOMDatabaseStandIn:
+    """``slicer.dicomDatabase`` for the logic tests: CTK's ctkDICOMDatabase (Libs/DICOM/Core/ctkDICOMDatabase.h)
+    reduced to ``fileForInstance(sopInstanceUID) -> str`` (the stored file's path, '' for an instance it does not
+    hold), the one call the logics make. Any other attribute raises, so code needing more of the database fails
+    here."""
+
+    def __init__(self, files_by_uid):
+        object.__setattr__(self, "_files", {str(k): str(v) for k, v in files_by_uid.items()})
+
+    def fileForInstance(self, sopInstanceUID):
+        return self._files.get(str(sopInstanceUID), "")
+
+    def __getattr__(self, name):
+        raise AttributeError(f"ctkDICOMDatabase.{name} is not modelled by the headless stand-in (only "
+                             "fileForInstance is)")
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"ctkDICOMDatabase has no writable attribute {name}")

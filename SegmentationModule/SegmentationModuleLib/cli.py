@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 class SegmentRequest(PETUnits):
     """``petworkbench segment``: what the command line and the Segmentation module's logic both build."""
 
-    input: str = option(required=True, help="PET volume (NIfTI/NRRD), in SUV or Bq/ml (see --units)")
+    input: str = option(required=True, help="PET volume (NIfTI/NRRD), in SUV or Bq/ml (see --units), or a folder "
+                        "holding a PET DICOM series (SUV from its tags)")
     output: str = option(required=True, help="output label map")
     model: str = option(None, help="model id or checkpoint file (default: the segmentation model marked default "
                         "in Models.json)")
@@ -48,11 +49,9 @@ def _group(subparsers, name):
         return subparsers
 
 
-def _read(path, what, pixel_type=None, bounded=False):
+def _read(path, what, pixel_type=None):
     from PETWorkbenchLib.imageio import read_image
-
-    from .infer import input_voxel_limit
-    return read_image(path, what, pixel_type=pixel_type, voxel_limit=input_voxel_limit if bounded else None)
+    return read_image(path, what, pixel_type=pixel_type)
 
 
 def _organs_arg(s):
@@ -76,8 +75,10 @@ def _cmd_segment(args, rep):
     named = [p for p, _ in outputs if p]
     if len({str(Path(p).resolve()) for p in named}) != len(named):
         raise InputError("--output, --probabilities and --uptake must be different files")
-    from PETWorkbenchLib.units import pet_in_suv
-    pet, _ = pet_in_suv(_read(req.input, "PET", bounded=True), req, f"PET {Path(req.input).name}")
+    from PETWorkbenchLib.dicom import read_pet
+
+    from .infer import input_voxel_limit
+    pet, _, _ = read_pet(req.input, "PET", req, voxel_limit=input_voxel_limit)
     from PETWorkbenchLib.models import default_model
     label, probs = segment(pet, req.model or default_model("segmentation"), organs=_organs_arg(req.organs),
                            device=req.device, progress=rep.sub(0.0, 0.95),

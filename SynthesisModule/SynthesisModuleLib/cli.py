@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 class SynthesizeRequest(PETUnits):
     """``petworkbench synthesize``: what the command line and the Synthesis module's logic both build."""
 
-    input: str = option(positional=True, help="low-dose PET (NIfTI/NRRD), in SUV or Bq/ml (see --units)")
+    input: str = option(positional=True, help="low-dose PET (NIfTI/NRRD), in SUV or Bq/ml (see --units), or a "
+                        "folder holding a PET DICOM series (SUV from its tags)")
     output: str = option(positional=True, help="output file")
     model: str = option(None, help="model id or weights file (default: the synthesis model marked default in "
                         "Models.json)")
@@ -46,26 +47,25 @@ def _cmd_synthesize(args, rep):
     if req.routing_json:
         check_output(req.routing_json, inputs + [req.output], overwrite, "routing file")
     from PETWorkbenchLib.models import default_model
-    from PETWorkbenchLib.units import pet_in_suv
-    image, factor = pet_in_suv(read_input(req.input, "low-dose PET"), req,
-                               f"low-dose PET {Path(req.input).name}")
+    image, factor, input_units = read_input(req.input, "low-dose PET", req)
     out, summary = synthesize(image, req.model or default_model("synthesis"), device=req.device, patch=req.patch,
                               overlap=req.overlap, sw_batch_size=req.sw_batch_size, units="SUV", progress=rep)
     if factor != 1.0:
         out = out / factor                                      # back to the input's units, as the module does
-    summary["units"] = req.units
+    summary["units"] = input_units
     write_image(out, req.output, inputs=inputs, overwrite=overwrite)
     if req.routing_json:
         write_json(summary, req.routing_json, inputs=inputs, overwrite=overwrite)
     return {"output": req.output, **summary}
 
 
-def read_input(path: str | Path, what: str) -> sitk.Image:
-    """The PET of the command line, refused from its header when larger than the engine's memory bound."""
-    from PETWorkbenchLib.imageio import read_image
+def read_input(path: str | Path, what: str, units: PETUnits | None = None) -> tuple[sitk.Image, float, str]:
+    """The PET of the command line (an image file, or a folder holding a PET DICOM series) in SUV, refused from its
+    header when larger than the engine's memory bound: (image, factor SUV per input unit, units of the input)."""
+    from PETWorkbenchLib.dicom import read_pet
 
     from .infer import input_voxel_limit
-    return read_image(path, what, voxel_limit=input_voxel_limit)
+    return read_pet(path, what, units, voxel_limit=input_voxel_limit)
 
 
 def _cmd_train(args, rep):
