@@ -21,6 +21,7 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
 from slicer.util import VTKObservationMixin
 
 from PETWorkbenchSlicer.slicer_bridge import ModuleWidgetMixin
+from SynthesisModuleLib import DEFAULT_OVERLAP
 
 class SynthesisModule(ScriptedLoadableModule):
     def __init__(self, parent):
@@ -54,7 +55,7 @@ class SynthesisModuleParameterNode:
     injectedDose: Annotated[float, WithinRange(0.0, 2000.0)] = 0.0
     device: Annotated[str, Choice(["auto", "cpu", "cuda", "mps"])] = "auto"
     patchSize: Annotated[int, WithinRange(0, 128)] = 0
-    overlap: Annotated[float, WithinRange(0.0, 0.9)] = 0.5
+    overlap: Annotated[float, WithinRange(0.0, 0.9)] = DEFAULT_OVERLAP
     patchBatch: Annotated[int, WithinRange(1, 32)] = 4
 
 
@@ -101,7 +102,7 @@ class SynthesisModuleLogic(ScriptedLoadableModuleLogic):
         return SynthesisModuleParameterNode(super().getParameterNode())
 
     def synthesize(self, inputVolumeNode, outputVolumeNode=None, model=None, device="auto", patchSize=None,
-                   overlap=0.5, patchBatch=4, units="SUV", patientWeight=None, injectedDose=None, wait=True,
+                   overlap=DEFAULT_OVERLAP, patchBatch=4, units="SUV", patientWeight=None, injectedDose=None, wait=True,
                    progress=None, log=None):
         """Low-dose PET node -> full-dose estimate in ``outputVolumeNode`` (new node if None), same grid and units
         as the input. A volume loaded from the DICOM database is converted to SUV with its series' tags (``units``,

@@ -4,8 +4,8 @@ Importing this package is cheap (no torch); the functions below import their sub
 
 Engine API
 ----------
-``synthesize(image, model, device="auto", patch=None, overlap=0.5, sw_batch_size=2, units="SUV",
-progress=None, cancel=None) -> (SimpleITK.Image, dict)``
+``synthesize(image, model, device="auto", patch=None, overlap=DEFAULT_OVERLAP (0.25), sw_batch_size=2,
+units="SUV", progress=None, cancel=None, skip_air=True) -> (SimpleITK.Image, dict)``
     ``image``: low-dose PET, 3D ``SimpleITK.Image`` in SUV (body weight). Bq/ml must be converted first
     (``PETWorkbenchLib.units``); ``units`` other than SUV raise ``InputError``, as do 2D, empty, NaN/inf images and
     implausible SUV maxima (> 1e4, i.e. probably Bq/ml).
@@ -13,8 +13,10 @@ progress=None, cancel=None) -> (SimpleITK.Image, dict)``
     or a ``Generator``. ``patch``: sliding-window size in voxels at 2 mm (default: the model's training patch);
     ``overlap`` in [0, 1); ``sw_batch_size`` bounds memory (only that many patches on the device at a time).
     Pipeline: float32 -> resample to 2 mm isotropic (linear) -> clip negatives, / ``suv_scale`` -> sliding window
-    with Gaussian blending (PETWorkbenchLib.inference) -> x ``suv_scale`` -> back to the input grid (linear) ->
-    negatives clipped. Returns the full-dose estimate in SUV on the input grid (metadata copied) and a routing
+    with Gaussian blending (PETWorkbenchLib.inference; patches of air returned as they are) -> x ``suv_scale`` ->
+    the predicted change (output - input on the 2 mm grid) back to the input grid (linear) and added to the
+    native input, so the round trip costs the input none of its detail -> negatives clipped. Returns the
+    full-dose estimate in SUV on the input grid (metadata copied) and a routing
     summary: ``{"routed", "n_patches", "banks": ["block1.attention", "block1.ffn", ...], "mean_weight" (banks x M),
     "top1_fraction" (banks x M), "active_fraction", "all_zero_fraction", "model", "device", "patch", "overlap",
     "grid_2mm"}`` (``routed`` False for the baseline).
@@ -32,7 +34,10 @@ Manifest (training / evaluation): ``manifest.csv`` with columns case_id, patient
 split, full_dose, low_dose, low_dose_drf20, ct, labels, lesions, spacing_mm, units; paths relative to the manifest.
 """
 
-__all__ = ["synthesize", "load_model", "build_model", "train", "evaluate", "interference", "load_config"]
+DEFAULT_OVERLAP = 0.25  # sliding-window overlap of synthesize(), the CLI and the module (benchmarks/synthesis_speed.py)
+
+__all__ = ["DEFAULT_OVERLAP", "synthesize", "load_model", "build_model", "train", "evaluate", "interference",
+           "load_config"]
 
 _WHERE = {"synthesize": "infer", "load_model": "infer", "build_model": "model", "train": "train",
           "load_config": "train", "evaluate": "evaluate", "interference": "metrics"}

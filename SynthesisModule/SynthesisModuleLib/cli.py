@@ -13,6 +13,8 @@ from PETWorkbenchLib.errors import InputError
 from PETWorkbenchLib.requests import option
 from PETWorkbenchLib.units import PETUnits
 
+from . import DEFAULT_OVERLAP
+
 if TYPE_CHECKING:
     import argparse
 
@@ -30,7 +32,7 @@ class SynthesizeRequest(PETUnits):
                         "Models.json)")
     device: str = option("auto", help="auto, cpu, cuda[:N] or mps")
     patch: int = option(None, parse=int, help="sliding-window patch size (default: training size)")
-    overlap: float = option(0.5, help="sliding-window overlap in [0, 1)")
+    overlap: float = option(DEFAULT_OVERLAP, help="sliding-window overlap in [0, 1)")
     sw_batch_size: int = option(2, help="patches per forward pass")
     routing_json: str = option(None, help="write the routing summary here")
 

@@ -17,7 +17,7 @@ from PETWorkbenchLib.imageio import resample_like
 from PETWorkbenchLib.progress import Reporter
 
 from .data import normalise, read_manifest, select, to_2mm_array
-from .infer import load_model, predict_array, routing_summary
+from .infer import EMPTY_PATCH_SUV, load_model, predict_array, routing_summary
 from .metrics import lesion_suv_errors, psnr, routing_plot, ssim, suv_bias_from_errors
 
 if TYPE_CHECKING:
@@ -148,7 +148,8 @@ def evaluate(models: dict[str, str | Path | dict | Generator], manifest: str | P
             scale = float(cfg["train"]["suv_scale"])
             p = patch or cfg["train"]["patch_size"]
             est, log = predict_array(net, normalise(low, scale), p, overlap, sw_batch_size, dev,
-                                     progress=r0.sub(k / len(nets), (k + 1) / len(nets)))
+                                     progress=r0.sub(k / len(nets), (k + 1) / len(nets)),
+                                     empty_level=EMPTY_PATCH_SUV / scale)  # as synthesize() runs it
             est = np.clip(est * scale, 0.0, None)
             results.append({**base, "method": name, **case_metrics(est, full, les)})
             if log:

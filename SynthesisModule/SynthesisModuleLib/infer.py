@@ -17,6 +17,7 @@ from PETWorkbenchLib.imageio import resample_like, resample_to_spacing
 from PETWorkbenchLib.progress import Reporter
 from PETWorkbenchLib.units import check_pet_image
 
+from . import DEFAULT_OVERLAP
 from .data import TARGET_SPACING, normalise
 from .model import build_model
 from .train import load_config
@@ -36,6 +37,9 @@ MAX_VOXELS_2MM = 512 * 512 * 700
 # A 512 x 512 x 600 volume at 2 mm needs about 3.8 GB with these figures, beside the model and torch.
 BYTES_PER_INPUT_VOXEL = 16
 BYTES_PER_2MM_VOXEL = 8
+# A patch whose every input voxel is at most this (SUV, after normalisation) is air outside the body: it is not sent
+# through the network and the input is returned for it (a whole-body field of view is largely air).
+EMPTY_PATCH_SUV = 0.02
 
 
 def input_voxel_limit(spacing: Sequence[float]) -> tuple[int, str]:
@@ -87,11 +91,27 @@ def sliding_window(predictor: Callable[[torch.Tensor], Prediction], image_tensor
                   device=device, progress=progress, cancel=cancel)
 
 
-def predict_array(model: Generator, arr: np.ndarray, patch: int | Sequence[int] = 64, overlap: float = 0.5,
-                  sw_batch_size: int = 2, device: str | torch.device = "cpu",
+def skip_empty(model: Callable[[torch.Tensor], torch.Tensor], level: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Predictor that returns the input for patches whose maximum is at most ``level`` (air) and runs ``model``
+    on the others only."""
+    def run(patches: torch.Tensor) -> torch.Tensor:
+        keep = patches.flatten(1).amax(1) > level
+        if bool(keep.all()):
+            return model(patches)
+        out = patches.clone()
+        if bool(keep.any()):
+            out[keep] = model(patches[keep])
+        return out
+    return run
+
+
+def predict_array(model: Generator, arr: np.ndarray, patch: int | Sequence[int] = 64,
+                  overlap: float = DEFAULT_OVERLAP, sw_batch_size: int = 2, device: str | torch.device = "cpu",
                   progress: Callable[[float, str], None] | None = None,
-                  cancel: Callable[[], bool] | None = None) -> tuple[np.ndarray, list[torch.Tensor] | None]:
-    """Run the network on a normalised (z, y, x) array on the 2 mm grid; returns (array, routing_log)."""
+                  cancel: Callable[[], bool] | None = None,
+                  empty_level: float | None = None) -> tuple[np.ndarray, list[torch.Tensor] | None]:
+    """Run the network on a normalised (z, y, x) array on the 2 mm grid; returns (array, routing_log).
+    ``empty_level``: patches at most this bright are returned unchanged (see :func:`skip_empty`); None: all run."""
     dev = torch_device(device)
     model = model.to(dev).eval()
     x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None, None]
@@ -99,7 +119,8 @@ def predict_array(model: Generator, arr: np.ndarray, patch: int | Sequence[int] 
     model.routing_log = [] if model.num_banks else None
     try:
         with torch.inference_mode():
-            y = sliding_window(model, x, roi, overlap=overlap, sw_batch_size=sw_batch_size, mode="gaussian",
+            predictor = model if empty_level is None else skip_empty(model, float(empty_level))
+            y = sliding_window(predictor, x, roi, overlap=overlap, sw_batch_size=sw_batch_size, mode="gaussian",
                                device=dev, progress=progress, cancel=cancel)
         log = model.routing_log
     finally:
@@ -129,11 +150,12 @@ def routing_summary(log: list[torch.Tensor] | None, num_banks: int) -> dict:
 
 
 def synthesize(image: sitk.Image, model: str | Path | dict | Generator, device: str | torch.device = "auto",
-               patch: int | Sequence[int] | None = None, overlap: float = 0.5, sw_batch_size: int = 2,
+               patch: int | Sequence[int] | None = None, overlap: float = DEFAULT_OVERLAP, sw_batch_size: int = 2,
                units: str = "SUV", progress: Callable[[float, str], None] | None = None,
-               cancel: Callable[[], bool] | None = None) -> tuple[sitk.Image, dict]:
+               cancel: Callable[[], bool] | None = None, skip_air: bool = True) -> tuple[sitk.Image, dict]:
     """Full-dose estimate of a low-dose PET ``image`` (SUV). Returns (SimpleITK.Image SUV on the input grid,
-    routing summary dict). See the package docstring."""
+    routing summary dict). ``skip_air``: patches of air (every voxel <= EMPTY_PATCH_SUV) are returned as they
+    are instead of going through the network. See the package docstring."""
     rep = Reporter(progress, cancel)
     check_pet_image(image, "input PET", units=units)
     if not 0.0 <= float(overlap) < 1.0:
@@ -158,7 +180,8 @@ def synthesize(image: sitk.Image, model: str | Path | dict | Generator, device: 
                          f"{MAX_VOXELS_2MM}; crop the volume first")
     scale = float(cfg["train"]["suv_scale"])
     arr = normalise(sitk.GetArrayViewFromImage(img2), scale)
-    out, log = predict_array(net, arr, patch, overlap, sw_batch_size, dev, progress=rep.sub(0.1, 0.9), cancel=None)
+    out, log = predict_array(net, arr, patch, overlap, sw_batch_size, dev, progress=rep.sub(0.1, 0.9), cancel=None,
+                             empty_level=EMPTY_PATCH_SUV / scale if skip_air else None)
     rep(0.9, "resampling back to the input grid")
     if on_grid:
         out *= scale

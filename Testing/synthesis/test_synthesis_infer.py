@@ -287,3 +287,31 @@ def test_cli_takes_bq_per_ml_with_weight_and_dose(tmp_path):
     b = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "o_bq.nii.gz")))
     assert np.allclose(b * factor, a, rtol=1e-4, atol=1e-4 * a.max())
     assert main(["synthesize", str(tmp_path / "bq.nii.gz"), str(tmp_path / "o3.nii.gz")] + common) == 2  # as SUV
+
+
+def test_air_patches_skip_the_network_and_return_the_input():
+    from SynthesisModuleLib.infer import skip_empty
+    calls = []
+
+    def net(x):
+        calls.append(x.shape[0])
+        return x + 1.0
+    run = skip_empty(net, 0.02)
+    x = torch.zeros(4, 1, 8, 8, 8)
+    x[1, 0, 3, 3, 3] = 0.5  # one patch holds tissue
+    out = run(x)
+    assert calls == [1] and torch.equal(out[[0, 2, 3]], x[[0, 2, 3]]) and torch.allclose(out[1], x[1] + 1)
+    calls.clear()
+    run(x + 1.0)
+    assert calls == [4]  # nothing to skip: one batched call
+    # in synthesize(): an image of air and one body region gives the same result with and without skipping
+    img = _image(shape=(14, 40, 16))
+    arr = sitk.GetArrayFromImage(img)
+    arr[:, 20:, :] = 0.0
+    img2 = sitk.GetImageFromArray(arr)
+    img2.CopyInformation(img)
+    a, _ = synthesize(img2, _ckpt(seed=3), device="cpu", patch=12)
+    b, _ = synthesize(img2, _ckpt(seed=3), device="cpu", patch=12, skip_air=False)
+    diff = np.abs(sitk.GetArrayFromImage(a) - sitk.GetArrayFromImage(b))
+    assert diff[:, :14].max() < 1e-5  # tissue patches identical
+    assert np.abs(sitk.GetArrayFromImage(a)[:, 34:]).max() == 0.0  # air stays air
