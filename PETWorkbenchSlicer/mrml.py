@@ -374,6 +374,19 @@ def table_from_rows(rows, tableNode=None, name=None, scene=None, columns=None):
     return tableNode
 
 
+def points_to_markups(points_lps, labels, markupsNode=None, name=None, scene=None, locked=True):
+    """Markups point list of ``points_lps`` (mm, LPS as ITK/DICOM) with ``labels``; converted to Slicer's RAS."""
+    if markupsNode is None:
+        markupsNode = _scene(scene).AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name or "Points")
+    else:
+        _require(markupsNode, ("vtkMRMLMarkupsFiducialNode",), "point list")
+        markupsNode.RemoveAllControlPoints()
+    for p, label in zip(points_lps, labels):
+        markupsNode.AddControlPoint(-float(p[0]), -float(p[1]), float(p[2]), str(label))
+    markupsNode.SetLocked(bool(locked))
+    return markupsNode
+
+
 def load_into_slicer(logic=None):
     """Load the organ terminology context into Slicer's Terminologies module logic (once) so that Slicer finds the
     types our segments name. ``logic``: a ``vtkSlicerTerminologiesModuleLogic``; by default Slicer's own, and

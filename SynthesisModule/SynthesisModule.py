@@ -89,7 +89,13 @@ class SynthesisModuleWidget(ModuleWidgetMixin, ScriptedLoadableModuleWidget, VTK
     def onRunSucceeded(self, outputNode):
         self._parameterNode.outputVolume = outputNode
         slicer.util.setSliceViewerLayers(background=outputNode)
-        self.ui.routingLabel.text = SynthesisModuleLogic.routingText(outputNode.GetAttribute("PETWorkbench.routing"))
+        text = SynthesisModuleLogic.routingText(outputNode.GetAttribute("PETWorkbench.routing"))
+        table = outputNode.GetNodeReference("PETWorkbench.lesionTable")
+        if table is not None:
+            flagged = outputNode.GetAttribute("PETWorkbench.lesionsFlagged") or "0"
+            text += (f"\nLesion changes: {table.GetNumberOfRows()} hot spots, {flagged} flagged (changed more than "
+                     f"the input's noise explains; table '{table.GetName()}', flagged points in the views)")
+        self.ui.routingLabel.text = text
 
 
 class SynthesisModuleLogic(ScriptedLoadableModuleLogic):
@@ -121,7 +127,8 @@ class SynthesisModuleLogic(ScriptedLoadableModuleLogic):
             imageio.write_image(image, os.path.join(tmp, "input.nii"))
             return to_argv(SynthesizeRequest(
                 input=os.path.join(tmp, "input.nii"), output=os.path.join(tmp, "output.nii"),
-                routing_json=os.path.join(tmp, "routing.json"), model=str(model), device=device,
+                routing_json=os.path.join(tmp, "routing.json"), lesions=os.path.join(tmp, "lesions.json"),
+                model=str(model), device=device,
                 overlap=float(overlap), sw_batch_size=int(patchBatch), patch=int(patchSize) if patchSize else None))
 
         def finish(tmp, result):
@@ -137,10 +144,36 @@ class SynthesisModuleLogic(ScriptedLoadableModuleLogic):
             if os.path.exists(routing_path):
                 with open(routing_path) as f:
                     node.SetAttribute("PETWorkbench.routing", f.read())
+            self.lesionReport(node, os.path.join(tmp, "lesions.json"))
             return node
 
         run = EngineRun(["synthesize"], prepare=prepare, finish=finish, progress=progress, log=log)
         return run.wait() if wait else run
+
+    def lesionReport(self, outputNode, reportPath):
+        """Lesion-change table node and a point list at the flagged hot spots, both referenced from the output
+        node ("PETWorkbench.lesionTable", "PETWorkbench.lesionMarkups") and replaced when it is recomputed."""
+        from PETWorkbenchSlicer import mrml
+        from SynthesisModuleLib.lesions import report_rows
+        with open(reportPath) as f:
+            report = json.load(f)
+        name = outputNode.GetName()
+        table = mrml.table_from_rows(report_rows(report), outputNode.GetNodeReference("PETWorkbench.lesionTable"),
+                                     name=f"{name} lesion changes")
+        table.SetAttribute("PETWorkbench.lesionRule", report["rule"])
+        table.SetAttribute("PETWorkbench.threshold", json.dumps(report["threshold"]))
+        mrml.reference_result(table, outputNode)
+        outputNode.SetNodeReferenceID("PETWorkbench.lesionTable", table.GetID())
+        flagged = [r for r in report["lesions"] if r["flagged"]]
+        old = outputNode.GetNodeReference("PETWorkbench.lesionMarkups")
+        if flagged or old is not None:
+            points = mrml.points_to_markups(
+                [r["center_lps"] for r in flagged],
+                [f"L{r['id']} SUVpeak {r['suv_peak_change_pct']:+.0f}%" for r in flagged], old,
+                name=f"{name} flagged lesions")
+            outputNode.SetNodeReferenceID("PETWorkbench.lesionMarkups", points.GetID())
+        outputNode.SetAttribute("PETWorkbench.lesionsFlagged", str(len(flagged)))
+        return table
 
     @staticmethod
     def routingText(routingJson):

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from PETWorkbenchLib.errors import InputError
 from PETWorkbenchLib.requests import option
 from PETWorkbenchLib.units import PETUnits
@@ -35,6 +37,11 @@ class SynthesizeRequest(PETUnits):
     overlap: float = option(DEFAULT_OVERLAP, help="sliding-window overlap in [0, 1)")
     sw_batch_size: int = option(2, help="patches per forward pass")
     routing_json: str = option(None, help="write the routing summary here")
+    lesions: str = option(None, help="write the lesion-change report here (.json; .csv for the table only)")
+    liver_mask: str = option(None, help="liver mask, or an organ label map of `petworkbench segment` (liver = its "
+                             "liver value), on the input grid: hot spots above PERCIST's liver threshold")
+    lesion_threshold: float = option(None, parse=float, help="fixed SUV threshold of the hot spots (default: "
+                                     "PERCIST's with --liver-mask, else 2.5)")
 
 
 def _cmd_synthesize(args, rep):
@@ -48,17 +55,64 @@ def _cmd_synthesize(args, rep):
     check_output(req.output, inputs, overwrite)
     if req.routing_json:
         check_output(req.routing_json, inputs + [req.output], overwrite, "routing file")
+    if req.lesions:
+        check_output(req.lesions, inputs + [req.output], overwrite, "lesion-change report")
     from PETWorkbenchLib.models import default_model
     image, factor, input_units = read_input(req.input, "low-dose PET", req)
+    liver = read_liver_mask(req.liver_mask, image) if req.liver_mask else None
     out, summary = synthesize(image, req.model or default_model("synthesis"), device=req.device, patch=req.patch,
-                              overlap=req.overlap, sw_batch_size=req.sw_batch_size, units="SUV", progress=rep)
+                              overlap=req.overlap, sw_batch_size=req.sw_batch_size, units="SUV",
+                              progress=rep.sub(0.0, 0.95))
+    rep(0.95, "lesion-change report")
+    from .lesions import lesion_change_report, report_rows
+    report = lesion_change_report(image, out, liver_mask=liver, threshold_suv=req.lesion_threshold)
     if factor != 1.0:
         out = out / factor                                      # back to the input's units, as the module does
     summary["units"] = input_units
     write_image(out, req.output, inputs=inputs, overwrite=overwrite)
     if req.routing_json:
         write_json(summary, req.routing_json, inputs=inputs, overwrite=overwrite)
+    if req.lesions:
+        if str(req.lesions).lower().endswith(".csv"):
+            from PETWorkbenchLib.imageio import write_csv
+            write_csv(report_rows(report), req.lesions, fieldnames=report_fieldnames(), inputs=inputs,
+                      overwrite=overwrite)
+        else:
+            write_json(report, req.lesions, inputs=inputs, overwrite=overwrite)
+    summary["lesions"] = {k: report[k] for k in ("threshold", "rule", "n_hot_spots", "n_flagged")}
+    summary["lesions"]["flagged"] = [{k: r[k] for k in ("id", "center_lps", "suv_peak_change_pct")}
+                                     for r in report["lesions"] if r["flagged"]]
+    rep(1.0, "done")
     return {"output": req.output, **summary}
+
+
+def report_fieldnames() -> list[str]:
+    """CSV columns of the lesion-change table."""
+    from .lesions import COLUMNS
+    cols = []
+    for c in COLUMNS:
+        cols += [f"center_{a}_mm" for a in "lps"] if c == "center_lps" else [c]
+    return cols
+
+
+def read_liver_mask(path: str | Path, like: sitk.Image) -> sitk.Image:
+    """A liver mask on the PET grid from a binary mask or an organ label map (the terminology's liver value)."""
+    import SimpleITK as sitk
+    from PETWorkbenchLib.imageio import read_image, resample_like
+    from PETWorkbenchLib.terminology import organ_specs
+    lab = resample_like(read_image(path, "liver mask", pixel_type=sitk.sitkUInt8), like, label=True)
+    values = set(int(v) for v in np.unique(sitk.GetArrayViewFromImage(lab))) - {0}
+    liver = next(o["value"] for o in organ_specs() if o["name"] == "liver")
+    if values == {1} or not values:
+        mask = lab
+    elif liver in values:
+        mask = sitk.Equal(lab, liver)
+    else:
+        raise InputError(f"--liver-mask {Path(path).name} is neither a binary mask nor an organ label map with the "
+                         f"liver (value {liver})")
+    if not sitk.GetArrayViewFromImage(mask).any():
+        raise InputError(f"--liver-mask {Path(path).name} holds no liver voxel on the PET's field of view")
+    return mask
 
 
 def read_input(path: str | Path, what: str, units: PETUnits | None = None) -> tuple[sitk.Image, float, str]:

@@ -26,7 +26,7 @@ import numpy as np
 from scipy import ndimage
 
 from PETWorkbenchLib.errors import InputError
-from PETWorkbenchLib.metrics import percist_liver_threshold, sphere_mean
+from PETWorkbenchLib.metrics import PEAK_RADIUS_MM, percist_liver_threshold, sphere_mean
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -71,64 +71,65 @@ def lesion_change_report(input_pet: sitk.Image, output_pet: sitk.Image, liver_ma
     rows ordered by input SUVpeak (highest first), at most ``max_lesions``."""
     import SimpleITK as sitk
     _same_grid(input_pet, output_pet, "The synthesized PET")
-    x = sitk.GetArrayFromImage(input_pet).astype(np.float64)
-    y = sitk.GetArrayFromImage(output_pet).astype(np.float64)
+    x = sitk.GetArrayViewFromImage(input_pet)   # views: the report adds about 5 bytes per voxel (labels, mask)
+    y = sitk.GetArrayViewFromImage(output_pet)
     sp = tuple(reversed(input_pet.GetSpacing()))
     voxel_ml = float(np.prod(sp)) / 1000.0
     if threshold_suv is not None:
         thr = {"method": "fixed", "suv": float(threshold_suv)}
     elif liver_mask is not None:
         _same_grid(input_pet, liver_mask, "The liver mask")
-        liver = sitk.GetArrayFromImage(liver_mask) != 0
+        liver = sitk.GetArrayViewFromImage(liver_mask) != 0
         core = ndimage.binary_erosion(liver, iterations=1)
-        values = x[core if core.sum() >= 10 else liver]
+        values = np.asarray(x[core if core.sum() >= 10 else liver], dtype=np.float64)
         thr = {"method": "PERCIST liver (1.5 x mean + 2 x SD)", "suv": percist_liver_threshold(values),
                "liver_suv_mean": float(values.mean()), "liver_suv_sd": float(values.std(ddof=1)),
                "liver_voxels": int(values.size)}
+        del liver, core
     else:
         thr = {"method": "fixed (no liver given)", "suv": DEFAULT_THRESHOLD_SUV}
     labels, n = ndimage.label(x > thr["suv"])
     sizes = np.bincount(labels.ravel(), minlength=n + 1)
-    keep = [i for i in range(1, n + 1) if sizes[i] * voxel_ml >= min_volume_ml]
+    keep = {i for i in range(1, n + 1) if sizes[i] * voxel_ml >= min_volume_ml}
     rows = []
-    if keep:
-        peak_in, peak_out = sphere_mean(x, sp), sphere_mean(y, sp)
+    ball_in, ball_out = _ball(sp, SHELL_MM[0]), _ball(sp, SHELL_MM[1])
+    # everything is computed in a box around each hot spot, wide enough that the shell's sphere means and the
+    # 10 mm smoothing (3 sigma) equal their whole-volume values
+    reach = [int(np.ceil((SHELL_MM[1] + PEAK_RADIUS_MM + 3 * NOISE_SMOOTH_MM) / v)) + 1 for v in sp]
+    for i, sl in enumerate(ndimage.find_objects(labels), 1):
+        if i not in keep:
+            continue
+        box = tuple(slice(max(0, s.start - r), s.stop + r) for s, r in zip(sl, reach))
+        lab_b = labels[box]
+        region = lab_b == i
+        xb, yb = np.asarray(x[box], dtype=np.float64), np.asarray(y[box], dtype=np.float64)
+        peak_in, peak_out = sphere_mean(xb, sp), sphere_mean(yb, sp)
         # the input's noise at the 1 cm^3 scale: sphere means of the input minus its 10 mm Gaussian smoothing (the
         # uptake structure larger than a lesion removed), and the smooth level they are relative to
-        level = ndimage.gaussian_filter(x, [NOISE_SMOOTH_MM / v for v in sp])
-        noise_peak = sphere_mean(x - level, sp)
-        hot = np.isin(labels, keep)
-        near_hot = ndimage.binary_dilation(hot, structure=_ball(sp, SHELL_MM[0]))
-        ball_in, ball_out = _ball(sp, SHELL_MM[0]), _ball(sp, SHELL_MM[1])
-        reach = [b // 2 + 1 for b in ball_out.shape]
-        for i, sl in enumerate(ndimage.find_objects(labels), 1):
-            if i not in keep:
-                continue
-            box = tuple(slice(max(0, s.start - r), s.stop + r) for s, r in zip(sl, reach))  # the shell's reach
-            region_box = labels[box] == i
-            inner = ndimage.binary_dilation(region_box, structure=ball_in)
-            outer = ndimage.binary_dilation(region_box, structure=ball_out)
-            shell = outer & ~inner & ~near_hot[box]
-            bg, lv = noise_peak[box][shell], level[box][shell]
-            region = np.zeros(labels.shape, bool)
-            region[box] = region_box
-            med = float(np.median(lv)) if lv.size else 0.0
-            cov = (float(1.4826 * np.median(np.abs(bg - np.median(bg))) / med) if bg.size >= 20 and med > 0
-                   else float("nan"))
-            p_in, p_out = float(peak_in[region].max()), float(peak_out[region].max())
-            se = cov * p_in
-            com = ndimage.center_of_mass(region)
-            centre = input_pet.TransformContinuousIndexToPhysicalPoint([float(c) for c in reversed(com)])
-            row = {"id": 0, "volume_ml": float(region.sum() * voxel_ml),
-                   "center_lps": [round(float(c), 2) for c in centre],
-                   "suv_max_in": float(x[region].max()), "suv_max_out": float(y[region].max()),
-                   "suv_peak_in": p_in, "suv_peak_out": p_out,
-                   "suv_mean_in": float(x[region].mean()), "suv_mean_out": float(y[region].mean()),
-                   "noise_se_pct": float(100.0 * cov) if cov == cov else float("nan")}
-            for m in ("suv_max", "suv_peak", "suv_mean"):
-                row[f"{m}_change_pct"] = _pct(row[f"{m}_out"], row[f"{m}_in"])
-            row["flagged"] = bool(se == se and abs(p_out - p_in) > k * se)
-            rows.append(row)
+        level = ndimage.gaussian_filter(xb, [NOISE_SMOOTH_MM / v for v in sp])
+        noise_peak = sphere_mean(xb - level, sp)
+        others = np.isin(lab_b, list(keep)) & ~region
+        near_other = ndimage.binary_dilation(others, structure=ball_in) if others.any() else others
+        shell = ndimage.binary_dilation(region, structure=ball_out) & \
+            ~ndimage.binary_dilation(region, structure=ball_in) & ~near_other
+        bg, lv = noise_peak[shell], level[shell]
+        med = float(np.median(lv)) if lv.size else 0.0
+        cov = (float(1.4826 * np.median(np.abs(bg - np.median(bg))) / med) if bg.size >= 20 and med > 0
+               else float("nan"))
+        p_in, p_out = float(peak_in[region].max()), float(peak_out[region].max())
+        se = cov * p_in
+        com = [c + s.start for c, s in zip(ndimage.center_of_mass(region), box)]
+        centre = input_pet.TransformContinuousIndexToPhysicalPoint([float(c) for c in reversed(com)])
+        row = {"id": 0, "volume_ml": float(region.sum() * voxel_ml),
+               "center_lps": [round(float(c), 2) for c in centre],
+               "suv_max_in": float(xb[region].max()), "suv_max_out": float(yb[region].max()),
+               "suv_peak_in": p_in, "suv_peak_out": p_out,
+               "suv_mean_in": float(xb[region].mean()), "suv_mean_out": float(yb[region].mean()),
+               "noise_se_pct": float(100.0 * cov) if cov == cov else float("nan")}
+        for m in ("suv_max", "suv_peak", "suv_mean"):
+            row[f"{m}_change_pct"] = _pct(row[f"{m}_out"], row[f"{m}_in"])
+        row["flagged"] = bool(se == se and abs(p_out - p_in) > k * se)
+        rows.append(row)
     rows.sort(key=lambda r: -r["suv_peak_in"])
     rows = rows[:max_lesions]
     for j, r in enumerate(rows, 1):

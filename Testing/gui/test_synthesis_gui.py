@@ -33,7 +33,7 @@ def test_apply_synthesizes_and_references_input(widget, scene):
     arr = slicer.util.arrayFromVolume(out)
     assert arr.shape == pet_phantom().shape and np.isfinite(arr).all()
     assert any(0 < v < 100 for v in progress), f"progress bar never moved: {progress}"
-    assert widget.ui.routingLabel.text                      # the routing summary is shown
+    assert "Lesion changes:" in widget.ui.routingLabel.text  # routing summary and lesion-change summary shown
 
 
 def test_bad_input_shows_error_and_keeps_scene(widget, scene, errors):

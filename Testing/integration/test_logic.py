@@ -53,6 +53,38 @@ def test_synthesis_logic_output_on_input_grid(mrml, tiny_synthesis):
     assert a.shape == arr.shape and np.isfinite(a).all() and a.min() >= 0
     assert seen and seen[-1] == pytest.approx(1.0)
     assert np.array_equal(sitk.GetArrayFromImage(bridge.volume_to_image(node)), arr), "input must not change"
+    table = out.GetNodeReference("PETWorkbench.lesionTable")  # the lesion-change report of the hot block
+    assert table is not None and table.GetNumberOfRows() >= 1
+    assert table.GetNodeReference("PETWorkbench.input") is out and "SUVpeak" in table.GetAttribute(
+        "PETWorkbench.lesionRule")
+
+
+def test_synthesis_lesion_report_table_and_flagged_points_replace_themselves(mrml, tmp_path):
+    import json
+    from PETWorkbenchSlicer import mrml as bridge
+    from SynthesisModule import SynthesisModuleLogic
+    img, _ = _pet_image()
+    out = bridge.image_to_volume(img, name="Synth")
+    row = {"id": 1, "volume_ml": 2.0, "center_lps": [10.0, -20.0, 30.0], "suv_max_in": 5.0, "suv_max_out": 3.0,
+           "suv_max_change_pct": -40.0, "suv_peak_in": 4.0, "suv_peak_out": 3.0, "suv_peak_change_pct": -25.0,
+           "suv_mean_in": 3.5, "suv_mean_out": 2.8, "suv_mean_change_pct": -20.0, "noise_se_pct": 5.0,
+           "flagged": True}
+    report = {"threshold": {"method": "fixed", "suv": 2.5}, "rule": "flagged when SUVpeak ...", "lesions": [
+        row, dict(row, id=2, flagged=False, center_lps=[0.0, 0.0, 0.0])]}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(report))
+    logic = SynthesisModuleLogic()
+    for _ in range(2):  # recomputing replaces the nodes, it does not add new ones
+        table = logic.lesionReport(out, str(path))
+    scene = out.GetScene()
+    assert scene.GetNumberOfNodesByClass("vtkMRMLTableNode") == 1
+    assert scene.GetNumberOfNodesByClass("vtkMRMLMarkupsFiducialNode") == 1
+    assert table.GetNumberOfRows() == 2 and out.GetAttribute("PETWorkbench.lesionsFlagged") == "1"
+    points = out.GetNodeReference("PETWorkbench.lesionMarkups")
+    assert points.GetNumberOfControlPoints() == 1  # flagged hot spots only
+    ras = [0.0, 0.0, 0.0]
+    points.GetNthControlPointPosition(0, ras)
+    assert ras == [-10.0, 20.0, 30.0] and points.GetNthControlPointLabel(0).startswith("L1 SUVpeak -25%")
 
 
 def test_synthesis_logic_bad_inputs_leave_scene_unchanged(mrml, tmp_path):

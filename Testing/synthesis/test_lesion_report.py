@@ -87,3 +87,29 @@ def test_percist_threshold_from_a_liver_mask_and_errors():
         lesion_change_report(_img(noisy), _img(truth[:-1]))
     empty = lesion_change_report(_img(truth * 0 + 1), _img(truth * 0 + 1), threshold_suv=2.5)
     assert empty["lesions"] == [] and empty["n_flagged"] == 0
+
+
+def test_cli_writes_the_report_and_summarises_it(tmp_path, tiny_models, capfd):
+    import csv
+    import json
+    from PETWorkbenchApp.cli import main
+    truth, noisy, _ = _phantom(seed=4)
+    inp = tmp_path / "low.nii.gz"
+    sitk.WriteImage(_img(noisy[10:30, 10:100, 10:100]), str(inp))
+    liver = np.zeros((20, 90, 90), np.uint8)
+    liver[2:18, 70:88, 30:60] = 14  # an organ label map whose liver is warm background
+    sitk.WriteImage(sitk.Cast(_img(liver), sitk.sitkUInt8), str(tmp_path / "organs.nii.gz"))
+    code = main(["--json", "synthesize", str(inp), str(tmp_path / "out.nii.gz"), "--model", tiny_models["synthesis"],
+                 "--device", "cpu", "--lesions", str(tmp_path / "les.csv"), "--liver-mask",
+                 str(tmp_path / "organs.nii.gz")])
+    out, err = capfd.readouterr()
+    assert code in (0, None), err
+    summary = json.loads(out)
+    les = summary["lesions"]
+    assert les["threshold"]["method"].startswith("PERCIST") and les["n_hot_spots"] >= 3
+    rows = list(csv.DictReader(open(tmp_path / "les.csv")))
+    assert len(rows) == les["n_hot_spots"] and {"center_l_mm", "suv_peak_change_pct", "flagged"} <= set(rows[0])
+    code = main(["synthesize", str(inp), str(tmp_path / "out2.nii.gz"), "--model", tiny_models["synthesis"],
+                 "--device", "cpu", "--liver-mask", str(inp)])
+    err = capfd.readouterr().err
+    assert code == 2 and "liver" in err and len(err.strip().splitlines()) == 1
