@@ -104,6 +104,10 @@ def _cmd_train(args, rep):
         cfg["epochs"] = args.epochs
     if args.augmentation:
         cfg["augmentation"] = args.augmentation
+    if args.lr:
+        cfg.setdefault("optimizer", {})["lr"] = args.lr
+    if args.phi_epoch_offset:
+        cfg["phi_epoch_offset"] = args.phi_epoch_offset
     return train(cfg, args.out, manifest=args.manifest, resume=not args.no_resume, max_minutes=args.max_minutes,
                  device=args.device, threads=args.threads, progress=rep, cache_dir=args.cache_dir, init=args.init)
 
@@ -146,6 +150,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--no-resume", action="store_true")
     t.add_argument("--init", default=None,
                    help="start from these weights (a model file) when there is no checkpoint to resume")
+    t.add_argument("--lr", type=float, default=None, help="initial learning rate of the poly schedule")
+    t.add_argument("--phi-epoch-offset", type=int, default=None,
+                   help="epochs of earlier stages (a stage started with --init continues LDOS's phi(E) decay)")
     t.add_argument("--augmentation", choices=("nnunet", "none"), default=None,
                    help="training augmentation (default: the config's; nnU-Net's default pipeline)")
     t.add_argument("--cache-dir", default=None, help="where resampled volumes are cached (default OUT/cache)")

@@ -213,7 +213,10 @@ def train(cfg: dict | str | Path, out_dir: str | Path, cases: list[dict] | None 
             loss = denoising_loss(out["den"], y)
             parts = {"L_g": float(loss.detach()), "total": float(loss.detach())}
         else:
-            loss, parts = ldos_loss(out, lab, y if task == "ldos" else None, epoch=epoch,
+            # phi(E) counts the epochs of earlier stages too (``phi_epoch_offset``), so a stage started from
+            # earlier weights continues the paper's decay instead of restarting it
+            loss, parts = ldos_loss(out, lab, y if task == "ldos" else None,
+                                    epoch=epoch + int(cfg.get("phi_epoch_offset", 0)),
                                     ell=cfg.get("phi_ell", 0.002), lam=cfg.get("lambda", 1.0))
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -162,3 +162,11 @@ def test_a_later_stage_starts_from_given_weights(tmp_path):
     other["network"]["features"] = [4, 4]
     with pytest.raises(ModelError, match="another network config"):
         train(other, tmp_path / "c", cases=cases, device="cpu", log=lambda *a: None, init=w)
+
+
+def test_a_later_stage_continues_the_phi_decay(tmp_path):
+    from test_segmentation import TINY
+    from SegmentationModuleLib.train import train
+    cfg = dict(TINY, epochs=1, phi_epoch_offset=500)
+    s = train(cfg, tmp_path, cases=random_cases(1, shape=(16, 16, 16)), device="cpu", log=lambda *a: None)
+    assert s["last"]["phi"] == pytest.approx(np.exp(-0.002 * 500), rel=1e-6)  # phi(500) = e^-1, not phi(0) = 1
