@@ -1,10 +1,11 @@
 """Lesion-change report of a synthesis: what the network did to each hot spot of the input.
 
 Hot spots are the connected regions (face connectivity) of the *input* PET above a threshold, at least
-``min_volume_ml`` large: PERCIST's liver-based threshold (1.5 x liver SUVmean + 2 x liver SD, Wahl et al. 2009)
-when a liver mask is given, else a fixed SUV (2.5 by default). For each hot spot, on the same voxels of the input
-and of the output: SUVmax, SUVpeak (PERCIST: the highest mean in a 1 cm^3 sphere centred in the hot spot) and
-SUVmean, and their change in %.
+``min_volume_ml`` large and, as PERCIST's measurable lesions, with an SUVpeak above the threshold too (so that
+clusters of noisy voxels are not listed): PERCIST's liver-based threshold (1.5 x liver SUVmean + 2 x liver SD, Wahl
+et al. 2009) when a liver mask is given, else a fixed SUV (2.5 by default). For each hot spot, on the same voxels
+of the input and of the output: SUVmax, SUVpeak (PERCIST: the highest mean in a 1 cm^3 sphere centred in the hot
+spot) and SUVmean, and their change in %.
 
 Flag rule (stated in every report): a hot spot is flagged when its SUVpeak changed by more than ``k`` (2) standard
 errors of the input's SUVpeak, i.e. by more than the input's noise explains. SUVpeak is the measure PERCIST uses
@@ -103,7 +104,12 @@ def lesion_change_report(input_pet: sitk.Image, output_pet: sitk.Image, liver_ma
         lab_b = labels[box]
         region = lab_b == i
         xb, yb = np.asarray(x[box], dtype=np.float64), np.asarray(y[box], dtype=np.float64)
-        peak_in, peak_out = sphere_mean(xb, sp), sphere_mean(yb, sp)
+        peak_in = sphere_mean(xb, sp)
+        p_in = float(peak_in[region].max())
+        if p_in <= thr["suv"]:
+            continue  # PERCIST's measurable lesion: SUVpeak above the threshold (noise specks are not)
+        peak_out = sphere_mean(yb, sp)
+        p_out = float(peak_out[region].max())
         # the input's noise at the 1 cm^3 scale: sphere means of the input minus its 10 mm Gaussian smoothing (the
         # uptake structure larger than a lesion removed), and the smooth level they are relative to
         level = ndimage.gaussian_filter(xb, [NOISE_SMOOTH_MM / v for v in sp])
@@ -116,7 +122,6 @@ def lesion_change_report(input_pet: sitk.Image, output_pet: sitk.Image, liver_ma
         med = float(np.median(lv)) if lv.size else 0.0
         cov = (float(1.4826 * np.median(np.abs(bg - np.median(bg))) / med) if bg.size >= 20 and med > 0
                else float("nan"))
-        p_in, p_out = float(peak_in[region].max()), float(peak_out[region].max())
         se = cov * p_in
         com = [c + s.start for c, s in zip(ndimage.center_of_mass(region), box)]
         centre = input_pet.TransformContinuousIndexToPhysicalPoint([float(c) for c in reversed(com)])
