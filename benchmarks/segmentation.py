@@ -8,7 +8,8 @@ on the full-dose images (paper's FDPET reference) and, when its denoiser is pres
 (denoise, then segment with the full-dose model). Means are over the organs present in each case's reference
 (missing organs are not scored). ``infer_s`` is the time of one whole-volume LDOS segmentation on the CPU.
 Only whole-body cases are used (the brain-only centre has no trunk organs). ``--quick`` uses at most 4 test
-cases, spread over the centres. Inference uses nnU-Net's mirror test-time augmentation (``--no-tta``: without).
+cases, spread over the centres. Inference mirrors patches (nnU-Net's test-time augmentation) when a model's config
+names mirror axes (the shipped ones do not); ``--no-tta`` never mirrors.
 ``--models`` restricts the evaluation to some of ldos, segonly, fullDose_segonly, fakeFDPET. The last line is one
 ``key=value`` line: dice_ldos dice_segonly dice_fullDose_segonly hd95_ldos hd95_segonly infer_s dice_paired_wins
 hd95_paired_wins (held-out cases where LDOS beats segmentation-only in mean Dice / in mean HD95, "wins/total").

@@ -20,6 +20,9 @@ gamma (p 0.3)               RandAdjustContrastd                   gamma 0.7-1.5,
 mirroring (p 0.5 per axis)  RandFlipd                             axes z, y, x                    all
 ==========================  ====================================  ==============================  ============
 
+Mirroring can be switched off (``{"preset": "nnunet", "mirror_axes": []}``, the shipped configs): a mirror image
+turns organs with a side (liver, spleen) into each other (METHOD.md has the measurement).
+
 "all" = input, full-dose target and label map (labels with nearest-neighbour interpolation). As nnU-Net, the
 spatial transforms act on a larger patch (``spatial_margin``) that is centre-cropped to the training patch
 afterwards, so rotations and zooms do not bring empty corners in. Deviations, because LDOS has a second, denoising

@@ -36,8 +36,8 @@ class SegmentRequest(PETUnits):
     organs: str = option("", help="comma-separated organ names or values (default: all 18)")
     probabilities: str = option("", help="also write class probabilities here")
     uptake: str = option("", help="write the organ uptake table (JSON) here")
-    no_tta: bool = option(flag=True, help="no mirror test-time augmentation (nnU-Net's default, 8 passes per "
-                          "patch; about 8 times faster without)")
+    no_tta: bool = option(flag=True, help="no mirror test-time augmentation even if the model's config asks for "
+                          "it (nnU-Net's mirroring: 8 passes per patch)")
     device: str = option("auto", help="auto, cpu, cuda[:N] or mps")
 
 

@@ -66,10 +66,11 @@ def input_voxel_limit(spacing: Sequence[float], model_spacing: Sequence[float] =
 
 def mirror_axes(cfg: dict, tta: bool | None = None) -> tuple[int, ...]:
     """Spatial axes (0 = z, 1 = y, 2 = x of the patch) of mirror test-time augmentation: the config's
-    ``inference.mirror_axes`` (nnU-Net's default, all three, when it has none); ``tta=False``: none."""
+    ``inference.mirror_axes`` (none when it names none: a model trained without mirroring must not be mirrored at
+    inference, and organs with a side, liver and spleen, are why the shipped models are not); ``tta=False``: none."""
     if tta is False:
         return ()
-    axes = cfg.get("inference", {}).get("mirror_axes", (0, 1, 2))
+    axes = cfg.get("inference", {}).get("mirror_axes", ())
     return tuple(int(a) for a in axes)
 
 
@@ -135,8 +136,9 @@ def segment(image: sitk.Image, checkpoint: str | Path | dict, organs: str | int 
             allow_empty: bool = False, tta: bool | None = None) -> tuple[sitk.Image, sitk.Image | None]:
     """Organ label map on the input grid (uint8, values of Resources/Terminology/PETWorkbenchOrgans.term.json).
 
-    ``tta``: mirror test-time augmentation as nnU-Net (mean logits over the 8 mirror images of each patch, the
-    config's ``inference.mirror_axes``); None = on, False = off (8 times faster).
+    ``tta``: mirror test-time augmentation as nnU-Net (mean logits over the mirror images of each patch along the
+    model config's ``inference.mirror_axes``; 8 passes for three axes); None = as the model's config says (the
+    shipped models: off), False = off.
 
     Returns ``(label_image, probabilities)``; ``probabilities`` is None unless ``return_probabilities``, then a
     float32 vector image (one component per class, background first) on the input grid.
