@@ -4,7 +4,7 @@ Importing this package is cheap (no torch); the functions below import their sub
 
 Engine API
 ----------
-``synthesize(image, model, device="auto", patch=None, overlap=DEFAULT_OVERLAP (0.25), sw_batch_size=2,
+``synthesize(image, model, device="auto", patch=None, overlap=DEFAULT_OVERLAP (0.375), sw_batch_size=2,
 units="SUV", progress=None, cancel=None, skip_air=True) -> (SimpleITK.Image, dict)``
     ``image``: low-dose PET, 3D ``SimpleITK.Image`` in SUV (body weight). Bq/ml must be converted first
     (``PETWorkbenchLib.units``); ``units`` other than SUV raise ``InputError``, as do 2D, empty, NaN/inf images and
@@ -34,7 +34,7 @@ Manifest (training / evaluation): ``manifest.csv`` with columns case_id, patient
 split, full_dose, low_dose, low_dose_drf20, ct, labels, lesions, spacing_mm, units; paths relative to the manifest.
 """
 
-DEFAULT_OVERLAP = 0.25  # sliding-window overlap of synthesize(), the CLI and the module (benchmarks/synthesis_speed.py)
+DEFAULT_OVERLAP = 0.375  # sliding-window overlap of synthesize(), the CLI and the module (synthesis_speed.py)
 
 __all__ = ["DEFAULT_OVERLAP", "synthesize", "load_model", "build_model", "train", "evaluate", "interference",
            "load_config"]
