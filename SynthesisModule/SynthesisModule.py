@@ -155,6 +155,8 @@ class SynthesisModuleLogic(ScriptedLoadableModuleLogic):
         node ("PETWorkbench.lesionTable", "PETWorkbench.lesionMarkups") and replaced when it is recomputed."""
         from PETWorkbenchSlicer import mrml
         from SynthesisModuleLib.lesions import report_rows
+        if not os.path.exists(reportPath):  # an engine that wrote no report (older or stand-in)
+            return None
         with open(reportPath) as f:
             report = json.load(f)
         name = outputNode.GetName()
