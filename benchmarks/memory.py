@@ -44,7 +44,8 @@ img = sitk.GetImageFromArray(a)
 img.SetSpacing((sp, sp, 2.0))
 del a
 if run and engine == "synthesis":
-    def fake(model, arr, patch=64, overlap=0.5, sw_batch_size=2, device="cpu", progress=None, cancel=None):
+    def fake(model, arr, patch=64, overlap=0.5, sw_batch_size=2, device="cpu", progress=None, cancel=None,
+             empty_level=None):
         x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None, None]
         y = sinf.sliding_window(lambda p: p * 1.0, x, (int(patch),) * 3, overlap=overlap,
                                 sw_batch_size=sw_batch_size, mode="gaussian", device="cpu")
