@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt "torch==2.13.0" -e ".[test,data,batch]"
+	# nnU-Net's network definitions for the weight-compatibility test; without its timm/torchvision dependencies
+	# (not needed by ResidualEncoderUNet, and a PyPI torchvision does not match the CPU torch build)
+	$(PY) -m pip install -q --no-deps "dynamic-network-architectures==0.4.4"
 	rm -f $(VENV)/.installed-*
 	touch $@
 
