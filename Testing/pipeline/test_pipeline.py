@@ -12,24 +12,6 @@ import pytest
 import SimpleITK as sitk
 
 
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    import torch
-    from PETWorkbenchLib.models import save_checkpoint
-    from SegmentationModuleLib.model import build_network
-    from SegmentationModuleLib.train import load_config as seg_config
-    from SynthesisModuleLib import build_model, load_config
-    d = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    cfg = load_config("drmc_cpu")
-    cfg["model"].update(n_feats=4, res_num=1, hidden_dim=4, num_heads=1)
-    syn = save_checkpoint(d / "syn.pt", cfg, build_model(cfg["model"]).state_dict())
-    scfg = seg_config("ldos_cpu_demo")
-    scfg["network"].update(features=[4, 8], strides=[1, 2], n_blocks=[1, 1])
-    seg = save_checkpoint(d / "seg.pt", scfg, build_network(scfg).state_dict())
-    return {"synthesis": str(syn), "segmentation": str(seg)}
-
-
 def _study_images(folder, seed, corrupt=False):
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True)
