@@ -97,8 +97,14 @@ def lesion_change_report(input_pet: sitk.Image, output_pet: sitk.Image, liver_ma
     # everything is computed in a box around each hot spot, wide enough that the shell's sphere means and the
     # 10 mm smoothing (3 sigma) equal their whole-volume values
     reach = [int(np.ceil((SHELL_MM[1] + PEAK_RADIUS_MM + 3 * NOISE_SMOOTH_MM) / v)) + 1 for v in sp]
+    near = [int(np.ceil(PEAK_RADIUS_MM / v)) + 1 for v in sp]
     for i, sl in enumerate(ndimage.find_objects(labels), 1):
         if i not in keep:
+            continue
+        # PERCIST's measurable lesion: SUVpeak above the threshold (noise specks are not); checked first in a box
+        # just wide enough for the 1 cm^3 sphere, as a whole-body PET can have many specks
+        small = tuple(slice(max(0, s.start - r), s.stop + r) for s, r in zip(sl, near))
+        if float(sphere_mean(np.asarray(x[small], dtype=np.float64), sp)[labels[small] == i].max()) <= thr["suv"]:
             continue
         box = tuple(slice(max(0, s.start - r), s.stop + r) for s, r in zip(sl, reach))
         lab_b = labels[box]
@@ -106,8 +112,6 @@ def lesion_change_report(input_pet: sitk.Image, output_pet: sitk.Image, liver_ma
         xb, yb = np.asarray(x[box], dtype=np.float64), np.asarray(y[box], dtype=np.float64)
         peak_in = sphere_mean(xb, sp)
         p_in = float(peak_in[region].max())
-        if p_in <= thr["suv"]:
-            continue  # PERCIST's measurable lesion: SUVpeak above the threshold (noise specks are not)
         peak_out = sphere_mean(yb, sp)
         p_out = float(peak_out[region].max())
         # the input's noise at the 1 cm^3 scale: sphere means of the input minus its 10 mm Gaussian smoothing (the
