@@ -193,29 +193,22 @@ def step_synthesize(st, rep, device="cpu", model=None):
     return {"model": Path(model).name, "hot_spots": report["n_hot_spots"], "flagged": report["n_flagged"]}
 
 
-LIVER = "liver"
-
-
 def write_lesion_report(st, low=None, synthesized=None):
     """lesion_changes.json / .csv of the study: hot spots of the low-dose input and their change in the synthesized
     PET, with PERCIST's liver threshold when a liver is known (segmented on the low dose, else the reference
     labels), else the fixed threshold."""
-    import SimpleITK as sitk
-    from PETWorkbenchLib.imageio import resample_like, write_csv
-    from PETWorkbenchLib.terminology import organ_specs
-    from SynthesisModuleLib.lesions import lesion_change_report, report_rows
+    from PETWorkbenchLib.imageio import write_csv
+    from SynthesisModuleLib.lesions import liver_from_labels, lesion_change_report, report_rows
     low = low if low is not None else st.read_pet("low_dose", "low-dose PET")
     synthesized = synthesized if synthesized is not None else read_image(st.path("synthesized.nii.gz"),
                                                                           "synthesized PET")
     liver, source = None, None
-    value = next(o["value"] for o in organ_specs() if o["name"] == LIVER)
     for name, path in (("organs segmented on the low dose", st.path("organs_low.nii.gz")),
                        ("reference labels", st.input("labels"))):
         if path is not None and Path(path).is_file():
-            lab = resample_like(read_image(path, name), low, label=True)
-            mask = sitk.Equal(lab, value)
-            if sitk.GetArrayViewFromImage(mask).sum() >= 10:
-                liver, source = mask, name
+            liver = liver_from_labels(read_image(path, name), low, min_voxels=10)
+            if liver is not None:
+                source = name
                 break
     report = lesion_change_report(low, synthesized, liver_mask=liver)
     report["threshold"]["liver_from"] = source

@@ -134,15 +134,14 @@ def spatial_margin(patch_size: Sequence[int], aug: dict | None) -> list[int]:
     return [int(math.ceil(float(aug["margin"]) * int(p))) for p in patch_size]
 
 
-def build_augmentation(aug: dict, patch_size: Sequence[int], intensity_std: float = 1.0, with_target: bool = True
-                       ) -> Compose:
-    """MONAI dictionary transform (keys ``image``, ``target`` when ``with_target``, ``label``; channel-first
-    arrays of the patch plus :func:`spatial_margin`) that applies nnU-Net's default augmentation and returns
-    patches of ``patch_size``. Seed it per sample with ``set_random_state``."""
+def build_augmentation(aug: dict, patch_size: Sequence[int], intensity_std: float = 1.0) -> Compose:
+    """MONAI dictionary transform (keys ``image``, ``target``, ``label``; channel-first arrays of the patch plus
+    :func:`spatial_margin`) that applies nnU-Net's default augmentation and returns patches of ``patch_size``. Seed
+    it per sample with ``set_random_state``."""
     import monai.transforms as mt
-    keys = ["image", "target", "label"] if with_target else ["image", "label"]
-    mapped = ["image", "target"] if with_target else ["image"]
-    interp = ["bilinear"] * (len(keys) - 1) + ["nearest"]
+    keys = ["image", "target", "label"]
+    mapped = ["image", "target"]
+    interp = ["bilinear", "bilinear", "nearest"]
     rot = math.radians(float(aug["rotation_deg"]))
     lo, hi = aug["scaling"]
     b0, b1 = aug["brightness"]
@@ -152,7 +151,7 @@ def build_augmentation(aug: dict, patch_size: Sequence[int], intensity_std: floa
         mt.RandRotated(keys, range_x=rot, range_y=rot, range_z=rot, prob=aug["p_rotation"], keep_size=True,
                        mode=interp, padding_mode="zeros"),
         mt.RandZoomd(keys, prob=aug["p_scaling"], min_zoom=1.0 / hi, max_zoom=1.0 / lo, keep_size=True,
-                     mode=["trilinear"] * (len(keys) - 1) + ["nearest"], padding_mode="constant"),
+                     mode=["trilinear", "trilinear", "nearest"], padding_mode="constant"),
         mt.CenterSpatialCropd(keys, roi_size=[int(p) for p in patch_size]),
         mt.RandGaussianNoised(["image"], prob=aug["p_noise"], mean=0.0,
                               std=math.sqrt(float(aug["noise_variance"])) * float(intensity_std), sample_std=True),
@@ -170,19 +169,15 @@ def build_augmentation(aug: dict, patch_size: Sequence[int], intensity_std: floa
     return mt.Compose(ts)
 
 
-def augment_batch(transform: Compose, x: np.ndarray, y: np.ndarray | None, label: np.ndarray, seeds: Sequence[int]
-                  ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+def augment_batch(transform: Compose, x: np.ndarray, y: np.ndarray, label: np.ndarray, seeds: Sequence[int]
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Apply ``transform`` (:func:`build_augmentation`) to each sample of a batch (x, y: (B, 1, ...) float; label:
     (B, ...) int), sample b seeded with ``seeds[b]`` (so a resumed run draws the same augmentations)."""
     xs, ys, ls = [], [], []
     for b in range(x.shape[0]):
         transform.set_random_state(seed=int(seeds[b]) % (2 ** 32))
-        d = {"image": x[b], "label": label[b][None].astype(np.float32)}
-        if y is not None:
-            d["target"] = y[b]
-        out = transform(d)
+        out = transform({"image": x[b], "target": y[b], "label": label[b][None].astype(np.float32)})
         xs.append(np.asarray(out["image"], dtype=np.float32))
+        ys.append(np.asarray(out["target"], dtype=np.float32))
         ls.append(np.rint(np.asarray(out["label"])[0]).astype(np.int64))
-        if y is not None:
-            ys.append(np.asarray(out["target"], dtype=np.float32))
-    return np.stack(xs), (np.stack(ys) if y is not None else None), np.stack(ls)
+    return np.stack(xs), np.stack(ys), np.stack(ls)

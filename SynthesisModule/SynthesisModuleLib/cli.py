@@ -64,7 +64,7 @@ def _cmd_synthesize(args, rep):
                               overlap=req.overlap, sw_batch_size=req.sw_batch_size, units="SUV",
                               progress=rep.sub(0.0, 0.95))
     rep(0.95, "lesion-change report")
-    from .lesions import lesion_change_report, report_rows
+    from .lesions import CSV_COLUMNS, lesion_change_report, report_rows
     report = lesion_change_report(image, out, liver_mask=liver, threshold_suv=req.lesion_threshold)
     if factor != 1.0:
         out = out / factor                                      # back to the input's units, as the module does
@@ -75,7 +75,7 @@ def _cmd_synthesize(args, rep):
     if req.lesions:
         if str(req.lesions).lower().endswith(".csv"):
             from PETWorkbenchLib.imageio import write_csv
-            write_csv(report_rows(report), req.lesions, fieldnames=report_fieldnames(), inputs=inputs,
+            write_csv(report_rows(report), req.lesions, fieldnames=CSV_COLUMNS, inputs=inputs,
                       overwrite=overwrite)
         else:
             write_json(report, req.lesions, inputs=inputs, overwrite=overwrite)
@@ -86,31 +86,23 @@ def _cmd_synthesize(args, rep):
     return {"output": req.output, **summary}
 
 
-def report_fieldnames() -> list[str]:
-    """CSV columns of the lesion-change table."""
-    from .lesions import COLUMNS
-    cols = []
-    for c in COLUMNS:
-        cols += [f"center_{a}_mm" for a in "lps"] if c == "center_lps" else [c]
-    return cols
-
-
 def read_liver_mask(path: str | Path, like: sitk.Image) -> sitk.Image:
     """A liver mask on the PET grid from a binary mask or an organ label map (the terminology's liver value)."""
     import SimpleITK as sitk
     from PETWorkbenchLib.imageio import read_image, resample_like
-    from PETWorkbenchLib.terminology import organ_specs
-    lab = resample_like(read_image(path, "liver mask", pixel_type=sitk.sitkUInt8), like, label=True)
+
+    from .lesions import liver_from_labels
+    lab = read_image(path, "liver mask", pixel_type=sitk.sitkUInt8)
     values = set(int(v) for v in np.unique(sitk.GetArrayViewFromImage(lab))) - {0}
-    liver = next(o["value"] for o in organ_specs() if o["name"] == "liver")
-    if values == {1} or not values:
-        mask = lab
-    elif liver in values:
-        mask = sitk.Equal(lab, liver)
+    if values == {1}:
+        mask = resample_like(lab, like, label=True)
+        mask = mask if sitk.GetArrayViewFromImage(mask).any() else None
     else:
-        raise InputError(f"--liver-mask {Path(path).name} is neither a binary mask nor an organ label map with the "
-                         f"liver (value {liver})")
-    if not sitk.GetArrayViewFromImage(mask).any():
+        mask = liver_from_labels(lab, like)
+        if mask is None and values:
+            raise InputError(f"--liver-mask {Path(path).name} is neither a binary mask nor an organ label map with "
+                             "the liver on the PET's field of view")
+    if mask is None:
         raise InputError(f"--liver-mask {Path(path).name} holds no liver voxel on the PET's field of view")
     return mask
 

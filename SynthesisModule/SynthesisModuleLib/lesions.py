@@ -148,8 +148,12 @@ def lesion_change_report(input_pet: sitk.Image, output_pet: sitk.Image, liver_ma
             "lesions": [{c: r[c] for c in COLUMNS} for r in rows]}
 
 
+CSV_COLUMNS = [col for c in COLUMNS for col in ([f"center_{a}_mm" for a in "lps"] if c == "center_lps" else [c])]
+
+
 def report_rows(report: dict) -> list[dict]:
-    """The report's lesions as flat rows (CSV): the centre as three columns, numbers rounded."""
+    """The report's lesions as flat rows (CSV, columns :data:`CSV_COLUMNS`): the centre as three columns, numbers
+    rounded."""
     out = []
     for r in report["lesions"]:
         row = {}
@@ -162,3 +166,14 @@ def report_rows(report: dict) -> list[dict]:
                 row[c] = r[c]
         out.append(row)
     return out
+
+
+def liver_from_labels(label_image: sitk.Image, like: sitk.Image, min_voxels: int = 1) -> sitk.Image | None:
+    """Liver mask on the grid of ``like`` from an organ label map (the liver value of the organ terminology), or
+    None when fewer than ``min_voxels`` liver voxels fall on that grid."""
+    import SimpleITK as sitk
+    from PETWorkbenchLib.imageio import resample_like
+    from PETWorkbenchLib.terminology import organ_specs
+    value = next(o["value"] for o in organ_specs() if o["name"] == "liver")
+    mask = sitk.Equal(resample_like(label_image, like, label=True), value)
+    return mask if int(sitk.GetArrayViewFromImage(mask).sum()) >= min_voxels else None
