@@ -5,6 +5,12 @@
 * ``petworkbench train segmentation --config ldos_cpu_demo --manifest .../manifest.csv --out DIR
   [--task ldos|segonly|denoise] [--input-key low_dose_drf20|full_dose] [--max-minutes M] [--threads N]``
   (use ``torchrun --nproc_per_node N -m PETWorkbenchApp.cli train segmentation ...`` for DDP)
+* ``petworkbench lesion --input PET.nii.gz --click=x,y,z[:+|:-] [--click=...]
+  --method pemed|suv2.5|41pct|50pct|percist --output mask.nii.gz [--table lesion.json|lesion.csv]
+  [--click-space lps|ras|ijk] [--liver-mask liver.nii.gz | --labels organs.nii.gz]``: replays the clicks in
+  order (as the "PET lesion" Segment Editor effect) and writes the mask and the lesion measures (SUVmax,
+  SUVpeak, SUVmean, MTV, TLG, liver reference; a liver mask or label map is resampled onto the PET grid)
+* ``petworkbench train pemed --config pemed_cpu_demo --manifest .../manifest.csv --out DIR [--max-minutes M]``
 * ``petworkbench evaluate segmentation --pred P.nii.gz --ref R.nii.gz`` or
   ``--model ID|file.pt --manifest manifest.csv [--split test] [--input-key low_dose_drf20]
   [--denoiser ID|file.pt (Fake-FDPET)] [--output metrics.json]``
@@ -132,6 +138,76 @@ def _cmd_evaluate(args, rep):
                                             for k, o in res["organs"].items()}}
 
 
+def _cmd_lesion(args, rep):
+    import numpy as np
+    import SimpleITK as sitk
+
+    from PETWorkbenchLib.dicom import read_pet
+    from PETWorkbenchLib.imageio import check_output, write_csv, write_image, write_json
+
+    from .lesion import METHOD_LABELS, MEASURE_COLUMNS, LesionSession, click_to_index, lesion_measures, method_name
+    from .lesion import parse_click
+    method = method_name(args.method)
+    if not args.click:
+        raise InputError("Give at least one --click x,y,z (a positive click on the lesion)")
+    clicks = [parse_click(c) for c in args.click]
+    inputs = [args.input] + [p for p in (args.liver_mask, args.labels) if p]
+    check_output(args.output, inputs, args.overwrite, "lesion mask")
+    if args.table:
+        if Path(args.table).suffix.lower() not in (".json", ".csv"):
+            raise InputError(f"--table {args.table}: the lesion table is written as .json or .csv")
+        check_output(args.table, inputs, args.overwrite, "lesion table")
+        if Path(args.table).resolve() == Path(args.output).resolve():
+            raise InputError("--output and --table must be different files")
+    pet, _, _ = read_pet(args.input, "PET", args)
+    liver = None
+    if args.liver_mask or args.labels:
+        from PETWorkbenchLib.imageio import resample_like
+        from PETWorkbenchLib.terminology import organ_specs
+        path = args.liver_mask or args.labels
+        ref = _read(path, "liver mask" if args.liver_mask else "organ label map")
+        arr = sitk.GetArrayFromImage(resample_like(ref, pet, label=True))  # nearest neighbour onto the PET grid
+        if args.liver_mask:
+            liver = arr > 0
+        else:
+            liver = arr == next(o["value"] for o in organ_specs() if o["name"] == "liver")
+        if not liver.any():
+            raise InputError(f"{Path(path).name} holds no liver voxels")
+    session = LesionSession(pet, method, model=args.model or None if method == "pemed" else None,
+                            device=args.device, liver_mask=liver, progress=rep.sub(0.0, 0.2))
+    replay = []
+    for n, (xyz, positive) in enumerate(clicks):
+        ijk = click_to_index(pet, xyz, args.click_space)
+        session.add_click(ijk, positive)
+        replay.append({"click": n + 1, "ijk": [int(round(v)) for v in ijk], "positive": positive,
+                       "voxels": int(session.mask.sum()), "seconds": round(session.last_seconds, 4)})
+        rep(0.2 + 0.7 * (n + 1) / len(clicks), f"click {n + 1}/{len(clicks)}")
+    if not session.mask.any():
+        raise InputError("The clicks leave an empty segment: nothing to write (check the clicks' coordinates and "
+                         "--click-space)")
+    mask = sitk.GetImageFromArray(session.mask.astype(np.uint8))
+    mask.CopyInformation(pet)
+    measures = lesion_measures(session.suv, session.mask, session.spacing, liver)
+    row = {"lesion": 1, "method": method, "n_clicks": len(clicks), **measures}
+    write_image(mask, args.output, inputs=inputs, overwrite=args.overwrite)
+    if args.table:
+        if Path(args.table).suffix.lower() == ".csv":
+            write_csv([row], args.table, fieldnames=list(MEASURE_COLUMNS), inputs=inputs, overwrite=args.overwrite)
+        else:
+            write_json({"lesions": [row], "clicks": replay, "method": METHOD_LABELS[method], "units": "SUV"},
+                       args.table, inputs=inputs, overwrite=args.overwrite)
+    return {"output": str(args.output), "table": args.table or None, "lesion": row, "clicks": replay}
+
+
+def _cmd_train_pemed(args, rep):
+    from .pemed_train import load_config, train
+    cfg = load_config(args.config)
+    if args.iterations:
+        cfg["training"]["iterations"] = args.iterations
+    return train(cfg, args.out, manifest=args.manifest, resume=not args.no_resume, max_minutes=args.max_minutes,
+                 device=args.device, threads=args.threads, progress=rep)
+
+
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     from PETWorkbenchLib.requests import add_arguments
     p = subparsers.add_parser("segment", help="LDOS organ segmentation of a PET volume")
@@ -158,6 +234,39 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--cache-dir", default=None, help="where resampled volumes are cached (default OUT/cache)")
     t.add_argument("--device", default="auto")
     t.set_defaults(func=_cmd_train)
+
+    lp = subparsers.add_parser("lesion", help="interactive PET lesion segmentation from clicks, with SUV measures")
+    lp.add_argument("--input", required=True, help="PET volume (NIfTI/NRRD) in SUV or Bq/ml (see --units), or a "
+                    "PET DICOM series folder")
+    lp.add_argument("--click", action="append", default=[], metavar="X,Y,Z[:+|:-]",
+                    help="a click, repeated in the order made; ':+' adds (default), ':-' removes. Write "
+                    "--click=-12,30,5 when the first number is negative")
+    lp.add_argument("--click-space", choices=("lps", "ras", "ijk"), default="lps",
+                    help="coordinates of the clicks: lps (mm, the file's physical space; default), ras (mm, "
+                    "Slicer's) or ijk (voxel indices)")
+    lp.add_argument("--method", default="pemed", help="pemed (default), suv2.5, 41pct, 50pct or percist")
+    lp.add_argument("--output", required=True, help="lesion mask (uint8 label map on the PET grid)")
+    lp.add_argument("--table", default="", help="lesion measures: .json (with the replayed clicks) or .csv")
+    lp.add_argument("--liver-mask", default="", help="liver mask on the PET grid (PERCIST, reference region)")
+    lp.add_argument("--labels", default="", help="or an organ label map (LDOS values) holding the liver")
+    lp.add_argument("--model", default="", help="PE-MED model id or file (default segmentation-pemed-cpu)")
+    lp.add_argument("--units", default="SUV", help="units of the PET: SUV (default) or Bq/ml")
+    lp.add_argument("--weight-kg", type=float, default=None)
+    lp.add_argument("--injected-dose-mbq", type=float, default=None)
+    lp.add_argument("--decay-factor", type=float, default=1.0)
+    lp.add_argument("--device", default="cpu")
+    lp.set_defaults(func=_cmd_lesion)
+
+    tp = _group(subparsers, "train").add_parser("pemed", help="train PE-MED with simulated clicks")
+    tp.add_argument("--config", default="pemed_cpu_demo", help="config name (configs/) or JSON file")
+    tp.add_argument("--manifest", required=True)
+    tp.add_argument("--out", required=True)
+    tp.add_argument("--iterations", type=int, default=None)
+    tp.add_argument("--max-minutes", type=float, default=None)
+    tp.add_argument("--threads", type=int, default=None)
+    tp.add_argument("--no-resume", action="store_true")
+    tp.add_argument("--device", default="auto")
+    tp.set_defaults(func=_cmd_train_pemed)
 
     e = _group(subparsers, "evaluate").add_parser("segmentation", help="Dice, IoU, HD95, ASD per organ")
     e.add_argument("--pred", default="")
