@@ -130,37 +130,10 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._resetPanel("Prediction ready: click inside an organ")
 
     # ----------------------------------------------------------------------------------- editing
-    @staticmethod
-    def _linearTransformBetween(fromNode, toNode):
-        """4x4 from the coordinates of ``fromNode`` (a transform node or None = world) to those of ``toNode``;
-        a non-linear transform on the way is refused with a clear message."""
-        m = vtk.vtkMatrix4x4()
-        if not slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(fromNode, toNode, m):
-            raise ValueError("The PET volume or the segmentation is under a non-linear transform; harden it "
-                             "(Data module) before using this effect")
-        return m
-
-    def _ijkToSegmentation(self):
-        """IJK of the source volume -> coordinates of the segmentation node (parent transforms of both honoured)."""
-        node = self._source()
-        segNode = self.scriptedEffect.parameterSetNode().GetSegmentationNode()
-        ijkToLocal = vtk.vtkMatrix4x4()
-        node.GetIJKToRASMatrix(ijkToLocal)
-        between = self._linearTransformBetween(node.GetParentTransformNode(), segNode.GetParentTransformNode())
-        out = vtk.vtkMatrix4x4()
-        vtk.vtkMatrix4x4.Multiply4x4(between, ijkToLocal, out)
-        return out
-
     def _modify(self, mask, segmentId=None, mode=None):
         """Add the boolean mask (source volume grid) to a segment through the Segment Editor (undoable)."""
-        import numpy as np
-        from vtk.util import numpy_support
-        modifier = slicer.vtkOrientedImageData()
-        modifier.SetDimensions(mask.shape[2], mask.shape[1], mask.shape[0])
-        modifier.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
-        modifier.GetPointData().GetScalars().DeepCopy(
-            numpy_support.numpy_to_vtk(np.ascontiguousarray(mask, np.uint8).ravel(), deep=True))
-        modifier.SetImageToWorldMatrix(self._ijkToSegmentation())
+        from PETWorkbenchSlicer.editor import mask_to_modifier
+        modifier = mask_to_modifier(mask, self._source(), self.scriptedEffect.parameterSetNode().GetSegmentationNode())
         mode = mode if mode is not None else slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeAdd
         if segmentId is None:
             self.scriptedEffect.modifySelectedSegmentByLabelmap(modifier, mode)
@@ -178,16 +151,12 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         from SegmentationModuleLib import region_at_click
         xy = callerInteractor.GetEventPosition()
         ras = self.xyToRas(xy, viewWidget)                    # world coordinates
-        node = self._source()
+        from PETWorkbenchSlicer.editor import world_to_ijk
         try:                                                  # world -> the volume's own RAS -> IJK
-            worldToLocal = self._linearTransformBetween(None, node.GetParentTransformNode())
+            ijk = [int(round(c)) for c in world_to_ijk(self._source(), ras)]
         except ValueError as e:
             self.statusLabel.text = str(e)
             return True
-        local = worldToLocal.MultiplyPoint(list(ras) + [1.0])
-        m = vtk.vtkMatrix4x4()
-        node.GetRASToIJKMatrix(m)
-        ijk = [int(round(c)) for c in m.MultiplyPoint(local)[:3]]
         if not all(0 <= c < n for c, n in zip(ijk, labels.shape[::-1])):
             self.statusLabel.text = "The click is outside the PET volume"
             return True

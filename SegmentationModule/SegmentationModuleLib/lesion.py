@@ -15,7 +15,8 @@ Methods (``METHODS``)
   above the threshold that holds the click (or, when the click itself is below it, the component of the hottest
   voxel within 10 mm of the click). The lesion's SUVmax for the relative thresholds is found iteratively: the
   maximum within 10 mm of the click, then the maximum of the region it gives, until the region no longer changes.
-  A negative click removes the connected part of the segment under it.
+  A negative click removes the connected part of the segment under it (refused when that part holds a positive
+  click: a threshold region cannot be split).
 
 Every click is one undo step (:meth:`LesionSession.undo` restores the mask exactly).
 """
@@ -248,7 +249,11 @@ class LesionSession:
                                  "on a lesion for this method")
             mask |= region
         else:
-            mask &= ~_component_at(mask, zyx)
+            part = _component_at(mask, zyx)
+            if any(p and part[c] for c, p in self.clicks):
+                raise InputError("This part of the segment holds a positive click: a threshold cannot split it "
+                                 "(use PE-MED, or undo the positive click)")
+            mask &= ~part
         return mask
 
     # ------------------------------------------------------------------------------------------- PE-MED

@@ -132,7 +132,8 @@ class Stage(nn.Module):
         return self.norm(t)
 
 
-def to_map(t, h, w):
+def to_map(t: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Tokens (B, h*w, C) -> feature map (B, C, h, w)."""
     return t.transpose(1, 2).reshape(t.shape[0], -1, h, w)
 
 

@@ -41,7 +41,7 @@ from .pemed import build_pemed, disk_maps, normalise_suv, normalized_focal_loss
 from .train import _init_dist, _rng_state, dist_info, read_checkpoint
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
 DOSE_KEYS = ("full_dose", "low_dose", "low_dose_drf20")
 
@@ -51,7 +51,8 @@ def load_config(path_or_name: dict | str | Path) -> dict:
     return read_config(path_or_name, Path(__file__).resolve().parent / "configs")
 
 
-def load_cases(manifest: str | Path, split: str = "train", doses=DOSE_KEYS, limit: int | None = None) -> list[dict]:
+def load_cases(manifest: str | Path, split: str = "train", doses: Sequence[str] = DOSE_KEYS,
+               limit: int | None = None) -> list[dict]:
     """Volumes of the manifest rows of ``split`` that have lesions or organ labels, as numpy (z, y, x) arrays."""
     import SimpleITK as sitk
 
@@ -167,7 +168,9 @@ class ClickSampler:
         return [self.sample_one() for _ in range(n)]
 
 
-def batch_tensors(samples, clicks, prev, radius, dev):
+def batch_tensors(samples: list, clicks: list, prev: list, radius: float, dev: torch.device
+                  ) -> tuple[torch.Tensor, ...]:
+    """(image, positive disks, negative disks, previous mask) tensors (B, 1, H, W) of a batch."""
     img = torch.from_numpy(np.stack([s[0] for s in samples])[:, None]).to(dev)
     maps = torch.from_numpy(np.stack([disk_maps(s[0].shape, c, radius) for s, c in zip(samples, clicks)])).to(dev)
     prev_t = torch.from_numpy(np.stack(prev)[:, None].astype(np.float32)).to(dev)

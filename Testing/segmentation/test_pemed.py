@@ -162,13 +162,18 @@ def test_relative_threshold_finds_the_lesion_max_beyond_the_search_radius():
 
 def test_negative_click_removes_the_part_under_it_and_undo_restores_exactly():
     img, suv, lesion, liver = phantom()
-    s = L.LesionSession(img, "suv2.5")
+    extra = np.zeros_like(lesion)
+    extra[3:6, 15:20, 15:20] = True                    # a part of the segment made before (no click on it)
+    s = L.LesionSession(img, "suv2.5", initial_mask=extra)
     m1 = s.add_click(CENTRE_IJK).copy()
-    assert m1.any()
-    m2 = s.add_click(CENTRE_IJK, positive=False)
-    assert not m2.any()
+    assert np.array_equal(m1, lesion | extra)
+    m2 = s.add_click((17, 17, 4), positive=False)
+    assert np.array_equal(m2, lesion)
+    with pytest.raises(InputError, match="cannot split"):   # the part holding the positive click stays
+        s.add_click(CENTRE_IJK, positive=False)
+    assert np.array_equal(s.mask, lesion) and len(s.clicks) == 2
     assert np.array_equal(s.undo(), m1) and len(s.clicks) == 1
-    assert not s.undo().any() and s.clicks == []
+    assert np.array_equal(s.undo(), extra) and s.clicks == []
     with pytest.raises(InputError, match="Nothing to undo"):
         s.undo()
 
@@ -345,7 +350,7 @@ def test_lesion_command_replays_clicks_and_writes_mask_and_table(tmp_path, capsy
     assert row["mtv_ml"] == pytest.approx(lesion.sum() * 0.018)
     rc = main(["lesion", "--input", str(pet), f"--click={x},{y},{z}:+", f"--click={x},{y},{z}:-",
                "--method", "suv2.5", "--output", str(tmp_path / "mask2.nii.gz")])
-    assert rc == 2 and "empty segment" in capsys.readouterr().err
+    assert rc == 2 and "cannot split" in capsys.readouterr().err
     assert not (tmp_path / "mask2.nii.gz").exists()
     rc = main(["lesion", "--input", str(pet), "--click=0,0,0", "--click-space", "ijk", "--method", "41pct",
                "--output", str(tmp_path / "m3.nii.gz"), "--table", str(tmp_path / "t.csv")])
