@@ -7,7 +7,10 @@ Methods (``METHODS``)
 * ``pemed``: the PE-MED network (:mod:`.pemed`) on the clicked axial slice, then carried through the slices above
   and below: each neighbouring slice is segmented with the previous slice's mask as the previous-mask prompt and
   one positive click at that mask's deepest point, until a slice comes out empty, a slice with its own clicks is
-  reached, or ``max_propagation_mm``. The first interaction runs the paper's self-loop warm start (a second pass
+  reached, or ``max_propagation_mm``; a slice keeps only the parts of its prediction that touch the previous
+  slice's mask (or, on a clicked slice, hold a positive click or touch the segment before the click), and a
+  propagated slice that grows beyond ``max_growth`` times the previous one ends the propagation (a leak into a
+  neighbouring hot organ). The first interaction runs the paper's self-loop warm start (a second pass
   with the first pass's mask as the previous mask and the same click). Each slice keeps its last logits for TSIP.
 * ``suv2.5``, ``41pct``, ``50pct``, ``percist``: the thresholds clinicians use, seeded by the click: a fixed SUV of
   2.5; 41 % or 50 % of the lesion's SUVmax (EANM guideline, Boellaard et al. 2015); PERCIST's liver threshold
@@ -142,6 +145,7 @@ class PEMEDPredictor:
         inf = cfg.get("inference", {})
         self.max_propagation_mm = float(inf.get("max_propagation_mm", 150.0))
         self.min_pixels = int(inf.get("min_pixels", 1))
+        self.max_growth = float(inf.get("max_growth", 2.0))
         self._torch = torch
 
     def predict_slice(self, suv2d, spacing_rc, centre_rc, clicks_rc, prev2d, prev_logits2d=None):
@@ -285,7 +289,7 @@ class LesionSession:
             logits = self._run_slice(z, clicks, logits > 0, logits, centre)
         self._logits = dict(self._logits)
         self._logits[z] = logits
-        mask[z] = logits > 0
+        mask[z] = _connected_to(logits > 0, prev, [(int(round(r)), int(round(c))) for r, c in pos])
         anchored = {cz for (cz, _, _), _ in self.clicks} | {z}
         max_slices = int(pred.max_propagation_mm / self.spacing[0])
         for step in (-1, 1):
@@ -307,9 +311,23 @@ class LesionSession:
                 r, c = deepest_point(src, self.spacing[1:])
                 lg = self._run_slice(zz, [(r, c, True)], src, None, (r, c))
                 self._logits[zz] = lg
-                mask[zz] = lg > 0
+                new = _connected_to(lg > 0, src, [])
+                if new.sum() > pred.max_growth * src.sum() + 8:   # a leak into a neighbouring hot structure
+                    new[:] = False
+                mask[zz] = new
                 zz, n = zz + step, n + 1
         return mask
+
+
+def _connected_to(new: np.ndarray, prev: np.ndarray, points: Sequence[tuple[int, int]]) -> np.ndarray:
+    """The parts of a slice's new mask that overlap the previous mask or hold a positive click."""
+    if not new.any():
+        return new
+    lab, n = ndimage.label(new)
+    keep = set(np.unique(lab[new & np.asarray(prev, bool)]).tolist())
+    keep |= {int(lab[r, c]) for r, c in points if 0 <= r < new.shape[0] and 0 <= c < new.shape[1]}
+    keep.discard(0)
+    return np.isin(lab, list(keep)) if keep else np.zeros_like(new)
 
 
 def click_to_index(image: sitk.Image, point: Sequence[float], space: str = "lps") -> tuple[float, float, float]:

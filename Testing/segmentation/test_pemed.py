@@ -235,15 +235,18 @@ class ThresholdingPredictor:
     """A stand-in of PEMEDPredictor.predict_slice (same signature and outputs) that segments the hot region under
     the positive clicks, so the 3D bookkeeping (self-loop, propagation, anchors, undo) can be checked exactly."""
 
-    max_propagation_mm, min_pixels = 1000.0, 1
+    max_propagation_mm, min_pixels, max_growth = 1000.0, 1, 2.0
 
-    def __init__(self):
+    def __init__(self, greedy=False):
         self.calls = []
+        self.greedy = greedy          # segment every hot pixel of the slice once there is a positive click
 
     def predict_slice(self, suv2d, spacing_rc, centre_rc, clicks_rc, prev2d, prev_logits2d=None):
         from scipy import ndimage
         self.calls.append((len(clicks_rc), bool(np.asarray(prev2d).any()), prev_logits2d is not None))
         lab, _ = ndimage.label(suv2d > 4.0)
+        if self.greedy and any(p for _, _, p in clicks_rc):
+            return np.where(suv2d > 4.0, 5.0, -5.0).astype(np.float32)
         out = np.zeros(suv2d.shape, bool)
         for r, c, p in clicks_rc:
             v = lab[int(round(r)), int(round(c))]
@@ -362,3 +365,22 @@ def test_lesion_command_replays_clicks_and_writes_mask_and_table(tmp_path, capsy
     rows = list(csv.DictReader(open(tmp_path / "t.csv")))
     assert rows[0]["method"] == "50pct" and float(rows[0]["suv_max"]) == pytest.approx(8.0)
     assert (tmp_path / "pet.nii.gz").read_bytes() == before
+
+
+def test_propagation_keeps_the_connected_part_and_stops_at_a_leak():
+    # a lesion touching a large hot structure two slices up: the propagation must not run into it
+    img, suv, lesion, liver = phantom()
+    suv2 = suv.copy()
+    suv2[15:, 5:35, 5:35] = np.where(suv2[15:, 5:35, 5:35] > 0, 6.0, 0.0)   # a hot organ above the lesion
+    img2 = sitk.GetImageFromArray(suv2)
+    img2.CopyInformation(img)
+    s = L.LesionSession(img2, "pemed", model=ThresholdingPredictor(greedy=True))
+    m = s.add_click(CENTRE_IJK)
+    assert not m[15:].any() and np.array_equal(m[:15], lesion[:15])
+    # a separate hot spot on the clicked slice is not part of the lesion
+    suv3 = suv.copy()
+    suv3[11, 30:33, 30:33] = 9.0
+    img3 = sitk.GetImageFromArray(suv3)
+    img3.CopyInformation(img)
+    s = L.LesionSession(img3, "pemed", model=ThresholdingPredictor(greedy=True))
+    assert np.array_equal(s.add_click(CENTRE_IJK), lesion)
