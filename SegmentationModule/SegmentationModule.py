@@ -54,8 +54,9 @@ class SegmentationModuleWidget(ModuleWidgetMixin, ScriptedLoadableModuleWidget, 
     family = "segmentation"
 
     @staticmethod
-    def modelFilter(entry):  # the Fake-FDPET denoiser is registered but cannot segment
-        return entry.config.get("task") != "denoise"
+    def modelFilter(entry):  # the Fake-FDPET denoiser and the interactive PE-MED model are not organ models
+        from SegmentationModuleLib import segments_organs
+        return segments_organs(entry)
 
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)

@@ -41,8 +41,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def setupOptionsFrame(self):
         from PETWorkbenchLib import models
         self.modelComboBox = qt.QComboBox()
+        from SegmentationModuleLib import segments_organs
         for e in models.registry("segmentation"):
-            if e.config.get("task") == "denoise":      # the Fake-FDPET denoiser cannot segment
+            if not segments_organs(e):                 # the Fake-FDPET denoiser and PE-MED give no organs
                 continue
             self.modelComboBox.addItem(e.title, e.id)
         self.scriptedEffect.addLabeledOptionsWidget("Model:", self.modelComboBox)

@@ -28,8 +28,16 @@ Engine API (images are SimpleITK images in SUV; label maps use the values of
     fd = denoise(image, checkpoint)           # LDOS's denoising decoder output (full-dose estimate, SUV)
     label, _ = segment_fake_fdpet(image, denoiser, segmenter)   # the paper's Fake-FDPET baseline
 
+Interactive lesion segmentation (PE-MED, MLMI 2023, and click-seeded thresholds; :mod:`.lesion`)::
+
+    from SegmentationModuleLib.lesion import LesionSession, lesion_measures
+    s = LesionSession(pet_image, method="pemed")      # or "suv2.5", "41pct", "50pct", "percist" (liver_mask=...)
+    mask = s.add_click((i, j, k), positive=True)      # numpy bool (k, j, i); s.undo() goes back one click
+    row = lesion_measures(suv_array, mask, spacing_zyx, liver_mask)   # SUVmax, SUVpeak, SUVmean, MTV, TLG
+
 Training: :func:`SegmentationModuleLib.train.train` (configs in ``configs/``), CLI ``petworkbench segment``,
-``petworkbench train segmentation``, ``petworkbench evaluate segmentation`` (see ``cli.py``).
+``petworkbench train segmentation``, ``petworkbench evaluate segmentation``, ``petworkbench lesion``,
+``petworkbench train pemed`` (see ``cli.py``).
 """
 
 from __future__ import annotations
@@ -43,6 +51,15 @@ from .uptake import organ_uptake
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
+
+
+ORGAN_TASKS = ("ldos", "segonly")
+
+
+def segments_organs(entry: Any) -> bool:
+    """Whether a registered segmentation model (a ``PETWorkbenchLib.models.ModelEntry``) outputs organ label maps:
+    the Fake-FDPET denoiser and the interactive PE-MED model do not."""
+    return entry.config.get("task", "ldos") in ORGAN_TASKS
 
 
 def segment(*args: Any, **kwargs: Any) -> tuple[sitk.Image, sitk.Image | None]:
@@ -61,4 +78,4 @@ def segment_fake_fdpet(*args: Any, **kwargs: Any) -> tuple[sitk.Image, sitk.Imag
 
 
 __all__ = ["segment", "denoise", "segment_fake_fdpet", "organ_uptake", "region_at_click", "organ_specs",
-           "resolve_organs", "evaluate"]
+           "resolve_organs", "evaluate", "segments_organs", "ORGAN_TASKS"]

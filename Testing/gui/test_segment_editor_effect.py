@@ -75,12 +75,12 @@ def _segment_voxels(seg, sid):
 
 
 def test_offers_only_segmentation_models(computed):
-    # Guards: the effect offered the denoiser-only (Fake-FDPET) model, which cannot segment.
+    # Guards: the effect offered the denoiser-only (Fake-FDPET) model, which cannot segment (nor can PE-MED).
     from PETWorkbenchLib import models
     combo = computed["effect"].modelComboBox
     offered = [combo.itemData(i) for i in range(combo.count)]
-    denoisers = [e.id for e in models.registry("segmentation") if e.config.get("task") == "denoise"]
-    assert offered and not set(offered) & set(denoisers)
+    not_organs = [e.id for e in models.registry("segmentation") if e.config.get("task") in ("denoise", "pemed")]
+    assert offered and not set(offered) & set(not_organs)
 
 
 def test_click_adds_organ_and_undo_restores(computed):

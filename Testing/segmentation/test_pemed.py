@@ -384,3 +384,40 @@ def test_propagation_keeps_the_connected_part_and_stops_at_a_leak():
     img3.CopyInformation(img)
     s = L.LesionSession(img3, "pemed", model=ThresholdingPredictor(greedy=True))
     assert np.array_equal(s.add_click(CENTRE_IJK), lesion)
+
+
+def test_ddp_two_gloo_processes_keep_replicas_identical(tmp_path):
+    # the paper-size configuration trains with torchrun: each rank samples its own clicks, DDP averages gradients
+    import torch.multiprocessing as mp
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path), str(tmp_path / "init")), nprocs=2, join=True)
+    p0, p1 = (torch.load(str(tmp_path / f"p{r}.pt"), weights_only=True) for r in (0, 1))
+    # every weight is identical; BatchNorm running statistics are each rank's own (DDP broadcasts rank 0's, whose
+    # model is the one saved, before each forward)
+    assert all(torch.allclose(p0[k], p1[k], atol=1e-6) for k in p0 if not k.endswith(("running_mean", "running_var")))
+    from PETWorkbenchLib.models import load_checkpoint
+    ck = load_checkpoint(tmp_path / "model.pt")
+    assert ck["training"]["world_size"] == 2 and ck["training"]["iterations"] == 2
+    latest = torch.load(str(tmp_path / "checkpoint_latest.pt"), weights_only=True)
+    assert len(latest["sampler_rng"]) == 2 and latest["sampler_rng"][0] != latest["sampler_rng"][1]
+
+
+def _ddp_worker(rank, world, tmp, init_file):
+    import os
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    import SegmentationModuleLib.pemed_train as pt
+    captured = {}
+    orig = pt.build_pemed
+
+    def capture(cfg):
+        captured["net"] = orig(cfg)
+        return captured["net"]
+    pt.build_pemed = capture
+    cfg = tiny_cfg()
+    cfg["training"].update(iterations=2, checkpoint_every=2)
+    pt.train(cfg, tmp, cases=synthetic_cases(), device="cpu", log=lambda *a: None)
+    torch.save({k: v.detach().clone() for k, v in captured["net"].state_dict().items()},
+               os.path.join(tmp, f"p{rank}.pt"))
+    dist.destroy_process_group()
