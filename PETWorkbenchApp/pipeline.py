@@ -257,16 +257,30 @@ def step_uptake(st, rep):
     return {"organs": len(rows)}
 
 
-def step_register(st, rep, device="cpu", iterations=(200, 100, 50), smoothness=2.0, learning_rate=2.0):
-    """Moving = synthesized (or low-dose) PET, fixed = CT; multi-modal MIND similarity inside the CT's body mask.
-    How these settings were chosen: RegistrationModuleLib/METHOD.md, "PET -> CT in the main job"."""
+# PET -> CT settings of the main job; how they were chosen: RegistrationModuleLib/METHOD.md, "PET -> CT in the main job"
+PET_CT_REGISTRATION = {"similarity": "mind", "regularizer": "diffusion", "smoothness": 2.0,
+                       "iterations": (200, 100, 50), "learning_rate": 2.0}
+
+
+def register_pet_to_ct(ct, pet, body, device="cpu", progress=None):
+    """Deformable PET -> CT registration of the main job (fixed CT, moving PET, similarity inside the CT's body
+    mask ``body``, a numpy array on the CT grid); the benchmark scores the same call."""
+    import SimpleITK as sitk
+    from RegistrationModuleLib import register
+    mask = sitk.GetImageFromArray(body.astype("uint8"))
+    mask.CopyInformation(ct)
+    return register(ct, pet, method="instance", fixed_mask=mask, prealign="none", device=device, progress=progress,
+                    **PET_CT_REGISTRATION)
+
+
+def step_register(st, rep, device="cpu"):
+    """Moving = synthesized (or low-dose) PET, fixed = CT; multi-modal MIND similarity inside the CT's body mask."""
     if st.has_valid("field.nii.gz", "registration.json"):
         return {"skipped": True}
     ct_path = st.input("ct")
     if ct_path is None:
         return {"skipped": True, "reason": "no CT for this study"}
     import SimpleITK as sitk
-    from RegistrationModuleLib import register
     ct = read_image(ct_path, "CT")
     if st.has("synthesized.nii.gz"):
         pet = read_image(st.path("synthesized.nii.gz"), "PET")
@@ -274,11 +288,8 @@ def step_register(st, rep, device="cpu", iterations=(200, 100, 50), smoothness=2
         pet = st.read_pet("low_dose", "PET")
     from RegistrationModuleLib.synthetic import body_mask
     body = body_mask(ct)
-    mask = sitk.GetImageFromArray(body.astype("uint8"))
-    mask.CopyInformation(ct)
     t0 = time.perf_counter()
-    res = register(ct, pet, method="instance", similarity="mind", smoothness=smoothness, iterations=tuple(iterations),
-                   learning_rate=learning_rate, fixed_mask=mask, prealign="none", device=device, progress=rep)
+    res = register_pet_to_ct(ct, pet, body, device=device, progress=rep)
     summary = dict(res.summary)
     summary["time_s"] = time.perf_counter() - t0
     st.write_image(res.displacement, "field.nii.gz")

@@ -56,7 +56,7 @@ class RegistrationModuleParameterNode:
     movingLabels: vtkMRMLLabelMapVolumeNode
     method: Annotated[str, Choice(["instance", "dca"])] = "instance"
     similarity: Annotated[str, Choice(similarity_names(ui_only=True))] = "lncc"
-    smoothness: Annotated[float, WithinRange(0.0, 10.0)] = 1.0
+    smoothness: Annotated[float, WithinRange(0.0, 500.0)] = 64.0
     iterations: Annotated[int, WithinRange(10, 2000)] = 100
     diffeomorphic: bool = False
     outputTransform: vtkMRMLTransformNode
@@ -124,7 +124,7 @@ class RegistrationModuleLogic(ScriptedLoadableModuleLogic):
         return RegistrationModuleParameterNode(super().getParameterNode())
 
     def register(self, fixedVolumeNode, movingVolumeNode, outputTransformNode=None, method="instance",
-                 similarity="lncc", smoothness=1.0, iterations=100, diffeomorphic=False, fixedMaskNode=None,
+                 similarity="lncc", smoothness=64.0, iterations=100, diffeomorphic=False, fixedMaskNode=None,
                  fixedLabelsNode=None, movingLabelsNode=None, outputVolumeNode=None, jacobianVolumeNode=None,
                  warpVolume=False, jacobian=False, device="auto", wait=True, progress=None, log=None):
         """Register moving to fixed. Returns the transform node (``wait=True``) or an EngineRun.

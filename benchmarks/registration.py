@@ -1,30 +1,51 @@
 #!/usr/bin/env python
-"""Registration benchmark: weight-free instance optimisation (ours) against ANTs SyN (antspyx) on real images.
+"""Registration benchmark: the weight-free engine with its defaults against classical peers, in one run.
 
-Cases
-1. CT: the real abdominal CT of ``totalsegmentator_example_ct`` (3 mm) is warped by a known smooth deformation
-   (breathing-like superior-inferior/anterior-posterior motion plus local Gaussian bumps, no folding); its
-   TotalSegmentator labels are warped with it.  Fixed = warped CT (+ noise), moving = original CT.  The true
-   pull-back field is therefore known exactly on the fixed grid.
-2. MNI: nilearn's MNI152 T1 template (2 mm) with a known deformation of the same kind; labels = GM/WM/CSF-like
-   classes from the nilearn tissue templates.
-3. 2D: the real brain slices of ``antspy_2d_brain_slices`` (different subjects, no ground truth): NCC inside the
-   fixed brain and folding; ours with affine pre-alignment and the diffeomorphic (SVF) mode.
+Cases (the known pull-back field ``u`` is exact: ``x_moving = x_fixed + u(x_fixed)``)
+1. ``mni``: nilearn's MNI152 T1 template at 2 mm; labels GM = 1 / WM = 2 (nilearn's tissue templates > 0.5, the
+   larger one wins, inside the brain mask); error mask = nilearn's brain mask.
+2. ``ct``: the real abdomen CT of ``totalsegmentator_example_ct`` (3 mm, from a Biograph mCT PET/CT; see the
+   shared data README) with its TotalSegmentator organ labels (``example_seg_fast_force_split``); error mask = the
+   body (largest component above -500 HU, holes filled).
+   Field of both: 6 Gaussian bumps (sigma 25 mm) centred on voxels of the mask drawn by
+   ``numpy.random.default_rng(0)``, each with a random unit direction and a random amplitude in [0.5, 1], the sum
+   scaled so that its largest magnitude is 8 mm.  Fixed = the image, moving = the image warped by the inverse field
+   (``moving(x + u(x)) = fixed(x)``; inverse by fixed-point iteration to < 1e-3 mm), labels likewise (nearest).
+3. ``petct``: the demo's PET -> CT case: the main job's simulate + synthesize steps on the sample anatomy (seed 0);
+   fixed = the CT acquired with a known breathing-like misalignment, moving = the synthesized PET; registered
+   with the main job's settings (``PETWorkbenchApp.pipeline.register_pet_to_ct``); error = mean |u - u_true| in the
+   body, mm.
 
-The last printed line is ``key=value`` pairs for the CT case:
-disp_true_vox disp_err_vox dice_before dice_ours dice_peer fold_pct time_ours_s time_peer_s.
+Methods (times are wall-clock seconds of the registration call only, all in this run, on the same load)
+* ``ours``: ``RegistrationModuleLib.register(fixed, moving)`` with the defaults a new user gets (the same as
+  ``petworkbench register fixed moving -o field``), on the CPU.
+* ``ants``: ANTs SyN with antspyx's defaults (``ants.registration(f, m, "SyN")``: affine + SyN, MI then CC).
+* ``elastix``: itk-elastix, B-spline, AdvancedNormalizedCorrelation, 8192 random samples, 1000 iterations per
+  level, final grid 16 mm (the default B-spline map otherwise: 4 levels, ASGD).  Deformable only.
+* ``fireants``: FireANTs greedy (CC), run by the interpreter of ``--fireants-python`` (its own venv: FireANTs pins
+  an old SimpleITK; it never enters the project's environment), default ``.cache/bench-venv-fireants``.
+A peer that is not installed is reported in one line and skipped (its keys are nan).
 
-Settings.  Ours: NIO schedule iterations (100, 60, 30), LNCC, diffusion implicit regulariser, smoothness 1, no
-pre-alignment (the pairs share a frame); ``--quick`` stops the pyramid at half resolution (``final_scale=2``).
-Peer: ANTs SyN, deformable only, with the ANTs authors' presets ``antsRegistrationSyN[so]`` (CC) or, with
-``--quick``, ``antsRegistrationSyNQuick[so]`` (MI).  Times are wall-clock seconds in this process (CPU seconds
-are printed too).
+Metrics per case and method: mean displacement error inside the mask (voxels), mean label Dice, % folded voxels
+(det J <= 0 over the whole grid), wall time.  A peer's displacement is read convention-free: its transform
+resamples images of the physical coordinates (linear, exact for a linear function).
 
-Usage: python benchmarks/registration.py [--quick] [--threads 2] [--torch-threads 1] [--no-peer]
+Last line: ``mni_err_ours mni_err_best_peer mni_time_ours_s mni_time_best_peer_s mni_time_ants_s ct_err_ours
+ct_err_best_peer ct_time_ours_s ct_time_best_peer_s fold_pct_ours petct_err_before_mm petct_err_ours_mm``
+(best peer = the peer with the lowest error in this run; fold_pct_ours = the largest over the cases).
+
+Usage: python benchmarks/registration.py [--quick] [--threads 2] [--cases mni,ct,petct] [--methods ...]
+``--quick`` skips nothing but runs elastix with 250 iterations per level (< 15 min on 2 cores); the full run uses
+the 1000 iterations above.
 """
 
+from __future__ import annotations
+
 import argparse
+import json
+import math
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,183 +59,364 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "RegistrationModule"))
 DATA = Path(os.environ.get("PETWORKBENCH_DATA", ROOT.parent / "shared" / "data"))
 CACHE = ROOT / ".cache" / "registration"
+FIREANTS_PY = ROOT / ".cache" / "bench-venv-fireants" / "bin" / "python"
+PEERS = ("ants", "elastix", "fireants")
+
+from RegistrationModuleLib.synthetic import body_mask  # noqa: E402
 
 
-from RegistrationModuleLib.synthetic import body_mask, known_deformation, warp_with
+# --------------------------------------------------------------------------------------------- known fields
+def physical_points(ref: sitk.Image) -> np.ndarray:
+    shape = sitk.GetArrayViewFromImage(ref).shape
+    nd = ref.GetDimension()
+    idx = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")[::-1], -1).astype(np.float64)
+    D = np.asarray(ref.GetDirection()).reshape(nd, nd)
+    return np.asarray(ref.GetOrigin()) + (idx * np.asarray(ref.GetSpacing())) @ D.T
 
 
-# --------------------------------------------------------------------------------------------- peer
-def ants_syn(fixed, moving, quick=False, threads=2):
-    """ANTs SyN with the ANTs authors' own presets, deformable only (the pairs already share a frame):
-    ``antsRegistrationSyN[so]`` (CC radius 2, 100x70x50x20 at shrink 8x4x2x1) or, with ``quick``,
-    ``antsRegistrationSyNQuick[so]`` (MI 32 bins, 100x70x50x0)."""
-    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
-    import ants
-
-    def to_ants(img):
-        nd = img.GetDimension()
-        return ants.from_numpy(sitk.GetArrayFromImage(img).T.astype(np.float32), origin=list(img.GetOrigin()),
-                               spacing=list(img.GetSpacing()),
-                               direction=np.asarray(img.GetDirection()).reshape(nd, nd))
-    f, m = to_ants(fixed), to_ants(moving)
-    preset = "antsRegistrationSyNQuick[so]" if quick else "antsRegistrationSyN[so]"
-    with tempfile.TemporaryDirectory() as tmp:
-        t, c = time.perf_counter(), time.process_time()
-        out = ants.registration(f, m, type_of_transform=preset, outprefix=os.path.join(tmp, "syn_"))
-        dt, dc = time.perf_counter() - t, time.process_time() - c
-        field = sitk.ReadImage(out["fwdtransforms"][0])
-    field = sitk.Cast(field, sitk.sitkVectorFloat64)
-    return field, dt, dc
+def bump_field(ref: sitk.Image, mask: np.ndarray, n: int = 6, sigma: float = 25.0, max_mm: float = 8.0,
+               seed: int = 0) -> np.ndarray:
+    """Sum of ``n`` Gaussian bumps (centres on mask voxels, random directions and amplitudes), scaled to a largest
+    magnitude of ``max_mm``: LPS mm, array (*spatial, 3)."""
+    rng = np.random.default_rng(seed)
+    x = physical_points(ref)
+    inside = np.argwhere(mask)
+    u = np.zeros_like(x)
+    for _ in range(n):
+        p = x[tuple(inside[rng.integers(len(inside))])]
+        d = rng.normal(size=3)
+        d /= np.linalg.norm(d)
+        a = rng.uniform(0.5, 1.0)
+        g = np.exp(-0.5 * np.sum((x - p) ** 2, -1) / sigma ** 2)
+        u += a * g[..., None] * d
+    return u * (max_mm / np.linalg.norm(u, axis=-1).max())
 
 
-def warp_field(img, field, label=False):
-    tx = sitk.DisplacementFieldTransform(sitk.Image(field))
+def _field_img(u, ref):
+    img = sitk.GetImageFromArray(np.ascontiguousarray(u, np.float64), isVector=True)
+    img.CopyInformation(ref)
+    return img
+
+
+def invert_field(u: np.ndarray, ref: sitk.Image, iterations: int = 60) -> np.ndarray:
+    """Pull-back field ``v`` of the inverse map: ``y + v(y) = phi^-1(y)`` for ``phi(x) = x + u(x)``; fixed point
+    ``v(y) = -u(y + v(y))`` (converges for a contraction: |grad u| < 1)."""
+    v = -u.copy()
+    for _ in range(iterations):
+        tx = sitk.DisplacementFieldTransform(_field_img(v, ref))
+        comps = []
+        for c in range(3):
+            ci = sitk.GetImageFromArray(np.ascontiguousarray(u[..., c], np.float64))
+            ci.CopyInformation(ref)
+            comps.append(sitk.GetArrayFromImage(sitk.Resample(ci, ref, tx, sitk.sitkLinear, 0.0, sitk.sitkFloat64)))
+        v_new = -np.stack(comps, -1)
+        step = np.abs(v_new - v).max()
+        v = v_new
+        if step < 1e-4:
+            break
+    return v
+
+
+def warp_with(img, v, ref, label=False):
+    tx = sitk.DisplacementFieldTransform(_field_img(v, ref))
     default = 0.0 if label else float(sitk.GetArrayViewFromImage(img).min())
-    return sitk.Resample(img, field, tx, sitk.sitkNearestNeighbor if label else sitk.sitkLinear, default,
+    return sitk.Resample(img, ref, tx, sitk.sitkNearestNeighbor if label else sitk.sitkLinear, default,
                          img.GetPixelID())
 
 
-def ncc(a, b, mask=None):
-    a = sitk.GetArrayFromImage(a).astype(np.float64)
-    b = sitk.GetArrayFromImage(b).astype(np.float64)
-    if mask is not None:
-        a, b = a[mask], b[mask]
-    return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+def make_case(img, lab, mask, name):
+    u = bump_field(img, mask)
+    v = invert_field(u, img)
+    fixed, flab = img, lab
+    moving = warp_with(img, v, img)
+    mlab = warp_with(lab, v, img, label=True)
+    # check of the construction: the exact answer warps the moving image back onto the fixed one
+    back = sitk.GetArrayFromImage(warp_with(moving, u, img))
+    f = sitk.GetArrayFromImage(fixed)
+    rel = float(np.abs(back - f)[mask].mean() / (np.abs(f[mask] - f[mask].mean()).mean() + 1e-9))
+    print(f"{name}: size {img.GetSize()} spacing {img.GetSpacing()} true field mean "
+          f"{np.linalg.norm(u, axis=-1)[mask].mean():.2f} mm max {np.linalg.norm(u, axis=-1).max():.2f} mm; "
+          f"moving warped back by the true field differs from fixed by {100 * rel:.2f} % (interpolation)",
+          flush=True)
+    return {"name": name, "fixed": fixed, "moving": moving, "fixed_labels": flab, "moving_labels": mlab,
+            "u_true": u, "mask": mask, "voxel": float(np.mean(img.GetSpacing()))}
 
 
-# --------------------------------------------------------------------------------------------- cases
-def run_case(name, fixed, moving, flab, mlab, u_true, body, voxel, args, ours_kw):
-    from RegistrationModuleLib import register
-    from RegistrationModuleLib.metrics import dice, folding, hd95
-    out = {}
-    _, out["dice_before"] = dice(flab, mlab)
-    t, c = time.perf_counter(), time.process_time()
-    res = register(fixed, moving, **ours_kw)
-    out["time_ours_s"] = time.perf_counter() - t
-    out["cpu_ours_s"] = time.process_time() - c
-    u = sitk.GetArrayFromImage(res.displacement)
-    out["disp_true_vox"] = float(np.linalg.norm(u_true, axis=-1)[body].mean() / voxel)
-    out["disp_err_vox"] = float(np.linalg.norm(u - u_true, axis=-1)[body].mean() / voxel)
-    warped_lab = res.warp(mlab, is_label=True)
-    _, out["dice_ours"] = dice(flab, warped_lab)
-    _, out["hd95_ours_mm"] = hd95(flab, warped_lab)
-    fo = folding(res.displacement)
-    out["fold_pct"] = fo["folding_pct"]
-    out["std_log_j"] = fo["std_log_j"]
-    out["fold_pct_body"] = folding(res.displacement, body.astype(np.uint8))["folding_pct"]
-    if not args.no_peer:
-        field, out["time_peer_s"], out["cpu_peer_s"] = ants_syn(fixed, moving, args.quick, args.threads)
-        up = sitk.GetArrayFromImage(field)
-        out["disp_err_peer_vox"] = float(np.linalg.norm(up - u_true, axis=-1)[body].mean() / voxel)
-        wl = warp_field(mlab, field, label=True)
-        _, out["dice_peer"] = dice(flab, wl)
-        _, out["hd95_peer_mm"] = hd95(flab, wl)
-        out["fold_pct_peer"] = folding(field)["folding_pct"]
-    print(name + ": " + " ".join(f"{k}={v:.4g}" for k, v in out.items()), flush=True)
-    return out
-
-
-def ct_case(args, ours_kw):
-    d = DATA / "totalsegmentator_example_ct"
-    ct = sitk.ReadImage(str(d / "example_ct.nii.gz"), sitk.sitkFloat32)
-    lab = sitk.ReadImage(str(d / "example_seg_fast_force_split.nii.gz"), sitk.sitkUInt8)
-    lab.CopyInformation(ct)
-    body = body_mask(ct)
-    u_true = known_deformation(ct, body, amp_si=14.0, amp_ap=5.0, bumps=5, bump_amp=8.0, bump_sigma=30.0)
-    fixed = warp_with(ct, u_true, ct)
-    rng = np.random.default_rng(1)
-    fa = sitk.GetArrayFromImage(fixed)
-    fa = fa + rng.normal(0, 10.0, fa.shape).astype(np.float32)      # 10 HU noise on the fixed image
-    fixed2 = sitk.GetImageFromArray(fa)
-    fixed2.CopyInformation(ct)
-    flab = warp_with(lab, u_true, ct, label=True)
-    return run_case("ct", fixed2, ct, flab, lab, u_true, body, float(np.mean(ct.GetSpacing())), args, ours_kw)
-
-
-def mni_case(args, ours_kw):
+def mni_case():
     from nilearn import datasets
     CACHE.mkdir(parents=True, exist_ok=True)
-    t1p, labp = CACHE / "mni152_t1_2mm.nii.gz", CACHE / "mni152_tissue_2mm.nii.gz"
-    if not labp.exists():
+    t1p, labp, mp = (CACHE / "mni152_t1_2mm.nii.gz", CACHE / "mni152_gmwm_2mm.nii.gz",
+                     CACHE / "mni152_brainmask_2mm.nii.gz")
+    if not (t1p.exists() and labp.exists() and mp.exists()):
         import nibabel as nib
         t1 = datasets.load_mni152_template(resolution=2)
         gm = datasets.load_mni152_gm_template(resolution=2).get_fdata()
         wm = datasets.load_mni152_wm_template(resolution=2).get_fdata()
         brain = datasets.load_mni152_brain_mask(resolution=2).get_fdata() > 0
         lab = np.zeros(gm.shape, np.uint8)
-        lab[brain] = 3                                                   # CSF / other inside the brain mask
-        lab[(gm > 0.5) & (gm >= wm)] = 1
-        lab[(wm > 0.5) & (wm > gm)] = 2
+        lab[brain & (gm > 0.5) & (gm >= wm)] = 1
+        lab[brain & (wm > 0.5) & (wm > gm)] = 2
         nib.save(nib.Nifti1Image(np.asarray(t1.get_fdata(), np.float32), t1.affine), str(t1p))
         nib.save(nib.Nifti1Image(lab, t1.affine), str(labp))
+        nib.save(nib.Nifti1Image(brain.astype(np.uint8), t1.affine), str(mp))
     t1 = sitk.ReadImage(str(t1p), sitk.sitkFloat32)
     lab = sitk.ReadImage(str(labp), sitk.sitkUInt8)
-    body = sitk.GetArrayFromImage(t1) > 0.1 * float(sitk.GetArrayViewFromImage(t1).max())
-    from scipy import ndimage
-    body = ndimage.binary_fill_holes(body)
-    u_true = known_deformation(t1, body, amp_si=8.0, amp_ap=3.0, bumps=4, bump_amp=6.0, bump_sigma=18.0, seed=3)
-    fixed = warp_with(t1, u_true, t1)
-    flab = warp_with(lab, u_true, t1, label=True)
-    return run_case("mni", fixed, t1, flab, lab, u_true, body, 2.0, args, ours_kw)
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(mp))) > 0
+    return make_case(t1, lab, mask, "mni")
 
 
-def slices_case(args, ours_kw):
+def ct_case():
+    d = DATA / "totalsegmentator_example_ct"
+    ct = sitk.ReadImage(str(d / "example_ct.nii.gz"), sitk.sitkFloat32)
+    lab = sitk.ReadImage(str(d / "example_seg_fast_force_split.nii.gz"), sitk.sitkUInt8)
+    lab.CopyInformation(ct)
+    return make_case(ct, lab, body_mask(ct), "ct")
+
+
+# --------------------------------------------------------------------------------------------- metrics
+def coordinate_images(ref):
+    x = physical_points(ref)
+    out = []
+    for c in range(3):
+        ci = sitk.GetImageFromArray(np.ascontiguousarray(x[..., c], np.float32))
+        ci.CopyInformation(ref)
+        out.append(ci)
+    return out, x
+
+
+def score(case, u, seconds):
+    """Error (voxels, in the mask), Dice of the warped moving labels, % det J <= 0, time."""
+    from RegistrationModuleLib.metrics import dice, folding
+    ref = case["fixed"]
+    err = float(np.linalg.norm(u - case["u_true"], axis=-1)[case["mask"]].mean() / case["voxel"])
+    fld = _field_img(u, ref)
+    wl = warp_with(case["moving_labels"], u, ref, label=True)
+    _, d = dice(case["fixed_labels"], wl)
+    return {"err_vox": err, "dice": d, "fold_pct": folding(fld)["folding_pct"], "time_s": seconds}
+
+
+# --------------------------------------------------------------------------------------------- methods
+def run_ours(case, threads):
+    import torch
+
     from RegistrationModuleLib import register
-    from RegistrationModuleLib.metrics import folding
-    d = DATA / "antspy_2d_brain_slices"
-    pairs = [("r16", "r64"), ("r27", "r85")] if args.quick else [("r16", "r64"), ("r27", "r85"), ("r30", "r62")]
-    rows = []
-    for a, b in pairs:
-        f = sitk.Cast(sitk.ReadImage(str(d / f"{a}slice.jpg")), sitk.sitkFloat32)
-        m = sitk.Cast(sitk.ReadImage(str(d / f"{b}slice.jpg")), sitk.sitkFloat32)
-        mask = sitk.GetArrayFromImage(f) > 0
+    torch.set_num_threads(threads)
+    t = time.perf_counter()
+    res = register(case["fixed"], case["moving"], device="cpu")
+    dt = time.perf_counter() - t
+    return sitk.GetArrayFromImage(res.displacement), dt
+
+
+def _ants_image(img):
+    import ants
+    nd = img.GetDimension()
+    return ants.from_numpy(sitk.GetArrayFromImage(img).T.astype(np.float32), origin=list(img.GetOrigin()),
+                           spacing=list(img.GetSpacing()), direction=np.asarray(img.GetDirection()).reshape(nd, nd))
+
+
+def run_ants(case, threads):
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
+    import ants
+    f, m = _ants_image(case["fixed"]), _ants_image(case["moving"])
+    with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        res = register(f, m, **ours_kw)
-        row = {"ncc_before": ncc(f, m, mask), "ncc_ours": ncc(f, res.warp(m), mask),
-               "fold_pct_ours": folding(res.displacement)["folding_pct"], "time_ours_s": time.perf_counter() - t}
-        if not args.no_peer:
-            field, row["time_peer_s"], row["cpu_peer_s"] = ants_syn(f, m, args.quick, args.threads)
-            row["ncc_peer"] = ncc(f, warp_field(m, field), mask)
-            row["fold_pct_peer"] = folding(field)["folding_pct"]
-        print(f"2d {a}->{b}: " + " ".join(f"{k}={v:.4g}" for k, v in row.items()), flush=True)
-        rows.append(row)
-    return rows
+        out = ants.registration(f, m, type_of_transform="SyN", outprefix=os.path.join(tmp, "syn_"))
+        dt = time.perf_counter() - t
+        coords, x = coordinate_images(case["fixed"])
+        y = np.stack([ants.apply_transforms(f, _ants_image(c), out["fwdtransforms"]).numpy().T for c in coords], -1)
+    return y - x, dt
+
+
+def run_elastix(case, threads, quick):
+    import itk
+    itk.MultiThreaderBase.SetGlobalDefaultNumberOfThreads(threads)
+    f = itk.GetImageFromArray(sitk.GetArrayFromImage(case["fixed"]).astype(np.float32))
+    m = itk.GetImageFromArray(sitk.GetArrayFromImage(case["moving"]).astype(np.float32))
+    for a, b in ((f, case["fixed"]), (m, case["moving"])):
+        a.SetOrigin(b.GetOrigin())
+        a.SetSpacing(b.GetSpacing())
+        a.SetDirection(itk.matrix_from_array(np.asarray(b.GetDirection()).reshape(3, 3)))
+    po = itk.ParameterObject.New()
+    pm = po.GetDefaultParameterMap("bspline")
+    pm["Metric"] = ["AdvancedNormalizedCorrelation"]
+    pm["NumberOfSpatialSamples"] = ["8192"]
+    pm["MaximumNumberOfIterations"] = ["250" if quick else "1000"]
+    pm["FinalGridSpacingInPhysicalUnits"] = ["16"]
+    pm["WriteResultImage"] = ["false"]
+    po.AddParameterMap(pm)
+    t = time.perf_counter()
+    _, tp = itk.elastix_registration_method(f, m, parameter_object=po, log_to_console=False,
+                                            number_of_threads=threads)
+    dt = time.perf_counter() - t
+    dfield = itk.transformix_deformation_field(m, tp)
+    u = np.asarray(itk.GetArrayFromImage(dfield), np.float64)
+    return u, dt
+
+
+FIREANTS_SCRIPT = r"""
+import json, sys, time
+import numpy as np, torch, SimpleITK as sitk
+from fireants.io.image import Image, BatchedImages
+from fireants.registration.greedy import GreedyRegistration
+a = json.loads(sys.argv[1])
+torch.set_num_threads(a["threads"])
+fixed = BatchedImages([Image.load_file(a["fixed"], device="cpu")])
+moving = BatchedImages([Image.load_file(a["moving"], device="cpu")])
+t = time.perf_counter()
+reg = GreedyRegistration(scales=[4, 2, 1], iterations=[200, 100, 50], fixed_images=fixed, moving_images=moving,
+                         cc_kernel_size=5, deformation_type="compositive", smooth_grad_sigma=1,
+                         smooth_warp_sigma=0.5, optimizer="Adam", optimizer_lr=0.5)
+reg.optimize()
+dt = time.perf_counter() - t
+out = []
+for c in a["coords"]:
+    cm = BatchedImages([Image.load_file(c, device="cpu")])
+    with torch.no_grad():
+        w = reg.evaluate(fixed, cm)
+    out.append(w[0, 0].cpu().numpy())
+np.save(a["out"], np.stack(out, -1))
+print(json.dumps({"time_s": dt}))
+"""
+
+
+def run_fireants(case, threads, python):
+    coords, x = coordinate_images(case["fixed"])
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {}
+        for k in ("fixed", "moving"):
+            paths[k] = os.path.join(tmp, f"{k}.nii.gz")
+            sitk.WriteImage(case[k], paths[k])
+        cps = []
+        for c, img in enumerate(coords):
+            p = os.path.join(tmp, f"coord{c}.nii.gz")
+            sitk.WriteImage(img, p)
+            cps.append(p)
+        out = os.path.join(tmp, "coords.npy")
+        arg = json.dumps({"fixed": paths["fixed"], "moving": paths["moving"], "coords": cps, "out": out,
+                          "threads": threads})
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH="")
+        r = subprocess.run([str(python), "-c", FIREANTS_SCRIPT, arg], capture_output=True, text=True, env=env)
+        if r.returncode != 0:
+            raise RuntimeError(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}")
+        dt = json.loads(r.stdout.strip().splitlines()[-1])["time_s"]
+        y = np.load(out)
+    return y.astype(np.float64) - x, dt
+
+
+def peer_available(name, args):
+    try:
+        if name == "ants":
+            import ants  # noqa: F401
+        elif name == "elastix":
+            import itk
+            itk.elastix_registration_method  # noqa: B018
+        elif name == "fireants":
+            py = Path(args.fireants_python)
+            if not py.exists():
+                return f"no interpreter at {py} (make the separate venv, see the docstring)"
+            r = subprocess.run([str(py), "-c", "import fireants"], capture_output=True, text=True,
+                               env=dict(os.environ, PYTHONPATH=""))
+            if r.returncode != 0:
+                return "fireants does not import there: " + (r.stderr.strip().splitlines() or ["?"])[-1]
+    except (ImportError, AttributeError) as e:
+        return f"not installed ({e})"
+    return None
+
+
+def run_method(name, case, args):
+    if name == "ours":
+        return run_ours(case, args.torch_threads)
+    if name == "ants":
+        return run_ants(case, args.threads)
+    if name == "elastix":
+        return run_elastix(case, args.threads, args.quick)
+    return run_fireants(case, args.threads, args.fireants_python)
+
+
+# --------------------------------------------------------------------------------------------- PET -> CT
+def petct_case(args):
+    """The demo's PET -> CT registration: simulate + synthesize of the main job (cached), then its register."""
+    import torch
+
+    from PETWorkbenchApp import pipeline
+    torch.set_num_threads(args.torch_threads)
+    root = CACHE / "petct"
+    st_spec = {"id": "demo", "anatomy": "sample"}
+    pipeline.run_study(st_spec, root, steps=["simulate", "synthesize"], seed=0, device="cpu")
+    st = pipeline.Study(st_spec, root)
+    ct = sitk.ReadImage(str(st.path("ct.nii.gz")))
+    pet = sitk.ReadImage(str(st.path("synthesized.nii.gz")))
+    u_true = sitk.GetArrayFromImage(sitk.ReadImage(str(st.path("true_field.nii.gz"))))
+    body = body_mask(ct)
+    t = time.perf_counter()
+    res = pipeline.register_pet_to_ct(ct, pet, body, device="cpu")
+    dt = time.perf_counter() - t
+    from RegistrationModuleLib.metrics import folding
+    u = sitk.GetArrayFromImage(res.displacement)
+    out = {"petct_err_before_mm": float(np.linalg.norm(u_true, axis=-1)[body].mean()),
+           "petct_err_ours_mm": float(np.linalg.norm(u - u_true, axis=-1)[body].mean()),
+           "petct_fold_pct": folding(res.displacement)["folding_pct"], "petct_time_s": dt}
+    print("petct: " + " ".join(f"{k}={v:.4g}" for k, v in out.items()), flush=True)
+    return out
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="CT + MNI + two 2D pairs (< 10 min on 2 cores)")
-    p.add_argument("--threads", type=int, default=2, help="ITK/ANTs threads (default 2)")
-    p.add_argument("--torch-threads", type=int, default=1,
-                   help="torch threads for ours (default 1: torch's OpenMP threads stall when the 2 cores are "
-                        "shared with other work; 1 thread is the slower choice on an idle machine)")
-    p.add_argument("--no-peer", action="store_true", help="skip ANTs")
-    p.add_argument("--cases", default="ct,mni,2d")
-    p.add_argument("--smoothness", type=float, default=None)
-    p.add_argument("--iterations", default=None, help="e.g. 100,60,30")
-    p.add_argument("--similarity", default="lncc")
+    p.add_argument("--quick", action="store_true", help="elastix 250 iterations per level (< 15 min on 2 cores)")
+    p.add_argument("--threads", type=int, default=2, help="threads of every method (ITK, ANTs, torch; default 2)")
+    p.add_argument("--torch-threads", type=int, default=None, help="threads of ours (default: --threads)")
+    p.add_argument("--cases", default="mni,ct,petct")
+    p.add_argument("--methods", default="ours,ants,elastix,fireants")
+    p.add_argument("--fireants-python", default=str(FIREANTS_PY))
     args = p.parse_args(argv)
-    import torch
-    torch.set_num_threads(args.torch_threads)
+    if args.torch_threads is None:
+        args.torch_threads = args.threads
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
-    # quick: the finest optimisation level is half resolution (field upsampled), full: full resolution
-    kw = {"similarity": args.similarity, "prealign": "none", "device": "cpu", "final_scale": 2 if args.quick else 1}
-    if args.smoothness is not None:
-        kw["smoothness"] = args.smoothness
-    if args.iterations:
-        kw["iterations"] = tuple(int(i) for i in args.iterations.split(","))
-    cases = args.cases.split(",")
-    ct = ct_case(args, kw) if "ct" in cases else None
-    if "mni" in cases:
-        mni_case(args, kw)
-    if "2d" in cases:
-        # different subjects: affine first, then a diffeomorphic (SVF) field, like SyN
-        slices_case(args, dict(kw, prealign="affine", diffeomorphic=True))
-    if ct is not None:
-        keys = ["disp_true_vox", "disp_err_vox", "dice_before", "dice_ours", "dice_peer", "fold_pct",
-                "time_ours_s", "time_peer_s"]
-        print(" ".join(f"{k}={ct.get(k, float('nan')):.4f}" for k in keys))
+    methods = args.methods.split(",")
+    for name in [m for m in methods if m in PEERS]:
+        why = peer_available(name, args)
+        if why:
+            print(f"peer {name} skipped: {why}", flush=True)
+            methods.remove(name)
+    t_all = time.perf_counter()
+    key = {}
+    results = {}
+    for cname in args.cases.split(","):
+        if cname == "petct":
+            key.update(petct_case(args))
+            continue
+        case = mni_case() if cname == "mni" else ct_case()
+        results[cname] = {}
+        for m in methods:
+            try:
+                u, dt = run_method(m, case, args)
+            except Exception as e:                           # a peer that fails is reported, not fatal
+                if m == "ours":
+                    raise
+                print(f"{cname} {m}: failed ({type(e).__name__}: {e})", flush=True)
+                continue
+            r = score(case, u, dt)
+            results[cname][m] = r
+            print(f"{cname} {m}: " + " ".join(f"{k}={v:.4g}" for k, v in r.items()), flush=True)
+        peers = {m: r for m, r in results[cname].items() if m != "ours"}
+        best = min(peers, key=lambda m: peers[m]["err_vox"]) if peers else None
+        if best:
+            print(f"{cname}: best peer {best}", flush=True)
+        ours = results[cname].get("ours", {})
+        key[f"{cname}_err_ours"] = ours.get("err_vox", math.nan)
+        key[f"{cname}_time_ours_s"] = ours.get("time_s", math.nan)
+        key[f"{cname}_err_best_peer"] = peers[best]["err_vox"] if best else math.nan
+        key[f"{cname}_time_best_peer_s"] = peers[best]["time_s"] if best else math.nan
+        key[f"{cname}_time_ants_s"] = peers.get("ants", {}).get("time_s", math.nan)
+        key[f"{cname}_fold_ours"] = ours.get("fold_pct", math.nan)
+    folds = [v for k, v in key.items() if k.endswith("_fold_ours")]
+    key["fold_pct_ours"] = max(folds) if folds else math.nan
+    print(f"total {time.perf_counter() - t_all:.0f} s", flush=True)
+    keys = ["mni_err_ours", "mni_err_best_peer", "mni_time_ours_s", "mni_time_best_peer_s", "mni_time_ants_s",
+            "ct_err_ours", "ct_err_best_peer", "ct_time_ours_s", "ct_time_best_peer_s", "fold_pct_ours",
+            "petct_err_before_mm", "petct_err_ours_mm"]
+    print(" ".join(f"{k}={key.get(k, math.nan):.4f}" for k in keys))
 
 
 if __name__ == "__main__":

@@ -36,8 +36,9 @@ class RegisterRequest:
     method: str = option("instance", choices=("instance", "dca"), help="instance optimisation or TM-DCA")
     model: str = option(None, help="TM-DCA model id or checkpoint (method dca)")
     similarity: str = option("lncc", choices=similarity_names, help=describe())
-    regularizer: str = option("diffusion", choices=("diffusion", "elastic", "curvature"), help="regulariser")
-    smoothness: float = option(1.0, help="regularisation weight")
+    regularizer: str = option("curvature", choices=("diffusion", "elastic", "curvature"),
+                              help="implicitly solved regulariser (default curvature)")
+    smoothness: float = option(64.0, help="regularisation weight γ, in (fixed voxel size)² (default 64)")
     iterations: tuple = option((100, 60, 30), parse=_levels, format=_levels_text,
                                help="Adam iterations per pyramid level, coarse to fine (default 100,60,30)")
     diffeomorphic: bool = option(flag=True, help="integrate the field as a stationary velocity")

@@ -45,6 +45,8 @@ DEFAULT_CONFIG = {
     "offset_kernels": [7, 5, 3],
     "mlp_ratio": 4.0,
     "reg_head_chan": 16,
+    "cps": 3,                         # B-spline control-point spacing of the output head, in voxels (IXI setting)
+    "svf_steps": 7,                   # scaling-and-squaring steps of the B-spline velocity field
 }
 
 
@@ -209,9 +211,26 @@ class TMDCA(nn.Module):
         self.head = nn.Conv3d(cfg["reg_head_chan"], 3, 3, padding=1)
         nn.init.normal_(self.head.weight, 0.0, 1e-5)
         nn.init.zeros_(self.head.bias)
+        self._bspline = {}
 
-    def forward(self, moving, fixed):
-        """moving, fixed: (B, 1, D, H, W) -> displacement (B, 3, D, H, W) in voxels, channels (x, y, z)."""
+    def velocity(self, control: torch.Tensor, shape) -> torch.Tensor:
+        """Cubic B-spline upsampling of the control-point velocities to the image grid (voxels)."""
+        from .ops import BSplineGrid
+        key = (tuple(shape), control.device, control.dtype)
+        if key not in self._bspline:
+            self._bspline[key] = BSplineGrid(shape, [float(n - 1) for n in shape[::-1]], float(self.config["cps"]),
+                                             control.device, control.dtype)
+        grid = self._bspline[key]
+        control = F.interpolate(control, size=grid.cshape, mode="trilinear", align_corners=True)
+        return torch.cat([grid(control[i:i + 1]) for i in range(control.shape[0])], 0)
+
+    def forward(self, moving, fixed, return_velocity=False):
+        """moving, fixed: (B, 1, D, H, W) -> displacement (B, 3, D, H, W) in voxels, channels (x, y, z) (and the
+        stationary velocity field it integrates, with ``return_velocity``).
+
+        Output head of the paper's unsupervised (IXI) configuration: a B-spline-parameterised stationary velocity
+        field (control points every ``cps`` voxels) integrated by scaling and squaring, so the field is
+        diffeomorphic."""
         pair = torch.cat([moving, fixed], 1)
         a = self.embed_a(moving).permute(0, 2, 3, 4, 1)
         b = self.embed_b(fixed).permute(0, 2, 3, 4, 1)
@@ -231,7 +250,13 @@ class TMDCA(nn.Module):
         x = self.up_half(torch.cat([x, self.skip_in(p_half)], 1))
         x = F.interpolate(x, size=pair.shape[2:], mode="trilinear", align_corners=False)
         x = self.up_full(torch.cat([x, pair], 1))
-        return self.head(x)
+        cps = int(self.config["cps"])
+        control = F.avg_pool3d(self.head(x), cps, stride=cps, ceil_mode=True)     # velocities at control points
+        v = self.velocity(control, pair.shape[2:])
+        u = v / (2 ** int(self.config["svf_steps"]))
+        for _ in range(int(self.config["svf_steps"])):
+            u = u + spatial_transform(u, u)
+        return (u, v) if return_velocity else u
 
 
 # ---------------------------------------------------------------------------------------------- losses / warp
@@ -319,8 +344,9 @@ def load(model: str | Path | None, device: str | torch.device = "cpu") -> TMDCA:
 
 @torch.no_grad()
 def predict_field(model: nn.Module | str | Path | None, F_np: np.ndarray, M_np: np.ndarray,
-                  spacing: Sequence[float], device: str | torch.device = "cpu") -> np.ndarray:
-    """Network prediction on the fixed grid: (3, *spatial) field in mm along index axes (engine convention)."""
+                  spacing: Sequence[float], device: str | torch.device = "cpu", velocity: bool = False) -> np.ndarray:
+    """Network prediction on the fixed grid: (3, *spatial) displacement in mm along index axes (engine convention),
+    or, with ``velocity``, the stationary velocity field whose exponential it is (for a diffeomorphic refinement)."""
     from PETWorkbenchLib.errors import InputError
     if F_np.ndim != 3:
         raise InputError("method 'dca' (TM-DCA) works on 3D images only; use method='instance' for 2D")
@@ -330,7 +356,8 @@ def predict_field(model: nn.Module | str | Path | None, F_np: np.ndarray, M_np: 
     m = torch.from_numpy(np.ascontiguousarray(M_np, np.float32))[None, None].to(device)
     fi = F.interpolate(f, size=size, mode="trilinear", align_corners=True)
     mi = F.interpolate(m, size=size, mode="trilinear", align_corners=True)
-    flow = net(mi, fi)                                            # voxels of the network grid, (x, y, z)
+    disp, vel = net(mi, fi, return_velocity=True)                 # voxels of the network grid, (x, y, z)
+    flow = vel if velocity else disp
     full = F_np.shape
     flow = F.interpolate(flow, size=full, mode="trilinear", align_corners=True)
     # network voxel -> fixed voxel -> mm, per index axis c (x, y, z); array axis of c is 2 - c

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
     import torch
 
+    from . import ops
     from .result import RegistrationResult
 
 REGULARIZERS = ("diffusion", "elastic", "curvature")
@@ -221,18 +222,47 @@ def compose_affine(u_lps: np.ndarray, ref: sitk.Image, affine: sitk.AffineTransf
     return z - x
 
 
+def moving_sampler(fixed: sitk.Image, moving: sitk.Image, affine: sitk.AffineTransform, device) -> ops.Sampler:
+    """:class:`ops.Sampler` from the fixed grid into the moving grid through the pre-alignment ``affine``."""
+    import torch
+
+    from . import ops
+    nd = fixed.GetDimension()
+    shape = sitk.GetArrayViewFromImage(fixed).shape
+    idx = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij")[::-1], -1)
+    Df = np.asarray(fixed.GetDirection()).reshape(nd, nd)
+    x = np.asarray(fixed.GetOrigin()) + (idx * np.asarray(fixed.GetSpacing())) @ Df.T
+    A = np.asarray(affine.GetMatrix()).reshape(nd, nd)
+    c = np.asarray(affine.GetCenter())
+    y = (x - c) @ A.T + c + np.asarray(affine.GetTranslation())
+    Dm_inv = np.linalg.inv(np.asarray(moving.GetDirection()).reshape(nd, nd))
+    sm = np.asarray(moving.GetSpacing())
+    Nm = np.maximum(np.asarray(moving.GetSize(), dtype=np.float64) - 1, 1)
+    j = ((y - np.asarray(moving.GetOrigin())) @ Dm_inv.T) / sm                    # continuous moving index (x, y, z)
+    base = 2.0 * j / Nm - 1.0
+    K = np.diag(2.0 / (Nm * sm)) @ Dm_inv @ A @ Df
+    return ops.Sampler(torch.from_numpy(base.astype(np.float32))[None].to(device),
+                       torch.from_numpy(K.astype(np.float32)).to(device))
+
+
 def _is_identity(affine, nd):
     return (np.allclose(np.asarray(affine.GetMatrix()).reshape(nd, nd), np.eye(nd))
             and np.allclose(affine.GetTranslation(), 0))
 
 
 # ----------------------------------------------------------------------------------------------- main entry
+# the defaults a new user gets (engine, command line, Slicer module); METHOD.md records what each bought
+DEFAULT_REGULARIZER = "curvature"
+DEFAULT_SMOOTHNESS = 64.0
+
+
 def register(fixed: sitk.Image, moving: sitk.Image, method: str = "instance", similarity: str = "lncc",
-             smoothness: float = 1.0, iterations: int | Sequence[int] = (100, 60, 30), diffeomorphic: bool = False,
+             smoothness: float = DEFAULT_SMOOTHNESS, iterations: int | Sequence[int] = (100, 60, 30),
+             diffeomorphic: bool = False,
              fixed_mask: sitk.Image | None = None, moving_mask: sitk.Image | None = None,
              fixed_labels: sitk.Image | None = None, moving_labels: sitk.Image | None = None, device: str = "auto",
              progress: Callable[[float, str], None] | None = None, cancel: Callable[[], bool] | None = None,
-             regularizer: str = "diffusion", prealign: str = "affine",
+             regularizer: str = DEFAULT_REGULARIZER, prealign: str = "affine",
              learning_rate: float = 0.5, penalty: float = 1.0, label_weight: float = 1.0, lncc_window: int = 7,
              model: str | Path | torch.nn.Module | None = None, output_field: str = "smooth", final_scale: int = 1,
              seed: int = 0) -> RegistrationResult:
@@ -285,33 +315,29 @@ def register(fixed: sitk.Image, moving: sitk.Image, method: str = "instance", si
                                 multimodal=term.multimodal, center=center, rep=rep)
     t_pre = time.perf_counter() - t0
     fixedf = sitk.Cast(fixed, sitk.sitkFloat32)
-    mov_min = float(sitk.GetArrayViewFromImage(moving).min())
-    mres = sitk.Resample(sitk.Cast(moving, sitk.sitkFloat32), fixedf, affine, sitk.sitkLinear, mov_min)
     ones = sitk.Image(moving.GetSize(), sitk.sitkFloat32) + 1.0
     ones.CopyInformation(moving)
     domain = sitk.GetArrayFromImage(sitk.Resample(ones, fixedf, affine, sitk.sitkNearestNeighbor, 0.0))
     if domain.mean() < 0.01:
         raise InputError("after pre-alignment the moving image covers less than 1% of the fixed image grid "
                          f"({100 * domain.mean():.2f}%); the images hardly overlap")
-
-    def to_fixed(img, label):
-        if img is None:
-            return None
-        interp = sitk.sitkNearestNeighbor if label else sitk.sitkLinear
-        return sitk.GetArrayFromImage(sitk.Resample(img, fixedf, affine, interp, 0))
+    if moving_mask is not None:
+        mres_mask = sitk.Resample(moving_mask, fixedf, affine, sitk.sitkNearestNeighbor, 0)
+        if not np.any(sitk.GetArrayViewFromImage(mres_mask) > 0):
+            raise InputError("the moving mask falls outside the fixed image grid after pre-alignment")
 
     fmask = sitk.GetArrayFromImage(fixed_mask) if fixed_mask is not None else None
-    mmask = to_fixed(moving_mask, True)
-    if mmask is not None and not np.any(mmask > 0):
-        raise InputError("the moving mask falls outside the fixed image grid after pre-alignment")
+    mmask = sitk.GetArrayFromImage(moving_mask) if moving_mask is not None else None
     flab = sitk.GetArrayFromImage(fixed_labels) if fixed_labels is not None else None
-    mlab = to_fixed(moving_labels, True)
+    mlab = sitk.GetArrayFromImage(moving_labels) if moving_labels is not None else None
 
+    # the moving image stays on its own grid: the optimiser samples it through the pre-alignment (one interpolation)
     F_np = _normalise(sitk.GetArrayFromImage(fixedf), fmask)
-    M_np = _normalise(sitk.GetArrayFromImage(mres), domain)
+    M_np = _normalise(sitk.GetArrayFromImage(moving), mmask)
     spacing = np.asarray(fixed.GetSpacing(), dtype=np.float64)
     shape = F_np.shape
     extent = [float(spacing[c] * (shape[nd - 1 - c] - 1)) for c in range(nd)]
+    sampler = moving_sampler(fixed, moving, affine, tdev)
 
     # 2. deformable stage ------------------------------------------------------------------------------------
     sub = rep.sub(0.05, 0.97)
@@ -320,8 +346,15 @@ def register(fixed: sitk.Image, moving: sitk.Image, method: str = "instance", si
     if method == "dca":
         from . import dca
         tn = time.perf_counter()
-        init_field = dca.predict_field(model, F_np, M_np, spacing, tdev)
+        mov_min = float(sitk.GetArrayViewFromImage(moving).min())
+        mres = sitk.Resample(sitk.Cast(moving, sitk.sitkFloat32), fixedf, affine, sitk.sitkLinear, mov_min)
+        # the optimised variable is a velocity in the diffeomorphic mode: start it from the network's velocity
+        init_field = dca.predict_field(model, F_np, _normalise(sitk.GetArrayFromImage(mres), domain), spacing, tdev,
+                                       velocity=diffeomorphic)
         t_net = time.perf_counter() - tn
+        # refinement at full resolution only: resizing the network's field to a coarse level would discard the
+        # detail it predicted (the NIO paper's warning); iterations[-1] = 0 returns the network's field
+        iterations = (iterations[-1],)
     t1 = time.perf_counter()
     # small problems run faster on one CPU thread (OpenMP start-up/synchronisation dominates, and stalls badly
     # when the cores are shared); large volumes use up to the configured number of threads
@@ -332,7 +365,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, method: str = "instance", si
         field, info = instance.optimise(
             F_np, M_np, spacing=spacing, extent=extent, iterations=iterations, similarity=similarity,
             smoothness=smoothness, regularizer=regularizer, diffeomorphic=diffeomorphic, fixed_mask=fmask,
-            moving_mask=mmask, domain=domain, fixed_labels=flab, moving_labels=mlab, label_weight=label_weight,
+            moving_mask=mmask, sampler=sampler, fixed_labels=flab, moving_labels=mlab, label_weight=label_weight,
             learning_rate=learning_rate, penalty=penalty, lncc_window=lncc_window, device=tdev, rep=sub,
             init_field=init_field, output_field=output_field, final_scale=final_scale)
     finally:

@@ -51,6 +51,76 @@ def warp(image: torch.Tensor, field: torch.Tensor, extent: Sequence[float], mode
     return F.grid_sample(image, g, mode=mode, padding_mode=padding_mode, align_corners=True)
 
 
+class Sampler:
+    """Samples moving-side tensors (on the moving image's own grid) at ``A(x + u(x))`` for fixed-grid points x.
+
+    ``base`` ``(1, *fixed_shape, ndim)`` holds the normalised moving-grid coordinates of ``A(x)`` (last axis x, y,
+    z), ``K`` ``(ndim, ndim)`` maps a displacement in mm along the fixed index axes to normalised moving
+    coordinates, so the sampling point is ``base + K u`` (exact: A is affine).  The moving image is interpolated
+    once per evaluation, however the pre-alignment and the grids differ."""
+
+    def __init__(self, base: torch.Tensor, K: torch.Tensor):
+        self.base, self.K = base, K
+
+    @classmethod
+    def identity(cls, shape: Sequence[int], extent: Sequence[float], device, dtype=torch.float32) -> Sampler:
+        nd = len(shape)
+        K = torch.diag(torch.as_tensor([2.0 / max(e, 1e-6) for e in extent][:nd], device=device, dtype=dtype))
+        return cls(identity_grid(shape, device, dtype), K)
+
+    def at(self, shape: Sequence[int]) -> Sampler:
+        """The same map on a coarser fixed grid of the same extent (the base is linear: resizing is exact)."""
+        if tuple(shape) == tuple(self.base.shape[1:-1]):
+            return self
+        b = resize(self.base.movedim(-1, 1), shape).movedim(1, -1)
+        return Sampler(b, self.K)
+
+    def covers(self, tol: float = 1e-4) -> bool:
+        """True when every fixed-grid point maps inside the moving grid (no padding needed)."""
+        return bool(self.base.abs().max() <= 1 + tol)
+
+    def __call__(self, image: torch.Tensor, field: torch.Tensor | None, mode: str = "bilinear",
+                 padding_mode: str = "border") -> torch.Tensor:
+        g = self.base if field is None else self.base + field.movedim(1, -1) @ self.K.T
+        return F.grid_sample(image, g, mode=mode, padding_mode=padding_mode, align_corners=True)
+
+
+def bspline3(t: torch.Tensor) -> torch.Tensor:
+    """Cubic B-spline kernel (support [-2, 2])."""
+    a = t.abs()
+    return torch.where(a < 1, 2.0 / 3.0 - a * a + 0.5 * a ** 3,
+                       torch.where(a < 2, (2.0 - a) ** 3 / 6.0, torch.zeros_like(a)))
+
+
+class BSplineGrid:
+    """Cubic B-spline free-form deformation on a control grid of ``spacing_mm`` (as elastix's B-spline transform):
+    the dense field on a grid ``shape`` spanning ``extent`` is ``B_z ⊗ B_y ⊗ B_x`` applied to the coefficients, with
+    one dense 1D matrix per axis (exact, differentiable, a few tensor contractions)."""
+
+    def __init__(self, shape: Sequence[int], extent: Sequence[float], spacing_mm: float, device,
+                 dtype=torch.float32):
+        nd = len(shape)
+        self.mats, self.cshape = [], []
+        for ax, n in enumerate(shape):
+            length = float(extent[nd - 1 - ax])                     # extent is ordered by index axis (x, y, z)
+            k = int(math.ceil(length / spacing_mm)) + 3
+            first = -(spacing_mm * (k - 1) - length) / 2.0           # control points centred on the image
+            x = torch.linspace(0.0, length, n, device=device, dtype=torch.float64) if n > 1 else \
+                torch.zeros(1, device=device, dtype=torch.float64)
+            p = first + spacing_mm * torch.arange(k, device=device, dtype=torch.float64)
+            self.mats.append(bspline3((x[:, None] - p[None, :]) / spacing_mm).to(dtype))
+            self.cshape.append(k)
+        self.cshape = tuple(self.cshape)
+
+    def __call__(self, coef: torch.Tensor) -> torch.Tensor:
+        """Coefficients ``(1, C, *cshape)`` -> dense field ``(1, C, *shape)``."""
+        out = coef
+        nd = len(self.mats)
+        for ax, B in enumerate(self.mats):
+            out = torch.movedim(torch.tensordot(out, B, dims=([2 + ax], [1])), -1, 2 + ax)
+        return out if nd else coef
+
+
 def compose_exp(velocity: torch.Tensor, extent: Sequence[float], steps: int = 7) -> torch.Tensor:
     """Scaling and squaring: displacement of ``exp(v)`` for a stationary velocity field in mm."""
     grid = identity_grid(velocity.shape[2:], velocity.device, velocity.dtype)

@@ -118,7 +118,7 @@ def test_recovers_known_smooth_deformation_2d_without_folding():
     u_true = smooth_field(fixed0, amp=4.0)
     moving = fixed0
     fixed = warp_known(fixed0, u_true)          # fixed(x) = moving(x + u_true(x))
-    res = register(fixed, moving, smoothness=1.0, **FAST)
+    res = register(fixed, moving, **FAST)
     u = sitk.GetArrayFromImage(res.displacement)
     mag = np.linalg.norm(u_true, axis=-1)
     roi = mag > 1.0
@@ -140,7 +140,7 @@ def test_displacement_convention_lps_with_oblique_direction():
     t = np.array([3.0, -2.0])
     tx = sitk.TranslationTransform(2, (-t).tolist())     # resampling transform: moving(x) = fixed(x - t)
     moving = sitk.Resample(fixed, fixed, tx, sitk.sitkLinear, 0.0)
-    res = register(fixed, moving, smoothness=4.0, **FAST)
+    res = register(fixed, moving, regularizer="diffusion", smoothness=4.0, **FAST)
     u = sitk.GetArrayFromImage(res.displacement)
     inner = u[12:-12, 12:-12].reshape(-1, 2)
     assert np.allclose(np.median(inner, axis=0), t, atol=0.5), np.median(inner, axis=0)
@@ -181,7 +181,7 @@ def test_diffeomorphic_mode_has_no_folding_where_plain_mode_folds():
     fixed0 = make_image(blobs((64, 64), seed=6))
     u_true = smooth_field(fixed0, amp=7.0, sigma_frac=0.12, seed=7)
     fixed = warp_known(fixed0, u_true)
-    kw = dict(iterations=(80, 60), prealign="none", device="cpu", smoothness=0.2, learning_rate=1.0)
+    kw = dict(iterations=(80, 60), prealign="none", device="cpu", regularizer="diffusion", smoothness=0.2, learning_rate=1.0)
     plain = register(fixed, fixed0, **kw)
     diffeo = register(fixed, fixed0, diffeomorphic=True, **kw)
     assert plain.summary["folding_pct"] > 0          # weak regularisation: the plain field folds
@@ -196,7 +196,7 @@ def test_mind_handles_a_non_monotonic_intensity_mapping():
     fixed = warp_known(fixed0, u_true)
     a = arr / arr.max()
     moving = make_image((np.sin(3.0 * a) * (1.2 - a)).astype(np.float32))   # another "modality"
-    res = register(fixed, moving, similarity="mind", smoothness=2.0, **FAST)
+    res = register(fixed, moving, similarity="mind", regularizer="diffusion", smoothness=2.0, **FAST)
     u = sitk.GetArrayFromImage(res.displacement)
     roi = np.linalg.norm(u_true, axis=-1) > 1.0
     err0 = np.linalg.norm(u_true, axis=-1)[roi].mean()
@@ -233,8 +233,8 @@ def test_fixed_mask_restricts_the_similarity():
     fixed = warp_known(fixed0, u_true)
     mask = np.zeros((64, 64), np.uint8)
     mask[:, :20] = 1          # only the left part counts
-    res = register(fixed, fixed0, fixed_mask=make_image(mask), smoothness=1.0, **FAST)
-    full = register(fixed, fixed0, smoothness=1.0, **FAST)
+    res = register(fixed, fixed0, fixed_mask=make_image(mask), regularizer="diffusion", smoothness=1.0, **FAST)
+    full = register(fixed, fixed0, regularizer="diffusion", smoothness=1.0, **FAST)
     u, uf = sitk.GetArrayFromImage(res.displacement), sitk.GetArrayFromImage(full.displacement)
     right = np.s_[:, 44:]
     e_mask = np.linalg.norm(u[right] - u_true[right], axis=-1).mean()
