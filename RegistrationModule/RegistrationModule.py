@@ -1,5 +1,6 @@
-"""PET Registration: deformable registration by instance optimisation with implicit regularisation, or the
-deformable cross-attention network (TM-DCA) with instance-optimisation refinement; results as grid transforms.
+"""PET Registration: deformable registration by instance optimisation of the field with implicit regularisation
+(weight-free; not neural instance optimisation, which needs a pretrained network), or the deformable
+cross-attention network (TM-DCA) with optional refinement at full resolution; results as grid transforms.
 
 Scripting from Slicer's Python console::
 
@@ -36,14 +37,17 @@ class RegistrationModule(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["PETWorkbench developers"]
         self.parent.helpText = _(
-            "Deformable registration of PET, CT and MR volumes without trained weights (instance optimisation "
-            "over a multi-resolution pyramid with an implicitly solved FFT regulariser), or with the deformable "
-            "cross-attention network followed by instance-optimisation refinement. Output: a grid transform "
+            "Deformable registration of PET, CT and MR volumes without trained weights: instance optimisation of "
+            "the displacement field itself over a multi-resolution pyramid, with an implicitly solved FFT "
+            "regulariser (curvature by default). This is the plain instance-optimisation baseline of the NIO "
+            "paper, not neural instance optimisation (no network weights are optimised). With trained weights: "
+            "the deformable cross-attention network (TM-DCA), refined at full resolution. Output: a grid transform "
             "node, optionally the warped moving volume and the Jacobian determinant, and folding statistics. "
             "Research use only.")
         self.parent.acknowledgementText = _(
-            "Methods (MLMI 2023): 'Deformable Medical Image Registration Under Distribution Shifts with Neural "
-            "Instance Optimization'; 'Implicitly Solved Regularization for Learning-Based Image Registration'; "
+            "Methods (MLMI 2023): the instance-optimisation baseline and schedule of 'Deformable Medical Image "
+            "Registration Under Distribution Shifts with Neural Instance Optimization'; 'Implicitly Solved "
+            "Regularization for Learning-Based Image Registration'; "
             "'Deformable Cross-Attention Transformer for Medical Image Registration' (Chen et al.).")
 
 

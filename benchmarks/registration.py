@@ -62,7 +62,7 @@ CACHE = ROOT / ".cache" / "registration"
 FIREANTS_PY = ROOT / ".cache" / "bench-venv-fireants" / "bin" / "python"
 PEERS = ("ants", "elastix", "fireants")
 
-from RegistrationModuleLib.synthetic import body_mask  # noqa: E402
+from RegistrationModuleLib.synthetic import body_mask  # noqa: E402 - after the sys.path set-up above
 
 
 # --------------------------------------------------------------------------------------------- known fields
@@ -306,10 +306,10 @@ def run_fireants(case, threads, python):
 def peer_available(name, args):
     try:
         if name == "ants":
-            import ants  # noqa: F401
+            import ants  # noqa: F401 - only whether it imports
         elif name == "elastix":
             import itk
-            itk.elastix_registration_method  # noqa: B018
+            itk.elastix_registration_method  # noqa: B018 - only whether itk-elastix is there
         elif name == "fireants":
             py = Path(args.fireants_python)
             if not py.exists():

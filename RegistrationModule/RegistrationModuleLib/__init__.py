@@ -4,18 +4,24 @@ Engine API (no Slicer imports; images are SimpleITK, see docs/ARCHITECTURE.md)::
 
     from RegistrationModuleLib import register
     res = register(fixed, moving,
-                   method="instance",          # "instance": weight-free multi-resolution instance optimisation
-                                               # "dca": TM-DCA network prediction + instance-optimisation refinement
-                                               #        (needs model=<model id | checkpoint path>)
+                   method="instance",          # "instance": weight-free multi-resolution instance optimisation of
+                                               #   the field itself with implicit regularisation (the plain IO
+                                               #   baseline of the NIO paper, not NIO: no network weights are
+                                               #   optimised)
+                                               # "dca": TM-DCA network prediction + optional refinement at full
+                                               #        resolution (needs model=<model id | checkpoint path>)
                    similarity="lncc",          # "lncc" (same modality) | "mind" (multi-modal: CT/MR/PET)
                                                # | "mse" | "dice" (label-driven; needs the label maps)
-                   smoothness=1.0,             # γ of the implicit regulariser, in (fixed voxel size)²
-                   regularizer="diffusion",    # "diffusion" | "elastic" | "curvature" (FFT implicit solve)
-                   iterations=(100, 60, 30),   # Adam iterations per pyramid level, coarse -> fine (NIO schedule);
-                                               # the number of entries is the number of levels (factor 2 each)
+                   smoothness=64.0,            # γ of the implicit regulariser, in (fixed voxel size)²
+                   regularizer="curvature",    # "curvature" | "diffusion" | "elastic" (FFT implicit solve)
+                   iterations=(100, 60, 30),   # Adam iterations per pyramid level, coarse -> fine (the NIO
+                                               # paper's schedule); the number of entries is the number of levels
+                                               # (factor 2 each); with "dca" only the last entry is used (refinement
+                                               # at full resolution; 0 = the network's field as predicted)
                    final_scale=1,              # 1: finest level at full resolution; 2 (or 4): stop the pyramid at
                                                # half (quarter) resolution and upsample the field (fast mode)
                    diffeomorphic=False,        # True: optimise a stationary velocity field, scaling and squaring
+                                               # (with "dca": starting from the network's own velocity field)
                    prealign="affine",          # "affine" | "rigid" | "none" | "center" (MI, SimpleITK)
                    fixed_mask=None, moving_mask=None,          # restrict the similarity (images > 0)
                    fixed_labels=None, moving_labels=None,      # label maps: Dice term (weight label_weight)

@@ -33,14 +33,19 @@ class RegisterRequest:
     warped: str = option(None, help="write the moving image resampled onto the fixed grid")
     jacobian: str = option(None, help="write the Jacobian determinant image")
     moving_labels_out: str = option(None, help="write the warped moving label map (needs --moving-labels)")
-    method: str = option("instance", choices=("instance", "dca"), help="instance optimisation or TM-DCA")
+    method: str = option("instance", choices=("instance", "dca"),
+                         help="instance: weight-free instance optimisation of the field with implicit "
+                              "regularisation (no network); dca: TM-DCA network (needs --model) refined at full "
+                              "resolution")
     model: str = option(None, help="TM-DCA model id or checkpoint (method dca)")
     similarity: str = option("lncc", choices=similarity_names, help=describe())
     regularizer: str = option("curvature", choices=("diffusion", "elastic", "curvature"),
                               help="implicitly solved regulariser (default curvature)")
     smoothness: float = option(64.0, help="regularisation weight γ, in (fixed voxel size)² (default 64)")
     iterations: tuple = option((100, 60, 30), parse=_levels, format=_levels_text,
-                               help="Adam iterations per pyramid level, coarse to fine (default 100,60,30)")
+                               help="Adam iterations per pyramid level, coarse to fine (default 100,60,30); with "
+                              "--method dca only the last number is used: refinement iterations at full "
+                              "resolution, 0 = none")
     diffeomorphic: bool = option(flag=True, help="integrate the field as a stationary velocity")
     prealign: str = option("affine", choices=("affine", "rigid", "none", "center"), help="pre-alignment")
     fixed_mask: str = option(None, help="fixed mask (label map)")

@@ -14,11 +14,15 @@ Architecture (paper §2, sizes of the public TransMorph-DCA configuration by def
   (TransMorph decoder: upsample, concatenate, 2 × (conv 3³ + InstanceNorm + LeakyReLU)), with an extra
   convolutional skip from the full-resolution input pair; registration head conv 3³ → 3 channels, weights
   N(0, 1e-5), bias 0;
-* output: displacement in voxels of the network grid, applied with a spatial transformer.
+* output head of the paper's unsupervised (IXI) configuration: the head's channels are velocities at cubic
+  B-spline control points every ``cps`` = 3 voxels (here averaged from the full-resolution head over each control
+  cell), upsampled by the cubic B-spline and integrated by scaling and squaring (7 steps): a diffeomorphic
+  displacement in voxels of the network grid, applied with a spatial transformer.
 
 Training (unsupervised, :func:`train`): loss ``NCC(window 9) + λ · diffusion (‖∇u‖², λ = 1)``, AdamW
 (lr 1e-4, weight decay 0, amsgrad), poly decay ``(1 − step/steps)^0.9``, batch 1, mixed precision on CUDA.
-At test time :func:`predict_field` gives the initial field, which the engine refines by instance optimisation.
+At test time :func:`predict_field` gives the network's displacement (or its velocity field, for a diffeomorphic
+refinement), which the engine refines at full resolution by instance optimisation (``iterations[-1]``; 0 = none).
 """
 
 from __future__ import annotations

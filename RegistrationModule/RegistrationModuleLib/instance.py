@@ -1,6 +1,8 @@
 """Multi-resolution instance optimisation of a dense field with the implicitly solved regulariser.
 
-Per level ``l`` (coarse to fine, NIO-style schedule ``iterations = (η1, η2, η3)``) the field parameters ``u`` (mm,
+This is instance optimisation of the displacement itself (the plain "IO" baseline of the NIO paper, Mok et al.,
+MLMI 2023), not NIO, which optimises the weights of a pretrained network per pair.  Per level ``l`` (coarse to fine,
+the NIO paper's schedule ``iterations = (η1, η2, η3)``) the field parameters ``u`` (mm,
 on the level grid, initialised from the upsampled previous level) are updated by Adam on the decoupled loss of
 Ehrhardt & Handels
 
@@ -46,8 +48,9 @@ class Adam:
     """Plain Adam (Kingma & Ba) on one tensor.  ``torch.optim`` is avoided on purpose: importing it pulls in
     torch._dynamo, which costs ~10 s on a small CPU machine for every command-line run."""
 
-    def __init__(self, param, lr, betas=(0.9, 0.999), eps=1e-8):
+    def __init__(self, param, lr, betas=(0.9, 0.999), eps=1e-8, eps_rel=1.0):
         self.p, self.lr, self.b1, self.b2, self.eps = param, lr, betas[0], betas[1], eps
+        self.eps_rel = eps_rel
         self.m = torch.zeros_like(param)
         self.v = torch.zeros_like(param)
         self.t = 0
@@ -63,7 +66,11 @@ class Adam:
         self.v.mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
         mhat = self.m / (1 - self.b1 ** self.t)
         vhat = self.v / (1 - self.b2 ** self.t)
-        self.p.sub_(self.lr * mhat / (vhat.sqrt() + self.eps))
+        # ε relative to the RMS gradient (``eps_rel``; plain Adam: 0): where the similarity gives (almost) no
+        # gradient -- outside masks, flat regions -- the step stays small instead of being normalised to ``lr``,
+        # so modes the regulariser does not penalise (constants, and affine fields for curvature) cannot drift
+        eps = self.eps + self.eps_rel * float(vhat.mean().sqrt())
+        self.p.sub_(self.lr * mhat / (vhat.sqrt() + eps))
 
 
 def _shapes(full, n_levels, final_scale):

@@ -97,6 +97,82 @@ def test_implicit_solver_satisfies_its_equation_in_the_interior():
     assert float(inner.abs().max()) < 0.05 * float(u.abs().max())
 
 
+def _smooth_field_2d(n=48, seed=2, sigma=3.0):
+    rng = np.random.default_rng(seed)
+    u = torch.from_numpy(rng.normal(size=(1, 2, n, n)).astype(np.float32))
+    return ops.gaussian_blur(u, [sigma, sigma]) * 10.0
+
+
+def _lap5(a):
+    """5-point Laplacian of (..., H, W) at the interior points."""
+    return a[..., 2:, 1:-1] + a[..., :-2, 1:-1] + a[..., 1:-1, 2:] + a[..., 1:-1, :-2] - 4 * a[..., 1:-1, 1:-1]
+
+
+def test_curvature_solver_satisfies_its_equation_in_the_interior():
+    # (I + gamma * Laplacian^2) ubar = u at interior points
+    u = _smooth_field_2d()
+    gamma = 3.0
+    ub = implicit_solve(u, gamma, (1.0, 1.0), "curvature")
+    bil = _lap5(_lap5(ub))                                      # interior shrinks by 2 on each side
+    resid = ub[..., 2:-2, 2:-2] + gamma * bil - u[..., 2:-2, 2:-2]
+    inner = resid[..., 8:-8, 8:-8]
+    assert float(inner.abs().max()) < 0.02 * float(u.abs().max())
+    # the diffusion solution does not satisfy the curvature equation (the test tells the operators apart)
+    ud = implicit_solve(u, gamma, (1.0, 1.0), "diffusion")
+    rd = (ud[..., 2:-2, 2:-2] + gamma * _lap5(_lap5(ud)) - u[..., 2:-2, 2:-2])[..., 8:-8, 8:-8]
+    assert float(rd.abs().max()) > 5 * float(inner.abs().max())
+
+
+def test_implicit_solves_are_contractions():
+    # |eigenvalues| of u -> ubar at most 1 (power iteration): otherwise the penalty |u - ubar|^2 lets u grow
+    torch.manual_seed(0)
+    for kind in ("curvature", "diffusion"):
+        u = torch.randn(1, 2, 32, 28)
+        for _ in range(150):
+            v = implicit_solve(u, 500.0, (2.0, 2.0), kind)
+            ratio = float(v.norm() / u.norm())
+            u = v / v.norm()
+        assert ratio <= 1.0 + 1e-4, (kind, ratio)
+
+
+def test_elastic_solver_satisfies_the_navier_lame_equation_in_the_interior():
+    # (I + gamma * L) ubar = u with L u = -mu Laplacian u - (mu + lambda) grad div u (mu = 1, lambda = 0),
+    # derivatives by finite differences on a smooth field (channel 0 = x = last array axis, 1 = y)
+    u = _smooth_field_2d(seed=3)
+    gamma = 3.0
+
+    def residual(ub):
+        a = ub[0].double().numpy()
+        div = np.gradient(a[0], axis=1) + np.gradient(a[1], axis=0)
+        gdiv = np.stack([np.gradient(div, axis=1), np.gradient(div, axis=0)])
+        lap = _lap5(torch.from_numpy(a)).numpy()
+        Lu = -lap - gdiv[:, 1:-1, 1:-1]
+        r = a[:, 1:-1, 1:-1] + gamma * Lu - u[0, :, 1:-1, 1:-1].double().numpy()
+        return np.abs(r[:, 8:-8, 8:-8]).max()
+
+    r_el = residual(implicit_solve(u, gamma, (1.0, 1.0), "elastic"))
+    assert r_el < 0.03 * float(u.abs().max())
+    assert residual(implicit_solve(u, gamma, (1.0, 1.0), "diffusion")) > 5 * r_el
+
+
+def test_scaling_and_squaring_gives_an_invertible_field():
+    # a velocity large enough that, used as a displacement, it folds; its exponential does not, and
+    # exp(v) composed with exp(-v) is the identity up to interpolation
+    n = 64
+    y, x = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    g = np.exp(-((x - 32) ** 2 + (y - 32) ** 2) / (2 * 8.0 ** 2))
+    v = torch.from_numpy(np.stack([18.0 * g, 6.0 * g])[None].astype(np.float32))   # pushes along +x: compresses
+    extent = (n - 1.0, n - 1.0)
+    assert float(ops.jacobian_determinant(v, (1.0, 1.0)).min()) <= 0      # the plain displacement folds
+    a = ops.compose_exp(v, extent)
+    b = ops.compose_exp(-v, extent)
+    assert float(ops.jacobian_determinant(a, (1.0, 1.0)).min()) > 0
+    assert float(ops.jacobian_determinant(b, (1.0, 1.0)).min()) > 0
+    ident = a + ops.warp(b, a, extent)                             # x -> x + a(x) -> (x + a) + b(x + a)
+    assert float(a.abs().max()) > 5.0
+    assert float(ident[..., 8:-8, 8:-8].abs().max()) < 0.05 * float(a.abs().max())
+
+
 def test_elastic_penalises_compression_more_than_diffusion():
     # curl-free field (gradient of a potential): elastic (mu=1, lambda=0) adds the grad-div term -> smoother;
     # divergence-free field: elastic equals diffusion
@@ -181,7 +257,8 @@ def test_diffeomorphic_mode_has_no_folding_where_plain_mode_folds():
     fixed0 = make_image(blobs((64, 64), seed=6))
     u_true = smooth_field(fixed0, amp=7.0, sigma_frac=0.12, seed=7)
     fixed = warp_known(fixed0, u_true)
-    kw = dict(iterations=(80, 60), prealign="none", device="cpu", regularizer="diffusion", smoothness=0.2, learning_rate=1.0)
+    kw = dict(iterations=(80, 60), prealign="none", device="cpu", regularizer="diffusion", smoothness=0.2,
+              learning_rate=1.0)
     plain = register(fixed, fixed0, **kw)
     diffeo = register(fixed, fixed0, diffeomorphic=True, **kw)
     assert plain.summary["folding_pct"] > 0          # weak regularisation: the plain field folds
@@ -263,6 +340,31 @@ def test_bad_inputs_get_clear_messages():
         register(f2, make_image(np.ones((32, 32), np.float32)))
     with pytest.raises(InputError, match="smoothness"):
         register(f2, f2, smoothness=-1)
+    nan = blobs((32, 32))
+    nan[5, 7] = np.nan
+    with pytest.raises(InputError, match="moving image contains NaN"):
+        register(f2, make_image(nan))
+    with pytest.raises(InputError, match="moving mask is empty"):
+        register(f2, f2, moving_mask=empty)
+
+
+def test_cli_refuses_bad_input_and_leaves_the_files_alone(tmp_path):
+    import argparse
+    from RegistrationModuleLib.cli import add_commands
+    f2, f3 = tmp_path / "f2.nii.gz", tmp_path / "f3.nii.gz"
+    sitk.WriteImage(make_image(blobs((32, 32))), str(f2))
+    sitk.WriteImage(make_image(blobs((16, 16, 16))), str(f3))
+    out = tmp_path / "u.nii.gz"
+    out.write_bytes(b"an older result")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers(dest="cmd"))
+    args = parser.parse_args(["register", str(f2), str(f3), "--output", str(tmp_path / "new.nii.gz"),
+                              "--warped", str(out)])
+    args.overwrite = True                      # the global --overwrite of the petworkbench command
+    with pytest.raises(InputError, match="2D.*3D"):
+        args.func(args, None)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 def test_progress_and_cancel():
