@@ -20,10 +20,17 @@ if TYPE_CHECKING:
 
 
 def _inner_distance(mask: np.ndarray, spacing: Sequence[float] | None) -> np.ndarray:
-    """Distance of every voxel of ``mask`` to the nearest voxel outside it, the image border counting as outside."""
-    padded = np.pad(mask, 1, constant_values=False)
+    """Distance of every voxel of ``mask`` to the nearest voxel outside it, the image border counting as outside
+    (computed in the mask's bounding box: every voxel beyond it is outside, and so is the box's padding)."""
+    out = np.zeros(mask.shape, float)
+    if not mask.any():
+        return out
+    idx = np.argwhere(mask)
+    box = tuple(slice(a, b + 1) for a, b in zip(idx.min(0), idx.max(0)))
+    padded = np.pad(mask[box], 1, constant_values=False)
     d = ndimage.distance_transform_edt(padded, sampling=spacing)
-    return d[tuple(slice(1, -1) for _ in range(mask.ndim))]
+    out[box] = d[tuple(slice(1, -1) for _ in range(mask.ndim))]
+    return out
 
 
 def next_click(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] | None = None

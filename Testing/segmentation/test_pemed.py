@@ -421,3 +421,14 @@ def _ddp_worker(rank, world, tmp, init_file):
     torch.save({k: v.detach().clone() for k, v in captured["net"].state_dict().items()},
                os.path.join(tmp, f"p{rank}.pt"))
     dist.destroy_process_group()
+
+
+def test_inner_distance_in_the_bounding_box_equals_the_whole_image_transform():
+    from scipy import ndimage
+
+    from SegmentationModuleLib.clicks import _inner_distance
+    rng = np.random.default_rng(1)
+    m = ndimage.binary_opening(rng.random((20, 30, 25)) > 0.6)
+    m[:, :3] = False
+    full = ndimage.distance_transform_edt(np.pad(m, 1), sampling=(2.0, 1.0, 1.5))[1:-1, 1:-1, 1:-1]
+    assert np.allclose(_inner_distance(m, (2.0, 1.0, 1.5)), full)
