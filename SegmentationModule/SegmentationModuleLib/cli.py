@@ -145,7 +145,8 @@ def _cmd_lesion(args, rep):
     from PETWorkbenchLib.dicom import read_pet
     from PETWorkbenchLib.imageio import check_output, write_csv, write_image, write_json
 
-    from .lesion import METHOD_LABELS, MEASURE_COLUMNS, LesionSession, click_to_index, lesion_measures, method_name
+    from .lesion import DEFAULT_MODEL, MEASURE_COLUMNS, METHOD_LABELS, LesionSession, click_to_index, lesion_measures
+    from .lesion import method_name
     from .lesion import parse_click
     method = method_name(args.method)
     if not args.click:
@@ -173,7 +174,7 @@ def _cmd_lesion(args, rep):
             liver = arr == next(o["value"] for o in organ_specs() if o["name"] == "liver")
         if not liver.any():
             raise InputError(f"{Path(path).name} holds no liver voxels")
-    session = LesionSession(pet, method, model=args.model or None if method == "pemed" else None,
+    session = LesionSession(pet, method, model=args.model or DEFAULT_MODEL,
                             device=args.device, liver_mask=liver, progress=rep.sub(0.0, 0.2))
     replay = []
     for n, (xyz, positive) in enumerate(clicks):
