@@ -81,6 +81,13 @@ class RegistrationModuleWidget(ModuleWidgetMixin, ScriptedLoadableModuleWidget, 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
         self.setupModuleUi()
+        self.ui.similarityComboBox.connect("currentTextChanged(QString)", self.onSimilarityChanged)
+
+    def onSimilarityChanged(self, name):
+        """The smoothness slider follows the chosen term's default (curvature 64; diffusion 1 for mind)."""
+        from RegistrationModuleLib.similarities import SIMILARITIES
+        if self._parameterNode is not None and name in SIMILARITIES:
+            self._parameterNode.smoothness = SIMILARITIES[name].smoothness
 
     def fillChoices(self):
         self.ui.similarityComboBox.clear()
@@ -128,7 +135,7 @@ class RegistrationModuleLogic(ScriptedLoadableModuleLogic):
         return RegistrationModuleParameterNode(super().getParameterNode())
 
     def register(self, fixedVolumeNode, movingVolumeNode, outputTransformNode=None, method="instance",
-                 similarity="lncc", smoothness=64.0, iterations=100, diffeomorphic=False, fixedMaskNode=None,
+                 similarity="lncc", smoothness=None, iterations=100, diffeomorphic=False, fixedMaskNode=None,
                  fixedLabelsNode=None, movingLabelsNode=None, outputVolumeNode=None, jacobianVolumeNode=None,
                  warpVolume=False, jacobian=False, device="auto", wait=True, progress=None, log=None):
         """Register moving to fixed. Returns the transform node (``wait=True``) or an EngineRun.
@@ -176,7 +183,8 @@ class RegistrationModuleLogic(ScriptedLoadableModuleLogic):
                 files[flag] = p(flag + ".nii")
                 imageio.write_image(img, files[flag])
             request = RegisterRequest(fixed=p("fixed.nii"), moving=p("moving.nii"), output=p("field.nii"),
-                                      method=method, similarity=similarity, smoothness=float(smoothness),
+                                      method=method, similarity=similarity,
+                                      smoothness=None if smoothness is None else float(smoothness),
                                       diffeomorphic=bool(diffeomorphic), device=device, **levels,
                                       warped=p("warped.nii") if warpVolume else None,
                                       jacobian=p("jacobian.nii") if jacobian else None, **files)

@@ -22,8 +22,16 @@ Methods (times are wall-clock seconds of the registration call only, all in this
 * ``ants``: ANTs SyN with antspyx's defaults (``ants.registration(f, m, "SyN")``: affine + SyN, MI then CC).
 * ``elastix``: itk-elastix, B-spline, AdvancedNormalizedCorrelation, 8192 random samples, 1000 iterations per
   level, final grid 16 mm (the default B-spline map otherwise: 4 levels, ASGD).  Deformable only.
-* ``fireants``: FireANTs greedy (CC), run by the interpreter of ``--fireants-python`` (its own venv: FireANTs pins
-  an old SimpleITK; it never enters the project's environment), default ``.cache/bench-venv-fireants``.
+* ``fireants``: FireANTs greedy (CC; scales 4/2/1, iterations 200/100/50, CC window 5, Adam lr 0.5, the settings
+  of its README), run by the interpreter of ``--fireants-python`` in a subprocess.  FireANTs pins an old SimpleITK
+  and carries its own licence, so it lives in its own venv and never enters the project's environment::
+
+      python3 -m venv .cache/bench-venv-fireants
+      .cache/bench-venv-fireants/bin/pip install -c constraints.txt torch==2.13.0 numpy scipy SimpleITK nibabel tqdm
+      .cache/bench-venv-fireants/bin/pip install --no-deps fireants
+
+  (itk-elastix goes into the project's venv: ``pip install -c constraints.txt itk-elastix``, the ``[bench]``
+  extra; it changes neither torch, SimpleITK nor numpy.)
 A peer that is not installed is reported in one line and skipped (its keys are nan).
 
 Metrics per case and method: mean displacement error inside the mask (voxels), mean label Dice, % folded voxels
@@ -227,20 +235,18 @@ def run_ants(case, threads):
     return y - x, dt
 
 
-def run_elastix(case, threads, quick):
+def elastix_worker(fixed_path, moving_path, out_path, threads, iterations):
+    """elastix in a child process (``--elastix-worker``): itk-elastix can crash the interpreter (seen: a
+    segmentation fault with 2 threads), which must not end the benchmark."""
     import itk
     itk.MultiThreaderBase.SetGlobalDefaultNumberOfThreads(threads)
-    f = itk.GetImageFromArray(sitk.GetArrayFromImage(case["fixed"]).astype(np.float32))
-    m = itk.GetImageFromArray(sitk.GetArrayFromImage(case["moving"]).astype(np.float32))
-    for a, b in ((f, case["fixed"]), (m, case["moving"])):
-        a.SetOrigin(b.GetOrigin())
-        a.SetSpacing(b.GetSpacing())
-        a.SetDirection(itk.matrix_from_array(np.asarray(b.GetDirection()).reshape(3, 3)))
+    f = itk.imread(fixed_path, itk.F)
+    m = itk.imread(moving_path, itk.F)
     po = itk.ParameterObject.New()
     pm = po.GetDefaultParameterMap("bspline")
     pm["Metric"] = ["AdvancedNormalizedCorrelation"]
     pm["NumberOfSpatialSamples"] = ["8192"]
-    pm["MaximumNumberOfIterations"] = ["250" if quick else "1000"]
+    pm["MaximumNumberOfIterations"] = [str(iterations)]
     pm["FinalGridSpacingInPhysicalUnits"] = ["16"]
     pm["WriteResultImage"] = ["false"]
     po.AddParameterMap(pm)
@@ -248,8 +254,26 @@ def run_elastix(case, threads, quick):
     _, tp = itk.elastix_registration_method(f, m, parameter_object=po, log_to_console=False,
                                             number_of_threads=threads)
     dt = time.perf_counter() - t
-    dfield = itk.transformix_deformation_field(m, tp)
-    u = np.asarray(itk.GetArrayFromImage(dfield), np.float64)
+    with tempfile.TemporaryDirectory() as tmp:              # transformix writes deformationField.nii there
+        dfield = itk.transformix_deformation_field(m, tp, output_directory=tmp)
+        np.save(out_path, np.asarray(itk.GetArrayFromImage(dfield), np.float64))
+    print(json.dumps({"time_s": dt}))
+
+
+def run_elastix(case, threads, quick):
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {}
+        for k in ("fixed", "moving"):
+            paths[k] = os.path.join(tmp, f"{k}.nii.gz")
+            sitk.WriteImage(sitk.Cast(case[k], sitk.sitkFloat32), paths[k])
+        out = os.path.join(tmp, "u.npy")
+        r = subprocess.run([sys.executable, __file__, "--elastix-worker", paths["fixed"], paths["moving"], out,
+                            str(threads), "250" if quick else "1000"], capture_output=True, text=True)
+        if r.returncode != 0:
+            why = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit code {r.returncode}"
+            raise RuntimeError(f"elastix process failed: {why}")
+        dt = json.loads(r.stdout.strip().splitlines()[-1])["time_s"]
+        u = np.load(out)
     return u, dt
 
 
@@ -361,6 +385,10 @@ def petct_case(args):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--elastix-worker":
+        fixed, moving, out, threads, iterations = argv[1:6]
+        return elastix_worker(fixed, moving, out, int(threads), int(iterations))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="elastix 250 iterations per level (< 15 min on 2 cores)")
     p.add_argument("--threads", type=int, default=2, help="threads of every method (ITK, ANTs, torch; default 2)")

@@ -12,8 +12,9 @@ Engine API (no Slicer imports; images are SimpleITK, see docs/ARCHITECTURE.md)::
                                                #        resolution (needs model=<model id | checkpoint path>)
                    similarity="lncc",          # "lncc" (same modality) | "mind" (multi-modal: CT/MR/PET)
                                                # | "mse" | "dice" (label-driven; needs the label maps)
-                   smoothness=64.0,            # γ of the implicit regulariser, in (fixed voxel size)²
-                   regularizer="curvature",    # "curvature" | "diffusion" | "elastic" (FFT implicit solve)
+                   smoothness=None,            # γ of the implicit regulariser, in (fixed voxel size)²
+                   regularizer=None,           # "curvature" | "diffusion" | "elastic" (FFT implicit solve);
+                                               # None: the similarity's default (curvature 64; mind: diffusion 1)
                    iterations=(100, 60, 30),   # Adam iterations per pyramid level, coarse -> fine (the NIO
                                                # paper's schedule); the number of entries is the number of levels
                                                # (factor 2 each); with "dca" only the last entry is used (refinement

@@ -39,9 +39,10 @@ class RegisterRequest:
                               "resolution")
     model: str = option(None, help="TM-DCA model id or checkpoint (method dca)")
     similarity: str = option("lncc", choices=similarity_names, help=describe())
-    regularizer: str = option("curvature", choices=("diffusion", "elastic", "curvature"),
-                              help="implicitly solved regulariser (default curvature)")
-    smoothness: float = option(64.0, help="regularisation weight γ, in (fixed voxel size)² (default 64)")
+    regularizer: str = option(None, choices=("diffusion", "elastic", "curvature"),
+                              help="implicitly solved regulariser (default: curvature; diffusion with mind)")
+    smoothness: float = option(None, parse=float,
+                               help="regularisation weight γ, in (fixed voxel size)² (default: 64; 1 with mind)")
     iterations: tuple = option((100, 60, 30), parse=_levels, format=_levels_text,
                                help="Adam iterations per pyramid level, coarse to fine (default 100,60,30); with "
                               "--method dca only the last number is used: refinement iterations at full "

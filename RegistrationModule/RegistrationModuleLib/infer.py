@@ -254,18 +254,13 @@ def _is_identity(affine, nd):
 
 
 # ----------------------------------------------------------------------------------------------- main entry
-# the defaults a new user gets (engine, command line, Slicer module); METHOD.md records what each bought
-DEFAULT_REGULARIZER = "curvature"
-DEFAULT_SMOOTHNESS = 64.0
-
-
 def register(fixed: sitk.Image, moving: sitk.Image, method: str = "instance", similarity: str = "lncc",
-             smoothness: float = DEFAULT_SMOOTHNESS, iterations: int | Sequence[int] = (100, 60, 30),
+             smoothness: float | None = None, iterations: int | Sequence[int] = (100, 60, 30),
              diffeomorphic: bool = False,
              fixed_mask: sitk.Image | None = None, moving_mask: sitk.Image | None = None,
              fixed_labels: sitk.Image | None = None, moving_labels: sitk.Image | None = None, device: str = "auto",
              progress: Callable[[float, str], None] | None = None, cancel: Callable[[], bool] | None = None,
-             regularizer: str = DEFAULT_REGULARIZER, prealign: str = "affine",
+             regularizer: str | None = None, prealign: str = "affine",
              learning_rate: float = 0.5, penalty: float = 1.0, label_weight: float = 1.0, lncc_window: int = 7,
              model: str | Path | torch.nn.Module | None = None, output_field: str = "smooth", final_scale: int = 1,
              seed: int = 0) -> RegistrationResult:
@@ -281,6 +276,9 @@ def register(fixed: sitk.Image, moving: sitk.Image, method: str = "instance", si
     if method not in METHODS:
         raise InputError(f"unknown method '{method}': choose one of {', '.join(METHODS)}")
     term = similarity_term(similarity)
+    # defaults a new user gets, per similarity term (similarities.py; METHOD.md records what each bought)
+    regularizer = term.regularizer if regularizer is None else regularizer
+    smoothness = term.smoothness if smoothness is None else smoothness
     if regularizer not in REGULARIZERS:
         raise InputError(f"unknown regularizer '{regularizer}': choose one of {', '.join(REGULARIZERS)}")
     if prealign not in PREALIGN + ("center",):

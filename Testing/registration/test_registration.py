@@ -520,3 +520,13 @@ def test_engine_field_through_slicer_grid_transform(mrml):
     via_node = sitk.Resample(fixed0, fixed, sitk.DisplacementFieldTransform(sitk.Cast(back, sitk.sitkVectorFloat64)),
                              sitk.sitkLinear, float(sitk.GetArrayViewFromImage(fixed0).min()))
     assert np.allclose(sitk.GetArrayFromImage(via_node), sitk.GetArrayFromImage(res.warp(fixed0)), atol=1e-3)
+
+
+def test_defaults_follow_the_similarity_term():
+    f = make_image(blobs((24, 24), seed=20))
+    lncc = register(f, f, iterations=(2,), prealign="none", device="cpu").summary
+    mind = register(f, f, similarity="mind", iterations=(2,), prealign="none", device="cpu").summary
+    assert (lncc["regularizer"], lncc["smoothness"]) == ("curvature", 64.0)
+    assert (mind["regularizer"], mind["smoothness"]) == ("diffusion", 1.0)
+    own = register(f, f, regularizer="elastic", smoothness=3.0, iterations=(2,), prealign="none", device="cpu")
+    assert (own.summary["regularizer"], own.summary["smoothness"]) == ("elastic", 3.0)
