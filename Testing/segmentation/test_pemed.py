@@ -364,6 +364,12 @@ def test_lesion_command_replays_clicks_and_writes_mask_and_table(tmp_path, capsy
     assert rc == 0
     rows = list(csv.DictReader(open(tmp_path / "t.csv")))
     assert rows[0]["method"] == "50pct" and float(rows[0]["suv_max"]) == pytest.approx(8.0)
+    # PE-MED with the shipped model (the default of --model)
+    rc = main(["lesion", "--input", str(pet), f"--click={x},{y},{z}", "--output", str(tmp_path / "m5.nii.gz"),
+               "--table", str(tmp_path / "t5.json")])
+    assert rc == 0
+    m5 = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "m5.nii.gz"))) > 0
+    assert m5[11, 19, 19] and json.loads((tmp_path / "t5.json").read_text())["lesions"][0]["method"] == "pemed"
     assert (tmp_path / "pet.nii.gz").read_bytes() == before
 
 
