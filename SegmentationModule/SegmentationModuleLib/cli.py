@@ -205,8 +205,10 @@ def _cmd_train_pemed(args, rep):
     cfg = load_config(args.config)
     if args.iterations:
         cfg["training"]["iterations"] = args.iterations
+    if args.lr:
+        cfg["training"]["lr"] = args.lr
     return train(cfg, args.out, manifest=args.manifest, resume=not args.no_resume, max_minutes=args.max_minutes,
-                 device=args.device, threads=args.threads, progress=rep)
+                 device=args.device, threads=args.threads, progress=rep, init=args.init)
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -266,6 +268,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     tp.add_argument("--max-minutes", type=float, default=None)
     tp.add_argument("--threads", type=int, default=None)
     tp.add_argument("--no-resume", action="store_true")
+    tp.add_argument("--init", default=None, help="start from these weights when there is no checkpoint to resume")
+    tp.add_argument("--lr", type=float, default=None, help="initial learning rate of the step schedule")
     tp.add_argument("--device", default="auto")
     tp.set_defaults(func=_cmd_train_pemed)
 

@@ -186,9 +186,10 @@ def train(cfg: dict | str | Path, out_dir: str | Path, manifest: str | Path | No
           cases: list[dict] | None = None, resume: bool = True, max_minutes: float | None = None,
           device: str | torch.device = "auto", threads: int | None = None,
           progress: Callable[[float, str], None] | None = None, cancel: Callable[[], bool] | None = None,
-          log: Callable[[str], None] = print) -> dict:
+          log: Callable[[str], None] = print, init: str | Path | None = None) -> dict:
     """Train PE-MED; returns a summary. ``checkpoint_latest.pt`` every ``checkpoint_every`` iterations and at a time
-    limit (resumed from automatically); ``model.pt`` at the end."""
+    limit (resumed from automatically); ``model.pt`` at the end. ``init``: a model file whose weights the network
+    starts from when there is no checkpoint to resume (a later stage: fresh optimiser and schedule)."""
     from PETWorkbenchLib.device import torch_device
     cfg = load_config(cfg)
     rep = Reporter(progress, cancel)
@@ -229,6 +230,14 @@ def train(cfg: dict | str | Path, out_dir: str | Path, manifest: str | Path | No
             sampler.rng.bit_generator.state = st["sampler_rng"][rank]
         torch.set_rng_state(st["torch_rng"])
         log(f"resumed from {ck} at iteration {start_it}")
+    elif init is not None:
+        from PETWorkbenchLib.errors import ModelError
+        from PETWorkbenchLib.models import load_checkpoint
+        src = load_checkpoint(init)
+        if src.get("config", {}).get("network") != cfg.get("network"):
+            raise ModelError(f"weights {init} were made with another network config")
+        model.load_state_dict(src["state_dict"])
+        log(f"starting from the weights of {init}")
     net = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -313,7 +322,7 @@ def train(cfg: dict | str | Path, out_dir: str | Path, manifest: str | Path | No
             "iterations": it, "total_iterations": total, "stopped": stopped, "history": history[-5:],
             "seconds_total": round(before + time.time() - t0, 1), "n_cases": len(cases),
             "cases": [c.get("case_id") for c in cases][:200], "world_size": world,
-            "torch_threads": torch.get_num_threads()})
+            "torch_threads": torch.get_num_threads(), "init": str(Path(init).name) if init else None})
     if world > 1:
         import torch.distributed as dist
         dist.barrier()

@@ -438,3 +438,24 @@ def test_inner_distance_in_the_bounding_box_equals_the_whole_image_transform():
     m[:, :3] = False
     full = ndimage.distance_transform_edt(np.pad(m, 1), sampling=(2.0, 1.0, 1.5))[1:-1, 1:-1, 1:-1]
     assert np.allclose(_inner_distance(m, (2.0, 1.0, 1.5)), full)
+
+
+def test_a_later_stage_starts_from_given_weights_of_the_same_network(tmp_path):
+    from PETWorkbenchLib.errors import ModelError
+    from PETWorkbenchLib.models import load_checkpoint
+    from SegmentationModuleLib.pemed_train import train
+    torch.set_num_threads(1)
+    cases = synthetic_cases()
+    train(tiny_cfg(), tmp_path / "a", cases=cases, device="cpu", log=lambda s: None)
+    cfg = tiny_cfg()
+    cfg["training"]["lr"] = 0.0                       # no update: the stage's weights are the ones it started from
+    train(cfg, tmp_path / "b", cases=cases, device="cpu", log=lambda s: None, init=tmp_path / "a" / "model.pt")
+    a = load_checkpoint(tmp_path / "a" / "model.pt")["state_dict"]
+    b = load_checkpoint(tmp_path / "b" / "model.pt")
+    assert b["training"]["init"] == "model.pt"
+    assert all(torch.equal(a[k], b["state_dict"][k]) for k in a if not k.endswith(("running_mean", "running_var",
+                                                                                    "num_batches_tracked")))
+    other = tiny_cfg()
+    other["network"]["decoder_dim"] = 16
+    with pytest.raises(ModelError, match="another network config"):
+        train(other, tmp_path / "c", cases=cases, device="cpu", log=lambda s: None, init=tmp_path / "a" / "model.pt")
