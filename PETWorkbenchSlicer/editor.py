@@ -2,9 +2,25 @@
 boolean mask on the source volume's grid -> the labelmap a scripted effect modifies a segment with (parent
 transforms of the volume and the segmentation honoured; a non-linear one is refused with a clear message)."""
 
+import os
+
 import numpy as np
 import slicer
 import vtk
+
+def clone_effect(effect_file):
+    """A new scripted effect running ``effect_file`` (what a scripted effect's ``clone()`` returns)."""
+    import qSlicerSegmentationsEditorEffectsPythonQt as effects
+    clonedEffect = effects.qSlicerSegmentEditorScriptedEffect(None)
+    clonedEffect.setPythonSource(effect_file.replace("\\", "/"))
+    return clonedEffect
+
+
+def effect_icon(effect_file, name="SegmentEditorPETOrgans.png"):
+    """The icon ``Resources/Icons/<name>`` of the module holding ``effect_file`` (an empty icon when absent)."""
+    import qt
+    path = os.path.join(os.path.dirname(os.path.abspath(effect_file)), "..", "Resources", "Icons", name)
+    return qt.QIcon(path) if os.path.exists(path) else qt.QIcon()
 
 
 def linear_transform_between(fromNode, toNode):

@@ -5,8 +5,6 @@ The prediction is computed once per source volume (in the worker process, cancel
 click-to-mask step is ``SegmentationModuleLib.region_at_click`` (engine code, tested headless).
 """
 
-import os
-
 import qt
 import slicer
 import vtk
@@ -23,14 +21,12 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._run = None
 
     def clone(self):
-        import qSlicerSegmentationsEditorEffectsPythonQt as effects
-        clonedEffect = effects.qSlicerSegmentEditorScriptedEffect(None)
-        clonedEffect.setPythonSource(__file__.replace("\\", "/"))
-        return clonedEffect
+        from PETWorkbenchSlicer.editor import clone_effect
+        return clone_effect(__file__)
 
     def icon(self):
-        path = os.path.join(os.path.dirname(__file__), "..", "Resources", "Icons", "SegmentEditorPETOrgans.png")
-        return qt.QIcon(path) if os.path.exists(path) else qt.QIcon()
+        from PETWorkbenchSlicer.editor import effect_icon
+        return effect_icon(__file__)
 
     def helpText(self):
         return ("<html>Add organs predicted on the PET (LDOS, no CT needed).<p>"

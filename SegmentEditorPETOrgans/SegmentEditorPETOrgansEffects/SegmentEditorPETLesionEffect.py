@@ -8,8 +8,6 @@ node with SUVmax, SUVpeak, SUVmean, MTV and TLG of every lesion segment, with th
 region when the segmentation has a segment named "liver".
 """
 
-import os
-
 import qt
 import slicer
 import vtk
@@ -29,14 +27,12 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._predictors = {}          # model id -> PEMEDPredictor (loaded once)
 
     def clone(self):
-        import qSlicerSegmentationsEditorEffectsPythonQt as effects
-        clonedEffect = effects.qSlicerSegmentEditorScriptedEffect(None)
-        clonedEffect.setPythonSource(__file__.replace("\\", "/"))
-        return clonedEffect
+        from PETWorkbenchSlicer.editor import clone_effect
+        return clone_effect(__file__)
 
     def icon(self):
-        path = os.path.join(os.path.dirname(__file__), "..", "Resources", "Icons", "SegmentEditorPETOrgans.png")
-        return qt.QIcon(path) if os.path.exists(path) else qt.QIcon()
+        from PETWorkbenchSlicer.editor import effect_icon
+        return effect_icon(__file__)
 
     def helpText(self):
         return ("<html>Delineate a lesion on PET (source volume in SUV) with clicks.<p>"

@@ -38,7 +38,7 @@ from PETWorkbenchLib.progress import Reporter
 
 from .clicks import SliceCrop, deepest_point, next_click
 from .pemed import build_pemed, disk_maps, normalise_suv, normalized_focal_loss
-from .train import _init_dist, _rng_state, dist_info, read_checkpoint
+from .train import _init_dist, _rng_state, agreed_stop, dist_info, read_checkpoint, start_from
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -231,13 +231,7 @@ def train(cfg: dict | str | Path, out_dir: str | Path, manifest: str | Path | No
         torch.set_rng_state(st["torch_rng"])
         log(f"resumed from {ck} at iteration {start_it}")
     elif init is not None:
-        from PETWorkbenchLib.errors import ModelError
-        from PETWorkbenchLib.models import load_checkpoint
-        src = load_checkpoint(init)
-        if src.get("config", {}).get("network") != cfg.get("network"):
-            raise ModelError(f"weights {init} were made with another network config")
-        model.load_state_dict(src["state_dict"])
-        log(f"starting from the weights of {init}")
+        start_from(model, init, cfg, log)
     net = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -304,12 +298,7 @@ def train(cfg: dict | str | Path, out_dir: str | Path, manifest: str | Path | No
                     f"lr={opt.param_groups[0]['lr']:.2e}")
             save_latest()
         rep(it / total, f"PE-MED iteration {it}/{total}")
-        stop = max_minutes is not None and (time.time() - t0) > 60.0 * max_minutes
-        if world > 1:
-            import torch.distributed as dist
-            flag = torch.tensor([1.0 if stop else 0.0])
-            dist.all_reduce(flag)
-            stop = flag.item() > 0
+        stop = agreed_stop(max_minutes is not None and (time.time() - t0) > 60.0 * max_minutes, world)
         if stop and it < total:
             stopped = "time_limit"
             save_latest()

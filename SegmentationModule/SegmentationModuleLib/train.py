@@ -93,6 +93,28 @@ def read_checkpoint(path: str | Path, keys: Sequence[str] = RESUME_KEYS,
     return read_torch_file(path, keys, "training checkpoint", map_location)
 
 
+def start_from(model: torch.nn.Module, init: str | Path, cfg: dict, log: Callable[[str], None] = print) -> None:
+    """Load the weights of model file ``init`` into ``model`` (a later training stage); refused (ModelError) when
+    they were made with another network configuration than ``cfg["network"]``."""
+    from PETWorkbenchLib.errors import ModelError
+    from PETWorkbenchLib.models import load_checkpoint
+    src = load_checkpoint(init)
+    if src.get("config", {}).get("network") != cfg.get("network"):
+        raise ModelError(f"weights {init} were made with another network config")
+    model.load_state_dict(src["state_dict"])
+    log(f"starting from the weights of {init}")
+
+
+def agreed_stop(stop: bool, world: int) -> bool:
+    """True on every rank when any rank asks to stop (a time limit), so all stop at the same iteration."""
+    if world <= 1:
+        return bool(stop)
+    import torch.distributed as dist
+    flag = torch.tensor([1.0 if stop else 0.0])
+    dist.all_reduce(flag)
+    return flag.item() > 0
+
+
 def _rng_state(rng):
     """The state of a numpy Generator as plain Python data (arrays in it become lists)."""
     return json.loads(json.dumps(rng.bit_generator.state, default=lambda a: a.tolist()))
@@ -154,13 +176,7 @@ def train(cfg: dict | str | Path, out_dir: str | Path, cases: list[dict] | None 
         torch.set_rng_state(state["torch_rng"])
         log(f"resumed from {ck} at iteration {start_it}")
     elif init is not None:
-        from PETWorkbenchLib.errors import ModelError
-        from PETWorkbenchLib.models import load_checkpoint
-        src = load_checkpoint(init)
-        if src.get("config", {}).get("network") != cfg["network"]:
-            raise ModelError(f"weights {init} were made with another network config")
-        model.load_state_dict(src["state_dict"])
-        log(f"starting from the weights of {init}")
+        start_from(model, init, cfg, log)
     net = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -233,12 +249,7 @@ def train(cfg: dict | str | Path, out_dir: str | Path, cases: list[dict] | None 
                 log(f"epoch {epoch} it {it}/{total} " + " ".join(f"{k}={v:.4f}" for k, v in mean.items()))
             save_latest()
         rep(it / total, f"{task} iteration {it}/{total}")
-        stop = max_minutes is not None and (time.time() - t0) > 60.0 * max_minutes
-        if world > 1:
-            import torch.distributed as dist
-            flag = torch.tensor([1.0 if stop else 0.0])
-            dist.all_reduce(flag)
-            stop = flag.item() > 0
+        stop = agreed_stop(max_minutes is not None and (time.time() - t0) > 60.0 * max_minutes, world)
         if stop and it < total:
             stopped = "time_limit"
             save_latest()

@@ -85,6 +85,7 @@ def test_click_delineates_the_lesion_changes_nothing_else_and_undo_restores(slic
     # Guards: a click must set the selected segment to the lesion, leave the other segments alone, and be one
     # Segment Editor undo step.
     s = _setup(phantom_files["pet"])
+    assert not s["effect"].icon().isNull()               # the module's icon, found from the effect's file
     _choose(s["effect"], "41pct")
     other_before = _seg(s, s["other"]).copy()
     assert _click(s, CENTRE) is True
