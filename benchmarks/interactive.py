@@ -43,7 +43,6 @@ sys.path.insert(0, str(ROOT / "SegmentationModule"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 DOSES = ("full_dose", "low_dose", "low_dose_drf20")
-THRESHOLDS = ("suv2.5", "41pct", "50pct", "percist")
 
 
 def dice(a, b):
@@ -51,7 +50,7 @@ def dice(a, b):
     return 1.0 if s == 0 else 2.0 * float((a & b).sum()) / float(s)
 
 
-def run_task(session_factory, suv, gt, spacing, max_clicks):
+def run_task(session_factory, gt, spacing, max_clicks):
     """Simulated clicks on one lesion; returns per-click Dice, masks after 3 and 5 clicks, click seconds."""
     from SegmentationModuleLib.clicks import deepest_point, next_click
 
@@ -103,7 +102,7 @@ def main():
     torch.set_num_threads(args.threads)
     from common import standard_manifest
     from SegmentationModuleLib.data import read_manifest
-    from SegmentationModuleLib.lesion import DEFAULT_MODEL, LesionSession, PEMEDPredictor
+    from SegmentationModuleLib.lesion import DEFAULT_MODEL, THRESHOLD_METHODS, LesionSession, PEMEDPredictor
 
     from PETWorkbenchLib.terminology import organ_specs
     manifest = Path(standard_manifest(args.manifest))
@@ -115,7 +114,7 @@ def main():
     rows = [r for r in rows if r["patient_id"] in patients]
     predictor = PEMEDPredictor(args.model or DEFAULT_MODEL)
     liver_value = next(o["value"] for o in organ_specs() if o["name"] == "liver")
-    methods = ("pemed",) + THRESHOLDS
+    methods = ("pemed",) + THRESHOLD_METHODS
     results = {m: [] for m in methods}
     t0 = time.time()
     for r in rows:
@@ -135,7 +134,7 @@ def main():
                 for m in methods:
                     def factory(m=m):
                         return LesionSession(img, m, model=predictor, liver_mask=liver)
-                    dices, masks, secs = run_task(factory, suv, gt, spacing, max_clicks)
+                    dices, masks, secs = run_task(factory, gt, spacing, max_clicks)
                     res = {"case": r["case_id"], "dose": dose, "lesion": int(v), "voxels": int(true_mtv),
                            "dice": dices, "seconds": secs}
                     for k in (3, 5):
@@ -181,7 +180,7 @@ def main():
         w.writerow(["method"] + cols)
         for m in methods:
             w.writerow([m] + [table[m][c] for c in cols])
-    best = max(THRESHOLDS, key=lambda m: table[m]["dice3"])
+    best = max(THRESHOLD_METHODS, key=lambda m: table[m]["dice3"])
     print(f"best threshold after 3 clicks: {best}")
     keys = dict(dice1_pemed=table["pemed"]["dice1"], dice3_pemed=table["pemed"]["dice3"],
                 dice5_pemed=table["pemed"]["dice5"], dice_41pct=table["41pct"]["dice3"],

@@ -128,7 +128,7 @@ class PEMEDPredictor:
         from PETWorkbenchLib.device import torch_device
         from PETWorkbenchLib.models import load_model_checkpoint
 
-        from .pemed import build_pemed
+        from .pemed import build_pemed, crop_geometry
         ckpt = model if isinstance(model, dict) else load_model_checkpoint(model, progress=progress)
         cfg = ckpt["config"]
         if cfg.get("task") != "pemed":
@@ -139,9 +139,7 @@ class PEMEDPredictor:
         self.dev = torch_device(device)
         self.net = build_pemed(cfg).to(self.dev).eval()
         self.net.load_state_dict(ckpt["state_dict"])
-        self.size = int(cfg["input"]["crop"])
-        self.pixel_mm = float(cfg["input"]["pixel_mm"])
-        self.radius = float(cfg["input"]["disk_radius_mm"]) / self.pixel_mm
+        self.size, self.pixel_mm, self.radius = crop_geometry(cfg)
         inf = cfg.get("inference", {})
         self.max_propagation_mm = float(inf.get("max_propagation_mm", 150.0))
         self.min_pixels = int(inf.get("min_pixels", 1))
@@ -182,7 +180,6 @@ class LesionSession:
         self.method = method_name(method)
         self.suv = sitk.GetArrayFromImage(image).astype(np.float32)
         self.spacing = tuple(float(s) for s in image.GetSpacing()[::-1])
-        self.image = image
         self.mask = np.zeros(self.suv.shape, bool) if initial_mask is None else np.array(initial_mask, bool)
         if self.mask.shape != self.suv.shape:
             raise InputError(f"The starting segment has shape {self.mask.shape}, the PET {self.suv.shape}: they must "
@@ -197,7 +194,6 @@ class LesionSession:
                 raise InputError(f"The liver mask has shape {liver.shape}, the PET {self.suv.shape}: they must be on "
                                  "the same grid")
             self.liver_threshold = percist_liver_threshold(self.suv[liver])
-            self.liver_mean = float(self.suv[liver].mean())
         if self.method == "percist" and self.liver_threshold is None:
             raise InputError("The PERCIST threshold needs a liver reference: give a liver segment or mask")
         self.predictor = None

@@ -252,6 +252,12 @@ def normalized_focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: flo
 
 
 # --------------------------------------------------------------------------------------------- input transform
+def crop_geometry(cfg: dict) -> tuple[int, float, float]:
+    """(crop size in pixels, crop pixel size in mm, click disk radius in crop pixels) of a PE-MED config."""
+    size, pixel_mm = int(cfg["input"]["crop"]), float(cfg["input"]["pixel_mm"])
+    return size, pixel_mm, float(cfg["input"]["disk_radius_mm"]) / pixel_mm
+
+
 def normalise_suv(suv: np.ndarray) -> np.ndarray:
     """Network input from SUV: log(1 + SUV) (negative values, e.g. reconstruction noise, count as 0)."""
     return np.log1p(np.maximum(np.asarray(suv, np.float32), 0.0))

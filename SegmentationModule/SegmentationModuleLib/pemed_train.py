@@ -33,12 +33,12 @@ import torch
 from scipy import ndimage
 
 from PETWorkbenchLib.errors import InputError
-from PETWorkbenchLib.imageio import save_torch
 from PETWorkbenchLib.progress import Reporter
 
 from .clicks import SliceCrop, deepest_point, next_click
-from .pemed import build_pemed, disk_maps, normalise_suv, normalized_focal_loss
-from .train import _init_dist, _rng_state, agreed_stop, dist_info, read_checkpoint, start_from
+from .pemed import build_pemed, crop_geometry, disk_maps, normalise_suv, normalized_focal_loss
+from .train import _init_dist, agreed_stop, dist_info, resume_training, save_trained_model, save_training_state
+from .train import start_from
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -99,9 +99,7 @@ class ClickSampler:
         self.cases, self.cfg = cases, cfg
         self.rng = np.random.default_rng(seed)
         self.objects = [_objects(c) for c in cases]
-        self.size = int(cfg["input"]["crop"])
-        self.pixel_mm = float(cfg["input"]["pixel_mm"])
-        self.radius = float(cfg["input"]["disk_radius_mm"]) / self.pixel_mm
+        self.size, self.pixel_mm, self.radius = crop_geometry(cfg)
         t = cfg.get("training", {})
         self.p_lesion = float(t.get("p_lesion", 0.6))
         self.p_prop = float(t.get("p_propagation", 0.3))
@@ -222,13 +220,7 @@ def train(cfg: dict | str | Path, out_dir: str | Path, manifest: str | Path | No
     start_it, history, before = 0, [], 0.0
     ck = out_dir / "checkpoint_latest.pt"
     if resume and ck.is_file():
-        st = read_checkpoint(ck)
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["optimizer"])
-        start_it, history, before = int(st["iteration"]), st.get("history", []), float(st.get("seconds_total", 0))
-        if rank < len(st["sampler_rng"]):
-            sampler.rng.bit_generator.state = st["sampler_rng"][rank]
-        torch.set_rng_state(st["torch_rng"])
+        start_it, history, before = resume_training(ck, model, opt, sampler.rng, rank)
         log(f"resumed from {ck} at iteration {start_it}")
     elif init is not None:
         start_from(model, init, cfg, log)
@@ -239,16 +231,8 @@ def train(cfg: dict | str | Path, out_dir: str | Path, manifest: str | Path | No
     t0 = time.time()
     it, stopped, run = start_it, "finished", []
 
-    def save_latest():
-        rngs = [_rng_state(sampler.rng)]
-        if world > 1:
-            import torch.distributed as dist
-            rngs = [None] * world
-            dist.all_gather_object(rngs, _rng_state(sampler.rng))
-        if rank == 0:
-            save_torch({"model": model.state_dict(), "optimizer": opt.state_dict(), "iteration": int(it),
-                        "history": history, "sampler_rng": rngs, "torch_rng": torch.get_rng_state(),
-                        "seconds_total": float(before + time.time() - t0), "config": cfg}, ck)
+    def save_latest():  # called by every rank at the same iteration
+        save_training_state(ck, model, opt, it, history, sampler.rng, before + time.time() - t0, cfg, rank, world)
 
     while it < total:
         for g in opt.param_groups:
@@ -304,17 +288,11 @@ def train(cfg: dict | str | Path, out_dir: str | Path, manifest: str | Path | No
             save_latest()
             break
     model_path = out_dir / "model.pt"
-    if rank == 0:
-        from PETWorkbenchLib.models import save_checkpoint
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        save_checkpoint(model_path, cfg, state, training={
-            "iterations": it, "total_iterations": total, "stopped": stopped, "history": history[-5:],
-            "seconds_total": round(before + time.time() - t0, 1), "n_cases": len(cases),
-            "cases": [c.get("case_id") for c in cases][:200], "world_size": world,
-            "torch_threads": torch.get_num_threads(), "init": str(Path(init).name) if init else None})
-    if world > 1:
-        import torch.distributed as dist
-        dist.barrier()
+    save_trained_model(model_path, model, cfg, {
+        "iterations": it, "total_iterations": total, "stopped": stopped, "history": history[-5:],
+        "seconds_total": round(before + time.time() - t0, 1), "n_cases": len(cases),
+        "cases": [c.get("case_id") for c in cases][:200], "world_size": world,
+        "torch_threads": torch.get_num_threads(), "init": str(Path(init).name) if init else None}, rank, world)
     return {"iterations": it, "total_iterations": total, "stopped": stopped, "seconds": time.time() - t0,
             "model": str(model_path), "world_size": world, "rank": rank,
             "last": json.loads(json.dumps(history[-1])) if history else None}

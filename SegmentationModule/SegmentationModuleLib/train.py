@@ -115,6 +115,48 @@ def agreed_stop(stop: bool, world: int) -> bool:
     return flag.item() > 0
 
 
+def resume_training(path: str | Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                    rng: np.random.Generator, rank: int) -> tuple[int, list, float]:
+    """Restore a run from its ``checkpoint_latest.pt`` (weights, optimiser, this rank's sampler and torch random
+    states); returns (iteration, history, seconds trained so far)."""
+    state = read_checkpoint(path)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    if rank < len(state["sampler_rng"]):
+        rng.bit_generator.state = state["sampler_rng"][rank]
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["iteration"]), state.get("history", []), float(state.get("seconds_total", 0.0))
+
+
+def save_training_state(path: str | Path, model: torch.nn.Module, opt: torch.optim.Optimizer, iteration: int,
+                        history: list, rng: np.random.Generator, seconds_total: float, cfg: dict, rank: int,
+                        world: int) -> None:
+    """Write ``checkpoint_latest.pt`` (rank 0) with every rank's sampler state; called by every rank at the same
+    iteration."""
+    rngs = [_rng_state(rng)]
+    if world > 1:
+        import torch.distributed as dist
+        rngs = [None] * world
+        dist.all_gather_object(rngs, _rng_state(rng))
+    if rank == 0:
+        save_torch({"model": model.state_dict(), "optimizer": opt.state_dict(), "iteration": int(iteration),
+                    "history": history, "sampler_rng": rngs, "seconds_total": float(seconds_total),
+                    "torch_rng": torch.get_rng_state(), "config": cfg}, path)
+
+
+def save_trained_model(path: str | Path, model: torch.nn.Module, cfg: dict, training: dict, rank: int,
+                       world: int) -> None:
+    """Write the final weights file (rank 0; tensors on the CPU, ``training`` the run's summary), then wait for
+    every rank."""
+    if rank == 0:
+        from PETWorkbenchLib.models import save_checkpoint
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        save_checkpoint(path, cfg, state, training=training)
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+
 def _rng_state(rng):
     """The state of a numpy Generator as plain Python data (arrays in it become lists)."""
     return json.loads(json.dumps(rng.bit_generator.state, default=lambda a: a.tolist()))
@@ -166,14 +208,7 @@ def train(cfg: dict | str | Path, out_dir: str | Path, cases: list[dict] | None 
     start_it, history, resumed_seconds = 0, [], 0.0
     ck = out_dir / "checkpoint_latest.pt"
     if resume and ck.is_file():
-        state = read_checkpoint(ck)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start_it, history = int(state["iteration"]), state.get("history", [])
-        resumed_seconds = float(state.get("seconds_total", 0.0))
-        sampler.rng.bit_generator.state = state["sampler_rng"][rank] if rank < len(state["sampler_rng"]) \
-            else sampler.rng.bit_generator.state
-        torch.set_rng_state(state["torch_rng"])
+        start_it, history, resumed_seconds = resume_training(ck, model, opt, sampler.rng, rank)
         log(f"resumed from {ck} at iteration {start_it}")
     elif init is not None:
         start_from(model, init, cfg, log)
@@ -199,16 +234,8 @@ def train(cfg: dict | str | Path, out_dir: str | Path, cases: list[dict] | None 
     run_loss = []
 
     def save_latest():  # called by every rank at the same iteration
-        rngs = [_rng_state(sampler.rng)]
-        if world > 1:
-            import torch.distributed as dist
-            rngs = [None] * world
-            dist.all_gather_object(rngs, _rng_state(sampler.rng))
-        if rank != 0:
-            return
-        save_torch({"model": model.state_dict(), "optimizer": opt.state_dict(), "iteration": int(it),
-                    "history": history, "sampler_rng": rngs, "seconds_total": float(elapsed_before + time.time() - t0),
-                    "torch_rng": torch.get_rng_state(), "config": cfg}, ck)
+        save_training_state(ck, model, opt, it, history, sampler.rng, elapsed_before + time.time() - t0, cfg, rank,
+                            world)
 
     net.train()
     while it < total:
@@ -255,18 +282,12 @@ def train(cfg: dict | str | Path, out_dir: str | Path, cases: list[dict] | None 
             save_latest()
             break
     model_path = out_dir / "model.pt"
-    if rank == 0:
-        from PETWorkbenchLib.models import save_checkpoint
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        save_checkpoint(model_path, cfg, state, training={
-            "iterations": it, "total_iterations": total, "stopped": stopped, "history": history[-5:],
-            "seconds_total": round(elapsed_before + time.time() - t0, 1), "n_cases": len(cases),
-            "cases": [c.get("case_id") for c in cases][:200], "world_size": world,
-            "torch_threads": torch.get_num_threads(), "init": str(init) if init else None,
-            "augmentation": cfg.get("augmentation")})
-    if world > 1:
-        import torch.distributed as dist
-        dist.barrier()
+    save_trained_model(model_path, model, cfg, {
+        "iterations": it, "total_iterations": total, "stopped": stopped, "history": history[-5:],
+        "seconds_total": round(elapsed_before + time.time() - t0, 1), "n_cases": len(cases),
+        "cases": [c.get("case_id") for c in cases][:200], "world_size": world,
+        "torch_threads": torch.get_num_threads(), "init": str(init) if init else None,
+        "augmentation": cfg.get("augmentation")}, rank, world)
     return {"task": task, "iterations": it, "total_iterations": total, "stopped": stopped,
             "seconds": time.time() - t0, "model": str(model_path), "world_size": world, "rank": rank,
             "last": history[-1] if history else None}
