@@ -58,6 +58,12 @@ def deepest_point(mask: np.ndarray, spacing: Sequence[float] | None = None) -> t
     return tuple(int(v) for v in np.unravel_index(int(np.argmax(d)), d.shape))
 
 
+def extent_mm(mask2d: np.ndarray, spacing_rc: Sequence[float]) -> float:
+    """Equivalent diameter (mm) of a 2D mask: the diameter of the disk of the same area (0 when empty)."""
+    area = float(np.count_nonzero(mask2d)) * float(spacing_rc[0]) * float(spacing_rc[1])
+    return 2.0 * float(np.sqrt(area / np.pi))
+
+
 class SliceCrop:
     """A ``size`` x ``size`` grid of ``pixel_mm`` pixels centred at ``centre_rc`` (row, col in the slice's pixels)
     of a slice with in-plane spacing ``spacing_rc`` (mm)."""

@@ -35,7 +35,7 @@ from scipy import ndimage
 from PETWorkbenchLib.errors import InputError
 from PETWorkbenchLib.metrics import percist_liver_threshold, sphere_kernel
 
-from .clicks import SliceCrop, deepest_point
+from .clicks import SliceCrop, deepest_point, extent_mm
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -146,11 +146,17 @@ class PEMEDPredictor:
         self.max_growth = float(inf.get("max_growth", 2.0))
         self._torch = torch
 
-    def predict_slice(self, suv2d, spacing_rc, centre_rc, clicks_rc, prev2d, prev_logits2d=None):
-        """Logits on the slice grid (outside the crop: -20) for clicks [(row, col, positive)] in slice pixels."""
+    def pixel_for(self, extent: float | None) -> float:
+        """Crop pixel size (mm) for an object of this equivalent diameter (mm): Zoom-In (``pemed.zoom_pixel_mm``)."""
+        from .pemed import zoom_pixel_mm
+        return zoom_pixel_mm(self.cfg, extent)
+
+    def predict_slice(self, suv2d, spacing_rc, centre_rc, clicks_rc, prev2d, prev_logits2d=None, pixel_mm=None):
+        """Logits on the slice grid (outside the crop: -20) for clicks [(row, col, positive)] in slice pixels;
+        ``pixel_mm``: the crop's pixel size (default: the model's)."""
         torch = self._torch
         from .pemed import disk_maps, normalise_suv
-        crop = SliceCrop(centre_rc, spacing_rc, self.size, self.pixel_mm)
+        crop = SliceCrop(centre_rc, spacing_rc, self.size, pixel_mm or self.pixel_mm)
         img = normalise_suv(crop.sample(suv2d))
         maps = disk_maps(img.shape, [(*crop.to_crop((r, c)), p) for r, c, p in clicks_rc], self.radius)
         prev = crop.sample(np.asarray(prev2d, np.float32), order=0)
@@ -263,8 +269,25 @@ class LesionSession:
             cl.append(extra)
         return cl
 
-    def _run_slice(self, z, clicks, prev, prev_logits, centre):
-        return self.predictor.predict_slice(self.suv[z], self.spacing[1:], centre, clicks, prev, prev_logits)
+    def _run_slice(self, z, clicks, prev, prev_logits, centre, extent=None):
+        return self.predictor.predict_slice(self.suv[z], self.spacing[1:], centre, clicks, prev, prev_logits,
+                                            pixel_mm=self.predictor.pixel_for(extent))
+
+    def _object_extent(self, z, prev, pos):
+        """Equivalent diameter (mm) of the object on slice ``z`` for Zoom-In: the segment there together with the hot
+        region (50 % of the local SUVmax, face-connected, on this slice) at each positive click."""
+        region = np.array(prev, bool)
+        sl = self.suv[z]
+        rad = np.ceil(SEARCH_MM / np.asarray(self.spacing[1:])).astype(int)
+        for r, c in pos:
+            r, c = int(round(r)), int(round(c))
+            win = sl[max(r - rad[0], 0):r + rad[0] + 1, max(c - rad[1], 0):c + rad[1] + 1]
+            peak = float(win.max()) if win.size else 0.0
+            if peak <= BODY_SUV or sl[r, c] < 0.5 * peak:
+                continue
+            lab, _ = ndimage.label(sl >= 0.5 * peak)
+            region |= lab == lab[r, c]
+        return extent_mm(region, self.spacing[1:]) if region.any() else None
 
     def _pemed_click(self, zyx, positive):
         z, y, x = zyx
@@ -280,9 +303,10 @@ class LesionSession:
         else:
             centre = np.array([y, x], float)
         first = not self.clicks and not mask.any()
-        logits = self._run_slice(z, clicks, prev, self._logits.get(z), centre)
+        extent = self._object_extent(z, prev, pos)
+        logits = self._run_slice(z, clicks, prev, self._logits.get(z), centre, extent)
         if first:  # self-loop warm start: the same click again with the first pass's mask as the previous mask
-            logits = self._run_slice(z, clicks, logits > 0, logits, centre)
+            logits = self._run_slice(z, clicks, logits > 0, logits, centre, extent)
         self._logits = dict(self._logits)
         self._logits[z] = logits
         mask[z] = _connected_to(logits > 0, prev, [(int(round(r)), int(round(c))) for r, c in pos])
@@ -305,7 +329,7 @@ class LesionSession:
                         zz += step
                     break
                 r, c = deepest_point(src, self.spacing[1:])
-                lg = self._run_slice(zz, [(r, c, True)], src, None, (r, c))
+                lg = self._run_slice(zz, [(r, c, True)], src, None, (r, c), extent_mm(src, self.spacing[1:]))
                 self._logits[zz] = lg
                 new = _connected_to(lg > 0, src, [])
                 if new.sum() > pred.max_growth * src.sum() + 8:   # a leak into a neighbouring hot structure

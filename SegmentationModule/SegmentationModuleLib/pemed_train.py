@@ -35,8 +35,9 @@ from scipy import ndimage
 from PETWorkbenchLib.errors import InputError
 from PETWorkbenchLib.progress import Reporter
 
-from .clicks import SliceCrop, deepest_point, next_click
-from .pemed import build_pemed, crop_geometry, disk_maps, normalise_suv, normalized_focal_loss
+from .clicks import SliceCrop, deepest_point, extent_mm, next_click
+from .pemed import (build_pemed, crop_geometry, disk_maps, normalise_suv, normalized_focal_loss,
+                    zoom_pixel_mm)
 from .train import _init_dist, agreed_stop, dist_info, resume_training, save_trained_model, save_training_state
 from .train import start_from
 
@@ -100,6 +101,8 @@ class ClickSampler:
         self.rng = np.random.default_rng(seed)
         self.objects = [_objects(c) for c in cases]
         self.size, self.pixel_mm, self.radius = crop_geometry(cfg)
+        self.min_pixel_mm = float(cfg["input"].get("min_pixel_mm", self.pixel_mm))
+        self.zoom = self.min_pixel_mm < self.pixel_mm
         t = cfg.get("training", {})
         self.p_lesion = float(t.get("p_lesion", 0.6))
         self.p_prop = float(t.get("p_propagation", 0.3))
@@ -142,8 +145,14 @@ class ClickSampler:
             d = ndimage.distance_transform_edt(np.pad(ref, 1))[1:-1, 1:-1]
             cand = np.argwhere(d >= max(1.0, 0.3 * d.max()))
             anchor = tuple(cand[int(rng.integers(len(cand)))])
-        jitter = rng.uniform(-0.25, 0.25, 2) * self.size * self.pixel_mm / np.asarray(sp[1:])
-        crop = SliceCrop(np.asarray(anchor, float) + jitter, sp[1:], self.size, self.pixel_mm)
+        pixel_mm = self.pixel_mm
+        if self.zoom:  # Zoom-In: the crop pixel chosen from the guiding mask's extent as at inference, jittered
+            if rng.random() < 0.25:
+                pixel_mm = float(np.exp(rng.uniform(np.log(self.min_pixel_mm), np.log(self.pixel_mm))))
+            else:
+                pixel_mm = zoom_pixel_mm(self.cfg, extent_mm(ref, sp[1:]) * float(np.exp(rng.uniform(-0.3, 0.3))))
+        jitter = rng.uniform(-0.25, 0.25, 2) * self.size * pixel_mm / np.asarray(sp[1:])
+        crop = SliceCrop(np.asarray(anchor, float) + jitter, sp[1:], self.size, pixel_mm)
         image = normalise_suv(crop.sample(vol[z]))
         target = crop.sample(target_full.astype(np.float32), order=0)
         clicks = [(*crop.to_crop(anchor), True)]

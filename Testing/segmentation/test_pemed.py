@@ -238,11 +238,16 @@ class ThresholdingPredictor:
     max_propagation_mm, min_pixels, max_growth = 1000.0, 1, 2.0
 
     def __init__(self, greedy=False):
-        self.calls = []
+        self.calls, self.extents = [], []
         self.greedy = greedy          # segment every hot pixel of the slice once there is a positive click
 
-    def predict_slice(self, suv2d, spacing_rc, centre_rc, clicks_rc, prev2d, prev_logits2d=None):
+    def pixel_for(self, extent):
+        self.extents.append(extent)
+        return 1.0
+
+    def predict_slice(self, suv2d, spacing_rc, centre_rc, clicks_rc, prev2d, prev_logits2d=None, pixel_mm=None):
         from scipy import ndimage
+        assert pixel_mm == 1.0
         self.calls.append((len(clicks_rc), bool(np.asarray(prev2d).any()), prev_logits2d is not None))
         lab, _ = ndimage.label(suv2d > 4.0)
         if self.greedy and any(p for _, _, p in clicks_rc):
@@ -286,6 +291,27 @@ def test_pemed_session_with_a_real_tiny_network(tmp_path):
         L.PEMEDPredictor({"config": {"task": "ldos"}, "state_dict": {}})
 
 
+def test_zoom_in_picks_finer_crop_pixels_for_small_objects():
+    from SegmentationModuleLib.clicks import extent_mm
+    from SegmentationModuleLib.pemed import zoom_pixel_mm
+    disk = np.add.outer((np.arange(41) - 20) ** 2, (np.arange(41) - 20) ** 2) <= 100   # r = 10 px
+    assert extent_mm(disk, (0.5, 0.5)) == pytest.approx(10.0, rel=0.02)                 # r = 5 mm -> 10 mm
+    assert extent_mm(np.zeros((4, 4)), (1, 1)) == 0.0
+    cfg = tiny_cfg()
+    assert zoom_pixel_mm(cfg, 4.0) == 3.0                   # no min_pixel_mm: the model's pixel, as before
+    cfg["input"].update(min_pixel_mm=1.0, object_pixels=16)
+    assert zoom_pixel_mm(cfg, 32.0) == pytest.approx(2.0)   # 32 mm over 16 pixels
+    assert zoom_pixel_mm(cfg, 4.0) == 1.0 and zoom_pixel_mm(cfg, 200.0) == 3.0 and zoom_pixel_mm(cfg, None) == 3.0
+    # the session measures the object: a small lesion's hot region at the first click, the propagated mask later
+    img, suv, lesion, liver = phantom(radius_mm=6.0)
+    pred = ThresholdingPredictor()
+    s = L.LesionSession(img, "pemed", model=pred)
+    s.add_click(CENTRE_IJK)
+    z = int(round(CENTRE_IJK[2]))
+    assert pred.extents[0] == pytest.approx(extent_mm(lesion[z], (3.0, 3.0)))
+    assert all(e is not None and 0 < e <= pred.extents[0] + 1e-6 for e in pred.extents[2:])
+
+
 # --------------------------------------------------------------------------------------------- training
 def synthetic_cases(n=2):
     cases = []
@@ -310,6 +336,20 @@ def test_sampler_gives_clicks_inside_the_object_and_propagation_samples():
             assert ref[int(round(r)), int(round(c))] > 0.5
         kinds.add(bool(prev.any()))
     assert kinds == {True, False}
+
+
+def test_sampler_zooms_in_on_small_objects_when_the_config_asks():
+    from SegmentationModuleLib.pemed_train import ClickSampler
+    cfg = tiny_cfg()
+    cfg["training"]["p_lesion"] = 1.0
+    areas = {}
+    for zoom in (False, True):
+        if zoom:
+            cfg["input"].update(min_pixel_mm=1.0, object_pixels=16)
+        s = ClickSampler(synthetic_cases(), cfg, seed=0)
+        areas[zoom] = np.mean([s.sample_one()[3].sum() for _ in range(30)])
+    # the 18 mm lesion: 6 pixels of 3 mm across without zoom, about 16 (pixels of ~1.1 mm) with it
+    assert areas[True] > 3 * areas[False] > 0
 
 
 def test_training_resumes_exactly(tmp_path):
