@@ -3,15 +3,16 @@
     python benchmarks/synthesis_speed.py [--threads N] [--quick]
 
 1. Paper configuration (C=64, M=3, N=5, random weights) on one 64^3 patch: the authors' style of execution (every
-   expert computed and weighted, ``model.sparse = False``) against ours (zero-weight experts skipped), both in
+   expert computed and weighted, ``model.sparse = False``, default memory layout, ``model.token_layout = False``),
+   the sparse experts alone, and ours (zero-weight experts skipped, channels-last token layout), all in
    ``torch.inference_mode``; best of ``--repeats``. The arithmetic is about 277 GFLOP per patch with every expert
    (measured by counting below); the machine's oneDNN peak is measured here with a large float32 matrix product,
    so ``limit_ratio`` = time / (FLOP / peak) says how far from the machine's limit the patch runs.
 2. Whole body: four held-out simulated patients of the standard set, each resampled to 2 mm, padded to a common
    in-plane size of at least 200 x 200 and stacked head to foot (padded with air to at least 400 slices); the
-   low-dose stack through ``synthesize`` with the earlier settings (overlap 0.5, every patch through the network)
-   and with today's defaults (overlap 0.375, air patches skipped); PSNR of each against the full-dose stack (R =
-   its max).
+   low-dose stack through ``synthesize`` with the earlier execution (default memory layout, overlap 0.5, every
+   patch through the network) and with today's (token layout, overlap 0.375, air patches skipped); PSNR of each
+   against the full-dose stack (R = its max).
 3. Peak resident memory of the process.
 
 Last line: patch_s_paper dense_patch_s_paper wholebody_s_before wholebody_s wholebody_psnr_change peak_rss_gb
@@ -68,21 +69,26 @@ def patch_flops(net, x):
 
 
 def paper_patch(repeats=2):
+    """Seconds per 64^3 patch of the paper configuration: the authors' execution (default memory layout, every
+    expert computed) and ours (channels-last token layout, zero-weight experts skipped), best of ``repeats``."""
     import torch
     from SynthesisModuleLib.model import build_model
     from SynthesisModuleLib.train import load_config
     torch.manual_seed(0)
     net = build_model(load_config("drmc_paper")["model"]).eval()
     x = torch.rand(1, 1, 64, 64, 64, generator=torch.Generator().manual_seed(0))
+    net.token_layout = False           # count the paper's arithmetic on its own formulation (conv hooks)
     flops = patch_flops(net, x)
-    times = {}
+    variants = {"dense": (False, False), "plain_sparse": (False, True), "sparse": (True, True)}
+    times = {k: [] for k in variants}
     with torch.inference_mode():
-        for sparse in (False, True) * repeats:
-            net.sparse = sparse
-            t = time.perf_counter()
-            net(x)
-            times.setdefault(sparse, []).append(time.perf_counter() - t)
-    return {"dense_s": min(times[False]), "sparse_s": min(times[True]), "gflop": flops / 1e9}
+        for _ in range(repeats):
+            for k, (layout, sparse) in variants.items():
+                net.token_layout, net.sparse = layout, sparse
+                t = time.perf_counter()
+                net(x)
+                times[k].append(time.perf_counter() - t)
+    return {f"{k}_s": min(v) for k, v in times.items()} | {"gflop": flops / 1e9}
 
 
 def wholebody_stack(manifest, n=4, min_inplane=200, min_slices=400):
@@ -136,17 +142,22 @@ def main(argv=None):
     peak = peak_gflops()
     pp = paper_patch(a.repeats)
     limit_s = pp["gflop"] / peak
-    print(f"paper configuration, one 64^3 patch: {pp['gflop']:.0f} GFLOP (dense); dense {pp['dense_s']:.2f} s, "
-          f"ours (sparse) {pp['sparse_s']:.2f} s; machine peak {peak:.0f} GFLOP/s -> limit {limit_s:.2f} s, "
+    print(f"paper configuration, one 64^3 patch: {pp['gflop']:.0f} GFLOP (dense); authors' execution (dense, "
+          f"default layout) {pp['dense_s']:.2f} s, sparse in the default layout {pp['plain_sparse_s']:.2f} s, ours "
+          f"(sparse, token layout) {pp['sparse_s']:.2f} s; machine peak {peak:.0f} GFLOP/s -> limit {limit_s:.2f} s, "
           f"ours at {pp['sparse_s'] / limit_s:.1f}x the limit", flush=True)
     low, full = wholebody_stack(standard_manifest(a.manifest), 2 if a.quick else 4)
     fa = sitk.GetArrayFromImage(full)
     print(f"whole-body stack {low.GetSize()} at 2 mm", flush=True)
+    from SynthesisModuleLib.infer import load_model
+    net, _ = load_model(a.model)
+    net.token_layout = False            # the earlier execution: default memory layout, overlap 0.5, every patch
     t = time.perf_counter()
-    before, _ = synthesize(low, a.model, device="cpu", overlap=0.5, skip_air=False)
+    before, _ = synthesize(low, net, device="cpu", overlap=0.5, skip_air=False)
     t_before = time.perf_counter() - t
+    net.token_layout = True             # today: token layout, the default overlap, air patches skipped
     t = time.perf_counter()
-    after, _ = synthesize(low, a.model, device="cpu")
+    after, _ = synthesize(low, net, device="cpu")
     t_after = time.perf_counter() - t
     p_before = psnr(sitk.GetArrayFromImage(before), fa)
     p_after = psnr(sitk.GetArrayFromImage(after), fa)

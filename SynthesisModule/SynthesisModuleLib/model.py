@@ -73,7 +73,23 @@ class LayerNorm3d(nn.Module):
         self.norm = nn.LayerNorm(n_feats)
 
     def forward(self, x):
+        # on a channels-last tensor the permuted view is contiguous: no copy either way
         return self.norm(x.permute(0, 2, 3, 4, 1)).permute(0, 4, 1, 2, 3)
+
+
+def tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, D, H, W) -> (B, D, H, W, C) with C innermost (a view of a channels-last tensor, else a copy)."""
+    return x.permute(0, 2, 3, 4, 1).contiguous()
+
+
+def from_tokens(t: torch.Tensor) -> torch.Tensor:
+    """(B, D, H, W, C) contiguous -> (B, C, D, H, W) view in channels-last memory layout."""
+    return t.permute(0, 4, 1, 2, 3)
+
+
+def pointwise(conv: nn.Conv3d, t: torch.Tensor) -> torch.Tensor:
+    """A 1x1x1 convolution applied to tokens (B, ..., C_in) as the matrix product it is."""
+    return F.linear(t, conv.weight.flatten(1), conv.bias)
 
 
 class Routing_Module(nn.Module):  # noqa: N801 (name kept for state-dict compatibility)
@@ -105,6 +121,8 @@ class Routing_Module(nn.Module):  # noqa: N801 (name kept for state-dict compati
 class Attention_Expert(nn.Module):  # noqa: N801 - the authors' class name, so their state-dict keys map one to one
     """Global channel attention (linear in the number of voxels) followed by a depth-wise 3x3x3 convolution."""
 
+    token_layout = True   # False: the authors' formulation in the default layout (forward_plain), same result
+
     def __init__(self, n_feats, num_heads=16, bias=False, qk_norm=True):
         super().__init__()
         self.num_heads = num_heads
@@ -115,6 +133,33 @@ class Attention_Expert(nn.Module):  # noqa: N801 - the authors' class name, so t
         self.project_out = nn.Conv3d(n_feats, n_feats, kernel_size=1, bias=bias)
 
     def forward(self, x):
+        if not self.token_layout:
+            return self.forward_plain(x)
+        # The same operation in channels-last token layout (B, N, C), the form oneDNN computes without layout copies:
+        # all heads' q^T k as one C x C product whose diagonal head blocks are the heads' attention matrices, the
+        # L2 normalisation applied to those products (q/|q| . k/|k| = q.k / (|q||k|), F.normalize's eps included),
+        # and every head's attn @ v as one product with the block-diagonal matrix of the heads' attn^T.
+        b, c, d, h, w = x.shape
+        nh, ch = self.num_heads, c // self.num_heads
+        t = tokens(x)
+        qkv = pointwise(self.qkv, t).view(b, d * h * w, 3 * c)
+        q, k, v = qkv[..., :c], qkv[..., c:2 * c], qkv[..., 2 * c:]
+        gram = q.transpose(1, 2) @ k                                                    # (B, C, C)
+        attn = gram.view(b, nh, ch, nh, ch).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)  # (B, heads, ch, ch)
+        if self.qk_norm:
+            qn = q.square().sum(1).sqrt().clamp_min(1e-12).view(b, nh, ch, 1)
+            kn = k.square().sum(1).sqrt().clamp_min(1e-12).view(b, nh, 1, ch)
+            attn = attn / (qn * kn)
+        attn = (attn * self.temperature).softmax(dim=-1)
+        eye = torch.eye(nh, dtype=attn.dtype, device=attn.device).view(1, nh, 1, nh, 1)
+        blocks = (eye * attn.transpose(-1, -2).unsqueeze(3)).reshape(b, c, c)          # block-diagonal attn^T
+        out = (v @ blocks).view(b, d, h, w, c)
+        out = F.conv3d(from_tokens(out), self.dwconv.weight, self.dwconv.bias, padding=1, groups=c)
+        return from_tokens(pointwise(self.project_out, tokens(out)))
+
+    def forward_plain(self, x):
+        """The expert as the authors write it (default memory layout; the depth-wise convolution in channels-last
+        layout on CPU, as this code ran before the token layout): the reference of :meth:`forward`."""
         b, c, d, h, w = x.shape
         q, k, v = self.qkv(x).chunk(3, dim=1)
         q = q.reshape(b, self.num_heads, c // self.num_heads, d * h * w)
@@ -138,6 +183,8 @@ class Attention_Expert(nn.Module):  # noqa: N801 - the authors' class name, so t
 class MLP_Expert(nn.Module):  # noqa: N801 - the authors' class name, so their state-dict keys map one to one
     """FFN expert: 1x1x1 conv -> GELU -> 1x1x1 conv."""
 
+    token_layout = True
+
     def __init__(self, in_feat, h_feat, out_feat):
         super().__init__()
         self.fc1 = nn.Conv3d(in_feat, h_feat, kernel_size=1, bias=True)
@@ -145,7 +192,9 @@ class MLP_Expert(nn.Module):  # noqa: N801 - the authors' class name, so their s
         self.fc2 = nn.Conv3d(h_feat, out_feat, kernel_size=1, bias=True)
 
     def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+        if not self.token_layout:
+            return self.fc2(self.act(self.fc1(x)))
+        return from_tokens(pointwise(self.fc2, self.act(pointwise(self.fc1, tokens(x)))))
 
 
 class _ExpertBank(nn.Module):
@@ -271,6 +320,21 @@ class Generator(nn.Module):
             self.hidden = nn.Parameter(torch.ones(1, cfg["hidden_dim"], 1, 1, 1))
         self.sparse = True
         self.routing_log = None
+        self.token_layout = True
+
+    @property
+    def token_layout(self) -> bool:
+        """True (default): experts compute in channels-last token layout; False: the authors' formulation in the
+        default layout. Same operation and weights (tests: equal to 1e-5); the token layout is about 1.5x faster on
+        CPU for the demo network (``benchmarks/synthesis_speed.py``)."""
+        return self._token_layout
+
+    @token_layout.setter
+    def token_layout(self, value: bool) -> None:
+        self._token_layout = bool(value)
+        for m in self.modules():
+            if isinstance(m, (Attention_Expert, MLP_Expert)):
+                m.token_layout = self._token_layout
 
     @property
     def num_banks(self) -> int:
@@ -281,6 +345,8 @@ class Generator(nn.Module):
             raise ValueError(f"expected input of shape (B, 1, D, H, W), got {tuple(x.shape)}")
         hidden = self.hidden.expand(x.shape[0], -1, -1, -1, -1) if hasattr(self, "hidden") else None
         out = self.head_conv(x)
+        if self._token_layout:
+            out = out.contiguous(memory_format=torch.channels_last_3d)
         for blk in self.body:
             out, hidden = blk(out, hidden, self.sparse, self.routing_log)
         return self.tail_conv(out) + x

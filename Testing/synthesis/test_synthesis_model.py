@@ -168,29 +168,59 @@ def test_bad_configs_and_inputs():
         Generator(SMALL)(torch.rand(1, 8, 8, 8))
 
 
-def test_attention_expert_cpu_layout_matches_plain_depthwise_convolution():
-    """The CPU channels-last path of the depth-wise convolution is the same operation: outputs and gradients."""
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_attention_expert_token_layout_is_the_papers_channel_attention(qk_norm):
+    """The channels-last token path (one C x C product, normalisation applied to it, block-diagonal attn) is the
+    channel attention as written: outputs and gradients, with 1 and 2 samples."""
     import torch.nn.functional as F
 
     from SynthesisModuleLib.model import Attention_Expert
 
     torch.manual_seed(0)
-    ex = Attention_Expert(8, num_heads=2)
-    x = torch.randn(2, 8, 6, 5, 7, requires_grad=True)
-    out = ex(x)
-    grads = torch.autograd.grad(out.pow(2).sum(), [x, *ex.parameters()])
+    ex = Attention_Expert(8, num_heads=2, qk_norm=qk_norm)
+    with torch.no_grad():
+        ex.temperature.copy_(torch.tensor([0.7, 1.9]).view(2, 1, 1))
 
-    def plain(x):  # the expert written out with the default memory layout
+    def plain(x):  # the expert written out from the equations, default memory layout
         b, c, d, h, w = x.shape
         q, k, v = (t.reshape(b, 2, c // 2, -1) for t in ex.qkv(x).chunk(3, dim=1))
-        attn = (F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)) * ex.temperature
+        if qk_norm:
+            q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        attn = (q @ k.transpose(-2, -1)) * ex.temperature
         y = F.conv3d((attn.softmax(-1) @ v).reshape(b, c, d, h, w), ex.dwconv.weight, padding=1, groups=c)
         return ex.project_out(y)
 
-    ref = plain(x)
-    ref_grads = torch.autograd.grad(ref.pow(2).sum(), [x, *ex.parameters()])
-    assert out.is_contiguous() and out.shape == ref.shape
-    assert torch.allclose(out, ref, atol=1e-5)
-    for g, r in zip(grads, ref_grads):
-        assert torch.allclose(g, r, rtol=1e-4, atol=1e-5)
-    assert grads[0].abs().sum() > 0 and ex.dwconv.weight.requires_grad
+    for b in (1, 2):
+        x = torch.randn(b, 8, 6, 5, 7, requires_grad=True)
+        out = ex(x)
+        assert out.is_contiguous(memory_format=torch.channels_last_3d)
+        grads = torch.autograd.grad(out.pow(2).sum(), [x, *ex.parameters()])
+        ref = plain(x)
+        ref_grads = torch.autograd.grad(ref.pow(2).sum(), [x, *ex.parameters()])
+        assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-5)
+        for g, r in zip(grads, ref_grads):
+            assert torch.allclose(g, r, rtol=1e-4, atol=1e-5)
+        assert grads[0].abs().sum() > 0
+        ex.token_layout = False
+        assert torch.allclose(ex(x), ref, atol=1e-6)   # the reference path is the plain formula
+        ex.token_layout = True
+
+
+@pytest.mark.parametrize("cfg", [dict(SMALL), dict(SMALL, gating="top2"), dict(SMALL, use_hidden=False),
+                                 dict(SMALL, arch="baseline")])
+def test_token_layout_and_plain_layout_give_the_same_network(cfg):
+    torch.manual_seed(4)
+    net = Generator(cfg)
+    x = _x(b=2, n=6)
+    outs, grads = [], []
+    for layout in (True, False):
+        net.token_layout = layout
+        assert all(m.token_layout == layout for m in net.modules() if hasattr(m, "token_layout"))
+        y = net(x)
+        outs.append(y)
+        grads.append(torch.autograd.grad(y.pow(2).sum(), list(net.parameters()), allow_unused=True))
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+    for a, b in zip(*grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.allclose(a, b, rtol=1e-3, atol=1e-5)
