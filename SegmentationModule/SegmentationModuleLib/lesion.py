@@ -146,10 +146,11 @@ class PEMEDPredictor:
         self.max_growth = float(inf.get("max_growth", 2.0))
         self._torch = torch
 
-    def pixel_for(self, extent: float | None) -> float:
-        """Crop pixel size (mm) for an object of this equivalent diameter (mm): Zoom-In (``pemed.zoom_pixel_mm``)."""
+    def pixel_for(self, extent: float | None, reach: float | None = None) -> float:
+        """Crop pixel size (mm) for an object of this equivalent diameter reaching this far from the crop centre
+        (mm): Zoom-In (``pemed.zoom_pixel_mm``)."""
         from .pemed import zoom_pixel_mm
-        return zoom_pixel_mm(self.cfg, extent)
+        return zoom_pixel_mm(self.cfg, extent, reach)
 
     def predict_slice(self, suv2d, spacing_rc, centre_rc, clicks_rc, prev2d, prev_logits2d=None, pixel_mm=None):
         """Logits on the slice grid (outside the crop: -20) for clicks [(row, col, positive)] in slice pixels;
@@ -269,25 +270,47 @@ class LesionSession:
             cl.append(extra)
         return cl
 
-    def _run_slice(self, z, clicks, prev, prev_logits, centre, extent=None):
-        return self.predictor.predict_slice(self.suv[z], self.spacing[1:], centre, clicks, prev, prev_logits,
-                                            pixel_mm=self.predictor.pixel_for(extent))
+    def _run_slice(self, z, clicks, prev, prev_logits, centre, geometry=(None, None)):
+        """One PE-MED pass on slice ``z``; ``geometry`` = (extent, reach) of the object for Zoom-In."""
+        pixel_for = getattr(self.predictor, "pixel_for", None)
+        pixel = pixel_for(*geometry) if pixel_for is not None else None
+        kw = {} if pixel is None else {"pixel_mm": pixel}
+        return self.predictor.predict_slice(self.suv[z], self.spacing[1:], centre, clicks, prev, prev_logits, **kw)
 
-    def _object_extent(self, z, prev, pos):
-        """Equivalent diameter (mm) of the object on slice ``z`` for Zoom-In: the segment there together with the hot
-        region (50 % of the local SUVmax, face-connected, on this slice) at each positive click."""
+    def _reach(self, region, points, centre):
+        """Largest distance (mm) from ``centre`` (row, col) of the region's pixels and the points."""
+        pts = np.argwhere(region).astype(float)
+        if len(points):
+            pts = np.concatenate([pts, np.asarray(points, float).reshape(-1, 2)])
+        if not len(pts):
+            return None
+        d = (pts - np.asarray(centre, float)) * np.asarray(self.spacing[1:], float)
+        return float(np.sqrt((d ** 2).sum(1)).max())
+
+    def _object_geometry(self, z, prev, pos, clicks, centre):
+        """(extent, reach) of the object on slice ``z`` for Zoom-In: the equivalent diameter (mm) of the segment there
+        together with the hot region at each positive click (face-connected, at least 50 % of the SUVmax within 10
+        mm of the click, on this slice; taken at that maximum when the clicked pixel is below it), and how far (mm)
+        that region and the slice's clicks reach from the crop centre. (None, None) when nothing is known."""
         region = np.array(prev, bool)
         sl = self.suv[z]
         rad = np.ceil(SEARCH_MM / np.asarray(self.spacing[1:])).astype(int)
+        hot = None
         for r, c in pos:
             r, c = int(round(r)), int(round(c))
-            win = sl[max(r - rad[0], 0):r + rad[0] + 1, max(c - rad[1], 0):c + rad[1] + 1]
+            r0, c0 = max(r - rad[0], 0), max(c - rad[1], 0)
+            win = sl[r0:r + rad[0] + 1, c0:c + rad[1] + 1]
             peak = float(win.max()) if win.size else 0.0
-            if peak <= BODY_SUV or sl[r, c] < 0.5 * peak:
+            if peak <= BODY_SUV:
                 continue
-            lab, _ = ndimage.label(sl >= 0.5 * peak)
-            region |= lab == lab[r, c]
-        return extent_mm(region, self.spacing[1:]) if region.any() else None
+            if sl[r, c] < 0.5 * peak:
+                r, c = (int(v) for v in np.add(np.unravel_index(int(np.argmax(win)), win.shape), (r0, c0)))
+            if hot is None or hot[1] != peak:
+                hot = (ndimage.label(sl >= 0.5 * peak)[0], peak)
+            region |= hot[0] == hot[0][r, c]
+        if not region.any():
+            return None, None
+        return extent_mm(region, self.spacing[1:]), self._reach(region, [(r, c) for r, c, _ in clicks], centre)
 
     def _pemed_click(self, zyx, positive):
         z, y, x = zyx
@@ -303,10 +326,10 @@ class LesionSession:
         else:
             centre = np.array([y, x], float)
         first = not self.clicks and not mask.any()
-        extent = self._object_extent(z, prev, pos)
-        logits = self._run_slice(z, clicks, prev, self._logits.get(z), centre, extent)
+        geometry = self._object_geometry(z, prev, pos, clicks, centre)
+        logits = self._run_slice(z, clicks, prev, self._logits.get(z), centre, geometry)
         if first:  # self-loop warm start: the same click again with the first pass's mask as the previous mask
-            logits = self._run_slice(z, clicks, logits > 0, logits, centre, extent)
+            logits = self._run_slice(z, clicks, logits > 0, logits, centre, geometry)
         self._logits = dict(self._logits)
         self._logits[z] = logits
         mask[z] = _connected_to(logits > 0, prev, [(int(round(r)), int(round(c))) for r, c in pos])
@@ -329,7 +352,8 @@ class LesionSession:
                         zz += step
                     break
                 r, c = deepest_point(src, self.spacing[1:])
-                lg = self._run_slice(zz, [(r, c, True)], src, None, (r, c), extent_mm(src, self.spacing[1:]))
+                lg = self._run_slice(zz, [(r, c, True)], src, None, (r, c),
+                                     (extent_mm(src, self.spacing[1:]), self._reach(src, [], (r, c))))
                 self._logits[zz] = lg
                 new = _connected_to(lg > 0, src, [])
                 if new.sum() > pred.max_growth * src.sum() + 8:   # a leak into a neighbouring hot structure

@@ -258,19 +258,25 @@ def crop_geometry(cfg: dict) -> tuple[int, float, float]:
     return size, pixel_mm, float(cfg["input"]["disk_radius_mm"]) / pixel_mm
 
 
-def zoom_pixel_mm(cfg: dict, extent: float | None) -> float:
+def zoom_pixel_mm(cfg: dict, extent: float | None, reach: float | None = None) -> float:
     """Crop pixel size (mm) for an object of this extent (equivalent diameter, mm): RITM's Zoom-In for small objects.
 
     ``input.min_pixel_mm`` < ``input.pixel_mm`` turns it on: the crop samples the slice finer (down to
     ``min_pixel_mm``) so that the object spans about ``input.object_pixels`` crop pixels (16 by default: four tokens
-    of the network's 1/4-scale output). Objects that already span that many pixels, and configs without
-    ``min_pixel_mm`` (the stage-1/2 models), keep ``pixel_mm``. The click disk keeps its radius in crop pixels."""
+    of the network's 1/4-scale output). ``reach``: the largest distance (mm) from the crop centre of what is known
+    of the object (segment, hot region, clicks); the pixel is never so small that this falls outside the crop (20 %
+    margin), so an elongated object or spread-out clicks are not cut at the crop's edge. Objects that already span
+    that many pixels, and configs without ``min_pixel_mm`` (the stage-1/2 models), keep ``pixel_mm``. The click
+    disk keeps its radius in crop pixels."""
     inp = cfg["input"]
     base = float(inp["pixel_mm"])
     lo = float(inp.get("min_pixel_mm", base))
     if lo >= base or extent is None or not np.isfinite(extent) or extent <= 0:
         return base
-    return float(np.clip(float(extent) / float(inp.get("object_pixels", 16)), lo, base))
+    pixel = float(extent) / float(inp.get("object_pixels", 16))
+    if reach is not None and np.isfinite(reach):
+        pixel = max(pixel, 2.0 * 1.2 * float(reach) / float(inp["crop"]))
+    return float(np.clip(pixel, lo, base))
 
 
 def normalise_suv(suv: np.ndarray) -> np.ndarray:

@@ -136,21 +136,25 @@ class Attention_Expert(nn.Module):  # noqa: N801 - the authors' class name, so t
         if not self.token_layout:
             return self.forward_plain(x)
         # The same operation in channels-last token layout (B, N, C), the form oneDNN computes without layout copies:
-        # all heads' q^T k as one C x C product whose diagonal head blocks are the heads' attention matrices, the
-        # L2 normalisation applied to those products (q/|q| . k/|k| = q.k / (|q||k|), F.normalize's eps included),
-        # and every head's attn @ v as one product with the block-diagonal matrix of the heads' attn^T.
+        # all heads' q^T k as one C x C product whose diagonal head blocks are the heads' attention matrices, and
+        # every head's attn @ v as one product with the block-diagonal matrix of the heads' attn^T (each costs
+        # `heads` times the multiply-adds of the per-head products, but runs as one efficient matrix product).
         b, c, d, h, w = x.shape
         nh, ch = self.num_heads, c // self.num_heads
         t = tokens(x)
         qkv = pointwise(self.qkv, t).view(b, d * h * w, 3 * c)
         q, k, v = qkv[..., :c], qkv[..., c:2 * c], qkv[..., 2 * c:]
-        gram = q.transpose(1, 2) @ k                                                    # (B, C, C)
+        # q^T k and the norms over the voxels in at least float32 (no-ops for float32 input; a half-precision sum over a
+        # 64^3 patch would overflow); the L2 normalisation applied to the product: q/|q| . k/|k| = q.k / (|q||k|),
+        # with F.normalize's eps and its zero gradient at a zero norm (vector_norm, clamp)
+        acc = torch.promote_types(q.dtype, torch.float32)
+        gram = q.transpose(1, 2).to(acc) @ k.to(acc)                                     # (B, C, C)
         attn = gram.view(b, nh, ch, nh, ch).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)  # (B, heads, ch, ch)
         if self.qk_norm:
-            qn = q.square().sum(1).sqrt().clamp_min(1e-12).view(b, nh, ch, 1)
-            kn = k.square().sum(1).sqrt().clamp_min(1e-12).view(b, nh, 1, ch)
+            qn = torch.linalg.vector_norm(q, dim=1, dtype=acc).clamp_min(1e-12).view(b, nh, ch, 1)
+            kn = torch.linalg.vector_norm(k, dim=1, dtype=acc).clamp_min(1e-12).view(b, nh, 1, ch)
             attn = attn / (qn * kn)
-        attn = (attn * self.temperature).softmax(dim=-1)
+        attn = (attn * self.temperature).softmax(dim=-1).to(v.dtype)
         eye = torch.eye(nh, dtype=attn.dtype, device=attn.device).view(1, nh, 1, nh, 1)
         blocks = (eye * attn.transpose(-1, -2).unsqueeze(3)).reshape(b, c, c)          # block-diagonal attn^T
         out = (v @ blocks).view(b, d, h, w, c)
@@ -327,7 +331,7 @@ class Generator(nn.Module):
         """True (default): experts compute in channels-last token layout; False: the authors' formulation in the
         default layout. Same operation and weights (tests: equal to 1e-5); the token layout is about 1.5x faster on
         CPU for the demo network (``benchmarks/synthesis_speed.py``)."""
-        return self._token_layout
+        return getattr(self, "_token_layout", True)
 
     @token_layout.setter
     def token_layout(self, value: bool) -> None:
@@ -345,7 +349,7 @@ class Generator(nn.Module):
             raise ValueError(f"expected input of shape (B, 1, D, H, W), got {tuple(x.shape)}")
         hidden = self.hidden.expand(x.shape[0], -1, -1, -1, -1) if hasattr(self, "hidden") else None
         out = self.head_conv(x)
-        if self._token_layout:
+        if getattr(self, "_token_layout", True):   # (a Generator pickled whole before the attribute existed)
             out = out.contiguous(memory_format=torch.channels_last_3d)
         for blk in self.body:
             out, hidden = blk(out, hidden, self.sparse, self.routing_log)

@@ -238,11 +238,12 @@ class ThresholdingPredictor:
     max_propagation_mm, min_pixels, max_growth = 1000.0, 1, 2.0
 
     def __init__(self, greedy=False):
-        self.calls, self.extents = [], []
+        self.calls, self.extents, self.reaches = [], [], []
         self.greedy = greedy          # segment every hot pixel of the slice once there is a positive click
 
-    def pixel_for(self, extent):
+    def pixel_for(self, extent, reach=None):
         self.extents.append(extent)
+        self.reaches.append(reach)
         return 1.0
 
     def predict_slice(self, suv2d, spacing_rc, centre_rc, clicks_rc, prev2d, prev_logits2d=None, pixel_mm=None):
@@ -310,6 +311,34 @@ def test_zoom_in_picks_finer_crop_pixels_for_small_objects():
     z = int(round(CENTRE_IJK[2]))
     assert pred.extents[0] == pytest.approx(extent_mm(lesion[z], (3.0, 3.0)))
     assert all(e is not None and 0 < e <= pred.extents[0] + 1e-6 for e in pred.extents[2:])
+    # a click off the lesion's centre still finds its hot region (taken at the maximum near the click)
+    pred2 = ThresholdingPredictor()
+    L.LesionSession(img, "pemed", model=pred2).add_click((CENTRE_IJK[0] + 3, CENTRE_IJK[1], CENTRE_IJK[2]))
+    assert pred2.extents[0] == pytest.approx(pred.extents[0])
+
+
+def test_zoom_in_keeps_an_elongated_object_and_spread_clicks_inside_the_crop():
+    from SegmentationModuleLib.pemed import zoom_pixel_mm
+    cfg = tiny_cfg()
+    cfg["input"].update(min_pixel_mm=0.5, object_pixels=16)
+    assert zoom_pixel_mm(cfg, 8.0) == 0.5
+    assert zoom_pixel_mm(cfg, 8.0, reach=20.0) == pytest.approx(2 * 1.2 * 20.0 / 32)   # 20 mm out, crop 32 px
+    assert zoom_pixel_mm(cfg, 8.0, reach=500.0) == 3.0
+    # a thin hot bar clicked near one end: the crop must reach its far end
+    img, suv, lesion, liver = phantom(radius_mm=0.1)
+    bar = np.zeros_like(suv)
+    bar[10:13, 19:21, 8:34] = 8.0                       # 2 px (6 mm) wide, 26 px (78 mm) long, in x
+    suv2 = np.where(bar > 0, bar, suv)
+    img2 = sitk.GetImageFromArray(suv2)
+    img2.CopyInformation(img)
+    pred = ThresholdingPredictor()
+    s = L.LesionSession(img2, "pemed", model=pred)
+    s.add_click((10, 19, 11))
+    far = (33 - 10) * 3.0                               # mm from the click to the bar's far end
+    assert pred.reaches[0] >= far - 1e-6
+    cfg["input"]["crop"] = 64
+    pixel = zoom_pixel_mm(cfg, pred.extents[0], pred.reaches[0])
+    assert pixel * 64 / 2 >= far and pixel < 3.0       # the far end inside the crop, still zoomed in
 
 
 # --------------------------------------------------------------------------------------------- training

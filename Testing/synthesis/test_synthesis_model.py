@@ -206,6 +206,18 @@ def test_attention_expert_token_layout_is_the_papers_channel_attention(qk_norm):
         ex.token_layout = True
 
 
+def test_attention_expert_token_layout_is_finite_for_an_all_zero_query_channel():
+    """F.normalize's zero-norm convention in the forward and the backward pass (no 0/0 gradients)."""
+    from SynthesisModuleLib.model import Attention_Expert
+    torch.manual_seed(1)
+    ex = Attention_Expert(8, num_heads=2)
+    with torch.no_grad():
+        ex.qkv.weight[0].zero_()                      # query channel 0 is zero at every voxel
+    x = torch.randn(1, 8, 4, 4, 4)
+    ex(x).pow(2).sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in ex.parameters())
+
+
 @pytest.mark.parametrize("cfg", [dict(SMALL), dict(SMALL, gating="top2"), dict(SMALL, use_hidden=False),
                                  dict(SMALL, arch="baseline")])
 def test_token_layout_and_plain_layout_give_the_same_network(cfg):
