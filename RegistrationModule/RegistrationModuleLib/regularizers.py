@@ -105,12 +105,10 @@ def implicit_solve(field: torch.Tensor, gamma_mm2: float, spacing: Sequence[floa
     nd = field.shape[1]
     shape = field.shape[2:]
     spacing_arr = list(spacing)[::-1]  # array order
-    # mirror padding, about 3 filter lengths, less than the size (reflect needs pad < n)
-    L = math.sqrt(gamma_mm2)
-    if kind == "curvature":
-        L = gamma_mm2 ** 0.25
     if kind == "curvature":
         return _curvature_dct(field, gamma_mm2, spacing_arr)
+    # mirror padding, about 3 filter lengths, less than the size (reflect needs pad < n)
+    L = math.sqrt(gamma_mm2)
     pads = []
     for n, h in zip(shape[::-1], spacing_arr[::-1]):
         p = int(min(n - 1, math.ceil(3.0 * L / h) + 2))
@@ -123,8 +121,6 @@ def implicit_solve(field: torch.Tensor, gamma_mm2: float, spacing: Sequence[floa
     xi2 = sum(xi ** 2 for xi in xis)
     if kind == "diffusion":
         Y = X / (1.0 + gamma_mm2 * xi2)
-    elif kind == "curvature":
-        Y = X / (1.0 + gamma_mm2 * xi2 ** 2)
     else:
         a = 1.0 + gamma_mm2 * mu * xi2
         b = gamma_mm2 * (mu + lam)

@@ -145,9 +145,8 @@ def _cmd_lesion(args, rep):
     from PETWorkbenchLib.dicom import read_pet
     from PETWorkbenchLib.imageio import check_output, write_csv, write_image, write_json
 
-    from .lesion import DEFAULT_MODEL, MEASURE_COLUMNS, METHOD_LABELS, LesionSession, click_to_index, lesion_measures
-    from .lesion import method_name
-    from .lesion import parse_click
+    from .lesion import (DEFAULT_MODEL, MEASURE_COLUMNS, METHOD_LABELS, LesionSession, click_to_index,
+                         lesion_measures, method_name, parse_click)
     method = method_name(args.method)
     if not args.click:
         raise InputError("Give at least one --click x,y,z (a positive click on the lesion)")

@@ -38,8 +38,8 @@ from PETWorkbenchLib.progress import Reporter
 from .clicks import SliceCrop, deepest_point, extent_mm, next_click
 from .pemed import (build_pemed, crop_geometry, disk_maps, normalise_suv, normalized_focal_loss,
                     zoom_pixel_mm)
-from .train import _init_dist, agreed_stop, dist_info, resume_training, save_trained_model, save_training_state
-from .train import start_from
+from .train import (_init_dist, agreed_stop, dist_info, resume_training, save_trained_model, save_training_state,
+                    start_from)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence

@@ -329,8 +329,8 @@ class Generator(nn.Module):
     @property
     def token_layout(self) -> bool:
         """True (default): experts compute in channels-last token layout; False: the authors' formulation in the
-        default layout. Same operation and weights (tests: equal to 1e-5); the token layout is about 1.5x faster on
-        CPU for the demo network (``benchmarks/synthesis_speed.py``)."""
+        default layout. Same operation and weights (tests: equal to 1e-5); the token layout is faster on CPU
+        (``benchmarks/synthesis_speed.py``). A Generator pickled whole before the attribute existed reads True."""
         return getattr(self, "_token_layout", True)
 
     @token_layout.setter
@@ -349,7 +349,7 @@ class Generator(nn.Module):
             raise ValueError(f"expected input of shape (B, 1, D, H, W), got {tuple(x.shape)}")
         hidden = self.hidden.expand(x.shape[0], -1, -1, -1, -1) if hasattr(self, "hidden") else None
         out = self.head_conv(x)
-        if getattr(self, "_token_layout", True):   # (a Generator pickled whole before the attribute existed)
+        if self.token_layout:
             out = out.contiguous(memory_format=torch.channels_last_3d)
         for blk in self.body:
             out, hidden = blk(out, hidden, self.sparse, self.routing_log)
