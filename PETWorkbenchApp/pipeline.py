@@ -187,18 +187,22 @@ def step_synthesize(st, rep, device="cpu", model=None):
     model = str(model or default_model("synthesis"))
     low = st.read_pet("low_dose", "low-dose PET")
     out, routing = synthesize(low, model, device=device, progress=rep)
+    routing["model_id"] = model  # the lesion report looks up the model's lesion calibration by it
     st.write_image(out, "synthesized.nii.gz")
     st.write_json(routing, "routing.json")
-    report = write_lesion_report(st, low, out)
+    report = write_lesion_report(st, low, out, model=model)
     return {"model": Path(model).name, "hot_spots": report["n_hot_spots"], "flagged": report["n_flagged"]}
 
 
-def write_lesion_report(st, low=None, synthesized=None):
+def write_lesion_report(st, low=None, synthesized=None, model=None):
     """lesion_changes.json / .csv of the study: hot spots of the low-dose input and their change in the synthesized
     PET, with PERCIST's liver threshold when a liver is known (segmented on the low dose, else the reference
-    labels), else the fixed threshold."""
+    labels), else the fixed threshold; flattening flags from the lesion calibration of the synthesis ``model``
+    (default: the one routing.json names)."""
     from PETWorkbenchLib.imageio import write_csv
-    from SynthesisModuleLib.lesions import liver_from_labels, lesion_change_report, report_rows
+    from SynthesisModuleLib.lesions import liver_from_labels, lesion_change_report, model_calibration, report_rows
+    if model is None and st.has("routing.json"):
+        model = json.loads(st.path("routing.json").read_text()).get("model_id")
     low = low if low is not None else st.read_pet("low_dose", "low-dose PET")
     synthesized = synthesized if synthesized is not None else read_image(st.path("synthesized.nii.gz"),
                                                                           "synthesized PET")
@@ -210,7 +214,8 @@ def write_lesion_report(st, low=None, synthesized=None):
             if liver is not None:
                 source = name
                 break
-    report = lesion_change_report(low, synthesized, liver_mask=liver)
+    report = lesion_change_report(low, synthesized, liver_mask=liver,
+                                  calibration=model_calibration(model) if model else None)
     report["threshold"]["liver_from"] = source
     st.write_json(report, "lesion_changes.json")
     rows = report_rows(report)

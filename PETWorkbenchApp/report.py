@@ -52,7 +52,7 @@ def _coronal(a, j=None):
 
 
 def _fmt(v):
-    if v is None:
+    if v is None or (isinstance(v, float) and v != v):
         return "–"
     if isinstance(v, float):
         return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
@@ -169,12 +169,14 @@ def write_report(st, metrics):
                   f"{lc['n_flagged']} of {lc['n_hot_spots']} hot spots flagged.", ""]
         if lc["lesions"]:
             lines += ["| # | volume (ml) | SUVmax in / out (%) | SUVpeak in / out (%) | SUVmean in / out (%) | "
-                      "noise SE (%) | flag |", "|---|---|---|---|---|---|---|"]
+                      "noise SE (%) | model's mean change at this size (%) | flag |",
+                      "|---|---|---|---|---|---|---|---|"]
             for r in lc["lesions"]:
                 cell = lambda m: (f"{r[m + '_in']:.2f} / {r[m + '_out']:.2f} "
                                   f"({r[m + '_change_pct']:+.1f})")
                 lines.append(f"| {r['id']} | {r['volume_ml']:.2f} | {cell('suv_max')} | {cell('suv_peak')} | "
-                             f"{cell('suv_mean')} | {r['noise_se_pct']:.1f} | {'**yes**' if r['flagged'] else ''} |")
+                             f"{cell('suv_mean')} | {r['noise_se_pct']:.1f} | {_fmt(r.get('expected_change_pct'))} | "
+                             f"{'**yes**: ' + r.get('flag_reason', '') if r['flagged'] else ''} |")
             lines.append("")
     titles = {"slices": "Low-dose, synthesized and full-dose PET", "routing": "Routing of experts",
               "organs": "Organ segmentation"}

@@ -13,7 +13,9 @@ largest hot spots of the full-dose image in the sphere plane, identified by volu
    (the earlier behaviour): SUVmax / SUVmean change of each sphere.
 2. Low dose: our own simulator (``imagedomain.simulate_lowdose_image``, OSEM of Poisson projections of the image,
    DRF ``--drf``), then the shipped synthesis model, then the lesion-change report with the warm background as the
-   PERCIST reference region. Which spheres are flagged; the warm background must not produce a flagged hot spot.
+   PERCIST reference region, and the model's lesion calibration from Models.json (measured on simulated
+   patients, not on this phantom). Which spheres are flagged; the warm background must not produce a flagged hot
+   spot.
 
 Last line (key=value): roundtrip_suvmax_10mm_pct roundtrip_suvmean_10mm_pct old_roundtrip_suvmax_10mm_pct
 flagged_10mm flagged_13mm flagged_37mm flagged_background synth_s
@@ -95,7 +97,7 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     from PETWorkbenchLib.imageio import resample_like, resample_to_spacing, write_image, write_json
     from SynthesisModuleLib import synthesize
-    from SynthesisModuleLib.lesions import lesion_change_report
+    from SynthesisModuleLib.lesions import lesion_change_report, model_calibration
     if not Path(a.nema).is_file():
         sys.exit(f"NEMA phantom not found: {a.nema}")
     out_dir = Path(a.out)
@@ -128,7 +130,7 @@ def main(argv=None):
         print(f"synthesis ({a.model}, overlap {a.overlap}): {synth_s:.0f} s")
         for name, im in (("low_dose", low), ("full_dose_resimulated", ref), ("synthesized", syn)):
             write_image(im, out_dir / f"{name}.nii.gz", overwrite=True)
-        rep = lesion_change_report(low, syn, liver_mask=bg)
+        rep = lesion_change_report(low, syn, liver_mask=bg, calibration=model_calibration(a.model))
         write_json(rep, out_dir / "lesion_changes.json", overwrite=True)
         lab = {}
         flagged = {}
@@ -141,7 +143,8 @@ def main(argv=None):
             print(f"hot spot {r['id']} ({key}): {r['volume_ml']:.2f} ml, SUVpeak {r['suv_peak_in']:.2f} -> "
                   f"{r['suv_peak_out']:.2f} ({r['suv_peak_change_pct']:+.1f} %, noise SE {r['noise_se_pct']:.1f} %), "
                   f"SUVmax {r['suv_max_change_pct']:+.1f} %, SUVmean {r['suv_mean_change_pct']:+.1f} %"
-                  f"{'  FLAGGED' if r['flagged'] else ''}")
+                  f", model's mean change at this size {r['expected_change_pct']:+.1f} %"
+                  f"{'  FLAGGED (' + r['flag_reason'] + ')' if r['flagged'] else ''}")
         la, sa, ra = (sitk.GetArrayFromImage(x) for x in (low, syn, ref))
         for d in DIAMETERS:
             m = spheres[d]

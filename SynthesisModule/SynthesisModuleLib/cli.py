@@ -60,12 +60,14 @@ def _cmd_synthesize(args, rep):
     from PETWorkbenchLib.models import default_model
     image, factor, input_units = read_input(req.input, "low-dose PET", req)
     liver = read_liver_mask(req.liver_mask, image) if req.liver_mask else None
-    out, summary = synthesize(image, req.model or default_model("synthesis"), device=req.device, patch=req.patch,
+    model = req.model or default_model("synthesis")
+    out, summary = synthesize(image, model, device=req.device, patch=req.patch,
                               overlap=req.overlap, sw_batch_size=req.sw_batch_size, units="SUV",
                               progress=rep.sub(0.0, 0.95))
     rep(0.95, "lesion-change report")
-    from .lesions import CSV_COLUMNS, lesion_change_report, report_rows
-    report = lesion_change_report(image, out, liver_mask=liver, threshold_suv=req.lesion_threshold)
+    from .lesions import CSV_COLUMNS, lesion_change_report, model_calibration, report_rows
+    report = lesion_change_report(image, out, liver_mask=liver, threshold_suv=req.lesion_threshold,
+                                  calibration=model_calibration(model))
     if factor != 1.0:
         out = out / factor                                      # back to the input's units, as the module does
     summary["units"] = input_units
@@ -161,6 +163,15 @@ def _cmd_evaluate(args, rep):
                        overlap=args.overlap, device=args.device, max_cases_per_center=args.max_cases,
                        tracers=args.tracer,
                        progress=rep.sub(0.0, 0.9 if args.interference else 1.0))
+    if args.lesion_calibration:
+        from .evaluate import lesion_calibration
+        name, m = next(iter(models.items()))
+        summary["lesion_calibration"] = {name: lesion_calibration(m, args.manifest, split=args.split,
+                                                                  device=args.device)}
+        if args.out:
+            from PETWorkbenchLib.imageio import write_json
+            write_json(summary["lesion_calibration"][name], Path(args.out) / "lesion_calibration.json",
+                       overwrite=True)
     if args.interference:
         from .data import CenterPatchSampler, read_manifest, select
         from .infer import load_model
@@ -211,4 +222,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
             q.add_argument("--interference", type=int, default=0,
                            help="also compute I_ij of the first model with this many batches per centre "
                                 "(the supplement uses 100)")
+            q.add_argument("--lesion-calibration", action="store_true",
+                           help="also measure the first model's SUVpeak change of the true lesions against their "
+                                "volume (the lesion report's calibration; Models.json 'lesion_calibration')")
             q.set_defaults(func=_cmd_evaluate)

@@ -175,3 +175,72 @@ def evaluate(models: dict[str, str | Path | dict | Generator], manifest: str | P
         (out / "results.json").write_text(json.dumps(summary, indent=1))
     rep(1.0, "evaluation done")
     return summary
+
+
+# volume bins (ml) of the lesion calibration's summary table: log-spaced from PERCIST's smallest measurable lesion
+CALIBRATION_BINS_ML = (0.1, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 64.0)
+
+
+def calibration_from_hot_spots(found: Sequence[tuple[float, float, str]],
+                               bins_ml: Sequence[float] = CALIBRATION_BINS_ML, min_per_bin: int = 3) -> dict:
+    """Lesion calibration from (volume ml, SUVpeak change %, case id) of true lesions: the least-squares line
+    ``change = a + b ln(volume)`` over all of them (what the report uses, within the measured volume range), its
+    residual SD, and a descriptive table by volume bin (bins with at least ``min_per_bin`` lesions)."""
+    if len(found) < 5:
+        raise InputError(f"a lesion calibration needs at least 5 lesions found as hot spots, got {len(found)}")
+    vol = np.array([f[0] for f in found], dtype=np.float64)
+    ch = np.array([f[1] for f in found], dtype=np.float64)
+    X = np.stack([np.ones_like(vol), np.log(vol)], 1)
+    (a, b), *_ = np.linalg.lstsq(X, ch, rcond=None)
+    resid = ch - X @ np.array([a, b])
+    edges = list(bins_ml) + [math.inf]
+    table = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        sel = (vol >= lo) & (vol < hi)
+        if sel.sum() >= min_per_bin:
+            table.append({"volume_ml": [lo, hi if math.isfinite(hi) else None],
+                          "median_volume_ml": round(float(np.median(vol[sel])), 3),
+                          "suv_peak_change_pct_mean": round(float(ch[sel].mean()), 2),
+                          "suv_peak_change_pct_sd": round(float(ch[sel].std(ddof=1)), 2), "n": int(sel.sum())})
+    return {"fit": "suv_peak_change_pct = a + b ln(volume_ml)", "a": round(float(a), 3), "b": round(float(b), 3),
+            "volume_range_ml": [round(float(vol.min()), 3), round(float(vol.max()), 3)],
+            "residual_sd_pct": round(float(resid.std(ddof=2)) if len(found) > 2 else float("nan"), 2),
+            "n_lesions": len(found), "bins": table,
+            "hot_spots": [{"volume_ml": round(float(v), 3), "suv_peak_change_pct": round(float(c), 2), "case_id": k}
+                          for v, c, k in found]}
+
+
+def lesion_calibration(model: str | Path | dict | Generator, manifest: str | Path, split: str = "test",
+                       device: str | torch.device = "cpu", progress: Callable[[float, str], None] | None = None,
+                       cancel: Callable[[], bool] | None = None) -> dict:
+    """What ``model`` does to lesions, by size: every case of ``split`` with lesions (known and unknown centres)
+    is synthesized as :func:`~SynthesisModuleLib.infer.synthesize` runs it and given the lesion-change report
+    (PERCIST's liver threshold from the case's labels, else the fixed one); the hot spots whose centre lies in a
+    true lesion give :func:`calibration_from_hot_spots`. The result is what :func:`~SynthesisModuleLib.lesions.lesion_change_report`
+    takes as ``calibration`` (stored in the model's Models.json entry as ``lesion_calibration``)."""
+    from PETWorkbenchLib.manifest import case_path
+
+    from .infer import synthesize
+    from .lesions import lesion_change_report, liver_from_labels
+    rep = Reporter(progress, cancel)
+    rows = [r for r in select(read_manifest(manifest), split=split)
+            if r.get("lesions") and int(r.get("n_lesions") or 1) > 0]
+    if not rows:
+        raise InputError(f"manifest {manifest} has no cases with lesions in split {split!r}")
+    found = []
+    for i, row in enumerate(rows):
+        sub = rep.sub(i / len(rows), (i + 1) / len(rows))
+        sub(0.0, f"case {row['case_id']}")
+        low = sitk.ReadImage(str(case_path(row, "low_dose")), sitk.sitkFloat32)
+        les = sitk.ReadImage(str(case_path(row, "lesions")))
+        liver = (liver_from_labels(sitk.ReadImage(str(case_path(row, "labels"))), low, min_voxels=10)
+                 if row.get("labels") else None)
+        syn, _ = synthesize(low, model, device=device, progress=sub.sub(0.0, 0.9))
+        report = lesion_change_report(low, syn, liver_mask=liver)
+        lab = sitk.GetArrayViewFromImage(resample_like(les, low, label=True))
+        for r in report["lesions"]:
+            idx = low.TransformPhysicalPointToIndex([float(v) for v in r["center_lps"]])
+            if all(0 <= k < n for k, n in zip(idx, low.GetSize())) and lab[idx[2], idx[1], idx[0]] > 0:
+                found.append((r["volume_ml"], r["suv_peak_change_pct"], row["case_id"]))
+    rep(1.0, "calibration done")
+    return {**calibration_from_hot_spots(found), "n_cases": len(rows), "split": split}

@@ -113,3 +113,99 @@ def test_cli_writes_the_report_and_summarises_it(tmp_path, tiny_models, capfd):
                  "--device", "cpu", "--liver-mask", str(inp)])
     err = capfd.readouterr().err
     assert code == 2 and "liver" in err and len(err.strip().splitlines()) == 1
+
+
+CALIBRATION = {"a": -10.0, "b": 3.0, "volume_range_ml": [0.5, 20.0], "n_lesions": 12}
+
+
+def test_expected_change_follows_the_fit_inside_the_measured_range():
+    from SynthesisModuleLib.lesions import expected_change
+    assert expected_change(CALIBRATION, 1.0) == pytest.approx(-10.0)
+    assert expected_change(CALIBRATION, np.e) == pytest.approx(-7.0)
+    assert expected_change(CALIBRATION, 0.05) == pytest.approx(-10.0 + 3.0 * np.log(0.5))   # held at the ends
+    assert expected_change(CALIBRATION, 100.0) == pytest.approx(-10.0 + 3.0 * np.log(20.0))
+    assert np.isnan(expected_change(None, 1.0)) and np.isnan(expected_change({}, 1.0))
+
+
+def test_calibration_fit_recovers_a_known_line_and_refuses_too_few_lesions():
+    from SynthesisModuleLib.evaluate import calibration_from_hot_spots
+    rng = np.random.default_rng(0)
+    vol = np.exp(rng.uniform(np.log(0.3), np.log(30.0), 40))
+    found = [(float(v), float(-8.0 + 2.0 * np.log(v) + rng.normal(0, 0.5)), f"c{i}") for i, v in enumerate(vol)]
+    cal = calibration_from_hot_spots(found)
+    assert cal["a"] == pytest.approx(-8.0, abs=0.3) and cal["b"] == pytest.approx(2.0, abs=0.2)
+    assert cal["residual_sd_pct"] == pytest.approx(0.5, abs=0.2) and cal["n_lesions"] == 40
+    assert cal["volume_range_ml"][0] == pytest.approx(vol.min(), abs=1e-3)
+    assert sum(b["n"] for b in cal["bins"]) <= 40 and all(b["n"] >= 3 for b in cal["bins"])
+    with pytest.raises(InputError, match="at least 5"):
+        calibration_from_hot_spots(found[:4])
+
+
+def test_calibration_flags_a_small_hot_spot_the_model_is_known_to_flatten():
+    """A 7 % SUVpeak loss of the 13 mm sphere (about 1 ml above the threshold; the 10 mm one is not a measurable
+    hot spot in this noise realisation) is within the input's noise (criterion 1 does not fire); with a calibration
+    that says lesions of that size lose > 5 % it is flagged, the 37 mm sphere with the same loss is not (its size
+    is not flattened), and nothing is flagged by size when the spot did not lose > 5 %."""
+    truth, noisy, centres = _phantom(seed=5)
+    out = noisy.copy()
+    z, y, x = np.meshgrid(*[np.arange(n) * SP for n in truth.shape], indexing="ij")
+    for d, p in ((13.0, centres[1]), (37.0, centres[5])):
+        near = (z - p[0]) ** 2 + (y - p[1]) ** 2 + (x - p[2]) ** 2 < (d * 0.75) ** 2
+        out[near] *= 0.93
+    plain = lesion_change_report(_img(noisy), _img(out), threshold_suv=2.5)
+    cal = lesion_change_report(_img(noisy), _img(out), threshold_suv=2.5, calibration=CALIBRATION)
+    r10p, r10 = _row_at(plain, centres[1]), _row_at(cal, centres[1])
+    assert r10p["volume_ml"] < 1.5
+    assert r10p["suv_peak_change_pct"] == pytest.approx(-7.0, abs=0.5) and r10p["noise_se_pct"] > 3.5
+    assert not r10p["flagged"] and np.isnan(r10p["expected_change_pct"])
+    assert "no lesion calibration" in plain["rule"] and "12 lesions" in cal["rule"]
+    assert r10["flagged"] and r10["flag_reason"].startswith("lesions of this size")
+    assert r10["expected_change_pct"] < -5
+    r37 = _row_at(cal, centres[5])
+    assert r37["suv_peak_change_pct"] < -5 and r37["expected_change_pct"] > -5 and not r37["flagged"]
+    same = lesion_change_report(_img(noisy), _img(noisy), threshold_suv=2.5, calibration=CALIBRATION)
+    assert same["n_flagged"] == 0
+
+
+def test_model_calibration_belongs_to_exact_registered_weights(tmp_path):
+    import shutil
+    from PETWorkbenchLib import models
+    from SynthesisModuleLib.lesions import model_calibration
+    e = models.get(models.default_model("synthesis"))
+    assert model_calibration(e.id) == e.extra.get("lesion_calibration")
+    assert model_calibration("no-such-model") is None
+    copy = tmp_path / e.filename
+    shutil.copy(e.cached_path(), copy)
+    assert model_calibration(str(copy)) == e.extra.get("lesion_calibration")
+    copy.write_bytes(copy.read_bytes() + b"\0")            # same name, other weights: not this calibration
+    assert model_calibration(str(copy)) is None
+    assert model_calibration({"config": {}, "state_dict": {}}) is None
+
+
+def test_lesion_calibration_measures_what_the_model_does_to_true_lesions(tmp_path, monkeypatch):
+    """Six cases, one true lesion each (radius 5-10 mm); a 'model' that lowers everything by 10 % gives the line
+    a = -10 %, b = 0 over the lesions' hot spots. Hot spots outside the true lesions are not counted."""
+    import csv
+    import SynthesisModuleLib.infer as infer
+    from SynthesisModuleLib.evaluate import lesion_calibration
+    rows = []
+    zz, yy, xx = np.meshgrid(*[np.arange(24) * SP] * 3, indexing="ij")
+    for i, r in enumerate((5.0, 6.0, 7.0, 8.0, 9.0, 10.0)):
+        a = np.ones((24, 24, 24))
+        les = ((zz - 24) ** 2 + (yy - 24) ** 2 + (xx - 24) ** 2 < r * r).astype(np.uint8)
+        a[les > 0] = 8.0
+        a[2:5, 2:5, 2:5] = 6.0                                  # a hot spot that is not a true lesion
+        sitk.WriteImage(_img(a), str(tmp_path / f"c{i}_low.nii.gz"))
+        sitk.WriteImage(sitk.Cast(_img(les), sitk.sitkUInt8), str(tmp_path / f"c{i}_les.nii.gz"))
+        rows.append({"case_id": f"c{i}", "center": "A", "known": 1, "tracer": "FDG", "split": "test",
+                     "low_dose": f"c{i}_low.nii.gz", "full_dose": f"c{i}_low.nii.gz", "lesions": f"c{i}_les.nii.gz"})
+    with open(tmp_path / "manifest.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    monkeypatch.setattr(infer, "synthesize", lambda image, model, **k: (image * 0.9, {}))
+    cal = lesion_calibration("any", tmp_path / "manifest.csv")
+    assert cal["n_lesions"] == 6 and cal["n_cases"] == 6
+    assert cal["a"] == pytest.approx(-10.0, abs=0.01) and cal["b"] == pytest.approx(0.0, abs=0.01)
+    vols = sorted(h["volume_ml"] for h in cal["hot_spots"])
+    assert vols[0] == pytest.approx(4 / 3 * np.pi * 0.5 ** 3, rel=0.5) and vols[-1] > vols[0] * 5
