@@ -216,8 +216,8 @@ def lesion_calibration(model: str | Path | dict | Generator, manifest: str | Pat
     """What ``model`` does to lesions, by size: every case of ``split`` with lesions (known and unknown centres)
     is synthesized as :func:`~SynthesisModuleLib.infer.synthesize` runs it and given the lesion-change report
     (PERCIST's liver threshold from the case's labels, else the fixed one); the hot spots whose centre lies in a
-    true lesion give :func:`calibration_from_hot_spots`. The result is what :func:`~SynthesisModuleLib.lesions.lesion_change_report`
-    takes as ``calibration`` (stored in the model's Models.json entry as ``lesion_calibration``)."""
+    true lesion give :func:`calibration_from_hot_spots`. The result is what
+    :func:`~SynthesisModuleLib.lesions.lesion_change_report` takes as ``calibration`` (stored in the model's Models.json entry as ``lesion_calibration``)."""
     from PETWorkbenchLib.manifest import case_path
 
     from .infer import synthesize
