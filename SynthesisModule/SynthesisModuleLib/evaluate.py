@@ -217,7 +217,8 @@ def lesion_calibration(model: str | Path | dict | Generator, manifest: str | Pat
     is synthesized as :func:`~SynthesisModuleLib.infer.synthesize` runs it and given the lesion-change report
     (PERCIST's liver threshold from the case's labels, else the fixed one); the hot spots whose centre lies in a
     true lesion give :func:`calibration_from_hot_spots`. The result is what
-    :func:`~SynthesisModuleLib.lesions.lesion_change_report` takes as ``calibration`` (stored in the model's Models.json entry as ``lesion_calibration``)."""
+    :func:`~SynthesisModuleLib.lesions.lesion_change_report` takes as ``calibration`` (stored in the model's
+    Models.json entry as ``lesion_calibration``)."""
     from PETWorkbenchLib.manifest import case_path
 
     from .infer import synthesize
