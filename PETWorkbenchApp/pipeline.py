@@ -187,7 +187,8 @@ def step_synthesize(st, rep, device="cpu", model=None):
     model = str(model or default_model("synthesis"))
     low = st.read_pet("low_dose", "low-dose PET")
     out, routing = synthesize(low, model, device=device, progress=rep)
-    routing["model_id"] = model  # the lesion report looks up the model's lesion calibration by it
+    # the lesion report looks up the model's lesion calibration by it (a registry id, or the weights' absolute path)
+    routing["model_id"] = model if not Path(model).suffix else str(Path(model).resolve())
     st.write_image(out, "synthesized.nii.gz")
     st.write_json(routing, "routing.json")
     report = write_lesion_report(st, low, out, model=model)

@@ -51,6 +51,16 @@ def _coronal(a, j=None):
     return a[::-1, j, :]
 
 
+def _pct(v):
+    return "–" if v is None or (isinstance(v, float) and v != v) else f"{v:+.1f}"
+
+
+def _flag(row):
+    if not row.get("flagged"):
+        return ""
+    return "**yes**" + (f": {row['flag_reason']}" if row.get("flag_reason") else "")
+
+
 def _fmt(v):
     if v is None or (isinstance(v, float) and v != v):
         return "–"
@@ -175,8 +185,8 @@ def write_report(st, metrics):
                 cell = lambda m: (f"{r[m + '_in']:.2f} / {r[m + '_out']:.2f} "
                                   f"({r[m + '_change_pct']:+.1f})")
                 lines.append(f"| {r['id']} | {r['volume_ml']:.2f} | {cell('suv_max')} | {cell('suv_peak')} | "
-                             f"{cell('suv_mean')} | {r['noise_se_pct']:.1f} | {_fmt(r.get('expected_change_pct'))} | "
-                             f"{'**yes**: ' + r.get('flag_reason', '') if r['flagged'] else ''} |")
+                             f"{cell('suv_mean')} | {r['noise_se_pct']:.1f} | {_pct(r.get('expected_change_pct'))} | "
+                             f"{_flag(r)} |")
             lines.append("")
     titles = {"slices": "Low-dose, synthesized and full-dose PET", "routing": "Routing of experts",
               "organs": "Organ segmentation"}

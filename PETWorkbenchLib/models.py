@@ -23,6 +23,9 @@ from .paths import models_cache_dir, resources_dir
 REQUIRED = ("id", "family", "method", "title", "version", "config", "inputs", "units", "url", "sha256",
             "license", "training", "metrics")
 BUNDLED = "bundled:"
+# entry fields measured on the weights by another tool than the one that (re)writes the entry: kept by
+# upsert_entries while the weights (SHA-256) are the same
+KEEP_WITH_WEIGHTS = ("lesion_calibration",)
 CHUNK = 1 << 17
 
 
@@ -93,7 +96,8 @@ def load_registry(path=None):
 def upsert_entries(entries, path=None):
     """Add or replace (by id) model entries in Models.json, keeping the others and their order. Used by the
     training/benchmark scripts that measure a model, so the registry always carries the measured numbers. A
-    replaced entry keeps its ``"default"`` mark unless the new entry sets one."""
+    replaced entry keeps its ``"default"`` mark unless the new entry sets one, and its measurements made on the
+    weights themselves (``KEEP_WITH_WEIGHTS``, e.g. the lesion calibration) while the SHA-256 is unchanged."""
     path = Path(path) if path else resources_dir() / "Models.json"
     data = json.loads(path.read_text())
     models = data.setdefault("models", [])
@@ -104,6 +108,8 @@ def upsert_entries(entries, path=None):
             old = models[index[e["id"]]]
             if "default" in old and "default" not in e:
                 e = {**e, "default": old["default"]}
+            if old.get("sha256") == e["sha256"]:
+                e = {**{k: old[k] for k in KEEP_WITH_WEIGHTS if k in old}, **e}
             models[index[e["id"]]] = e
         else:
             index[e["id"]] = len(models)
@@ -330,6 +336,19 @@ def save_checkpoint(path, config, state_dict, **extra):
     and verified."""
     from .imageio import save_torch
     return save_torch({"config": config, "state_dict": state_dict, **extra}, path)
+
+
+def registered_entry(model, registry_path=None):
+    """The registry entry of ``model``: a registered id, or a weights file (.pt/.pth) whose SHA-256 equals a
+    registered model's (whatever its name); None for anything else."""
+    if isinstance(model, (str, Path)) and Path(model).suffix in (".pt", ".pth"):
+        if not Path(model).is_file():
+            return None
+        digest = sha256_of(model)
+        return next((e for e in load_registry(registry_path).values() if e.sha256 == digest), None)
+    if isinstance(model, str):
+        return load_registry(registry_path).get(model)
+    return None
 
 
 def registered_entry_for_file(path, registry_path=None):

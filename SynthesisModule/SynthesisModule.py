@@ -94,7 +94,8 @@ class SynthesisModuleWidget(ModuleWidgetMixin, ScriptedLoadableModuleWidget, VTK
         if table is not None:
             flagged = outputNode.GetAttribute("PETWorkbench.lesionsFlagged") or "0"
             text += (f"\nLesion changes: {table.GetNumberOfRows()} hot spots, {flagged} flagged (changed more than "
-                     f"the input's noise explains; table '{table.GetName()}', flagged points in the views)")
+                     f"the input's noise explains, or lost SUVpeak at a size this model is known to flatten; table "
+                     f"'{table.GetName()}', flagged points in the views)")
         self.ui.routingLabel.text = text
 
 
@@ -171,7 +172,9 @@ class SynthesisModuleLogic(ScriptedLoadableModuleLogic):
         if flagged or old is not None:
             points = mrml.points_to_markups(
                 [r["center_lps"] for r in flagged],
-                [f"L{r['id']} SUVpeak {r['suv_peak_change_pct']:+.0f}%" for r in flagged], old,
+                [f"L{r['id']} SUVpeak {r['suv_peak_change_pct']:+.0f}%"
+                 + (" (size)" if str(r.get("flag_reason", "")).startswith("lesions of this size") else "")
+                 for r in flagged], old,
                 name=f"{name} flagged lesions")
             outputNode.SetNodeReferenceID("PETWorkbench.lesionMarkups", points.GetID())
         outputNode.SetAttribute("PETWorkbench.lesionsFlagged", str(len(flagged)))

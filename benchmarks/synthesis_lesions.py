@@ -18,7 +18,7 @@ largest hot spots of the full-dose image in the sphere plane, identified by volu
    spot.
 
 Last line (key=value): roundtrip_suvmax_10mm_pct roundtrip_suvmean_10mm_pct old_roundtrip_suvmax_10mm_pct
-flagged_10mm flagged_13mm flagged_37mm flagged_background synth_s
+flagged_10mm flagged_13mm flagged_37mm flagged_background calibrated (1: the model has a lesion calibration) synth_s
 """
 
 import argparse
@@ -143,8 +143,9 @@ def main(argv=None):
             print(f"hot spot {r['id']} ({key}): {r['volume_ml']:.2f} ml, SUVpeak {r['suv_peak_in']:.2f} -> "
                   f"{r['suv_peak_out']:.2f} ({r['suv_peak_change_pct']:+.1f} %, noise SE {r['noise_se_pct']:.1f} %), "
                   f"SUVmax {r['suv_max_change_pct']:+.1f} %, SUVmean {r['suv_mean_change_pct']:+.1f} %"
-                  f", model's mean change at this size {r['expected_change_pct']:+.1f} %"
-                  f"{'  FLAGGED (' + r['flag_reason'] + ')' if r['flagged'] else ''}")
+                  + (f", model's mean change at this size {r['expected_change_pct']:+.1f} %"
+                     if r["expected_change_pct"] is not None else ", model not calibrated")
+                  + f"{'  FLAGGED (' + r['flag_reason'] + ')' if r['flagged'] else ''}")
         la, sa, ra = (sitk.GetArrayFromImage(x) for x in (low, syn, ref))
         for d in DIAMETERS:
             m = spheres[d]
@@ -155,7 +156,8 @@ def main(argv=None):
         kv.update({"flagged_10mm": int(flagged.get("10 mm sphere", False)),
                    "flagged_13mm": int(flagged.get("13 mm sphere", False)),
                    "flagged_37mm": int(flagged.get("37 mm sphere", False)),
-                   "flagged_background": int(flagged.get("background", False)), "synth_s": synth_s,
+                   "flagged_background": int(flagged.get("background", False)),
+                   "calibrated": int(model_calibration(a.model) is not None), "synth_s": synth_s,
                    "threshold_suv": rep["threshold"]["suv"]})
         write_json({"kv": kv, "hot_spots": lab}, out_dir / "summary.json", overwrite=True)
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in kv.items()))

@@ -163,6 +163,9 @@ def _cmd_evaluate(args, rep):
                        overlap=args.overlap, device=args.device, max_cases_per_center=args.max_cases,
                        tracers=args.tracer,
                        progress=rep.sub(0.0, 0.9 if args.interference else 1.0))
+    if (args.lesion_calibration or args.interference) and not models:
+        from PETWorkbenchLib.errors import InputError
+        raise InputError("--lesion-calibration and --interference need a model (--model)")
     if args.lesion_calibration:
         from .evaluate import lesion_calibration
         name, m = next(iter(models.items()))
@@ -224,5 +227,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                                 "(the supplement uses 100)")
             q.add_argument("--lesion-calibration", action="store_true",
                            help="also measure the first model's SUVpeak change of the true lesions against their "
-                                "volume (the lesion report's calibration; Models.json 'lesion_calibration')")
+                                "volume (the lesion report's calibration; Models.json 'lesion_calibration'); it "
+                                "runs synthesize() as users do: --patch, --overlap, --tracer and --max-cases do not "
+                                "apply to it")
             q.set_defaults(func=_cmd_evaluate)

@@ -177,7 +177,7 @@ def evaluate(models: dict[str, str | Path | dict | Generator], manifest: str | P
     return summary
 
 
-# volume bins (ml) of the lesion calibration's summary table: log-spaced from PERCIST's smallest measurable lesion
+# volume bins (ml) of the lesion calibration's descriptive table, from the report's smallest hot spot (0.1 ml)
 CALIBRATION_BINS_ML = (0.1, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 64.0)
 
 
@@ -186,6 +186,7 @@ def calibration_from_hot_spots(found: Sequence[tuple[float, float, str]],
     """Lesion calibration from (volume ml, SUVpeak change %, case id) of true lesions: the least-squares line
     ``change = a + b ln(volume)`` over all of them (what the report uses, within the measured volume range), its
     residual SD, and a descriptive table by volume bin (bins with at least ``min_per_bin`` lesions)."""
+    found = [f for f in found if np.isfinite(f[0]) and f[0] > 0 and np.isfinite(f[1])]
     if len(found) < 5:
         raise InputError(f"a lesion calibration needs at least 5 lesions found as hot spots, got {len(found)}")
     vol = np.array([f[0] for f in found], dtype=np.float64)
@@ -204,7 +205,7 @@ def calibration_from_hot_spots(found: Sequence[tuple[float, float, str]],
                           "suv_peak_change_pct_sd": round(float(ch[sel].std(ddof=1)), 2), "n": int(sel.sum())})
     return {"fit": "suv_peak_change_pct = a + b ln(volume_ml)", "a": round(float(a), 3), "b": round(float(b), 3),
             "volume_range_ml": [round(float(vol.min()), 3), round(float(vol.max()), 3)],
-            "residual_sd_pct": round(float(resid.std(ddof=2)) if len(found) > 2 else float("nan"), 2),
+            "residual_sd_pct": round(float(resid.std(ddof=2)), 2),
             "n_lesions": len(found), "bins": table,
             "hot_spots": [{"volume_ml": round(float(v), 3), "suv_peak_change_pct": round(float(c), 2), "case_id": k}
                           for v, c, k in found]}
@@ -218,7 +219,8 @@ def lesion_calibration(model: str | Path | dict | Generator, manifest: str | Pat
     (PERCIST's liver threshold from the case's labels, else the fixed one); the hot spots whose centre lies in a
     true lesion give :func:`calibration_from_hot_spots`. The result is what
     :func:`~SynthesisModuleLib.lesions.lesion_change_report` takes as ``calibration`` (stored in the model's
-    Models.json entry as ``lesion_calibration``)."""
+    Models.json entry as ``lesion_calibration``, with the SHA-256 of the registered weights it was measured on).
+    The volume axis is the hot-spot volume above the threshold, so it depends on the threshold rule (recorded)."""
     from PETWorkbenchLib.manifest import case_path
 
     from .infer import synthesize
@@ -244,4 +246,9 @@ def lesion_calibration(model: str | Path | dict | Generator, manifest: str | Pat
             if all(0 <= k < n for k, n in zip(idx, low.GetSize())) and lab[idx[2], idx[1], idx[0]] > 0:
                 found.append((r["volume_ml"], r["suv_peak_change_pct"], row["case_id"]))
     rep(1.0, "calibration done")
-    return {**calibration_from_hot_spots(found), "n_cases": len(rows), "split": split}
+    from PETWorkbenchLib.models import registered_entry
+    entry = registered_entry(model) if isinstance(model, (str, Path)) else None
+    return {**calibration_from_hot_spots(found), "n_cases": len(rows), "split": split,
+            "weights_sha256": entry.sha256 if entry is not None else None,
+            "threshold": "PERCIST liver threshold from the case's labels (else the fixed 2.5 SUV); hot-spot "
+                         "volume above it", "synthesis": "synthesize() defaults (overlap, patch, air skip)"}

@@ -53,7 +53,8 @@ RULE = ("flagged when |SUVpeak(output) - SUVpeak(input)| > {k:g} x SE, SE = SUVp
 RULE_CALIBRATED = ("; or when SUVpeak fell by more than {tol:g} % and the model lowers the SUVpeak of lesions of "
                    "this volume by more than {tol:g} % on average (its lesion calibration: {n} lesions of held-out "
                    "simulated patients)")
-RULE_UNCALIBRATED = "; this model has no lesion calibration, so systematic flattening of small lesions is not flagged"
+RULE_UNCALIBRATED = ("; no lesion calibration was given for this model, so its systematic flattening of small "
+                     "lesions is not flagged")
 COLUMNS = ("id", "volume_ml", "center_lps", "suv_max_in", "suv_max_out", "suv_max_change_pct", "suv_peak_in",
            "suv_peak_out", "suv_peak_change_pct", "suv_mean_in", "suv_mean_out", "suv_mean_change_pct",
            "noise_se_pct", "expected_change_pct", "flagged", "flag_reason")
@@ -77,10 +78,19 @@ def _pct(new, old):
     return float(100.0 * (new - old) / old) if old else float("nan")
 
 
+def _valid_calibration(cal) -> bool:
+    try:
+        lo, hi = (float(v) for v in cal["volume_range_ml"])
+        return all(np.isfinite([float(cal["a"]), float(cal["b"]), lo, hi])) and 0 < lo <= hi
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
 def expected_change(calibration: dict | None, volume_ml: float) -> float:
     """The calibrated mean SUVpeak change (%) of lesions of ``volume_ml``: the calibration's line
-    ``a + b ln(volume)``, with the volume held inside the range it was measured on; NaN without a calibration."""
-    if not calibration or "a" not in calibration:
+    ``a + b ln(volume)``, with the volume held inside the range it was measured on; NaN without a (valid)
+    calibration."""
+    if not calibration or not _valid_calibration(calibration) or not np.isfinite(volume_ml) or volume_ml <= 0:
         return float("nan")
     lo, hi = calibration["volume_range_ml"]
     v = min(max(float(volume_ml), float(lo)), float(hi))
@@ -88,21 +98,18 @@ def expected_change(calibration: dict | None, volume_ml: float) -> float:
 
 
 def model_calibration(model) -> dict | None:
-    """The ``lesion_calibration`` of a registered model, given by id or as its registered weights file (same
-    sha256); None for anything else (a calibration belongs to exact weights)."""
-    from pathlib import Path
-
-    from PETWorkbenchLib import models as registry
+    """The ``lesion_calibration`` of a registered model, given by id or as a weights file with the registered
+    SHA-256 (any name); None for anything else, or when the calibration was measured on other weights or is
+    incomplete (a calibration belongs to exact weights)."""
+    from PETWorkbenchLib.models import registered_entry
     try:
-        if isinstance(model, str) and not Path(model).suffix:
-            return registry.get(model).extra.get("lesion_calibration")
-        if isinstance(model, (str, Path)) and Path(model).is_file():
-            e = registry.registered_entry_for_file(model)
-            if e is not None and registry.sha256_of(model) == e.sha256:
-                return e.extra.get("lesion_calibration")
-    except Exception:  # noqa: BLE001 - an unknown model simply has no calibration
+        e = registered_entry(model)
+    except Exception:  # noqa: BLE001 - an unreadable registry or file: no calibration, the noise rule still applies
         return None
-    return None
+    cal = e.extra.get("lesion_calibration") if e is not None else None
+    if not cal or not _valid_calibration(cal) or cal.get("weights_sha256", e.sha256) != e.sha256:
+        return None
+    return cal
 
 
 def lesion_change_report(input_pet: sitk.Image, output_pet: sitk.Image, liver_mask: sitk.Image | None = None,
@@ -110,10 +117,11 @@ def lesion_change_report(input_pet: sitk.Image, output_pet: sitk.Image, liver_ma
                          max_lesions: int = 200, calibration: dict | None = None,
                          tol_pct: float = FLATTEN_TOL_PCT) -> dict:
     """Hot spots of ``input_pet`` (SUV) with their SUVmax / SUVpeak / SUVmean in the input and in ``output_pet``
-    (same grid), the change in %, and a flag when the SUVpeak change exceeds what the input's noise explains (see
-    the module docstring). ``liver_mask`` (same grid, non-zero = liver) selects PERCIST's threshold;
-    ``threshold_suv`` forces a fixed one. Returns ``{"threshold": {...}, "rule": str, "lesions": [row, ...]}``,
-    rows ordered by input SUVpeak (highest first), at most ``max_lesions``."""
+    (same grid), the change in %, and a flag when the SUVpeak change exceeds what the input's noise explains or,
+    with a ``calibration`` (:func:`model_calibration`), when it fell by more than ``tol_pct`` at a size the model is
+    known to flatten (see the module docstring). ``liver_mask`` (same grid, non-zero = liver) selects PERCIST's
+    threshold; ``threshold_suv`` forces a fixed one. Returns ``{"threshold": {...}, "rule": str, "lesions": [row,
+    ...]}``, rows ordered by input SUVpeak (highest first), at most ``max_lesions``."""
     import SimpleITK as sitk
     _same_grid(input_pet, output_pet, "The synthesized PET")
     x = sitk.GetArrayViewFromImage(input_pet)   # views: the report adds about 5 bytes per voxel (labels, mask)
@@ -181,9 +189,10 @@ def lesion_change_report(input_pet: sitk.Image, output_pet: sitk.Image, liver_ma
                "noise_se_pct": float(100.0 * cov) if cov == cov else float("nan")}
         for m in ("suv_max", "suv_peak", "suv_mean"):
             row[f"{m}_change_pct"] = _pct(row[f"{m}_out"], row[f"{m}_in"])
-        row["expected_change_pct"] = expected_change(calibration, row["volume_ml"])
+        expected = expected_change(calibration, row["volume_ml"])
+        row["expected_change_pct"] = expected if expected == expected else None     # JSON null, not NaN
         by_noise = bool(se == se and abs(p_out - p_in) > k * se)
-        by_size = bool(row["suv_peak_change_pct"] < -tol_pct and row["expected_change_pct"] < -tol_pct)
+        by_size = bool(expected == expected and row["suv_peak_change_pct"] < -tol_pct and expected < -tol_pct)
         row["flagged"] = by_noise or by_size
         row["flag_reason"] = ("change beyond noise" if by_noise else
                               "lesions of this size are flattened by the model" if by_size else "")
@@ -193,7 +202,7 @@ def lesion_change_report(input_pet: sitk.Image, output_pet: sitk.Image, liver_ma
     for j, r in enumerate(rows, 1):
         r["id"] = j
     rule = RULE.format(k=k) + (RULE_CALIBRATED.format(tol=tol_pct, n=calibration.get("n_lesions", "?"))
-                               if calibration and "a" in calibration else RULE_UNCALIBRATED)
+                               if calibration and _valid_calibration(calibration) else RULE_UNCALIBRATED)
     return {"threshold": thr, "rule": rule, "min_volume_ml": float(min_volume_ml),
             "n_hot_spots": len(rows), "n_flagged": sum(r["flagged"] for r in rows),
             "lesions": [{c: r[c] for c in COLUMNS} for r in rows]}

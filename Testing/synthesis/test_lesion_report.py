@@ -116,6 +116,8 @@ def test_cli_writes_the_report_and_summarises_it(tmp_path, tiny_models, capfd):
 
 
 CALIBRATION = {"a": -10.0, "b": 3.0, "volume_range_ml": [0.5, 20.0], "n_lesions": 12}
+INCOMPLETE = ({"a": -5.0, "b": 1.0}, {"a": float("nan"), "b": 1.0, "volume_range_ml": [0.5, 2.0]},
+              {"a": -5.0, "b": 1.0, "volume_range_ml": [0.0, 2.0]})
 
 
 def test_expected_change_follows_the_fit_inside_the_measured_range():
@@ -125,6 +127,9 @@ def test_expected_change_follows_the_fit_inside_the_measured_range():
     assert expected_change(CALIBRATION, 0.05) == pytest.approx(-10.0 + 3.0 * np.log(0.5))   # held at the ends
     assert expected_change(CALIBRATION, 100.0) == pytest.approx(-10.0 + 3.0 * np.log(20.0))
     assert np.isnan(expected_change(None, 1.0)) and np.isnan(expected_change({}, 1.0))
+    for bad in INCOMPLETE:                                  # an incomplete calibration is no calibration, no crash
+        assert np.isnan(expected_change(bad, 1.0))
+    assert np.isnan(expected_change(CALIBRATION, float("nan")))
 
 
 def test_calibration_fit_recovers_a_known_line_and_refuses_too_few_lesions():
@@ -154,13 +159,16 @@ def test_calibration_flags_a_small_hot_spot_the_model_is_known_to_flatten():
         out[near] *= 0.93
     plain = lesion_change_report(_img(noisy), _img(out), threshold_suv=2.5)
     cal = lesion_change_report(_img(noisy), _img(out), threshold_suv=2.5, calibration=CALIBRATION)
-    r10p, r10 = _row_at(plain, centres[1]), _row_at(cal, centres[1])
-    assert r10p["volume_ml"] < 1.5
-    assert r10p["suv_peak_change_pct"] == pytest.approx(-7.0, abs=0.5) and r10p["noise_se_pct"] > 3.5
-    assert not r10p["flagged"] and np.isnan(r10p["expected_change_pct"])
+    r13p, r13 = _row_at(plain, centres[1]), _row_at(cal, centres[1])
+    assert r13p["volume_ml"] < 1.5
+    assert r13p["suv_peak_change_pct"] == pytest.approx(-7.0, abs=0.5) and r13p["noise_se_pct"] > 3.5
+    assert not r13p["flagged"] and r13p["expected_change_pct"] is None and r13p["flag_reason"] == ""
     assert "no lesion calibration" in plain["rule"] and "12 lesions" in cal["rule"]
-    assert r10["flagged"] and r10["flag_reason"].startswith("lesions of this size")
-    assert r10["expected_change_pct"] < -5
+    assert r13["flagged"] and r13["flag_reason"].startswith("lesions of this size")
+    assert r13["expected_change_pct"] < -5
+    for bad in INCOMPLETE:
+        rep = lesion_change_report(_img(noisy), _img(out), threshold_suv=2.5, calibration=bad)
+        assert not _row_at(rep, centres[1])["flagged"] and "no lesion calibration" in rep["rule"]
     r37 = _row_at(cal, centres[5])
     assert r37["suv_peak_change_pct"] < -5 and r37["expected_change_pct"] > -5 and not r37["flagged"]
     same = lesion_change_report(_img(noisy), _img(noisy), threshold_suv=2.5, calibration=CALIBRATION)
@@ -172,14 +180,36 @@ def test_model_calibration_belongs_to_exact_registered_weights(tmp_path):
     from PETWorkbenchLib import models
     from SynthesisModuleLib.lesions import model_calibration
     e = models.get(models.default_model("synthesis"))
-    assert model_calibration(e.id) == e.extra.get("lesion_calibration")
+    cal = e.extra.get("lesion_calibration")
+    assert cal and cal["weights_sha256"] == e.sha256 and cal["n_lesions"] >= 5   # the shipped model is calibrated
+    assert model_calibration(e.id) == cal
     assert model_calibration("no-such-model") is None
+    renamed = tmp_path / "my_copy.pt"                  # the same weights under any name: the same calibration
+    shutil.copy(e.cached_path(), renamed)
+    assert model_calibration(str(renamed)) == cal
     copy = tmp_path / e.filename
     shutil.copy(e.cached_path(), copy)
-    assert model_calibration(str(copy)) == e.extra.get("lesion_calibration")
-    copy.write_bytes(copy.read_bytes() + b"\0")            # same name, other weights: not this calibration
+    copy.write_bytes(copy.read_bytes() + b"\0")            # registered name, other weights: not this calibration
     assert model_calibration(str(copy)) is None
+    assert model_calibration(str(tmp_path / "missing.pt")) is None
     assert model_calibration({"config": {}, "state_dict": {}}) is None
+
+
+def test_upsert_keeps_the_calibration_of_unchanged_weights(tmp_path):
+    """Re-measuring a model (benchmarks rewrite its whole entry) keeps the lesion calibration measured on the same
+    weights, and drops it when the weights change."""
+    import json
+    from PETWorkbenchLib import models
+    reg = tmp_path / "Models.json"
+    src = json.loads((models.resources_dir() / "Models.json").read_text())
+    entry = next(m for m in src["models"] if m.get("lesion_calibration"))
+    reg.write_text(json.dumps({"models": [entry]}))
+    bare = {k: v for k, v in entry.items() if k != "lesion_calibration"}
+    models.upsert_entries([dict(bare, metrics={"psnr": 1.0})], path=reg)
+    kept = json.loads(reg.read_text())["models"][0]
+    assert kept["lesion_calibration"] == entry["lesion_calibration"] and kept["metrics"] == {"psnr": 1.0}
+    models.upsert_entries([dict(bare, sha256="0" * 64)], path=reg)
+    assert "lesion_calibration" not in json.loads(reg.read_text())["models"][0]
 
 
 def test_lesion_calibration_measures_what_the_model_does_to_true_lesions(tmp_path, monkeypatch):
@@ -209,3 +239,22 @@ def test_lesion_calibration_measures_what_the_model_does_to_true_lesions(tmp_pat
     assert cal["a"] == pytest.approx(-10.0, abs=0.01) and cal["b"] == pytest.approx(0.0, abs=0.01)
     vols = sorted(h["volume_ml"] for h in cal["hot_spots"])
     assert vols[0] == pytest.approx(4 / 3 * np.pi * 0.5 ** 3, rel=0.5) and vols[-1] > vols[0] * 5
+
+
+def test_cli_with_a_registered_model_uses_its_calibration(tmp_path, capfd):
+    import json
+    from PETWorkbenchApp.cli import main
+    from PETWorkbenchLib import models
+    _, noisy, _ = _phantom(seed=6)
+    inp = tmp_path / "low.nii.gz"
+    sitk.WriteImage(_img(noisy[10:30, 10:100, 10:100]), str(inp))
+    mid = models.default_model("synthesis")
+    code = main(["--json", "synthesize", str(inp), str(tmp_path / "out.nii.gz"), "--model", mid, "--device", "cpu",
+                 "--lesions", str(tmp_path / "les.json"), "--lesion-threshold", "2.5"])
+    out, err = capfd.readouterr()
+    assert code in (0, None), err
+    rep = json.loads((tmp_path / "les.json").read_text())
+    n = models.get(mid).extra["lesion_calibration"]["n_lesions"]
+    assert f"lesion calibration: {n} lesions" in rep["rule"] and rep["lesions"]
+    assert all(isinstance(r["expected_change_pct"], float) for r in rep["lesions"])
+    assert "NaN" not in (tmp_path / "les.json").read_text()
