@@ -40,6 +40,8 @@ from PETWorkbenchLib.errors import InputError
 from PETWorkbenchLib.metrics import PEAK_RADIUS_MM, percist_liver_threshold, sphere_mean
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import SimpleITK as sitk
 
 DEFAULT_THRESHOLD_SUV = 2.5
@@ -97,7 +99,7 @@ def expected_change(calibration: dict | None, volume_ml: float) -> float:
     return float(calibration["a"] + calibration["b"] * np.log(v))
 
 
-def model_calibration(model) -> dict | None:
+def model_calibration(model: str | Path | dict | None) -> dict | None:
     """The ``lesion_calibration`` of a registered model, given by id or as a weights file with the registered
     SHA-256 (any name); None for anything else, or when the calibration was measured on other weights or is
     incomplete (a calibration belongs to exact weights)."""
