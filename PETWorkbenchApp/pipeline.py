@@ -187,8 +187,13 @@ def step_synthesize(st, rep, device="cpu", model=None):
     model = str(model or default_model("synthesis"))
     low = st.read_pet("low_dose", "low-dose PET")
     out, routing = synthesize(low, model, device=device, progress=rep)
-    # the lesion report looks up the model's lesion calibration by it (a registry id, or the weights' absolute path)
-    routing["model_id"] = model if not Path(model).suffix else str(Path(model).resolve())
+    # the lesion report looks up the model's lesion calibration by it (a registry id, or the weights' absolute
+    # path) and checks that it belongs to the weights that made this image
+    from PETWorkbenchLib.models import registered_entry
+    is_file = Path(model).suffix in (".pt", ".pth") and Path(model).is_file()
+    routing["model_id"] = str(Path(model).resolve()) if is_file else model
+    entry = registered_entry(model)
+    routing["weights_sha256"] = entry.sha256 if entry is not None else None
     st.write_image(out, "synthesized.nii.gz")
     st.write_json(routing, "routing.json")
     report = write_lesion_report(st, low, out, model=model)
@@ -202,8 +207,10 @@ def write_lesion_report(st, low=None, synthesized=None, model=None):
     (default: the one routing.json names)."""
     from PETWorkbenchLib.imageio import write_csv
     from SynthesisModuleLib.lesions import liver_from_labels, lesion_change_report, model_calibration, report_rows
+    sha = None
     if model is None and st.has("routing.json"):
-        model = json.loads(st.path("routing.json").read_text()).get("model_id")
+        routing = json.loads(st.path("routing.json").read_text())
+        model, sha = routing.get("model_id"), routing.get("weights_sha256")
     low = low if low is not None else st.read_pet("low_dose", "low-dose PET")
     synthesized = synthesized if synthesized is not None else read_image(st.path("synthesized.nii.gz"),
                                                                           "synthesized PET")
@@ -216,7 +223,7 @@ def write_lesion_report(st, low=None, synthesized=None, model=None):
                 source = name
                 break
     report = lesion_change_report(low, synthesized, liver_mask=liver,
-                                  calibration=model_calibration(model) if model else None)
+                                  calibration=model_calibration(model, sha) if model else None)
     report["threshold"]["liver_from"] = source
     st.write_json(report, "lesion_changes.json")
     rows = report_rows(report)

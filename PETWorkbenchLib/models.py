@@ -108,7 +108,7 @@ def upsert_entries(entries, path=None):
             old = models[index[e["id"]]]
             if "default" in old and "default" not in e:
                 e = {**e, "default": old["default"]}
-            if old.get("sha256") == e["sha256"]:
+            if e.get("sha256") and old.get("sha256") == e["sha256"]:
                 e = {**{k: old[k] for k in KEEP_WITH_WEIGHTS if k in old}, **e}
             models[index[e["id"]]] = e
         else:

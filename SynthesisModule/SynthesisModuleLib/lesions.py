@@ -99,10 +99,10 @@ def expected_change(calibration: dict | None, volume_ml: float) -> float:
     return float(calibration["a"] + calibration["b"] * np.log(v))
 
 
-def model_calibration(model: str | Path | dict | None) -> dict | None:
+def model_calibration(model: str | Path | dict | None, weights_sha256: str | None = None) -> dict | None:
     """The ``lesion_calibration`` of a registered model, given by id or as a weights file with the registered
-    SHA-256 (any name); None for anything else, or when the calibration was measured on other weights or is
-    incomplete (a calibration belongs to exact weights)."""
+    SHA-256 (any name); None for anything else, or when the calibration was measured on other weights (than the
+    registered ones, or than ``weights_sha256``: the weights that made the image, when known) or is incomplete."""
     from PETWorkbenchLib.models import registered_entry
     try:
         e = registered_entry(model)
@@ -110,6 +110,8 @@ def model_calibration(model: str | Path | dict | None) -> dict | None:
         return None
     cal = e.extra.get("lesion_calibration") if e is not None else None
     if not cal or not _valid_calibration(cal) or cal.get("weights_sha256", e.sha256) != e.sha256:
+        return None
+    if weights_sha256 is not None and weights_sha256 != e.sha256:
         return None
     return cal
 

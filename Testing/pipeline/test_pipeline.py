@@ -54,6 +54,10 @@ def test_batch_failure_isolated_and_resumable(three_studies, tmp_path, tiny_mode
         assert (d / "DONE.json").is_file() and (d / "report.md").is_file()
         assert (d / "synthesized.nii.gz").is_file() and (d / "uptake.json").is_file()
         assert "psnr_low" in json.loads((d / "metrics.json").read_text())
+        routing = json.loads((d / "routing.json").read_text())   # the weights that made the image, for the report
+        assert Path(routing["model_id"]).is_absolute() and routing["weights_sha256"] is None   # unregistered
+        if (d / "lesion_changes.json").is_file():
+            assert "no lesion calibration" in json.loads((d / "lesion_changes.json").read_text())["rule"]
     table = format_table(summary)
     assert "failed" in table and "s2_corrupt" in table
     mtime = (out / "s1" / "synthesized.nii.gz").stat().st_mtime_ns

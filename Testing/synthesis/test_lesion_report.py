@@ -258,3 +258,11 @@ def test_cli_with_a_registered_model_uses_its_calibration(tmp_path, capfd):
     assert f"lesion calibration: {n} lesions" in rep["rule"] and rep["lesions"]
     assert all(isinstance(r["expected_change_pct"], float) for r in rep["lesions"])
     assert "NaN" not in (tmp_path / "les.json").read_text()
+
+
+def test_calibration_is_refused_for_an_image_made_by_other_weights():
+    from PETWorkbenchLib import models
+    from SynthesisModuleLib.lesions import model_calibration
+    e = models.get(models.default_model("synthesis"))
+    assert model_calibration(e.id, e.sha256) == e.extra["lesion_calibration"]
+    assert model_calibration(e.id, "0" * 64) is None
