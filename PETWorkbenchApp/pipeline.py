@@ -190,27 +190,24 @@ def step_synthesize(st, rep, device="cpu", model=None):
     # the lesion report looks up the model's lesion calibration by it (a registry id, or the weights' absolute
     # path) and checks that it belongs to the weights that made this image
     from PETWorkbenchLib.models import registered_entry
-    is_file = Path(model).suffix in (".pt", ".pth") and Path(model).is_file()
-    routing["model_id"] = str(Path(model).resolve()) if is_file else model
+    routing["model_id"] = str(Path(model).resolve()) if Path(model).is_file() else model
     entry = registered_entry(model)
     routing["weights_sha256"] = entry.sha256 if entry is not None else None
     st.write_image(out, "synthesized.nii.gz")
     st.write_json(routing, "routing.json")
-    report = write_lesion_report(st, low, out, model=model)
+    report = write_lesion_report(st, low, out)
     return {"model": Path(model).name, "hot_spots": report["n_hot_spots"], "flagged": report["n_flagged"]}
 
 
-def write_lesion_report(st, low=None, synthesized=None, model=None):
+def write_lesion_report(st, low=None, synthesized=None):
     """lesion_changes.json / .csv of the study: hot spots of the low-dose input and their change in the synthesized
     PET, with PERCIST's liver threshold when a liver is known (segmented on the low dose, else the reference
-    labels), else the fixed threshold; flattening flags from the lesion calibration of the synthesis ``model``
-    (default: the one routing.json names)."""
+    labels), else the fixed threshold; flattening flags from the lesion calibration of the weights routing.json
+    names (the ones that made the synthesized image)."""
     from PETWorkbenchLib.imageio import write_csv
     from SynthesisModuleLib.lesions import liver_from_labels, lesion_change_report, model_calibration, report_rows
-    sha = None
-    if model is None and st.has("routing.json"):
-        routing = json.loads(st.path("routing.json").read_text())
-        model, sha = routing.get("model_id"), routing.get("weights_sha256")
+    routing = json.loads(st.path("routing.json").read_text()) if st.has("routing.json") else {}
+    model, sha = routing.get("model_id"), routing.get("weights_sha256")
     low = low if low is not None else st.read_pet("low_dose", "low-dose PET")
     synthesized = synthesized if synthesized is not None else read_image(st.path("synthesized.nii.gz"),
                                                                           "synthesized PET")

@@ -52,7 +52,7 @@ def _coronal(a, j=None):
 
 
 def _pct(v):
-    return "–" if v is None or (isinstance(v, float) and v != v) else f"{v:+.1f}"
+    return "–" if v is None else f"{v:+.1f}"
 
 
 def _flag(row):
@@ -62,7 +62,7 @@ def _flag(row):
 
 
 def _fmt(v):
-    if v is None or (isinstance(v, float) and v != v):
+    if v is None:
         return "–"
     if isinstance(v, float):
         return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"

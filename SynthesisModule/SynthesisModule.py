@@ -155,7 +155,7 @@ class SynthesisModuleLogic(ScriptedLoadableModuleLogic):
         """Lesion-change table node and a point list at the flagged hot spots, both referenced from the output
         node ("PETWorkbench.lesionTable", "PETWorkbench.lesionMarkups") and replaced when it is recomputed."""
         from PETWorkbenchSlicer import mrml
-        from SynthesisModuleLib.lesions import report_rows
+        from SynthesisModuleLib.lesions import REASON_SIZE, report_rows
         if not os.path.exists(reportPath):  # an engine that wrote no report (older or stand-in)
             return None
         with open(reportPath) as f:
@@ -173,8 +173,7 @@ class SynthesisModuleLogic(ScriptedLoadableModuleLogic):
             points = mrml.points_to_markups(
                 [r["center_lps"] for r in flagged],
                 [f"L{r['id']} SUVpeak {r['suv_peak_change_pct']:+.0f}%"
-                 + (" (size)" if str(r.get("flag_reason", "")).startswith("lesions of this size") else "")
-                 for r in flagged], old,
+                 + (" (size)" if r.get("flag_reason") == REASON_SIZE else "") for r in flagged], old,
                 name=f"{name} flagged lesions")
             outputNode.SetNodeReferenceID("PETWorkbench.lesionMarkups", points.GetID())
         outputNode.SetAttribute("PETWorkbench.lesionsFlagged", str(len(flagged)))

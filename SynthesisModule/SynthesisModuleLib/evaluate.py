@@ -247,7 +247,7 @@ def lesion_calibration(model: str | Path | dict | Generator, manifest: str | Pat
                 found.append((r["volume_ml"], r["suv_peak_change_pct"], row["case_id"]))
     rep(1.0, "calibration done")
     from PETWorkbenchLib.models import registered_entry
-    entry = registered_entry(model) if isinstance(model, (str, Path)) else None
+    entry = registered_entry(model)
     return {**calibration_from_hot_spots(found), "n_cases": len(rows), "split": split,
             "weights_sha256": entry.sha256 if entry is not None else None,
             "threshold": "PERCIST liver threshold from the case's labels (else the fixed 2.5 SUV); hot-spot "

@@ -55,6 +55,8 @@ RULE = ("flagged when |SUVpeak(output) - SUVpeak(input)| > {k:g} x SE, SE = SUVp
 RULE_CALIBRATED = ("; or when SUVpeak fell by more than {tol:g} % and the model lowers the SUVpeak of lesions of "
                    "this volume by more than {tol:g} % on average (its lesion calibration: {n} lesions of held-out "
                    "simulated patients)")
+REASON_NOISE = "change beyond noise"
+REASON_SIZE = "lesions of this size are flattened by the model"
 RULE_UNCALIBRATED = ("; no lesion calibration was given for this model, so its systematic flattening of small "
                      "lesions is not flagged")
 COLUMNS = ("id", "volume_ml", "center_lps", "suv_max_in", "suv_max_out", "suv_max_change_pct", "suv_peak_in",
@@ -128,6 +130,8 @@ def lesion_change_report(input_pet: sitk.Image, output_pet: sitk.Image, liver_ma
     ...]}``, rows ordered by input SUVpeak (highest first), at most ``max_lesions``."""
     import SimpleITK as sitk
     _same_grid(input_pet, output_pet, "The synthesized PET")
+    if calibration is not None and not _valid_calibration(calibration):
+        calibration = None                                       # incomplete: the noise criterion only
     x = sitk.GetArrayViewFromImage(input_pet)   # views: the report adds about 5 bytes per voxel (labels, mask)
     y = sitk.GetArrayViewFromImage(output_pet)
     sp = tuple(reversed(input_pet.GetSpacing()))
@@ -198,15 +202,14 @@ def lesion_change_report(input_pet: sitk.Image, output_pet: sitk.Image, liver_ma
         by_noise = bool(se == se and abs(p_out - p_in) > k * se)
         by_size = bool(expected == expected and row["suv_peak_change_pct"] < -tol_pct and expected < -tol_pct)
         row["flagged"] = by_noise or by_size
-        row["flag_reason"] = ("change beyond noise" if by_noise else
-                              "lesions of this size are flattened by the model" if by_size else "")
+        row["flag_reason"] = REASON_NOISE if by_noise else REASON_SIZE if by_size else ""
         rows.append(row)
     rows.sort(key=lambda r: -r["suv_peak_in"])
     rows = rows[:max_lesions]
     for j, r in enumerate(rows, 1):
         r["id"] = j
     rule = RULE.format(k=k) + (RULE_CALIBRATED.format(tol=tol_pct, n=calibration.get("n_lesions", "?"))
-                               if calibration and _valid_calibration(calibration) else RULE_UNCALIBRATED)
+                               if calibration is not None else RULE_UNCALIBRATED)
     return {"threshold": thr, "rule": rule, "min_volume_ml": float(min_volume_ml),
             "n_hot_spots": len(rows), "n_flagged": sum(r["flagged"] for r in rows),
             "lesions": [{c: r[c] for c in COLUMNS} for r in rows]}
