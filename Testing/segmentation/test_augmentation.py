@@ -10,6 +10,7 @@ import torch
 from SegmentationModuleLib.augment import (NNUNET_DEFAULT, augment_batch, augmentation_config, build_augmentation,
                                            spatial_margin)
 from SegmentationModuleLib.data import PatchSampler, random_cases
+from PETWorkbenchLib.models import read_torch_file
 
 torch.set_num_threads(1)
 OFF = {k: 0.0 for k in NNUNET_DEFAULT if k.startswith("p_")}
@@ -119,7 +120,7 @@ def test_training_with_augmentation_resumes_exactly(tmp_path):
         return len(calls) > 2  # checked after each iteration: epoch 1 (iteration 2) saved, 3 interrupted
     with pytest.raises(Cancelled):
         train(cfg, tmp_path / "b", cases=cases, device="cpu", log=lambda *a: None, cancel=cancel_in_second_epoch)
-    assert torch.load(tmp_path / "b" / "checkpoint_latest.pt", weights_only=False)["iteration"] == 2
+    assert read_torch_file(tmp_path / "b" / "checkpoint_latest.pt", ())["iteration"] == 2
     train(cfg, tmp_path / "b", cases=cases, device="cpu", log=lambda *a: None)
     a = torch.load(tmp_path / "a" / "model.pt", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "b" / "model.pt", weights_only=True)["state_dict"]

@@ -16,6 +16,7 @@ from SegmentationModuleLib.losses import (deep_supervision_weights, denoising_lo
                                           segmentation_loss, soft_dice_loss)
 from SegmentationModuleLib.model import LDOSNet
 from SegmentationModuleLib.organs import terminology_path
+from PETWorkbenchLib.models import read_torch_file
 
 torch.set_num_threads(1)
 
@@ -231,7 +232,7 @@ def test_training_writes_checkpoints_and_resumes(trained):
     from SegmentationModuleLib.train import train
     out, s, cases = trained
     assert s["iterations"] == 4 and s["stopped"] == "finished" and (out / "model.pt").is_file()
-    latest = torch.load(str(out / "checkpoint_latest.pt"), weights_only=False)
+    latest = read_torch_file(str(out / "checkpoint_latest.pt"), ())
     assert latest["iteration"] == 4 and len(latest["history"]) == 2
     cfg = dict(TINY, epochs=3)
     logs = []
@@ -339,7 +340,7 @@ def test_ddp_two_gloo_processes_keep_replicas_identical(tmp_path):
         assert torch.allclose(p0[k], p1[k], atol=1e-6), k
     ck = torch.load(str(tmp_path / "model.pt"), weights_only=True)
     assert ck["training"]["iterations"] == 2
-    latest = torch.load(str(tmp_path / "checkpoint_latest.pt"), weights_only=False)
+    latest = read_torch_file(str(tmp_path / "checkpoint_latest.pt"), ())
     assert len(latest["sampler_rng"]) == 2
 
 

@@ -16,6 +16,7 @@ from SynthesisModuleLib.data import CenterPatchSampler, read_manifest, select
 from SynthesisModuleLib.model import build_model, charbonnier_loss
 from SynthesisModuleLib.train import export_weights, load_config, train
 from PETWorkbenchLib.errors import InputError
+from PETWorkbenchLib.models import read_torch_file
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,8 +77,8 @@ def test_train_all_centres_per_step_checkpoint_and_resume(tiny_manifest, tmp_pat
     train(_cfg(max_steps=2), tiny_manifest, out_b)
     s2 = train(_cfg(max_steps=4), tiny_manifest, out_b)
     assert s2["steps"] == 4 and s2["steps_this_run"] == 2
-    a = torch.load(out_a / "last.pt", weights_only=False)["state_dict"]
-    b = torch.load(out_b / "last.pt", weights_only=False)["state_dict"]
+    a = read_torch_file(out_a / "last.pt", ())["state_dict"]
+    b = read_torch_file(out_b / "last.pt", ())["state_dict"]
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     w = export_weights(out_a / "last.pt", tmp_path / "w.pt")
     ck = torch.load(w, weights_only=True)
@@ -94,7 +95,7 @@ def test_resumed_stage_uses_the_overridden_learning_rate(tiny_manifest, tmp_path
     assert cfg["train"]["max_steps"] == 4 and cfg["train"]["lr"] == 1e-5 and cfg["train"]["lesion_oversample"] == 0.5
     train(_cfg(max_steps=2, lr=3e-3), tiny_manifest, tmp_path)
     train(cfg, tiny_manifest, tmp_path)
-    ck = torch.load(tmp_path / "last.pt", weights_only=False)
+    ck = read_torch_file(tmp_path / "last.pt", ())
     assert ck["step"] == 4 and ck["optimizer"]["param_groups"][0]["lr"] == 1e-5
     assert ck["config"]["train"]["lr"] == 1e-5
 
@@ -129,7 +130,7 @@ def test_ddp_two_cpu_processes_average_gradients(tiny_manifest, tmp_path):
     assert summary["world_size"] == 2
     logs = {r: list(csv.DictReader(open(tmp_path / "ddp" / f"train_log_rank{r}.csv"))) for r in (0, 1)}
     assert logs[0][0]["center"] == "A" and logs[1][0]["center"] == "B"  # each process its own centre
-    ddp_state = torch.load(tmp_path / "ddp" / "last.pt", weights_only=False)["state_dict"]
+    ddp_state = read_torch_file(tmp_path / "ddp" / "last.pt", ())["state_dict"]
 
     # reference: one process, loss = mean of the two processes' losses (= DDP gradient averaging), one Adam step
     full = load_config(cfg)
@@ -178,7 +179,7 @@ def test_one_process_accumulates_the_mean_gradient_of_all_centres(tiny_manifest,
     """1 process, 2 centres: one train() step == one Adam step on the mean of the two centres' losses."""
     cfg = _cfg(max_steps=1, checkpoint_every=1)
     train(cfg, tiny_manifest, tmp_path)
-    got = torch.load(tmp_path / "last.pt", weights_only=False)["state_dict"]
+    got = read_torch_file(tmp_path / "last.pt", ())["state_dict"]
     full = load_config(cfg)
     rows = select(read_manifest(tiny_manifest), split="train", known=True)
     sampler = CenterPatchSampler.from_manifest(rows, full["train"]["patch_size"])
@@ -255,7 +256,7 @@ def test_a_later_stage_starts_from_given_weights(tiny_manifest, tmp_path):
     s = train(_cfg(max_steps=0), tiny_manifest, tmp_path / "s2", init=w)
     assert s["init"] == str(w)
     a = torch.load(w, weights_only=True)["state_dict"]
-    b = torch.load(tmp_path / "s2" / "last.pt", weights_only=False)["state_dict"]
+    b = read_torch_file(tmp_path / "s2" / "last.pt", ())["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     other = _cfg(max_steps=0)
     other["model"] = {**other["model"], "n_feats": 4}
