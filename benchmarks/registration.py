@@ -267,8 +267,14 @@ def run_elastix(case, threads, quick):
             paths[k] = os.path.join(tmp, f"{k}.nii.gz")
             sitk.WriteImage(sitk.Cast(case[k], sitk.sitkFloat32), paths[k])
         out = os.path.join(tmp, "u.npy")
-        r = subprocess.run([sys.executable, __file__, "--elastix-worker", paths["fixed"], paths["moving"], out,
-                            str(threads), "250" if quick else "1000"], capture_output=True, text=True)
+        for n_threads in dict.fromkeys((threads, 1)):
+            r = subprocess.run([sys.executable, __file__, "--elastix-worker", paths["fixed"], paths["moving"], out,
+                                str(n_threads), "250" if quick else "1000"], capture_output=True, text=True)
+            if r.returncode >= 0:
+                break
+            # killed by a signal (seen: a segmentation fault with 2 threads): once more on one thread
+            print(f"  elastix crashed (signal {-r.returncode}) with {n_threads} threads; retrying on 1 thread",
+                  flush=True)
         if r.returncode != 0:
             why = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit code {r.returncode}"
             raise RuntimeError(f"elastix process failed: {why}")

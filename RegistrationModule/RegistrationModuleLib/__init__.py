@@ -21,6 +21,10 @@ Engine API (no Slicer imports; images are SimpleITK, see docs/ARCHITECTURE.md)::
                                                # at full resolution; 0 = the network's field as predicted)
                    final_scale=1,              # 1: finest level at full resolution; 2 (or 4): stop the pyramid at
                                                # half (quarter) resolution and upsample the field (fast mode)
+                   interpolation="corrected",  # how the similarity samples the moving image at full resolution:
+                                               # "corrected" (linear without its sub-voxel-dependent blur),
+                                               # "cubic" (B-spline, ~2x the time), "linear" (biased towards
+                                               # whole-voxel shifts); coarser levels are linear (METHOD.md)
                    diffeomorphic=False,        # True: optimise a stationary velocity field, scaling and squaring
                                                # (with "dca": starting from the network's own velocity field)
                    prealign="affine",          # "affine" | "rigid" | "none" | "center" (MI, SimpleITK)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from PETWorkbenchLib.requests import option
 
-from .similarities import describe, similarity_names
+from .similarities import INTERPOLATIONS, describe, similarity_names
 
 if TYPE_CHECKING:
     import argparse
@@ -47,6 +47,10 @@ class RegisterRequest:
                                help="Adam iterations per pyramid level, coarse to fine (default 100,60,30); with "
                               "--method dca only the last number is used: refinement iterations at full "
                               "resolution, 0 = none")
+    interpolation: str = option("corrected", choices=INTERPOLATIONS,
+                                help="how the similarity samples the moving image at full resolution: corrected "
+                                     "(default: linear without its sub-voxel-dependent blur), cubic (B-spline, "
+                                     "slower) or linear (biased towards whole-voxel shifts)")
     diffeomorphic: bool = option(flag=True, help="integrate the field as a stationary velocity")
     prealign: str = option("affine", choices=("affine", "rigid", "none", "center"), help="pre-alignment")
     fixed_mask: str = option(None, help="fixed mask (label map)")
@@ -132,7 +136,7 @@ def run_register(args: argparse.Namespace, reporter: Callable[[float, str], None
     moving_labels = _read(args.moving_labels, "moving label map")
     res = register(fixed, moving, method=args.method, model=args.model, similarity=args.similarity,
                    regularizer=args.regularizer, smoothness=args.smoothness, iterations=args.iterations,
-                   diffeomorphic=args.diffeomorphic, prealign=args.prealign,
+                   diffeomorphic=args.diffeomorphic, prealign=args.prealign, interpolation=args.interpolation,
                    fixed_mask=_read(args.fixed_mask, "fixed mask"), moving_mask=_read(args.moving_mask, "moving mask"),
                    fixed_labels=_read(args.fixed_labels, "fixed label map"), moving_labels=moving_labels,
                    device=args.device, progress=reporter)

@@ -12,7 +12,7 @@ import SimpleITK as sitk
 from PETWorkbenchLib.errors import InputError
 from PETWorkbenchLib.progress import Reporter
 
-from .similarities import similarity_term
+from .similarities import INTERPOLATIONS, similarity_term
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -263,7 +263,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, method: str = "instance", si
              regularizer: str | None = None, prealign: str = "affine",
              learning_rate: float = 0.5, penalty: float = 1.0, label_weight: float = 1.0, lncc_window: int = 7,
              model: str | Path | torch.nn.Module | None = None, output_field: str = "smooth", final_scale: int = 1,
-             seed: int = 0) -> RegistrationResult:
+             seed: int = 0, interpolation: str = "corrected") -> RegistrationResult:
     """Register ``moving`` to ``fixed``; see the package docstring for the parameters."""
     import torch
 
@@ -290,6 +290,8 @@ def register(fixed: sitk.Image, moving: sitk.Image, method: str = "instance", si
     iterations = tuple(int(i) for i in iterations)
     if not iterations or any(i < 0 for i in iterations):
         raise InputError(f"iterations must be non-negative integers (one per pyramid level), got {iterations}")
+    if interpolation not in INTERPOLATIONS:
+        raise InputError(f"unknown interpolation '{interpolation}': choose one of {', '.join(INTERPOLATIONS)}")
     if final_scale not in (1, 2, 4):
         raise InputError(f"final_scale must be 1 (full resolution), 2 or 4, got {final_scale!r}")
     if not term.uses_images and fixed_labels is None:
@@ -368,7 +370,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, method: str = "instance", si
             smoothness=smoothness, regularizer=regularizer, diffeomorphic=diffeomorphic, fixed_mask=fmask,
             moving_mask=mmask, sampler=sampler, fixed_labels=flab, moving_labels=mlab, label_weight=label_weight,
             learning_rate=learning_rate, penalty=penalty, lncc_window=lncc_window, device=tdev, rep=sub,
-            init_field=init_field, output_field=output_field, final_scale=final_scale)
+            init_field=init_field, output_field=output_field, final_scale=final_scale, interpolation=interpolation)
     finally:
         torch.set_num_threads(n_threads)
     t_def = time.perf_counter() - t1
@@ -382,7 +384,8 @@ def register(fixed: sitk.Image, moving: sitk.Image, method: str = "instance", si
     timings = {"prealign_s": round(t_pre, 3), "network_s": round(t_net, 3), "deformable_s": round(t_def, 3),
                "total_s": round(time.perf_counter() - t0, 3)}
     summary = {"method": method, "similarity": similarity, "regularizer": regularizer,
-               "smoothness": smoothness, "iterations": list(iterations), "diffeomorphic": bool(diffeomorphic),
+               "smoothness": smoothness, "iterations": list(iterations), "interpolation": interpolation,
+               "diffeomorphic": bool(diffeomorphic),
                "prealign": "center" if center else prealign, "device": str(dev), "timings": timings}
     summary.update(info)
     res = RegistrationResult(disp, fixed=fixed, affine=affine, summary=summary)

@@ -17,12 +17,13 @@ without gradient (``torch.no_grad``) as in the paper.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+from .ops import along_axis, dct_matrix
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -46,29 +47,6 @@ def _symbols(shape, spacing_arr, device, dtype):
     return xis
 
 
-@functools.lru_cache(maxsize=16)
-def _dct_matrix(n: int, dtype: torch.dtype, device: str) -> torch.Tensor:
-    """Orthonormal DCT-II matrix ``C`` (``n x n``, ``C @ C.T = I``): row k is ``cos(pi k (2i + 1) / 2n)``, scaled."""
-    with torch.inference_mode(False):            # a cached plain tensor, usable later with autograd too
-        k = torch.arange(n, dtype=torch.float64)[:, None]
-        i = torch.arange(n, dtype=torch.float64)[None]
-        C = torch.cos(math.pi * k * (2 * i + 1) / (2 * n)) * math.sqrt(2.0 / n)
-        C[0] /= math.sqrt(2.0)
-        return C.to(dtype=dtype, device=device)
-
-
-def _along(x: torch.Tensor, M: torch.Tensor, dim: int) -> torch.Tensor:
-    """``M`` applied along axis ``dim`` of the contiguous ``x`` (``y[..., k, ...] = sum_i M[k, i] x[..., i, ...]``),
-    as one matrix product on a view (no transposed copies)."""
-    shape = x.shape
-    n = shape[dim]
-    pre = math.prod(shape[:dim])
-    post = math.prod(shape[dim + 1:])
-    if post == 1:
-        return (x.reshape(pre, n) @ M.T).reshape(shape)
-    return torch.matmul(M, x.reshape(pre, n, post)).reshape(shape)
-
-
 def _curvature_dct(field, gamma_mm2, spacing_arr):
     """``(I + γΔ²)^{-1}`` with Neumann boundaries, diagonalised by the DCT-II (Laplacian eigenvalues
     ``Σ_d 4 sin²(π k_d / 2N_d) / h_d²``).  The operator is symmetric with eigenvalues in (0, 1]: the partial
@@ -77,10 +55,10 @@ def _curvature_dct(field, gamma_mm2, spacing_arr):
     nd = field.dim() - 2
     # the DCT as one small dense matrix per axis: for registration grids (up to a few hundred voxels per axis)
     # this is 1.5-2.8x faster on a CPU than the DCT through a complex FFT of the same length, and exact
-    Cs = [_dct_matrix(int(field.shape[2 + ax]), field.dtype, str(field.device)) for ax in range(nd)]
+    Cs = [dct_matrix(int(field.shape[2 + ax]), field.dtype, str(field.device)) for ax in range(nd)]
     X = field.contiguous()
     for ax in range(nd):
-        X = _along(X, Cs[ax], 2 + ax)
+        X = along_axis(X, Cs[ax], 2 + ax)
     lam = 0.0
     for ax in range(nd):
         n = field.shape[2 + ax]
@@ -90,7 +68,7 @@ def _curvature_dct(field, gamma_mm2, spacing_arr):
         lam = lam + (4.0 * torch.sin(math.pi * k / (2 * n)) ** 2 / spacing_arr[ax] ** 2).view(*view)
     X = X / (1.0 + gamma_mm2 * lam ** 2)
     for ax in range(nd):
-        X = _along(X, Cs[ax].T, 2 + ax)
+        X = along_axis(X, Cs[ax].T, 2 + ax)
     return X
 
 

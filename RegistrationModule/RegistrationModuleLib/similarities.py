@@ -2,8 +2,9 @@
 user interface read. Torch-free, so that Slicer can list the terms before PyTorch is installed.
 
 Adding a term is one entry here plus its builder in :mod:`RegistrationModuleLib.similarity`:
-``builder(fixed, moving, window) -> loss(warp, weight)``, where ``warp(tensor)`` resamples a moving-side tensor with
-the current deformation and ``weight`` is the voxel weight map (masks) or None.
+``builder(fixed, moving, window, mode) -> loss(warp, weight)``, where ``warp(tensor)`` resamples a moving-side
+tensor with the current deformation (prepared for the sampler ``mode``, see ``_moving_side``) and
+``weight`` is the voxel weight map (masks) or None.
 """
 
 from __future__ import annotations
@@ -11,6 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from PETWorkbenchLib.errors import InputError
+
+
+# how the similarity samples the moving image at the full-resolution level (instance.optimise; METHOD.md)
+INTERPOLATIONS = ("corrected", "cubic", "linear")
 
 
 @dataclass(frozen=True)

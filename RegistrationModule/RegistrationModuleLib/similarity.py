@@ -103,24 +103,32 @@ def soft_dice(fixed_onehot: torch.Tensor, warped_onehot: torch.Tensor,
     return 1.0 - dice[present].mean()
 
 
-def lncc_term(fixed: torch.Tensor, moving: torch.Tensor, window: int) -> ImageLoss:
-    f = LNCC(fixed, window)
-    return lambda warp, weight: f(warp(moving), weight)
+def _moving_side(moving: torch.Tensor, mode: str) -> torch.Tensor:
+    """The tensor the ``warp`` callback samples with the sampler ``mode``: the moving-side tensor itself
+    ("bilinear"), or its preparation for a prepared mode (:data:`ops.PREPARED_MODES`)."""
+    return ops.PREPARED_MODES[mode][0](moving) if mode in ops.PREPARED_MODES else moving
 
 
-def mse_term(fixed: torch.Tensor, moving: torch.Tensor, window: int) -> ImageLoss:
-    return lambda warp, weight: mse(fixed, warp(moving), weight)
+def lncc_term(fixed: torch.Tensor, moving: torch.Tensor, window: int, mode: str = "bilinear") -> ImageLoss:
+    f, mv = LNCC(fixed, window), _moving_side(moving, mode)
+    return lambda warp, weight: f(warp(mv), weight)
 
 
-def mind_term(fixed: torch.Tensor, moving: torch.Tensor, window: int) -> ImageLoss:
-    fixed_desc, moving_desc = mind(fixed), mind(moving)       # the moving descriptor is computed once and warped
+def mse_term(fixed: torch.Tensor, moving: torch.Tensor, window: int, mode: str = "bilinear") -> ImageLoss:
+    mv = _moving_side(moving, mode)
+    return lambda warp, weight: mse(fixed, warp(mv), weight)
+
+
+def mind_term(fixed: torch.Tensor, moving: torch.Tensor, window: int, mode: str = "bilinear") -> ImageLoss:
+    fixed_desc = mind(fixed)
+    moving_desc = _moving_side(mind(moving), mode)        # the moving descriptor is computed once and warped
     return lambda warp, weight: mind_loss(fixed_desc, warp(moving_desc), weight)
 
 
-def image_term(name: str, fixed: torch.Tensor, moving: torch.Tensor, window: int) -> ImageLoss | None:
+def image_term(name: str, fixed: torch.Tensor, moving: torch.Tensor, window: int,
+               mode: str = "bilinear") -> ImageLoss | None:
     """The loss of the registered term ``name`` (:mod:`RegistrationModuleLib.similarities`) for these images, or
-    None for a label-only term."""
+    None for a label-only term.  ``cubic``: the moving side is prepared for cubic B-spline sampling."""
     from .similarities import similarity_term
     term = similarity_term(name)
-    return globals()[term.builder](fixed, moving, window) if term.uses_images else None
-
+    return globals()[term.builder](fixed, moving, window, mode) if term.uses_images else None
