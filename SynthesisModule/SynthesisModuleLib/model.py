@@ -87,6 +87,14 @@ def from_tokens(t: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 4, 1, 2, 3)
 
 
+def qk_norms(qk: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """L2 norms over the voxels of the token columns (B, N, K) -> (B, K), clamped at F.normalize's eps.
+
+    A sum of squares over the token rows (one pass over contiguous memory); ``vector_norm`` along the voxel axis of
+    a strided column slice is about 4x slower on CPU. Its gradient at a zero norm is zero, as F.normalize's."""
+    return qk.to(acc).square().sum(dim=1).clamp_min(1e-24).sqrt()
+
+
 def pointwise(conv: nn.Conv3d, t: torch.Tensor) -> torch.Tensor:
     """A 1x1x1 convolution applied to tokens (B, ..., C_in) as the matrix product it is."""
     return F.linear(t, conv.weight.flatten(1), conv.bias)
@@ -151,9 +159,8 @@ class Attention_Expert(nn.Module):  # noqa: N801 - the authors' class name, so t
         gram = q.transpose(1, 2).to(acc) @ k.to(acc)                                     # (B, C, C)
         attn = gram.view(b, nh, ch, nh, ch).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)  # (B, heads, ch, ch)
         if self.qk_norm:
-            qn = torch.linalg.vector_norm(q, dim=1, dtype=acc).clamp_min(1e-12).view(b, nh, ch, 1)
-            kn = torch.linalg.vector_norm(k, dim=1, dtype=acc).clamp_min(1e-12).view(b, nh, 1, ch)
-            attn = attn / (qn * kn)
+            qn, kn = qk_norms(qkv[..., :2 * c], acc).split(c, dim=1)
+            attn = attn / (qn.view(b, nh, ch, 1) * kn.view(b, nh, 1, ch))
         attn = (attn * self.temperature).softmax(dim=-1).to(v.dtype)
         eye = torch.eye(nh, dtype=attn.dtype, device=attn.device).view(1, nh, 1, nh, 1)
         blocks = (eye * attn.transpose(-1, -2).unsqueeze(3)).reshape(b, c, c)          # block-diagonal attn^T
