@@ -113,7 +113,7 @@ def main():
         for sp in ((2.0,) if engine == "registration" else (2.0, 1.0)):
             measured, fixed = bytes_per_voxel(engine, nx, nz, sp)
             if engine == "registration":
-                bound = rcli.BYTES_PER_FIXED_VOXEL
+                bound = rcli.BYTES_PER_FIXED_VOXEL["corrected"]  # the default interpolation
             elif engine == "synthesis":
                 ratio = sp * sp * 2.0 / 8.0
                 bound = sinf.BYTES_PER_INPUT_VOXEL + sinf.BYTES_PER_2MM_VOXEL * ratio

@@ -98,9 +98,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     e.set_defaults(func=run_evaluate)
 
 
-# Peak memory of register() per voxel of the fixed grid (field, Adam moments, pyramids, similarity features), with
-# a margin over the peak RSS measured by benchmarks/memory.py (about 300 bytes, LNCC, full-resolution last level).
-BYTES_PER_FIXED_VOXEL = 400
+# Peak memory of register() per voxel of the fixed grid (field, Adam moments, pyramids, similarity features), per
+# interpolation of the full-resolution level, with a margin over the peak RSS measured by benchmarks/memory.py
+# (LNCC, 192 x 192 x 160: linear 285, corrected 421-483 in two runs, cubic 571 bytes).
+BYTES_PER_FIXED_VOXEL = {"corrected": 600, "cubic": 800, "linear": 400}
 
 
 def _read(path, what, pixel_type=None, voxel_limit=None):
@@ -131,7 +132,8 @@ def run_register(args: argparse.Namespace, reporter: Callable[[float, str], None
         raise InputError("the output files must all be different")
     if args.moving_labels_out and not args.moving_labels:
         raise InputError("--moving-labels-out needs --moving-labels")
-    fixed = _read(args.fixed, "fixed image", voxel_limit=lambda spacing: voxel_budget(BYTES_PER_FIXED_VOXEL))
+    budget = voxel_budget(BYTES_PER_FIXED_VOXEL[args.interpolation])
+    fixed = _read(args.fixed, "fixed image", voxel_limit=lambda spacing: budget)
     moving = _read(args.moving, "moving image")
     moving_labels = _read(args.moving_labels, "moving label map")
     res = register(fixed, moving, method=args.method, model=args.model, similarity=args.similarity,

@@ -384,7 +384,9 @@ def register(fixed: sitk.Image, moving: sitk.Image, method: str = "instance", si
     timings = {"prealign_s": round(t_pre, 3), "network_s": round(t_net, 3), "deformable_s": round(t_def, 3),
                "total_s": round(time.perf_counter() - t0, 3)}
     summary = {"method": method, "similarity": similarity, "regularizer": regularizer,
-               "smoothness": smoothness, "iterations": list(iterations), "interpolation": interpolation,
+               "smoothness": smoothness, "iterations": list(iterations),
+               # the full-resolution level is where the interpolation applies; final_scale > 1 never reaches it
+               "interpolation": interpolation if final_scale == 1 else "linear",
                "diffeomorphic": bool(diffeomorphic),
                "prealign": "center" if center else prealign, "device": str(dev), "timings": timings}
     summary.update(info)

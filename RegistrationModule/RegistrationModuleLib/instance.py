@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 
 # interpolation of the moving image at the full-resolution level -> sampler mode
-SAMPLER_MODE = dict(zip(INTERPOLATIONS, ("corrected", "bspline", "bilinear")))
+SAMPLER_MODE = {"corrected": "corrected", "cubic": "bspline", "linear": "bilinear"}
 
 
 def _t(a, device):

@@ -144,7 +144,9 @@ def sample_cubic(coef: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     nd = spatial_ndim(coef)
     sizes = torch.as_tensor([float(n) for n in coef.shape[2:][::-1]], device=grid.device, dtype=grid.dtype)
     span = (sizes - 1).clamp_min(1.0)
-    x = (grid + 1.0) * 0.5 * span                          # index coordinates, last axis (x, y[, z])
+    # index coordinates (last axis x, y[, z]), clamped to the image (border padding of the image, not of the
+    # coefficients: outside, the value is the edge sample's)
+    x = torch.minimum(((grid + 1.0) * 0.5 * span).clamp_min(0.0), sizes - 1)
     i = torch.floor(x.detach())
     f = x - i
     f2, f3 = f * f, f * f * f
@@ -188,7 +190,9 @@ def sample_corrected(stack: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     nd = grid.shape[-1]
     c = stack.shape[1] // (1 + nd)
     sizes = torch.as_tensor([float(n) for n in stack.shape[2:][::-1]], device=grid.device, dtype=grid.dtype)
-    x = (grid + 1.0) * 0.5 * (sizes - 1).clamp_min(1.0)       # index coordinates, last axis (x, y[, z])
+    # index coordinates (last axis x, y[, z]), clamped as grid_sample's border padding clamps them: outside the image
+    # the value is the edge value and the correction vanishes
+    x = torch.minimum(((grid + 1.0) * 0.5 * (sizes - 1)).clamp_min(0.0), sizes - 1)
     f = x - torch.floor(x.detach())
     s = F.grid_sample(stack, grid, mode="bilinear", padding_mode="border", align_corners=True)
     out = s[:, :c]

@@ -128,7 +128,7 @@ def mind_term(fixed: torch.Tensor, moving: torch.Tensor, window: int, mode: str 
 def image_term(name: str, fixed: torch.Tensor, moving: torch.Tensor, window: int,
                mode: str = "bilinear") -> ImageLoss | None:
     """The loss of the registered term ``name`` (:mod:`RegistrationModuleLib.similarities`) for these images, or
-    None for a label-only term.  ``cubic``: the moving side is prepared for cubic B-spline sampling."""
+    None for a label-only term."""
     from .similarities import similarity_term
     term = similarity_term(name)
     return globals()[term.builder](fixed, moving, window, mode) if term.uses_images else None

@@ -1,24 +1,16 @@
 """Sub-voxel interpolation of the moving image: cubic B-spline and blur-corrected linear sampling, and the
 grid-alignment bias of plain linear interpolation that they remove."""
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[2]
-for p in (ROOT, ROOT / "RegistrationModule"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
-
-from PETWorkbenchLib.errors import InputError  # noqa: E402
-from RegistrationModuleLib import ops, register  # noqa: E402
-from RegistrationModuleLib.cli import RegisterRequest  # noqa: E402
-from RegistrationModuleLib.similarities import INTERPOLATIONS  # noqa: E402
+from PETWorkbenchLib.errors import InputError
+from RegistrationModuleLib import ops, register
+from RegistrationModuleLib.cli import RegisterRequest
+from RegistrationModuleLib.similarities import INTERPOLATIONS
 
 
 def _grid_at(points_idx, shape):
@@ -170,3 +162,23 @@ def test_bad_interpolation_is_a_clear_input_error():
     with pytest.raises(InputError, match="unknown interpolation 'spline'"):
         register(fixed, moving, iterations=(2,), device="cpu", interpolation="spline")
     assert RegisterRequest(fixed="f", moving="m", output="o").interpolation == "corrected"
+
+
+def test_prepared_sampling_outside_the_image_is_the_edge_value_with_no_gradient():
+    """Border padding as grid_sample's: beyond the last voxel the value is the edge sample's and does not move."""
+    img = torch.arange(6, dtype=torch.float64).square().view(1, 1, 1, 1, 6).expand(1, 1, 3, 3, 6).contiguous()
+    for mode, (prep, sample) in ops.PREPARED_MODES.items():
+        stack = prep(img)
+        pts = torch.tensor([[x, 1.0, 1.0] for x in (5.0, 5.5, 6.0, 6.5)], dtype=torch.float64)
+        g = _grid_at(pts, img.shape[2:]).double().requires_grad_(True)
+        vals = sample(stack, g).flatten()
+        assert torch.allclose(vals, torch.full_like(vals, 25.0), atol=1e-6), (mode, vals)
+        (grad,) = torch.autograd.grad(vals[1:].sum(), g)
+        assert float(grad.abs().max()) < 1e-9, mode
+
+
+def test_every_interpolation_has_a_sampler_mode_and_a_memory_bound():
+    from RegistrationModuleLib.cli import BYTES_PER_FIXED_VOXEL
+    from RegistrationModuleLib.instance import SAMPLER_MODE
+    assert set(SAMPLER_MODE) == set(INTERPOLATIONS) == set(BYTES_PER_FIXED_VOXEL)
+    assert {SAMPLER_MODE[i] for i in INTERPOLATIONS} - {"bilinear"} == set(ops.PREPARED_MODES)
