@@ -179,13 +179,14 @@ def write_report(st, metrics):
                   f"{lc['n_flagged']} of {lc['n_hot_spots']} hot spots flagged.", ""]
         if lc["lesions"]:
             lines += ["| # | volume (ml) | SUVmax in / out (%) | SUVpeak in / out (%) | SUVmean in / out (%) | "
-                      "noise SE (%) | model's mean change at this size (%) | flag |",
+                      "noise SE (%) | model's mean change at this size (%), lower 95 % bound | flag |",
                       "|---|---|---|---|---|---|---|---|"]
             for r in lc["lesions"]:
                 cell = lambda m: (f"{r[m + '_in']:.2f} / {r[m + '_out']:.2f} "
                                   f"({r[m + '_change_pct']:+.1f})")
                 lines.append(f"| {r['id']} | {r['volume_ml']:.2f} | {cell('suv_max')} | {cell('suv_peak')} | "
-                             f"{cell('suv_mean')} | {r['noise_se_pct']:.1f} | {_pct(r.get('expected_change_pct'))} | "
+                             f"{cell('suv_mean')} | {r['noise_se_pct']:.1f} | {_pct(r.get('expected_change_pct'))}, "
+                             f"{_pct(r.get('expected_change_bound_pct'))} | "
                              f"{_flag(r)} |")
             lines.append("")
     titles = {"slices": "Low-dose, synthesized and full-dose PET", "routing": "Routing of experts",

@@ -94,8 +94,8 @@ class SynthesisModuleWidget(ModuleWidgetMixin, ScriptedLoadableModuleWidget, VTK
         if table is not None:
             flagged = outputNode.GetAttribute("PETWorkbench.lesionsFlagged") or "0"
             text += (f"\nLesion changes: {table.GetNumberOfRows()} hot spots, {flagged} flagged (changed more than "
-                     f"the input's noise explains, or lost SUVpeak at a size this model is known to flatten; table "
-                     f"'{table.GetName()}', flagged points in the views)")
+                     f"the input's noise explains, or lost SUVpeak at a size this model's calibration cannot clear "
+                     f"of flattening; table '{table.GetName()}', flagged points in the views)")
         self.ui.routingLabel.text = text
 
 

@@ -145,6 +145,8 @@ def main(argv=None):
                   f"SUVmax {r['suv_max_change_pct']:+.1f} %, SUVmean {r['suv_mean_change_pct']:+.1f} %"
                   + (f", model's mean change at this size {r['expected_change_pct']:+.1f} %"
                      if r["expected_change_pct"] is not None else ", model not calibrated")
+                  + (f" (95 % bound {r['expected_change_bound_pct']:+.1f} %)"
+                     if r["expected_change_bound_pct"] is not None else "")
                   + f"{'  FLAGGED (' + r['flag_reason'] + ')' if r['flagged'] else ''}")
         la, sa, ra = (sitk.GetArrayFromImage(x) for x in (low, syn, ref))
         for d in DIAMETERS:

@@ -9,15 +9,15 @@ spot) and SUVmean, and their change in %.
 
 Flag rule (stated in every report): a hot spot is flagged (1) when its SUVpeak changed by more than ``k`` (2)
 standard errors of the input's SUVpeak, i.e. by more than the input's noise explains, or (2) when its SUVpeak fell
-by more than ``tol_pct`` (5 %) and the model is known to lower the SUVpeak of lesions of this volume by more than
-``tol_pct`` on average (the model's lesion calibration, below). SUVpeak is the measure PERCIST uses
-for response; SUVmax is not a flag criterion because it is the maximum of noisy voxels, biased upwards in a noisy
-input, so a denoiser lowers it legitimately. The standard error comes from the input itself, in a shell 10-20 mm
-around the hot spot (other hot spots excluded): the input minus its 10 mm Gaussian smoothing keeps the noise and
-removes uptake structure larger than a lesion; the robust SD (1.4826 x MAD) of its 1 cm^3 sphere means, divided
-by the median smoothed level, is the noise CoV at the scale of SUVpeak (noise correlation included), and with
-noise proportional to the signal as in OSEM PET, SE = CoV x SUVpeak(input). Structure smaller than 10 mm left
-in the shell can only raise the SE (conservative: fewer flags); the smoothing also removes some of the noise's
+by more than ``tol_pct`` (5 %) and the model's lesion calibration (below) cannot exclude that it lowers the SUVpeak
+of lesions of this volume by more than ``tol_pct`` on average (one-sided 95 % confidence bound). SUVpeak is the
+measure PERCIST uses for response; SUVmax is not a flag criterion because it is the maximum of noisy voxels, biased
+upwards in a noisy input, so a denoiser lowers it legitimately. The standard error comes from the input itself, in a
+shell 10-20 mm around the hot spot (other hot spots excluded): the input minus its 10 mm Gaussian smoothing keeps
+the noise and removes uptake structure larger than a lesion; the robust SD (1.4826 x MAD) of its 1 cm^3 sphere
+means, divided by the median smoothed level, is the noise CoV at the scale of SUVpeak (noise correlation included),
+and with noise proportional to the signal as in OSEM PET, SE = CoV x SUVpeak(input). Structure smaller than 10 mm
+left in the shell can only raise the SE (conservative: fewer flags); the smoothing also removes some of the noise's
 own low frequencies, which lowers it.
 
 Why the second criterion: one noisy input cannot tell a systematic loss from noise removal when the loss is
@@ -26,7 +26,12 @@ network that lowers every small lesion by 10 % is exactly what a reader must be 
 model (``evaluate.lesion_calibration``, stored in its Models.json entry as ``lesion_calibration``) is the
 least-squares line of the SUVpeak change (%) of the true lesions of held-out simulated patients against the log of
 their hot-spot volume; the expected change of a hot spot is that line at its volume (held inside the measured
-range). A model without a calibration gets criterion (1) only, and the report says so.
+range). The line is estimated from a few lesions (14 for the shipped model), so criterion (2) uses the one-sided 95 %
+confidence bound of the line's mean at that volume (Student's t, n - 2 degrees of freedom, from the calibration's
+own lesions) rather than the point estimate: a report meant to warn a reader errs towards flagging a fall the
+calibration cannot clear (a calibration stored without its lesions: the line itself, and the rule says so). The
+bound treats the lesions as independent; several come from the same patient, so it is somewhat narrower than a
+bound clustered by case (METHOD.md). A model without a calibration gets criterion (1) only, and the report says so.
 """
 
 from __future__ import annotations
@@ -52,16 +57,21 @@ NOISE_SMOOTH_MM = 10.0
 RULE = ("flagged when |SUVpeak(output) - SUVpeak(input)| > {k:g} x SE, SE = SUVpeak(input) x the input's noise "
         "CoV at the 1 cm^3 scale in a 10-20 mm shell around the hot spot (robust SD of the 1 cm^3 sphere means of "
         "the input minus its 10 mm Gaussian smoothing, over the median smoothed level)")
-RULE_CALIBRATED = ("; or when SUVpeak fell by more than {tol:g} % and the model lowers the SUVpeak of lesions of "
-                   "this volume by more than {tol:g} % on average (its lesion calibration: {n} lesions of held-out "
-                   "simulated patients)")
+RULE_CALIBRATED = ("; or when SUVpeak fell by more than {tol:g} % and the model's lesion calibration ({n} lesions "
+                   "of held-out simulated patients) cannot exclude that it lowers the SUVpeak of lesions of this "
+                   "volume by more than {tol:g} % on average (one-sided {conf:g} % confidence bound of its line)")
+RULE_CALIBRATED_LINE = ("; or when SUVpeak fell by more than {tol:g} % and the model's lesion calibration ({n} "
+                        "lesions of held-out simulated patients; stored without its lesions, so without a confidence "
+                        "bound) says it lowers the SUVpeak of lesions of this volume by more than {tol:g} % on "
+                        "average")
+CALIBRATION_CONFIDENCE = 0.95
 REASON_NOISE = "change beyond noise"
-REASON_SIZE = "lesions of this size are flattened by the model"
+REASON_SIZE = "lesions of this size may be flattened by the model"
 RULE_UNCALIBRATED = ("; no lesion calibration was given for this model, so its systematic flattening of small "
                      "lesions is not flagged")
 COLUMNS = ("id", "volume_ml", "center_lps", "suv_max_in", "suv_max_out", "suv_max_change_pct", "suv_peak_in",
            "suv_peak_out", "suv_peak_change_pct", "suv_mean_in", "suv_mean_out", "suv_mean_change_pct",
-           "noise_se_pct", "expected_change_pct", "flagged", "flag_reason")
+           "noise_se_pct", "expected_change_pct", "expected_change_bound_pct", "flagged", "flag_reason")
 
 
 def _same_grid(a: sitk.Image, b: sitk.Image, what: str) -> None:
@@ -101,6 +111,38 @@ def expected_change(calibration: dict | None, volume_ml: float) -> float:
     return float(calibration["a"] + calibration["b"] * np.log(v))
 
 
+def expected_change_bound(calibration: dict | None, volume_ml: float,
+                          confidence: float = CALIBRATION_CONFIDENCE) -> float:
+    """The one-sided lower ``confidence`` bound (%) of the calibrated mean SUVpeak change at ``volume_ml`` (held
+    inside the measured range, as :func:`expected_change`): ``a + b x0 - t s sqrt(1/n + (x0 - mean x)^2 / Sxx)``
+    with ``x = ln(volume)`` over the calibration's own lesions (its ``hot_spots``), ``s`` their residual SD and
+    ``t`` Student's quantile with n - 2 degrees of freedom. NaN without a (valid) calibration or its lesions."""
+    from scipy import stats
+    mean = expected_change(calibration, volume_ml)
+    pts = calibration.get("hot_spots") if mean == mean else None
+    try:
+        v = np.array([float(h["volume_ml"]) for h in pts], dtype=np.float64)
+        c = np.array([float(h["suv_peak_change_pct"]) for h in pts], dtype=np.float64)
+    except (KeyError, TypeError, ValueError):
+        return float("nan")
+    if v.size < 3 or not np.all(np.isfinite(v)) or not np.all(v > 0) or not np.all(np.isfinite(c)):
+        return float("nan")
+    x = np.log(v)
+    if float(np.ptp(x)) <= 1e-9:
+        return float("nan")
+    sxx = float(((x - x.mean()) ** 2).sum())
+    X = np.stack([np.ones_like(x), x], 1)
+    coef, *_ = np.linalg.lstsq(X, c, rcond=None)
+    s = float(np.sqrt(((c - X @ coef) ** 2).sum() / (v.size - 2)))
+    lo, hi = calibration["volume_range_ml"]
+    x0 = float(np.log(min(max(float(volume_ml), float(lo)), float(hi))))
+    if abs(float(coef[0] + coef[1] * x0) - mean) > 0.05:
+        return float("nan")                    # the stored line is not the fit of the stored lesions: no bound
+    half = float(stats.t.ppf(confidence, v.size - 2)) * s * float(np.sqrt(1.0 / v.size + (x0 - x.mean()) ** 2 / sxx))
+    bound = mean - half
+    return bound if np.isfinite(bound) else float("nan")
+
+
 def model_calibration(model: str | Path | dict | None, weights_sha256: str | None = None) -> dict | None:
     """The ``lesion_calibration`` of a registered model, given by id or as a weights file with the registered
     SHA-256 (any name); None for anything else, or when the calibration was measured on other weights (than the
@@ -124,10 +166,10 @@ def lesion_change_report(input_pet: sitk.Image, output_pet: sitk.Image, liver_ma
                          tol_pct: float = FLATTEN_TOL_PCT) -> dict:
     """Hot spots of ``input_pet`` (SUV) with their SUVmax / SUVpeak / SUVmean in the input and in ``output_pet``
     (same grid), the change in %, and a flag when the SUVpeak change exceeds what the input's noise explains or,
-    with a ``calibration`` (:func:`model_calibration`), when it fell by more than ``tol_pct`` at a size the model is
-    known to flatten (see the module docstring). ``liver_mask`` (same grid, non-zero = liver) selects PERCIST's
-    threshold; ``threshold_suv`` forces a fixed one. Returns ``{"threshold": {...}, "rule": str, "lesions": [row,
-    ...]}``, rows ordered by input SUVpeak (highest first), at most ``max_lesions``."""
+    with a ``calibration`` (:func:`model_calibration`), when it fell by more than ``tol_pct`` at a size the
+    calibration cannot clear of flattening (see the module docstring). ``liver_mask`` (same grid, non-zero = liver)
+    selects PERCIST's threshold; ``threshold_suv`` forces a fixed one. Returns ``{"threshold": {...}, "rule": str,
+    "lesions": [row, ...]}``, rows ordered by input SUVpeak (highest first), at most ``max_lesions``."""
     import SimpleITK as sitk
     _same_grid(input_pet, output_pet, "The synthesized PET")
     if calibration is not None and not _valid_calibration(calibration):
@@ -198,9 +240,12 @@ def lesion_change_report(input_pet: sitk.Image, output_pet: sitk.Image, liver_ma
         for m in ("suv_max", "suv_peak", "suv_mean"):
             row[f"{m}_change_pct"] = _pct(row[f"{m}_out"], row[f"{m}_in"])
         expected = expected_change(calibration, row["volume_ml"])
-        row["expected_change_pct"] = expected if expected == expected else None     # JSON null, not NaN
+        bound = expected_change_bound(calibration, row["volume_ml"])
+        row["expected_change_pct"] = expected if np.isfinite(expected) else None     # JSON null, not NaN
+        row["expected_change_bound_pct"] = bound if np.isfinite(bound) else None
         by_noise = bool(se == se and abs(p_out - p_in) > k * se)
-        by_size = bool(expected == expected and row["suv_peak_change_pct"] < -tol_pct and expected < -tol_pct)
+        limit = bound if np.isfinite(bound) else expected      # without the calibration's lesions: the line
+        by_size = bool(np.isfinite(limit) and row["suv_peak_change_pct"] < -tol_pct and limit < -tol_pct)
         row["flagged"] = by_noise or by_size
         row["flag_reason"] = REASON_NOISE if by_noise else REASON_SIZE if by_size else ""
         rows.append(row)
@@ -208,8 +253,13 @@ def lesion_change_report(input_pet: sitk.Image, output_pet: sitk.Image, liver_ma
     rows = rows[:max_lesions]
     for j, r in enumerate(rows, 1):
         r["id"] = j
-    rule = RULE.format(k=k) + (RULE_CALIBRATED.format(tol=tol_pct, n=calibration.get("n_lesions", "?"))
-                               if calibration is not None else RULE_UNCALIBRATED)
+    if calibration is None:
+        rule = RULE.format(k=k) + RULE_UNCALIBRATED
+    elif np.isfinite(expected_change_bound(calibration, float(calibration["volume_range_ml"][0]))):
+        rule = RULE.format(k=k) + RULE_CALIBRATED.format(tol=tol_pct, n=len(calibration["hot_spots"]),
+                                                         conf=100 * CALIBRATION_CONFIDENCE)
+    else:
+        rule = RULE.format(k=k) + RULE_CALIBRATED_LINE.format(tol=tol_pct, n=calibration.get("n_lesions", "?"))
     return {"threshold": thr, "rule": rule, "min_volume_ml": float(min_volume_ml),
             "n_hot_spots": len(rows), "n_flagged": sum(r["flagged"] for r in rows),
             "lesions": [{c: r[c] for c in COLUMNS} for r in rows]}
@@ -227,10 +277,10 @@ def report_rows(report: dict) -> list[dict]:
         for c in COLUMNS:
             if c == "center_lps":
                 row.update({f"center_{a}_mm": v for a, v in zip("lps", r[c])})
-            elif isinstance(r[c], float):
+            elif isinstance(r.get(c), float):
                 row[c] = round(r[c], 4)
             else:
-                row[c] = r[c]
+                row[c] = r.get(c)              # a column an older report does not have: empty
         out.append(row)
     return out
 

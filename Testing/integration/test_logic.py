@@ -68,7 +68,8 @@ def test_synthesis_lesion_report_table_and_flagged_points_replace_themselves(mrm
     row = {"id": 1, "volume_ml": 2.0, "center_lps": [10.0, -20.0, 30.0], "suv_max_in": 5.0, "suv_max_out": 3.0,
            "suv_max_change_pct": -40.0, "suv_peak_in": 4.0, "suv_peak_out": 3.0, "suv_peak_change_pct": -25.0,
            "suv_mean_in": 3.5, "suv_mean_out": 2.8, "suv_mean_change_pct": -20.0, "noise_se_pct": 5.0,
-           "expected_change_pct": -8.0, "flagged": True, "flag_reason": "change beyond noise"}
+           "expected_change_pct": -8.0, "expected_change_bound_pct": -9.5, "flagged": True,
+           "flag_reason": "change beyond noise"}
     report = {"threshold": {"method": "fixed", "suv": 2.5}, "rule": "flagged when SUVpeak ...", "lesions": [
         row, dict(row, id=2, flagged=False, center_lps=[0.0, 0.0, 0.0])]}
     path = tmp_path / "r.json"
@@ -80,6 +81,8 @@ def test_synthesis_lesion_report_table_and_flagged_points_replace_themselves(mrm
     assert scene.GetNumberOfNodesByClass("vtkMRMLTableNode") == 1
     assert scene.GetNumberOfNodesByClass("vtkMRMLMarkupsFiducialNode") == 1
     assert table.GetNumberOfRows() == 2 and out.GetAttribute("PETWorkbench.lesionsFlagged") == "1"
+    names = [table.GetColumnName(i) for i in range(table.GetNumberOfColumns())]
+    assert "expected_change_bound_pct" in names
     points = out.GetNodeReference("PETWorkbench.lesionMarkups")
     assert points.GetNumberOfControlPoints() == 1  # flagged hot spots only
     ras = [0.0, 0.0, 0.0]

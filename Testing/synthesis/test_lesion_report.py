@@ -63,7 +63,7 @@ def test_flattened_small_lesions_are_flagged_and_denoised_large_ones_are_not():
     assert abs(rows[37.0]["volume_ml"] - 4 / 3 * np.pi * 1.85 ** 3) < 0.35 * 26.5
     assert all(r["noise_se_pct"] > 0 for r in rep["lesions"])
     csv = report_rows(rep)
-    assert {"center_l_mm", "suv_peak_change_pct", "flagged"} <= set(csv[0])
+    assert {"center_l_mm", "suv_peak_change_pct", "expected_change_bound_pct", "flagged"} <= set(csv[0])
 
 
 def test_identity_output_flags_nothing_and_values_match():
@@ -132,6 +132,46 @@ def test_expected_change_follows_the_fit_inside_the_measured_range():
     assert np.isnan(expected_change(CALIBRATION, float("nan")))
 
 
+def _calibration_with_lesions(n=14, sd=1.8, seed=0):
+    from SynthesisModuleLib.evaluate import calibration_from_hot_spots
+    rng = np.random.default_rng(seed)
+    vol = np.exp(rng.uniform(np.log(0.3), np.log(13.0), n))
+    return calibration_from_hot_spots([(float(v), float(-6.0 + 1.8 * np.log(v) + rng.normal(0, sd)), f"c{i}")
+                                       for i, v in enumerate(vol)])
+
+
+def test_expected_change_bound_is_the_one_sided_confidence_bound_of_the_fitted_mean():
+    """Against an independent computation (numpy's polyfit covariance of the coefficients): the lower 95 % bound
+    of the line's mean at a volume; below the point estimate, widest far from the lesions' mean log volume, held
+    at the ends of the measured range, narrower with more lesions; NaN without the calibration's lesions."""
+    from scipy import stats
+
+    from SynthesisModuleLib.lesions import expected_change, expected_change_bound
+    cal = _calibration_with_lesions()
+    x = np.log([h["volume_ml"] for h in cal["hot_spots"]])
+    c = np.array([h["suv_peak_change_pct"] for h in cal["hot_spots"]])
+    coef, cov = np.polyfit(x, c, 1, cov=True)                      # cov scaled by the residual variance (n - 2)
+    for vol in (0.5, 1.0, 2.44, 8.0):
+        x0 = np.log(vol)
+        se = float(np.sqrt(np.array([x0, 1.0]) @ cov @ np.array([x0, 1.0])))
+        ref = float(np.polyval(coef, x0)) - stats.t.ppf(0.95, len(x) - 2) * se
+        assert expected_change_bound(cal, vol) == pytest.approx(ref, abs=0.01)   # a, b stored rounded
+        assert expected_change_bound(cal, vol) < expected_change(cal, vol)
+    mid = float(np.exp(x.mean()))
+    gap = [expected_change(cal, v) - expected_change_bound(cal, v) for v in (mid, 0.4)]
+    assert gap[1] > gap[0]
+    lo, hi = cal["volume_range_ml"]
+    assert expected_change_bound(cal, hi * 10) == pytest.approx(expected_change_bound(cal, hi))
+    more = _calibration_with_lesions(n=200)
+    assert (expected_change(more, 2.0) - expected_change_bound(more, 2.0)) < 0.5 * gap[0]
+    assert np.isnan(expected_change_bound(CALIBRATION, 1.0)) and np.isnan(expected_change_bound(None, 1.0))
+    assert expected_change_bound(cal, lo / 10) == pytest.approx(expected_change_bound(cal, lo))
+    same = {**cal, "hot_spots": [{**h, "volume_ml": 1.0} for h in cal["hot_spots"]]}       # no spread of volumes
+    moved = {**cal, "a": cal["a"] + 1.0}                             # a line that is not the fit of its lesions
+    for bad in (same, moved, {**cal, "hot_spots": cal["hot_spots"][:2]}, {**cal, "hot_spots": [None]}):
+        assert np.isnan(expected_change_bound(bad, 2.0))
+
+
 def test_calibration_fit_recovers_a_known_line_and_refuses_too_few_lesions():
     from SynthesisModuleLib.evaluate import calibration_from_hot_spots
     rng = np.random.default_rng(0)
@@ -146,7 +186,7 @@ def test_calibration_fit_recovers_a_known_line_and_refuses_too_few_lesions():
         calibration_from_hot_spots(found[:4])
 
 
-def test_calibration_flags_a_small_hot_spot_the_model_is_known_to_flatten():
+def test_calibration_without_its_lesions_flags_by_its_line_at_a_size_it_flattens():
     """A 7 % SUVpeak loss of the 13 mm sphere (about 1 ml above the threshold; the 10 mm one is not a measurable
     hot spot in this noise realisation) is within the input's noise (criterion 1 does not fire); with a calibration
     that says lesions of that size lose > 5 % it is flagged, the 37 mm sphere with the same loss is not (its size
@@ -255,8 +295,10 @@ def test_cli_with_a_registered_model_uses_its_calibration(tmp_path, capfd):
     assert code in (0, None), err
     rep = json.loads((tmp_path / "les.json").read_text())
     n = models.get(mid).extra["lesion_calibration"]["n_lesions"]
-    assert f"lesion calibration: {n} lesions" in rep["rule"] and rep["lesions"]
+    assert f"lesion calibration ({n} lesions" in rep["rule"] and rep["lesions"]
     assert all(isinstance(r["expected_change_pct"], float) for r in rep["lesions"])
+    assert "95 % confidence bound" in rep["rule"]               # the shipped calibration stores its lesions
+    assert all(r["expected_change_bound_pct"] < r["expected_change_pct"] for r in rep["lesions"])
     assert "NaN" not in (tmp_path / "les.json").read_text()
 
 
@@ -266,3 +308,37 @@ def test_calibration_is_refused_for_an_image_made_by_other_weights():
     e = models.get(models.default_model("synthesis"))
     assert model_calibration(e.id, e.sha256) == e.extra["lesion_calibration"]
     assert model_calibration(e.id, "0" * 64) is None
+
+
+def test_size_criterion_uses_the_confidence_bound_when_the_calibration_has_its_lesions():
+    """A 6 % loss at a volume where the fitted line predicts a loss under 5 % but its 95 % bound does not clear
+    5 % is flagged by size; the same loss where even the bound is above -5 % is not. Without the calibration's
+    lesions the line itself decides (the earlier rule)."""
+    from SynthesisModuleLib.lesions import expected_change, expected_change_bound
+    truth, noisy, centres = _phantom(seed=5)
+    out = noisy.copy()
+    z, y, x = np.meshgrid(*[np.arange(n) * SP for n in truth.shape], indexing="ij")
+    p = centres[1]
+    out[(z - p[0]) ** 2 + (y - p[1]) ** 2 + (x - p[2]) ** 2 < (13.0 * 0.75) ** 2] *= 0.94
+    row = _row_at(lesion_change_report(_img(noisy), _img(out), threshold_suv=2.5), centres[1])
+    v = row["volume_ml"]
+    assert row["suv_peak_change_pct"] < -5 and not row["flagged"]
+    base = _calibration_with_lesions()
+    # shift the calibration so that, at this hot spot's volume, the line is at -4.5 % (inside the tolerance)
+    shift = -4.5 - expected_change(base, v)
+    cal = {**base, "a": base["a"] + shift,
+           "hot_spots": [{**h, "suv_peak_change_pct": h["suv_peak_change_pct"] + shift} for h in base["hot_spots"]]}
+    assert expected_change(cal, v) == pytest.approx(-4.5, abs=1e-6) and expected_change_bound(cal, v) < -5
+    r = _row_at(lesion_change_report(_img(noisy), _img(out), threshold_suv=2.5, calibration=cal), centres[1])
+    assert r["flagged"] and r["flag_reason"].startswith("lesions of this size")
+    assert r["expected_change_bound_pct"] == pytest.approx(expected_change_bound(cal, v))
+    no_points = {k: val for k, val in cal.items() if k != "hot_spots"}
+    r = _row_at(lesion_change_report(_img(noisy), _img(out), threshold_suv=2.5, calibration=no_points), centres[1])
+    assert not r["flagged"] and r["expected_change_bound_pct"] is None
+    rule_line = lesion_change_report(_img(noisy), _img(out), threshold_suv=2.5, calibration=no_points)["rule"]
+    assert "without a confidence bound" in rule_line and "95 % confidence bound" not in rule_line
+    high = {**cal, "a": cal["a"] + 4.0,
+            "hot_spots": [{**h, "suv_peak_change_pct": h["suv_peak_change_pct"] + 4.0} for h in cal["hot_spots"]]}
+    assert expected_change_bound(high, v) > -5
+    assert not _row_at(lesion_change_report(_img(noisy), _img(out), threshold_suv=2.5, calibration=high),
+                       centres[1])["flagged"]
