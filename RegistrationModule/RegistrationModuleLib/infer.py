@@ -261,7 +261,8 @@ def register(fixed: sitk.Image, moving: sitk.Image, method: str = "instance", si
              fixed_labels: sitk.Image | None = None, moving_labels: sitk.Image | None = None, device: str = "auto",
              progress: Callable[[float, str], None] | None = None, cancel: Callable[[], bool] | None = None,
              regularizer: str | None = None, prealign: str = "affine",
-             learning_rate: float = 0.5, penalty: float = 1.0, label_weight: float = 1.0, lncc_window: int = 7,
+             learning_rate: float = 0.5, penalty: float | None = None, label_weight: float = 1.0,
+             lncc_window: int = 7,
              model: str | Path | torch.nn.Module | None = None, output_field: str = "smooth", final_scale: int = 1,
              seed: int = 0, interpolation: str = "corrected") -> RegistrationResult:
     """Register ``moving`` to ``fixed``; see the package docstring for the parameters."""
@@ -279,6 +280,9 @@ def register(fixed: sitk.Image, moving: sitk.Image, method: str = "instance", si
     # defaults a new user gets, per similarity term (similarities.py; METHOD.md records what each bought)
     regularizer = term.regularizer if regularizer is None else regularizer
     smoothness = term.smoothness if smoothness is None else smoothness
+    penalty = term.penalty if penalty is None else penalty
+    if not (isinstance(penalty, (int, float)) and penalty > 0 and math.isfinite(penalty)):
+        raise InputError(f"penalty must be a finite number > 0, got {penalty!r}")
     if regularizer not in REGULARIZERS:
         raise InputError(f"unknown regularizer '{regularizer}': choose one of {', '.join(REGULARIZERS)}")
     if prealign not in PREALIGN + ("center",):
@@ -384,7 +388,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, method: str = "instance", si
     timings = {"prealign_s": round(t_pre, 3), "network_s": round(t_net, 3), "deformable_s": round(t_def, 3),
                "total_s": round(time.perf_counter() - t0, 3)}
     summary = {"method": method, "similarity": similarity, "regularizer": regularizer,
-               "smoothness": smoothness, "iterations": list(iterations),
+               "smoothness": smoothness, "penalty": penalty, "iterations": list(iterations),
                # the full-resolution level is where the interpolation applies; final_scale > 1 never reaches it
                "interpolation": interpolation if final_scale == 1 else "linear",
                "diffeomorphic": bool(diffeomorphic),

@@ -526,7 +526,10 @@ def test_defaults_follow_the_similarity_term():
     f = make_image(blobs((24, 24), seed=20))
     lncc = register(f, f, iterations=(2,), prealign="none", device="cpu").summary
     mind = register(f, f, similarity="mind", iterations=(2,), prealign="none", device="cpu").summary
-    assert (lncc["regularizer"], lncc["smoothness"]) == ("curvature", 64.0)
-    assert (mind["regularizer"], mind["smoothness"]) == ("diffusion", 1.0)
-    own = register(f, f, regularizer="elastic", smoothness=3.0, iterations=(2,), prealign="none", device="cpu")
-    assert (own.summary["regularizer"], own.summary["smoothness"]) == ("elastic", 3.0)
+    assert (lncc["regularizer"], lncc["smoothness"], lncc["penalty"]) == ("curvature", 64.0, 1.5)
+    assert (mind["regularizer"], mind["smoothness"], mind["penalty"]) == ("diffusion", 1.0, 1.0)
+    own = register(f, f, regularizer="elastic", smoothness=3.0, penalty=2.0, iterations=(2,), prealign="none",
+                   device="cpu")
+    assert (own.summary["regularizer"], own.summary["smoothness"], own.summary["penalty"]) == ("elastic", 3.0, 2.0)
+    with pytest.raises(InputError, match="penalty"):
+        register(f, f, penalty=0.0, iterations=(2,), prealign="none", device="cpu")
