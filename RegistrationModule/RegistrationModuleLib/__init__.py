@@ -15,7 +15,7 @@ Engine API (no Slicer imports; images are SimpleITK, see docs/ARCHITECTURE.md)::
                    smoothness=None,            # γ of the implicit regulariser, in (fixed voxel size)²
                    penalty=None,               # σ of the coupling (σ/2)‖(u − ū)/h‖²; None: the similarity's
                                                # default (lncc 1.5, others 1.0)
-                   regularizer=None,           # "curvature" | "diffusion" | "elastic" (FFT implicit solve);
+                   regularizer=None,           # "curvature" | "diffusion" | "elastic" (DCT/FFT implicit solve);
                                                # None: the similarity's default (curvature 64; mind: diffusion 1)
                    iterations=(100, 60, 30),   # Adam iterations per pyramid level, coarse -> fine (the NIO
                                                # paper's schedule); the number of entries is the number of levels
