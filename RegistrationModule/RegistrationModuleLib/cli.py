@@ -43,6 +43,9 @@ class RegisterRequest:
                               help="implicitly solved regulariser (default: curvature; diffusion with mind)")
     smoothness: float = option(None, parse=float,
                                help="regularisation weight γ, in (fixed voxel size)² (default: 64; 1 with mind)")
+    penalty: float = option(None, parse=float,
+                            help="weight σ of the coupling between the field and its regularised version (default: "
+                                 "1.5 with lncc, 1.0 otherwise)")
     iterations: tuple = option((100, 60, 30), parse=_levels, format=_levels_text,
                                help="Adam iterations per pyramid level, coarse to fine (default 100,60,30); with "
                               "--method dca only the last number is used: refinement iterations at full "
@@ -137,7 +140,8 @@ def run_register(args: argparse.Namespace, reporter: Callable[[float, str], None
     moving = _read(args.moving, "moving image")
     moving_labels = _read(args.moving_labels, "moving label map")
     res = register(fixed, moving, method=args.method, model=args.model, similarity=args.similarity,
-                   regularizer=args.regularizer, smoothness=args.smoothness, iterations=args.iterations,
+                   regularizer=args.regularizer, smoothness=args.smoothness, penalty=args.penalty,
+                   iterations=args.iterations,
                    diffeomorphic=args.diffeomorphic, prealign=args.prealign, interpolation=args.interpolation,
                    fixed_mask=_read(args.fixed_mask, "fixed mask"), moving_mask=_read(args.moving_mask, "moving mask"),
                    fixed_labels=_read(args.fixed_labels, "fixed label map"), moving_labels=moving_labels,

@@ -30,7 +30,8 @@ def test_engine_requests_round_trip():
                                               units="Bq/ml", weight_kg=70.0, injected_dose_mbq=350.0)),
         (SegmentRequest, SegmentRequest(input="a.nii", output="l.nii", organs="liver,spleen", device="cpu")),
         (RegisterRequest, RegisterRequest(fixed="f.nii", moving="m.nii", output="u.nii", similarity="mind",
-                                          iterations=(20, 10), diffeomorphic=True, fixed_mask="k.nii")),
+                                          iterations=(20, 10), diffeomorphic=True, fixed_mask="k.nii",
+                                          penalty=1.0, interpolation="cubic")),
     ]
     for cls, req in cases:
         assert _round_trip(cls, req) == req

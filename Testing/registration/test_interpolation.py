@@ -182,3 +182,28 @@ def test_every_interpolation_has_a_sampler_mode_and_a_memory_bound():
     from RegistrationModuleLib.instance import SAMPLER_MODE
     assert set(SAMPLER_MODE) == set(INTERPOLATIONS) == set(BYTES_PER_FIXED_VOXEL)
     assert {SAMPLER_MODE[i] for i in INTERPOLATIONS} - {"bilinear"} == set(ops.PREPARED_MODES)
+
+
+def test_cli_penalty_and_interpolation_reach_the_engine(tmp_path, monkeypatch):
+    import argparse
+
+    import RegistrationModuleLib.infer as infer
+    from RegistrationModuleLib.cli import add_commands
+    fixed, moving = _pair_2d()
+    fp, mp = str(tmp_path / "f.nii.gz"), str(tmp_path / "m.nii.gz")
+    sitk.WriteImage(fixed, fp)
+    sitk.WriteImage(moving, mp)
+    seen = {}
+    real = infer.register
+
+    def spy(*a, **k):
+        seen.update(k)
+        return real(*a, **k)
+    monkeypatch.setattr(infer, "register", spy)
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers(dest="cmd"))
+    args = parser.parse_args(["register", fp, mp, "--output", str(tmp_path / "u.nii.gz"), "--penalty", "1",
+                              "--interpolation", "linear", "--iterations", "5", "--prealign", "none",
+                              "--device", "cpu"])
+    args.func(args, None)
+    assert seen["penalty"] == 1.0 and seen["interpolation"] == "linear"
