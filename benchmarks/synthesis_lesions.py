@@ -130,7 +130,8 @@ def main(argv=None):
         print(f"synthesis ({a.model}, overlap {a.overlap}): {synth_s:.0f} s")
         for name, im in (("low_dose", low), ("full_dose_resimulated", ref), ("synthesized", syn)):
             write_image(im, out_dir / f"{name}.nii.gz", overwrite=True)
-        rep = lesion_change_report(low, syn, liver_mask=bg, calibration=model_calibration(a.model))
+        calibration = model_calibration(a.model)
+        rep = lesion_change_report(low, syn, liver_mask=bg, calibration=calibration)
         write_json(rep, out_dir / "lesion_changes.json", overwrite=True)
         lab = {}
         flagged = {}
@@ -159,7 +160,7 @@ def main(argv=None):
                    "flagged_13mm": int(flagged.get("13 mm sphere", False)),
                    "flagged_37mm": int(flagged.get("37 mm sphere", False)),
                    "flagged_background": int(flagged.get("background", False)),
-                   "calibrated": int(model_calibration(a.model) is not None), "synth_s": synth_s,
+                   "calibrated": int(calibration is not None), "synth_s": synth_s,
                    "threshold_suv": rep["threshold"]["suv"]})
         write_json({"kv": kv, "hot_spots": lab}, out_dir / "summary.json", overwrite=True)
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in kv.items()))

@@ -135,6 +135,14 @@ def bspline_coefficients(image: torch.Tensor) -> torch.Tensor:
     return X
 
 
+def _index_coordinates(image: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index coordinates (last axis x, y[, z]) of the normalised points ``grid`` in ``image`` (align_corners=True),
+    clamped to the image as grid_sample's border padding clamps them, and the image size per axis minus one."""
+    sizes = torch.as_tensor([float(n) for n in image.shape[2:][::-1]], device=grid.device, dtype=grid.dtype)
+    span = (sizes - 1).clamp_min(1.0)
+    return torch.minimum(((grid + 1.0) * 0.5 * span).clamp_min(0.0), sizes - 1), span
+
+
 def sample_cubic(coef: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     """Cubic B-spline interpolation of the coefficient image ``coef`` (:func:`bspline_coefficients`) at the
     normalised points ``grid`` (grid_sample's convention, align_corners=True, border padding), as ``2^ndim``
@@ -142,16 +150,11 @@ def sample_cubic(coef: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     weights ``w0..w3`` of the nodes ``i-1..i+2`` become two linear fetches at ``i - 1 + w1/(w0+w1)`` and
     ``i + 1 + w3/(w2+w3)`` weighted by ``w0+w1`` and ``w2+w3``.  Differentiable in ``grid`` and ``coef``."""
     nd = spatial_ndim(coef)
-    sizes = torch.as_tensor([float(n) for n in coef.shape[2:][::-1]], device=grid.device, dtype=grid.dtype)
-    span = (sizes - 1).clamp_min(1.0)
-    # index coordinates (last axis x, y[, z]), clamped to the image (border padding of the image, not of the
-    # coefficients: outside, the value is the edge sample's)
-    x = torch.minimum(((grid + 1.0) * 0.5 * span).clamp_min(0.0), sizes - 1)
+    # clamped to the image: border padding of the image, not of the coefficients (outside: the edge sample's value)
+    x, span = _index_coordinates(coef, grid)
     i = torch.floor(x.detach())
     f = x - i
-    f2, f3 = f * f, f * f * f
-    w0, w1 = (1 - f) ** 3 / 6, (4 - 6 * f2 + 3 * f3) / 6
-    w2, w3 = (1 + 3 * f + 3 * f2 - 3 * f3) / 6, f3 / 6
+    w0, w1, w2, w3 = bspline3(f + 1), bspline3(f), bspline3(1 - f), bspline3(2 - f)   # nodes i-1, i, i+1, i+2
     g = ((w0 + w1), (w2 + w3))
     pos = ((i - 1 + w1 / g[0]) / span * 2 - 1, (i + 1 + w3 / g[1]) / span * 2 - 1)
     out = 0.0
@@ -189,10 +192,7 @@ def sample_corrected(stack: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     sub-voxel position.  One grid_sample of ``1 + ndim`` channels per image channel."""
     nd = grid.shape[-1]
     c = stack.shape[1] // (1 + nd)
-    sizes = torch.as_tensor([float(n) for n in stack.shape[2:][::-1]], device=grid.device, dtype=grid.dtype)
-    # index coordinates (last axis x, y[, z]), clamped as grid_sample's border padding clamps them: outside the image
-    # the value is the edge value and the correction vanishes
-    x = torch.minimum(((grid + 1.0) * 0.5 * (sizes - 1)).clamp_min(0.0), sizes - 1)
+    x, _ = _index_coordinates(stack, grid)       # clamped: outside the image the correction vanishes
     f = x - torch.floor(x.detach())
     s = F.grid_sample(stack, grid, mode="bilinear", padding_mode="border", align_corners=True)
     out = s[:, :c]

@@ -189,11 +189,10 @@ def calibration_from_hot_spots(found: Sequence[tuple[float, float, str]],
     found = [f for f in found if np.isfinite(f[0]) and f[0] > 0 and np.isfinite(f[1])]
     if len(found) < 5:
         raise InputError(f"a lesion calibration needs at least 5 lesions found as hot spots, got {len(found)}")
+    from .lesions import fit_log_line
     vol = np.array([f[0] for f in found], dtype=np.float64)
     ch = np.array([f[1] for f in found], dtype=np.float64)
-    X = np.stack([np.ones_like(vol), np.log(vol)], 1)
-    (a, b), *_ = np.linalg.lstsq(X, ch, rcond=None)
-    resid = ch - X @ np.array([a, b])
+    fit = fit_log_line(vol, ch)
     edges = list(bins_ml) + [math.inf]
     table = []
     for lo, hi in zip(edges[:-1], edges[1:]):
@@ -203,9 +202,9 @@ def calibration_from_hot_spots(found: Sequence[tuple[float, float, str]],
                           "median_volume_ml": round(float(np.median(vol[sel])), 3),
                           "suv_peak_change_pct_mean": round(float(ch[sel].mean()), 2),
                           "suv_peak_change_pct_sd": round(float(ch[sel].std(ddof=1)), 2), "n": int(sel.sum())})
-    return {"fit": "suv_peak_change_pct = a + b ln(volume_ml)", "a": round(float(a), 3), "b": round(float(b), 3),
+    return {"fit": "suv_peak_change_pct = a + b ln(volume_ml)", "a": round(fit["a"], 3), "b": round(fit["b"], 3),
             "volume_range_ml": [round(float(vol.min()), 3), round(float(vol.max()), 3)],
-            "residual_sd_pct": round(float(resid.std(ddof=2)), 2),
+            "residual_sd_pct": round(fit["s"], 2),
             "n_lesions": len(found), "bins": table,
             "hot_spots": [{"volume_ml": round(float(v), 3), "suv_peak_change_pct": round(float(c), 2), "case_id": k}
                           for v, c, k in found]}

@@ -45,6 +45,7 @@ from PETWorkbenchLib.errors import InputError
 from PETWorkbenchLib.metrics import PEAK_RADIUS_MM, percist_liver_threshold, sphere_mean
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from pathlib import Path
 
     import SimpleITK as sitk
@@ -111,36 +112,61 @@ def expected_change(calibration: dict | None, volume_ml: float) -> float:
     return float(calibration["a"] + calibration["b"] * np.log(v))
 
 
+def fit_log_line(volume_ml: Sequence[float] | np.ndarray, change_pct: Sequence[float] | np.ndarray) -> dict:
+    """Least-squares line ``change = a + b ln(volume)`` with what its confidence bound needs: ``a``, ``b``, the
+    residual SD ``s`` (n - 2 degrees of freedom), ``n``, the mean and the sum of squared deviations ``sxx`` of
+    ``ln(volume)``. The calibration (``evaluate.calibration_from_hot_spots``) and its bound use this one fit."""
+    x = np.log(np.asarray(volume_ml, dtype=np.float64))
+    c = np.asarray(change_pct, dtype=np.float64)
+    X = np.stack([np.ones_like(x), x], 1)
+    (a, b), *_ = np.linalg.lstsq(X, c, rcond=None)
+    s = float(np.sqrt(((c - a - b * x) ** 2).sum() / (x.size - 2)))
+    return {"a": float(a), "b": float(b), "s": s, "n": int(x.size), "x_mean": float(x.mean()),
+            "sxx": float(((x - x.mean()) ** 2).sum())}
+
+
+def _lesion_fit(calibration: dict | None) -> dict | None:
+    """:func:`fit_log_line` of a (valid) calibration's own lesions (its ``hot_spots``) when they are at least 3, spread
+    in volume and consistent with its stored line (within 0.05 % over the measured range, i.e. at its ends: the two
+    lines differ linearly); None otherwise (no confidence bound)."""
+    if not calibration or not _valid_calibration(calibration):
+        return None
+    try:
+        pts = calibration["hot_spots"]
+        v = np.array([float(h["volume_ml"]) for h in pts], dtype=np.float64)
+        c = np.array([float(h["suv_peak_change_pct"]) for h in pts], dtype=np.float64)
+    except (KeyError, TypeError, ValueError):
+        return None
+    if v.size < 3 or not np.all(np.isfinite(v)) or not np.all(v > 0) or not np.all(np.isfinite(c)) \
+            or float(np.ptp(np.log(v))) <= 1e-9:
+        return None
+    fit = fit_log_line(v, c)
+    ends = np.log([float(e) for e in calibration["volume_range_ml"]])
+    if np.max(np.abs(fit["a"] + fit["b"] * ends - calibration["a"] - calibration["b"] * ends)) > 0.05:
+        return None                                # the stored line is not the fit of the stored lesions
+    return fit
+
+
+def _bound(calibration: dict | None, fit: dict | None, volume_ml: float, confidence: float) -> float:
+    mean = expected_change(calibration, volume_ml)
+    if fit is None or not np.isfinite(mean):
+        return float("nan")
+    from scipy import stats
+    lo, hi = calibration["volume_range_ml"]
+    x0 = float(np.log(min(max(float(volume_ml), float(lo)), float(hi))))
+    half = float(stats.t.ppf(confidence, fit["n"] - 2)) * fit["s"] * float(
+        np.sqrt(1.0 / fit["n"] + (x0 - fit["x_mean"]) ** 2 / fit["sxx"]))
+    bound = mean - half
+    return bound if np.isfinite(bound) else float("nan")
+
+
 def expected_change_bound(calibration: dict | None, volume_ml: float,
                           confidence: float = CALIBRATION_CONFIDENCE) -> float:
     """The one-sided lower ``confidence`` bound (%) of the calibrated mean SUVpeak change at ``volume_ml`` (held
     inside the measured range, as :func:`expected_change`): ``a + b x0 - t s sqrt(1/n + (x0 - mean x)^2 / Sxx)``
     with ``x = ln(volume)`` over the calibration's own lesions (its ``hot_spots``), ``s`` their residual SD and
     ``t`` Student's quantile with n - 2 degrees of freedom. NaN without a (valid) calibration or its lesions."""
-    from scipy import stats
-    mean = expected_change(calibration, volume_ml)
-    pts = calibration.get("hot_spots") if mean == mean else None
-    try:
-        v = np.array([float(h["volume_ml"]) for h in pts], dtype=np.float64)
-        c = np.array([float(h["suv_peak_change_pct"]) for h in pts], dtype=np.float64)
-    except (KeyError, TypeError, ValueError):
-        return float("nan")
-    if v.size < 3 or not np.all(np.isfinite(v)) or not np.all(v > 0) or not np.all(np.isfinite(c)):
-        return float("nan")
-    x = np.log(v)
-    if float(np.ptp(x)) <= 1e-9:
-        return float("nan")
-    sxx = float(((x - x.mean()) ** 2).sum())
-    X = np.stack([np.ones_like(x), x], 1)
-    coef, *_ = np.linalg.lstsq(X, c, rcond=None)
-    s = float(np.sqrt(((c - X @ coef) ** 2).sum() / (v.size - 2)))
-    lo, hi = calibration["volume_range_ml"]
-    x0 = float(np.log(min(max(float(volume_ml), float(lo)), float(hi))))
-    if abs(float(coef[0] + coef[1] * x0) - mean) > 0.05:
-        return float("nan")                    # the stored line is not the fit of the stored lesions: no bound
-    half = float(stats.t.ppf(confidence, v.size - 2)) * s * float(np.sqrt(1.0 / v.size + (x0 - x.mean()) ** 2 / sxx))
-    bound = mean - half
-    return bound if np.isfinite(bound) else float("nan")
+    return _bound(calibration, _lesion_fit(calibration), volume_ml, confidence)
 
 
 def model_calibration(model: str | Path | dict | None, weights_sha256: str | None = None) -> dict | None:
@@ -174,6 +200,7 @@ def lesion_change_report(input_pet: sitk.Image, output_pet: sitk.Image, liver_ma
     _same_grid(input_pet, output_pet, "The synthesized PET")
     if calibration is not None and not _valid_calibration(calibration):
         calibration = None                                       # incomplete: the noise criterion only
+    fit = _lesion_fit(calibration)                               # once per report: the same for every hot spot
     x = sitk.GetArrayViewFromImage(input_pet)   # views: the report adds about 5 bytes per voxel (labels, mask)
     y = sitk.GetArrayViewFromImage(output_pet)
     sp = tuple(reversed(input_pet.GetSpacing()))
@@ -240,7 +267,7 @@ def lesion_change_report(input_pet: sitk.Image, output_pet: sitk.Image, liver_ma
         for m in ("suv_max", "suv_peak", "suv_mean"):
             row[f"{m}_change_pct"] = _pct(row[f"{m}_out"], row[f"{m}_in"])
         expected = expected_change(calibration, row["volume_ml"])
-        bound = expected_change_bound(calibration, row["volume_ml"])
+        bound = _bound(calibration, fit, row["volume_ml"], CALIBRATION_CONFIDENCE)
         row["expected_change_pct"] = expected if np.isfinite(expected) else None     # JSON null, not NaN
         row["expected_change_bound_pct"] = bound if np.isfinite(bound) else None
         by_noise = bool(se == se and abs(p_out - p_in) > k * se)
@@ -255,8 +282,8 @@ def lesion_change_report(input_pet: sitk.Image, output_pet: sitk.Image, liver_ma
         r["id"] = j
     if calibration is None:
         rule = RULE.format(k=k) + RULE_UNCALIBRATED
-    elif np.isfinite(expected_change_bound(calibration, float(calibration["volume_range_ml"][0]))):
-        rule = RULE.format(k=k) + RULE_CALIBRATED.format(tol=tol_pct, n=len(calibration["hot_spots"]),
+    elif fit is not None:
+        rule = RULE.format(k=k) + RULE_CALIBRATED.format(tol=tol_pct, n=fit["n"],
                                                          conf=100 * CALIBRATION_CONFIDENCE)
     else:
         rule = RULE.format(k=k) + RULE_CALIBRATED_LINE.format(tol=tol_pct, n=calibration.get("n_lesions", "?"))
