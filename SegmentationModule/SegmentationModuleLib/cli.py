@@ -13,7 +13,10 @@
 * ``petworkbench train pemed --config pemed_cpu_demo --manifest .../manifest.csv --out DIR [--max-minutes M]``
 * ``petworkbench evaluate segmentation --pred P.nii.gz --ref R.nii.gz`` or
   ``--model ID|file.pt --manifest manifest.csv [--split test] [--input-key low_dose_drf20]
-  [--denoiser ID|file.pt (Fake-FDPET)] [--output metrics.json]``
+  [--denoiser ID|file.pt (Fake-FDPET)] [--no-postprocess] [--output metrics.json]``
+* ``petworkbench evaluate segmentation --determine-postprocessing --model ID|file.pt --manifest manifest.csv
+  --split train [--output decision.json] [--write-model new.pt]``: nnU-Net's largest-component post-processing
+  decided on those cases (postprocess.py); ``--write-model`` stores the decision in a copy of the weights
 """
 
 from __future__ import annotations
@@ -125,12 +128,30 @@ def _cmd_evaluate(args, rep):
         if not (args.pred and args.ref):
             raise InputError("--pred and --ref go together")
         res = evaluate(_read(args.pred, "prediction"), _read(args.ref, "reference"), organ_specs())
+    elif args.determine_postprocessing:
+        if not (args.model and args.manifest):
+            raise InputError("--determine-postprocessing needs --model and --manifest (and --split, the cases to "
+                             "decide on; never the test cases)")
+        from .evaluate import determine_postprocessing_manifest, with_postprocessing
+        inputs = [args.model, args.manifest]
+        if args.write_model:
+            from PETWorkbenchLib.imageio import check_output
+            check_output(args.write_model, inputs, args.overwrite, "model weights")
+        decision, res = determine_postprocessing_manifest(args.model, args.manifest, args.split, args.input_key,
+                                                          args.device, rep)
+        if args.write_model:
+            with_postprocessing(args.model, decision, args.write_model, inputs, args.overwrite)
+            res["written"] = args.write_model
+        if args.output:
+            from PETWorkbenchLib.imageio import write_json
+            write_json(res, args.output, inputs=inputs, overwrite=args.overwrite)
+        return {"decision": decision, "steps": res["steps"]}
     else:
         if not (args.model and args.manifest):
             raise InputError("give --pred/--ref, or --model and --manifest")
         from .evaluate import evaluate_manifest
         res = evaluate_manifest(args.model, args.manifest, args.split, args.input_key, args.denoiser, args.device,
-                                rep)
+                                rep, postprocess=not args.no_postprocess)
     if args.output:
         from PETWorkbenchLib.imageio import write_json
         write_json(res, args.output, inputs=[args.pred, args.ref], overwrite=args.overwrite)
@@ -282,4 +303,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--input-key", default=None)
     e.add_argument("--output", default="")
     e.add_argument("--device", default="auto")
+    e.add_argument("--no-postprocess", action="store_true",
+                   help="score the network's label maps without the model's post-processing")
+    e.add_argument("--determine-postprocessing", action="store_true",
+                   help="decide nnU-Net's largest-component post-processing for --model on the --split cases "
+                        "(e.g. train; never the test cases) and report it (--output)")
+    e.add_argument("--write-model", default="",
+                   help="with --determine-postprocessing: write the model with the decision stored to this new file")
     e.set_defaults(func=_cmd_evaluate)

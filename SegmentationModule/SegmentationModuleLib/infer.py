@@ -133,8 +133,13 @@ def _back_to_input(img_model, image, is_label):
 def segment(image: sitk.Image, checkpoint: str | Path | dict, organs: str | int | Iterable[str | int] | None = None,
             device: str | torch.device = "auto", progress: Callable[[float, str], None] | None = None,
             cancel: Callable[[], bool] | None = None, return_probabilities: bool = False,
-            allow_empty: bool = False, tta: bool | None = None) -> tuple[sitk.Image, sitk.Image | None]:
+            allow_empty: bool = False, tta: bool | None = None,
+            postprocess: bool = True) -> tuple[sitk.Image, sitk.Image | None]:
     """Organ label map on the input grid (uint8, values of Resources/Terminology/PETWorkbenchOrgans.term.json).
+
+    ``postprocess``: apply the model's nnU-Net-style post-processing (``inference.postprocessing`` of its config:
+    only the largest connected component of the organs it names is kept, :mod:`.postprocess`) to the label map
+    (not to the probabilities); False = the network's label map as it is.
 
     ``tta``: mirror test-time augmentation as nnU-Net (mean logits over the mirror images of each patch along the
     model config's ``inference.mirror_axes``; 8 passes for three axes); None = as the model's config says (the
@@ -160,11 +165,17 @@ def segment(image: sitk.Image, checkpoint: str | Path | dict, organs: str | int 
     logits = out["seg"][0]
     rep(0.92, "assembling label map")
     lab = logits.argmax(0).numpy().astype(np.uint8)
-    lab[~np.isin(lab, keep)] = 0
-    if not allow_empty and not lab.any():
+    label = _back_to_input(_to_image(lab, img), image, True)
+    arr = sitk.GetArrayFromImage(label)
+    pp = cfg.get("inference", {}).get("postprocessing") if postprocess else None
+    if pp:  # nnU-Net's largest-component rule, as decided for this model (postprocess.py), on every organ
+        from .postprocess import apply_postprocessing
+        arr = apply_postprocessing(arr, pp)
+    arr[~np.isin(arr, keep)] = 0
+    if not allow_empty and not arr.any():
         raise InputError("The model found none of the requested organs in this volume: check that it is a "
                          "whole-body PET in SUV (not CT, not Bq/ml) with the patient inside the field of view")
-    label = _back_to_input(_to_image(lab, img), image, True)
+    label = _to_image(arr, label)
     probs = None
     if return_probabilities:
         p = torch.softmax(logits.float(), 0).numpy()
