@@ -280,7 +280,8 @@ def register_pet_to_ct(ct, pet, body, device="cpu", progress=None):
     similarity inside the CT's body mask ``body``, a numpy array on the CT grid); the benchmark scores the same
     call. The displacement is on the CT's grid (smoothing keeps the geometry)."""
     import SimpleITK as sitk
-    from RegistrationModuleLib import register
+    from RegistrationModuleLib import check_inputs, register
+    check_inputs(ct, pet)                                # clear messages before the smoothing touches the CT
     mask = sitk.GetImageFromArray(body.astype("uint8"))
     mask.CopyInformation(ct)
     fixed = sitk.SmoothingRecursiveGaussian(sitk.Cast(ct, sitk.sitkFloat32), PET_CT_CT_SIGMA_MM)

@@ -25,7 +25,7 @@ REQUIRED = ("id", "family", "method", "title", "version", "config", "inputs", "u
 BUNDLED = "bundled:"
 # entry fields measured on the weights by another tool than the one that (re)writes the entry: kept by
 # upsert_entries while the weights (SHA-256) are the same
-KEEP_WITH_WEIGHTS = ("lesion_calibration",)
+KEEP_WITH_WEIGHTS = ("lesion_calibration", "postprocessing")
 CHUNK = 1 << 17
 
 

@@ -121,36 +121,67 @@ def _cmd_train(args, rep):
                  device=args.device, threads=args.threads, progress=rep, cache_dir=args.cache_dir, init=args.init)
 
 
+def _model_file(model):
+    """The weights file of ``model`` (a file, or a registered id whose weights are here), for comparing outputs
+    with it; the argument itself when neither."""
+    if Path(model).is_file():
+        return model
+    from PETWorkbenchLib.errors import ModelError
+    from PETWorkbenchLib.models import ensure
+    try:
+        return str(ensure(model, allow_download=False))
+    except (ModelError, InputError, OSError):  # an unknown id is reported by the command itself
+        return model
+
+
+def _cmd_determine_postprocessing(args, rep):
+    from PETWorkbenchLib.imageio import check_output, write_json
+    from .evaluate import determine_postprocessing_manifest, with_postprocessing
+    if not (args.model and args.manifest and args.split):
+        raise InputError("--determine-postprocessing needs --model, --manifest and --split (the cases to decide on, "
+                         "e.g. train; never the test cases)")
+    if args.split == "test":
+        raise InputError("--determine-postprocessing decides on cases the model is not tested on: give --split train "
+                         "(or another split), not test")
+    if args.denoiser or args.no_postprocess or args.pred or args.ref:
+        raise InputError("--determine-postprocessing takes --model, --manifest, --split, --input-key, --output and "
+                         "--write-model only (not --denoiser, --no-postprocess, --pred or --ref)")
+    inputs = [_model_file(args.model), args.manifest]
+    outputs = [(p, what) for p, what in ((args.write_model, "model weights"), (args.output, "decision report")) if p]
+    for p, what in outputs:                              # refused before the long run, never after it
+        check_output(p, inputs, args.overwrite, what)
+    if args.write_model and args.output and Path(args.write_model).resolve() == Path(args.output).resolve():
+        raise InputError("--write-model and --output must be different files")
+    decision, res = determine_postprocessing_manifest(args.model, args.manifest, args.split, args.input_key,
+                                                      args.device, rep)
+    if args.write_model:
+        with_postprocessing(args.model, decision, args.write_model, inputs, args.overwrite)
+        res["written"] = args.write_model
+    if args.output:
+        write_json(res, args.output, inputs=inputs, overwrite=args.overwrite)
+    return {"decision": decision, "steps": res["steps"]}
+
+
 def _cmd_evaluate(args, rep):
     from .metrics import evaluate
     from .organs import organ_specs
+    if args.determine_postprocessing:
+        return _cmd_determine_postprocessing(args, rep)
+    if args.write_model:
+        raise InputError("--write-model goes with --determine-postprocessing")
+    split = args.split or "test"
     if args.pred or args.ref:
         if not (args.pred and args.ref):
             raise InputError("--pred and --ref go together")
+        if args.no_postprocess or args.model or args.denoiser:
+            raise InputError("--pred/--ref score two label maps as they are: --model, --denoiser and "
+                             "--no-postprocess do not apply")
         res = evaluate(_read(args.pred, "prediction"), _read(args.ref, "reference"), organ_specs())
-    elif args.determine_postprocessing:
-        if not (args.model and args.manifest):
-            raise InputError("--determine-postprocessing needs --model and --manifest (and --split, the cases to "
-                             "decide on; never the test cases)")
-        from .evaluate import determine_postprocessing_manifest, with_postprocessing
-        inputs = [args.model, args.manifest]
-        if args.write_model:
-            from PETWorkbenchLib.imageio import check_output
-            check_output(args.write_model, inputs, args.overwrite, "model weights")
-        decision, res = determine_postprocessing_manifest(args.model, args.manifest, args.split, args.input_key,
-                                                          args.device, rep)
-        if args.write_model:
-            with_postprocessing(args.model, decision, args.write_model, inputs, args.overwrite)
-            res["written"] = args.write_model
-        if args.output:
-            from PETWorkbenchLib.imageio import write_json
-            write_json(res, args.output, inputs=inputs, overwrite=args.overwrite)
-        return {"decision": decision, "steps": res["steps"]}
     else:
         if not (args.model and args.manifest):
             raise InputError("give --pred/--ref, or --model and --manifest")
         from .evaluate import evaluate_manifest
-        res = evaluate_manifest(args.model, args.manifest, args.split, args.input_key, args.denoiser, args.device,
+        res = evaluate_manifest(args.model, args.manifest, split, args.input_key, args.denoiser, args.device,
                                 rep, postprocess=not args.no_postprocess)
     if args.output:
         from PETWorkbenchLib.imageio import write_json
@@ -299,7 +330,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--model", default="")
     e.add_argument("--denoiser", default="", help="Fake-FDPET: denoise with this model first")
     e.add_argument("--manifest", default="")
-    e.add_argument("--split", default="test")
+    e.add_argument("--split", default=None,
+                   help="manifest split to evaluate (default test); --determine-postprocessing: required, not test")
     e.add_argument("--input-key", default=None)
     e.add_argument("--output", default="")
     e.add_argument("--device", default="auto")

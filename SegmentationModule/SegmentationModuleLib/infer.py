@@ -165,6 +165,8 @@ def segment(image: sitk.Image, checkpoint: str | Path | dict, organs: str | int 
     logits = out["seg"][0]
     rep(0.92, "assembling label map")
     lab = logits.argmax(0).numpy().astype(np.uint8)
+    if not return_probabilities:
+        del out, logits                                  # the class scores are not needed any more: free them first
     label = _back_to_input(_to_image(lab, img), image, True)
     arr = sitk.GetArrayFromImage(label)
     pp = cfg.get("inference", {}).get("postprocessing") if postprocess else None

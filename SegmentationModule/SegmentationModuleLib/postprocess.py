@@ -8,9 +8,12 @@ cross-validation predictions, in two steps:
 2. then each organ in turn (in label order, on top of what was kept so far): voxels of that organ outside its largest
    component become background, kept when that organ's mean Dice improves.
 
-Components are fully connected (26 neighbours in 3D), as nnU-Net's (``acvl_utils``, scikit-image's default);
-SimpleITK labels and sorts them here. Dice is that of :mod:`SegmentationModuleLib.metrics`: an organ is scored in the
-cases whose reference holds it, and its mean is over those cases. The decision is stored in the model's
+Components are fully connected (26 neighbours in 3D), as nnU-Net's (``acvl_utils``, scikit-image's default),
+and every component of the largest size is kept when several tie; SimpleITK labels them here. One difference: Dice
+is that of :mod:`SegmentationModuleLib.metrics`, where an organ is scored only in the cases whose reference holds it
+(nnU-Net scores a prediction of an organ absent from the reference as Dice 0, so removing such islands counts there
+and not here; organs absent from every reference are not decided). The predictions of all deciding cases are held
+in memory (about 2 bytes per voxel and case). The decision is stored in the model's
 configuration (``inference.postprocessing``) and :func:`apply_postprocessing` applies it to every label map that
 :func:`SegmentationModuleLib.infer.segment` returns. Organs with two parts in one label (kidneys, lungs, femurs)
 lose a part to the largest-component rule, so the Dice check normally rejects them.
@@ -31,13 +34,16 @@ POSTPROCESSING_KEYS = ("largest_foreground", "largest_component")
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
-    """Boolean mask of the largest fully connected component of ``mask`` (all False when ``mask`` is empty)."""
+    """Boolean mask of the largest fully connected component of ``mask`` (every component of that size when
+    several tie, as nnU-Net's ``acvl_utils``; all False when ``mask`` is empty)."""
     import SimpleITK as sitk
     mask = np.asarray(mask, bool)
     if not mask.any():
         return mask.copy()
-    comps = sitk.RelabelComponent(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)), True))
-    return sitk.GetArrayFromImage(comps) == 1          # RelabelComponent numbers components by size, largest = 1
+    comps = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)), True))
+    sizes = np.bincount(comps.ravel())
+    sizes[0] = 0                                       # background
+    return np.isin(comps, np.flatnonzero(sizes == sizes.max()))
 
 
 def keep_largest(label_map: np.ndarray, labels: Sequence[int]) -> np.ndarray:
@@ -116,7 +122,13 @@ def determine_postprocessing(preds: Sequence[np.ndarray], refs: Sequence[np.ndar
     for p, r in zip(preds, refs):
         if np.shape(p) != np.shape(r):
             raise InputError(f"prediction and reference differ in size: {np.shape(p)} vs {np.shape(r)}")
+        for a, what in ((p, "prediction"), (r, "reference")):
+            a = np.asarray(a)
+            if not np.issubdtype(a.dtype, np.integer) or (a.size and (a.min() < 0 or a.max() > 255)):
+                raise InputError(f"a {what} label map must hold integer labels 0-255")
     labels = [int(v) for v in labels]
+    if any(not 0 < v < 256 for v in labels):
+        raise InputError(f"label values must be 1-255, got {labels}")
     base = _means(_dice_table(preds, refs, labels))
     steps = []
     current = [np.asarray(p) for p in preds]

@@ -22,6 +22,12 @@ def test_largest_component_is_fully_connected_and_keeps_the_biggest():
     out = largest_component(m)
     assert out.sum() == 28 and out[4, 4, 4] and not out[7:9, 7:9, 7:9].any()
     assert not largest_component(np.zeros((3, 3, 3), bool)).any()
+    tie = np.zeros((10, 10, 10), bool)
+    tie[0:2, 0:2, 0:2] = True
+    tie[6:8, 6:8, 6:8] = True          # same size: both kept, as nnU-Net
+    tie[4, 9, 0] = True
+    out = largest_component(tie)
+    assert out.sum() == 16 and not out[4, 9, 0]
 
 
 def test_keep_largest_drops_islands_of_the_named_labels_only_and_leaves_the_input():
@@ -47,7 +53,7 @@ def _cases():
         ref = np.zeros((20, 20, 20), np.uint8)
         ref[2 + shift:8 + shift, 2:8, 2:8] = 1
         ref[12:15, 12:15, 2:5] = 2
-        ref[12:15, 2:5, 12:15] = 2
+        ref[12:14, 2:4, 12:14] = 2                    # the second part is smaller
         pred = ref.copy()
         pred[16:19, 16:19, 16:19] = 1                               # false island of organ 1
         preds.append(pred)
@@ -85,6 +91,24 @@ def test_determine_postprocessing_takes_the_foreground_step_when_nothing_gets_wo
     assert report["steps"][0]["mean_dice_after"] > report["steps"][0]["mean_dice_before"]
 
 
+def test_foreground_step_is_refused_when_one_organ_gets_worse_even_if_the_mean_rises():
+    preds, refs = [], []
+    for _ in range(2):
+        ref = np.zeros((20, 20, 20), np.uint8)
+        ref[2:10, 2:10, 2:10] = 1
+        ref[10:12, 2:10, 2:10] = 2                    # organ 2 touches organ 1 ...
+        ref[16:18, 16:18, 16:18] = 2                  # ... and has a small part of its own elsewhere
+        pred = ref.copy()
+        pred[2:10, 12:16, 2:10] = 1                   # big false island of organ 1
+        preds.append(pred)
+        refs.append(ref)
+    decision, report = determine_postprocessing(preds, refs, [1, 2])
+    fg = report["steps"][0]
+    # organ 1: 0.8 -> 1.0, organ 2: 1.0 -> 0.97, so the mean rises, but an organ got worse: refused (nnU-Net)
+    assert fg["mean_dice_after"] > fg["mean_dice_before"] and not fg["kept"]
+    assert decision == {"largest_foreground": False, "largest_component": [1]}
+
+
 def test_postprocessing_decision_is_validated():
     assert check_postprocessing(None) == {"largest_foreground": False, "largest_component": []}
     for bad in ({"largest_foreground": "yes"}, {"largest_component": [0]}, {"largest_component": [True]},
@@ -95,6 +119,12 @@ def test_postprocessing_decision_is_validated():
         determine_postprocessing([], [], [1])
     with pytest.raises(InputError, match="differ in size"):
         determine_postprocessing([np.zeros((2, 2, 2))], [np.zeros((2, 3, 2))], [1])
+    with pytest.raises(InputError, match="0-255"):
+        determine_postprocessing([np.full((2, 2, 2), 300)], [np.zeros((2, 2, 2), int)], [1])
+    with pytest.raises(InputError, match="0-255"):
+        determine_postprocessing([np.zeros((2, 2, 2), np.float32)], [np.zeros((2, 2, 2), int)], [1])
+    with pytest.raises(InputError, match="1-255"):
+        determine_postprocessing([np.zeros((2, 2, 2), int)], [np.zeros((2, 2, 2), int)], [256])
 
 
 def _tiny_model(postprocessing=None):
@@ -127,6 +157,17 @@ def test_segment_applies_the_models_decision_and_can_skip_it(tmp_path):
     assert np.array_equal(sitk.GetArrayFromImage(out), expected)
     off, _ = segment(im, _tiny_model(pp), device="cpu", allow_empty=True, postprocess=False)
     assert np.array_equal(sitk.GetArrayFromImage(off), raw)
+    # organs= selects from the post-processed map (the rule sees every organ, as when it was decided)
+    one = labels[0]
+    sub, _ = segment(im, _tiny_model(pp), organs=[one], device="cpu", allow_empty=True)
+    assert np.array_equal(sitk.GetArrayFromImage(sub), np.where(expected == one, expected, 0))
+    # an input grid other than the model's: the rule applies on the input grid
+    im3 = sitk.Resample(im, [30, 30, 30], sitk.Transform(), sitk.sitkLinear, im.GetOrigin(), (3.2, 3.2, 3.2),
+                        im.GetDirection(), 0.0, sitk.sitkFloat32)
+    raw3 = sitk.GetArrayFromImage(segment(im3, _tiny_model(), device="cpu", allow_empty=True)[0])
+    got3 = sitk.GetArrayFromImage(segment(im3, _tiny_model(pp), device="cpu", allow_empty=True)[0])
+    assert got3.shape == raw3.shape == (30, 30, 30)
+    assert np.array_equal(got3, apply_postprocessing(raw3, pp))
     # the decision written into a new weights file, which segment() then applies; the source file is not changed
     src = tmp_path / "model.pt"
     torch.save(_tiny_model(), src)
@@ -174,6 +215,9 @@ def test_cli_decides_on_a_manifest_split_and_writes_a_new_model(tmp_path):
     assert rep["cases"] == ["c0", "c1"] and rep["n_cases"] == 2 and rep["split"] == "train"
     decision = rep["decision"]
     assert set(decision) == {"largest_foreground", "largest_component"}
+    steps = [st["step"] for st in rep["steps"]]
+    assert steps[0] == "largest_foreground" and "largest_component 14" in steps   # the organ of the references
+    assert "largest_component 1" not in steps                                       # in no reference: not decided
     # the written model carries the decision and segment() applies it
     pet = sitk.ReadImage(str(tmp_path / "c2_pet.nii.gz"))
     raw, _ = segment(pet, src, device="cpu", allow_empty=True)
@@ -184,3 +228,12 @@ def test_cli_decides_on_a_manifest_split_and_writes_a_new_model(tmp_path):
                  str(tmp_path / "manifest.csv"), "--split", "train", "--write-model", str(src)]) == 2
     assert main(["evaluate", "segmentation", "--determine-postprocessing", "--model", str(src), "--manifest",
                  str(tmp_path / "manifest.csv"), "--split", "val"]) == 2
+    man = ["--model", str(src), "--manifest", str(tmp_path / "manifest.csv")]
+    for argv in (["--determine-postprocessing"] + man,                       # no --split: never the test default
+                 ["--determine-postprocessing", "--split", "test"] + man,    # deciding on the test cases
+                 ["--determine-postprocessing", "--split", "train", "--denoiser", str(src)] + man,
+                 ["--write-model", str(tmp_path / "x.pt")] + man,             # without --determine-postprocessing
+                 ["--determine-postprocessing", "--split", "train", "--output", str(tmp_path / "pp.json")] + man):
+        before = sorted(p.name for p in tmp_path.iterdir())
+        assert main(["evaluate", "segmentation"] + argv) == 2, argv          # the last: the report exists
+        assert sorted(p.name for p in tmp_path.iterdir()) == before
