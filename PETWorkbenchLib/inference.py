@@ -52,7 +52,8 @@ def sliding_window(predictor, image, roi_size, overlap=0.5, sw_batch_size=4, mod
         state["done"] += patches.shape[0]
         return out
 
-    with torch.no_grad():
+    from .allocator import reuse_freed_memory
+    with torch.no_grad(), reuse_freed_memory():   # the patches' intermediates reuse freed pages (allocator.py)
         out = sliding_window_inference(image.cpu(), roi_size=tuple(roi_size), sw_batch_size=sw_batch_size,
                                        predictor=wrapped, overlap=overlap, mode=mode, padding_mode=padding_mode,
                                        cval=cval, sw_device=compute, device=torch.device("cpu"))

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from PETWorkbenchLib.allocator import reusing_freed_memory
 from PETWorkbenchLib.errors import InputError
 from PETWorkbenchLib.progress import Reporter
 
@@ -189,6 +190,7 @@ def lr_at(lr0: float, it: int, total: int, gamma: float = 0.6, step: float = 0.2
     return lr0 * gamma ** int((it / max(total, 1)) // step)
 
 
+@reusing_freed_memory
 def train(cfg: dict | str | Path, out_dir: str | Path, manifest: str | Path | None = None,
           cases: list[dict] | None = None, resume: bool = True, max_minutes: float | None = None,
           device: str | torch.device = "auto", threads: int | None = None,

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from PETWorkbenchLib.allocator import reusing_freed_memory
 from PETWorkbenchLib.errors import InputError
 from PETWorkbenchLib.imageio import save_torch
 from PETWorkbenchLib.progress import Reporter
@@ -162,6 +163,7 @@ def _rng_state(rng):
     return json.loads(json.dumps(rng.bit_generator.state, default=lambda a: a.tolist()))
 
 
+@reusing_freed_memory
 def train(cfg: dict | str | Path, out_dir: str | Path, cases: list[dict] | None = None,
           manifest: str | Path | None = None, resume: bool = True, max_minutes: float | None = None,
           device: str | torch.device = "auto", threads: int | None = None,

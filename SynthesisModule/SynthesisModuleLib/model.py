@@ -270,8 +270,6 @@ class MLP_Bank(_ExpertBank):  # noqa: N801 - the authors' class name, so their s
 class Transformer_Block(nn.Module):  # noqa: N801 - the authors' class name, so their state-dict keys map one to one
     """Dynamic routing block (pre-norm, learnable per-channel residual scales beta/gamma initialised to 1)."""
 
-    fused = True   # inference without autograd in token layout uses forward_fused (False: the bank-by-bank form)
-
     def __init__(self, cfg):
         super().__init__()
         c = cfg["n_feats"]
@@ -285,94 +283,11 @@ class Transformer_Block(nn.Module):  # noqa: N801 - the authors' class name, so 
         self.gamma = nn.Parameter(torch.ones(1, c, 1, 1, 1))
 
     def forward(self, x, hidden, sparse=True, log=None):
-        if self.fused and sparse and not torch.is_grad_enabled() and self.attention.att_experts[0].token_layout:
-            return self.forward_fused(x, hidden, log)
         out, hidden = self.attention(self.norm1(x), hidden, sparse, log)
         out = out + self.beta * x
         y, hidden = self.mlp(self.norm2(out), hidden, sparse, log)
         return y + self.gamma * out, hidden
 
-    def forward_fused(self, x, hidden, log=None):
-        """Inference form of :meth:`forward` (sparse, token layout, no autograd): the same operation and weights,
-        with each bank's active experts computed together. The experts whose weight is non-zero for some sample of
-        the batch share one q/k projection; each expert's value projection and its attention matrix are one
-        per-sample C x C matrix (v @ attn^T = x (W_v^T attn^T)); the depth-wise convolutions of all experts are one
-        grouped convolution; and the routing weights are folded into the output projections, whose sum over the
-        experts and the residual are one batched matrix product (``baddbmm``). The FFN bank likewise: one first
-        layer for all experts, one GELU, one weighted second layer added to the residual. An expert that is
-        inactive for one sample of the batch but active for another contributes its weight, exactly zero, there.
-        Equal to :meth:`forward` up to the order of float additions (tests)."""
-        att, mlp = self.attention, self.mlp
-        out, hidden = _fused_bank(att, att.att_experts, _attention_experts, self.norm1(x), x, self.beta, hidden, log)
-        return _fused_bank(mlp, mlp.mpl_experts, _mlp_experts, self.norm2(out), out, self.gamma, hidden, log)
-
-
-def _fused_bank(bank, experts, compute, xn, residual, scale, hidden, log):
-    """``bank(xn) + scale * residual`` for :meth:`Transformer_Block.forward_fused` (same shapes and layout):
-    the bank's routing, then ``compute(experts, weights, tokens, base, shape)`` on the experts whose weight is
-    non-zero for at least one sample (the union over the batch), which returns ``base`` plus their weighted sum."""
-    b, c, d, h, w_ = xn.shape
-    w, hidden_new = bank.routing(bank.avg_pool(xn), hidden)
-    if log is not None:
-        log.append(w.detach())
-    out = tokens(residual).view(b, -1, c) * scale.view(c)
-    act = [m for m in range(w.shape[1]) if bool((w[:, m] != 0).any())]
-    if act:
-        t = tokens(xn).view(b, -1, c)
-        out = compute([experts[m] for m in act], [w[:, m].to(t.dtype).view(b, 1, 1) for m in act], t, out, xn.shape)
-    return from_tokens(out.view(b, d, h, w_, c)), hidden_new
-
-
-def _attention_experts(experts, wts, t, base, shape):
-    """``base + sum_m w_m E_m(t)`` for attention experts (see :meth:`Transformer_Block.forward_fused`)."""
-    b, c, d, h, w_ = shape
-    s = len(experts)
-    qkw = [e.qkv.weight.flatten(1) for e in experts]
-    wqk = torch.cat([q[:c] for q in qkw] + [q[c:2 * c] for q in qkw])                  # (2CS, C)
-    bqk = None if experts[0].qkv.bias is None else torch.cat(
-        [e.qkv.bias[:c] for e in experts] + [e.qkv.bias[c:2 * c] for e in experts])
-    qk = F.linear(t, wqk, bqk)                                                           # (B, N, 2CS)
-    acc = torch.promote_types(qk.dtype, torch.float32)
-    norms = qk_norms(qk, acc) if experts[0].qk_norm else None                            # (B, 2CS)
-    wvb, dw_w, dw_b, proj, proj_b, v_b = [], [], [], [], [], []
-    for i, (wm, e) in enumerate(zip(wts, experts)):
-        nh, ch = e.num_heads, c // e.num_heads
-        q, k = qk[..., i * c:(i + 1) * c], qk[..., (s + i) * c:(s + i + 1) * c]
-        gram = q.transpose(1, 2).to(acc) @ k.to(acc)                                     # (B, C, C)
-        attn = gram.view(b, nh, ch, nh, ch).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)
-        if norms is not None:
-            qn, kn = norms[:, i * c:(i + 1) * c], norms[:, (s + i) * c:(s + i + 1) * c]
-            attn = attn / (qn.reshape(b, nh, ch, 1) * kn.reshape(b, nh, 1, ch))
-        attn = (attn * e.temperature).softmax(dim=-1).to(t.dtype)
-        eye = torch.eye(nh, dtype=attn.dtype, device=attn.device).view(1, nh, 1, nh, 1)
-        blocks = (eye * attn.transpose(-1, -2).unsqueeze(3)).reshape(b, c, c)           # block-diagonal attn^T
-        wvb.append(qkw[i][2 * c:].t() @ blocks)                                          # W_v^T attn^T (B, C, C)
-        if e.qkv.bias is not None:
-            v_b.append(e.qkv.bias[2 * c:] @ blocks)                                      # (B, C)
-        dw_w.append(e.dwconv.weight)
-        if e.dwconv.bias is not None:
-            dw_b.append(e.dwconv.bias)
-        proj.append(wm * e.project_out.weight.flatten(1).t())                           # (B, C, C)
-        if e.project_out.bias is not None:
-            proj_b.append(wm.view(b, 1) * e.project_out.bias)
-    v = torch.bmm(t, torch.cat(wvb, 2))                                                  # (B, N, CS)
-    if v_b:
-        v = v + torch.cat(v_b, 1).unsqueeze(1)
-    v = F.conv3d(from_tokens(v.view(b, d, h, w_, c * s)), torch.cat(dw_w), torch.cat(dw_b) if dw_b else None,
-                 padding=1, groups=c * s)
-    if proj_b:
-        base = base + sum(proj_b).unsqueeze(1)
-    return torch.baddbmm(base, tokens(v).view(b, -1, c * s), torch.cat(proj, 1))
-
-
-def _mlp_experts(experts, wts, t, base, shape):
-    """``base + sum_m w_m E_m(t)`` for FFN experts (see :meth:`Transformer_Block.forward_fused`)."""
-    b = shape[0]
-    hid = F.gelu(F.linear(t, torch.cat([e.fc1.weight.flatten(1) for e in experts]),
-                          torch.cat([e.fc1.bias for e in experts])))                    # (B, N, H*S)
-    w2 = torch.cat([wm * e.fc2.weight.flatten(1).t() for wm, e in zip(wts, experts)], 1)  # (B, H*S, C)
-    base = base + sum(wm.view(b, 1) * e.fc2.bias for wm, e in zip(wts, experts)).unsqueeze(1)
-    return torch.baddbmm(base, hid, w2)
 
 class Base_Block(nn.Module):  # noqa: N801 - the authors' class name, so their state-dict keys map one to one
     """Base Transformer block (Fig. 2(b)): one attention expert and one FFN expert, no routing."""

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from PETWorkbenchLib.allocator import reusing_freed_memory
 from PETWorkbenchLib.errors import InputError, ModelError
 from PETWorkbenchLib.imageio import save_torch
 from PETWorkbenchLib.progress import Reporter
@@ -140,6 +141,7 @@ def accumulate_step(net: torch.nn.Module, model: torch.nn.Module, opt: torch.opt
     return losses
 
 
+@reusing_freed_memory
 def train(config: dict | str | Path, manifest: str | Path | None = None, out_dir: str | Path = ".",
           sampler: CenterPatchSampler | None = None, resume: bool = True, device: str | torch.device = "cpu",
           progress: Callable[[float, str], None] | None = None, cancel: Callable[[], bool] | None = None,

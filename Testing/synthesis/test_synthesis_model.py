@@ -74,8 +74,6 @@ def test_sparse_execution_skips_zero_weight_experts_and_matches_dense():
         if name.endswith(("att_experts.0", "att_experts.1", "att_experts.2", "mpl_experts.0")):
             mod.register_forward_hook(lambda m, i, o, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
     x = _x()
-    for blk in net.body:
-        blk.fused = False                                 # the bank-by-bank form, whose expert calls the hooks see
     with torch.no_grad():
         net.sparse = False
         dense = net(x)
@@ -90,15 +88,6 @@ def test_sparse_execution_skips_zero_weight_experts_and_matches_dense():
     assert "body.1.mlp.mpl_experts.0" not in calls
     assert calls["body.0.attention.att_experts.1"] == 1
     assert len(net.routing_log) == net.num_banks and all(torch.all(w >= 0) for w in net.routing_log)
-    # the fused inference form skips them too: poisoned with NaN, the switched-off experts leave the output finite
-    with torch.no_grad():
-        for blk in net.body:
-            blk.fused = True
-            blk.attention.att_experts[0].qkv.weight.fill_(float("nan"))
-            blk.mlp.mpl_experts[0].fc1.weight.fill_(float("nan"))
-        net.body[0].attention.att_experts[2].project_out.weight.fill_(float("nan"))
-        fused = net(x)
-    assert torch.isfinite(fused).all() and torch.max(torch.abs(fused - sparse)) < 1e-5
 
 
 def test_sparse_per_sample_routing_matches_dense():
@@ -247,61 +236,3 @@ def test_token_layout_and_plain_layout_give_the_same_network(cfg):
         assert (a is None) == (b is None)
         if a is not None:
             assert torch.allclose(a, b, rtol=1e-3, atol=1e-5)
-
-
-def _fixed_routing(bank, weights):
-    """Make ``bank``'s router return ``weights`` (B, M) whatever its input, keeping its hidden output."""
-    route = bank.routing.forward
-
-    def forward(x_global, h):
-        _, hidden = route(x_global, h)
-        return weights.clone(), hidden
-    bank.routing.forward = forward
-
-
-@pytest.mark.parametrize("cfg", [dict(SMALL), dict(SMALL, gating="softmax"), dict(SMALL, gating="top2"),
-                                 dict(SMALL, use_hidden=False), dict(SMALL, qk_norm=False)])
-def test_fused_inference_equals_the_bank_by_bank_forward(cfg):
-    torch.manual_seed(5)
-    net = Generator(cfg).eval()
-    for p in net.parameters():                       # non-trivial residual scales and temperatures
-        p.data.add_(0.1 * torch.randn_like(p))
-    x = _x(b=3, n=6, seed=2)
-    net.routing_log = []
-    with torch.no_grad():
-        fused = net(x)
-    log_fused, net.routing_log = net.routing_log, []
-    for blk in net.body:
-        blk.fused = False
-    with torch.no_grad():
-        plain = net(x)
-    assert torch.allclose(fused, plain, atol=1e-5) and not torch.equal(fused, x)
-    assert len(log_fused) == len(net.routing_log) == net.num_banks
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(log_fused, net.routing_log))
-    # training (autograd on) always takes the bank-by-bank form
-    for blk in net.body:
-        blk.fused = True
-    with torch.enable_grad():
-        assert torch.allclose(net(x), plain, atol=1e-6)
-
-
-def test_fused_inference_with_experts_active_for_some_samples_only_and_biases():
-    torch.manual_seed(6)
-    net = Generator(dict(SMALL, res_num=1)).eval()
-    blk = net.body[0]
-    for e in blk.attention.att_experts:               # biases the shipped configs do not have, all supported
-        for conv in (e.qkv, e.dwconv, e.project_out):
-            conv.bias = torch.nn.Parameter(0.1 * torch.randn(conv.out_channels))
-    # sample 0 uses experts 0 and 2, sample 1 only expert 2, sample 2 none (attention); FFN: expert 1 for sample 2
-    _fixed_routing(blk.attention, torch.tensor([[0.7, 0.0, 0.3], [0.0, 0.0, 1.2], [0.0, 0.0, 0.0]]))
-    _fixed_routing(blk.mlp, torch.tensor([[0.0, 0.0, 0.0], [0.5, 0.0, 0.5], [0.0, 2.0, 0.0]]))
-    x = _x(b=3, n=6, seed=3)
-    with torch.no_grad():
-        fused = net(x)
-        blk.fused = False
-        plain = net(x)
-    assert torch.allclose(fused, plain, atol=1e-5)
-    # the dense form (every expert computed and weighted) agrees as well
-    net.sparse = False
-    with torch.no_grad():
-        assert torch.allclose(net(x), plain, atol=1e-5)
