@@ -16,7 +16,8 @@
    patch through the network, default heap settings) and with today's (token layout, overlap 0.375, air patches
    skipped, freed memory reused); PSNR of each
    against the full-dose stack (R = its max).
-3. Peak resident memory of the process.
+3. Peak resident memory of each measurement. Each of the four measurements (paper patch with and without the heap
+   setting, whole body before and now) runs in a fresh process, since glibc's heap settings stay once set.
 
 Last line: patch_s_paper dense_patch_s_paper wholebody_s_before wholebody_s wholebody_psnr_change peak_rss_gb
 (plus limit_ratio, peak_gflops, wholebody_shape, speedup).
@@ -71,12 +72,12 @@ def patch_flops(net, x):
     return total[0]
 
 
-def paper_patch(repeats=2):
-    """Seconds per 64^3 patch of the paper configuration: the authors' execution (default memory layout, every
-    expert computed, the default heap settings), ours without the heap setting (channels-last token layout,
-    zero-weight experts skipped), and ours as ``synthesize`` runs it (also inside
-    ``PETWorkbenchLib.allocator.reuse_freed_memory``, after one pass, as the patches of a volume after the first),
-    best of ``repeats``."""
+def paper_patch(repeats=2, heap=False):
+    """Seconds per 64^3 patch of the paper configuration, best of ``repeats``. ``heap`` False: the authors'
+    execution (default memory layout, every expert computed), the sparse experts in the default layout, and ours
+    (channels-last token layout, zero-weight experts skipped), all with glibc's default heap settings; True: ours as
+    ``synthesize`` runs it, inside ``PETWorkbenchLib.allocator.reuse_freed_memory``, timed after one pass (as the
+    patches of a volume after the first). Each call belongs in a fresh process (the heap settings stay once set)."""
     import contextlib
 
     import torch
@@ -88,19 +89,18 @@ def paper_patch(repeats=2):
     x = torch.rand(1, 1, 64, 64, 64, generator=torch.Generator().manual_seed(0))
     net.token_layout = False           # count the paper's arithmetic on its own formulation (conv hooks)
     flops = patch_flops(net, x)
-    variants = {"dense": (False, False, False), "plain_sparse": (False, True, False),
-                "sparse_default_heap": (True, True, False), "sparse": (True, True, True)}
+    variants = {"sparse": (True, True)} if heap else {"dense": (False, False), "plain_sparse": (False, True),
+                                                     "sparse_default_heap": (True, True)}
     times = {k: [] for k in variants}
-    with torch.inference_mode():
+    with torch.inference_mode(), reuse_freed_memory() if heap else contextlib.nullcontext():
         for _ in range(repeats):
-            for k, (layout, sparse, heap) in variants.items():
+            for k, (layout, sparse) in variants.items():
                 net.token_layout, net.sparse = layout, sparse
-                with reuse_freed_memory() if heap else contextlib.nullcontext():
-                    if heap:
-                        net(x)         # the heap grows once per volume; the timed pass is a later patch's
-                    t = time.perf_counter()
-                    net(x)
-                    times[k].append(time.perf_counter() - t)
+                if heap:
+                    net(x)             # the heap grows once per volume; the timed pass is a later patch's
+                t = time.perf_counter()
+                net(x)
+                times[k].append(time.perf_counter() - t)
     return {f"{k}_s": min(v) for k, v in times.items()} | {"gflop": flops / 1e9}
 
 
@@ -138,6 +138,46 @@ def wholebody_stack(manifest, n=4, min_inplane=200, min_slices=400):
     return imgs[0], imgs[1]
 
 
+def wholebody(manifest, model, quick, before):
+    """One whole-body synthesis: the earlier execution (``before``: default memory layout, overlap 0.5, every patch,
+    glibc's default heap settings) or today's (token layout, the default overlap, air patches skipped, freed memory
+    reused). Returns seconds, PSNR of output and input against the full-dose stack, and the stack's size."""
+    import SimpleITK as sitk
+    import PETWorkbenchLib.allocator as allocator
+    from PETWorkbenchLib.metrics import psnr
+    from SynthesisModuleLib import synthesize
+    from SynthesisModuleLib.infer import load_model
+    low, full = wholebody_stack(manifest, 2 if quick else 4)
+    fa = sitk.GetArrayFromImage(full)
+    net, _ = load_model(model)
+    net.token_layout = not before
+    allocator.ENABLED = not before
+    kw = {"overlap": 0.5, "skip_air": False} if before else {}
+    t = time.perf_counter()
+    out, _ = synthesize(low, net, device="cpu", **kw)
+    dt = time.perf_counter() - t
+    return {"s": dt, "psnr": psnr(sitk.GetArrayFromImage(out), fa), "psnr_input": psnr(sitk.GetArrayFromImage(low), fa),
+            "shape": "x".join(str(v) for v in low.GetSize())}
+
+
+PHASES = ("paper_default", "paper_heap", "wholebody_before", "wholebody_after")
+
+
+def run_phase(name, a):
+    """One measurement in this (fresh) process; prints one JSON line with its results and peak RSS (GB)."""
+    import json
+
+    import torch
+    torch.set_num_threads(a.threads)
+    if name.startswith("paper"):
+        res = paper_patch(a.repeats, heap=name == "paper_heap")
+    else:
+        from common import standard_manifest
+        res = wholebody(standard_manifest(a.manifest), a.model, a.quick, before=name == "wholebody_before")
+    res["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+    print("PHASE " + json.dumps(res), flush=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -145,48 +185,42 @@ def main(argv=None):
     ap.add_argument("--model", default="synthesis-drmc-cpu")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="two patients stacked instead of four (timing only)")
+    ap.add_argument("--phase", choices=PHASES, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    import SimpleITK as sitk
+    if a.phase:
+        return run_phase(a.phase, a)
+    import json
+    import subprocess
     import torch
     torch.set_num_threads(a.threads)
-    from common import standard_manifest
-    from PETWorkbenchLib.metrics import psnr
-    from SynthesisModuleLib import synthesize
     peak = peak_gflops()
-    pp = paper_patch(a.repeats)
-    limit_s = pp["gflop"] / peak
-    print(f"paper configuration, one 64^3 patch: {pp['gflop']:.0f} GFLOP (dense); authors' execution (dense, "
-          f"default layout) {pp['dense_s']:.2f} s, sparse in the default layout {pp['plain_sparse_s']:.2f} s, ours "
-          f"(sparse, token layout) {pp['sparse_default_heap_s']:.2f} s with the default heap settings and "
-          f"{pp['sparse_s']:.2f} s reusing freed memory (as synthesize); machine peak {peak:.0f} GFLOP/s -> limit "
-          f"{limit_s:.2f} s, ours at {pp['sparse_s'] / limit_s:.2f}x the limit", flush=True)
-    low, full = wholebody_stack(standard_manifest(a.manifest), 2 if a.quick else 4)
-    fa = sitk.GetArrayFromImage(full)
-    print(f"whole-body stack {low.GetSize()} at 2 mm", flush=True)
-    from SynthesisModuleLib.infer import load_model
-    net, _ = load_model(a.model)
-    import PETWorkbenchLib.allocator as allocator
-    net.token_layout = False            # the earlier execution: default memory layout, overlap 0.5, every patch,
-    allocator.ENABLED = False           # the default heap settings
-    t = time.perf_counter()
-    before, _ = synthesize(low, net, device="cpu", overlap=0.5, skip_air=False)
-    t_before = time.perf_counter() - t
-    allocator.ENABLED = True
-    net.token_layout = True             # today: token layout, the default overlap, air patches skipped, freed memory
-    #                                     reused
-    t = time.perf_counter()
-    after, _ = synthesize(low, net, device="cpu")
-    t_after = time.perf_counter() - t
-    p_before = psnr(sitk.GetArrayFromImage(before), fa)
-    p_after = psnr(sitk.GetArrayFromImage(after), fa)
-    print(f"before (overlap 0.5, every patch): {t_before:.1f} s, PSNR {p_before:.3f} dB; now: {t_after:.1f} s, "
-          f"PSNR {p_after:.3f} dB; input PSNR {psnr(sitk.GetArrayFromImage(low), fa):.3f} dB", flush=True)
-    rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
-    kv = {"patch_s_paper": pp["sparse_s"], "dense_patch_s_paper": pp["dense_s"], "wholebody_s_before": t_before,
-          "wholebody_s": t_after, "wholebody_psnr_change": p_after - p_before, "peak_rss_gb": rss_gb,
-          "limit_ratio": pp["sparse_s"] / limit_s, "patch_s_paper_default_heap": pp["sparse_default_heap_s"],
-          "peak_gflops": peak, "speedup": t_before / t_after,
-          "wholebody_shape": "x".join(str(s) for s in low.GetSize()), "threads": a.threads}
+    r = {}
+    for phase in PHASES:            # each in a fresh process: glibc's heap state is the process's own
+        cmd = [sys.executable, __file__, "--phase", phase, "--threads", str(a.threads), "--model", a.model,
+               "--repeats", str(a.repeats)] + (["--manifest", a.manifest] if a.manifest else []) + \
+              (["--quick"] if a.quick else [])
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        lines = [ln for ln in out.stdout.splitlines() if ln.startswith("PHASE ")]
+        if out.returncode or not lines:
+            sys.exit(f"phase {phase} failed: {out.stderr.strip().splitlines()[-1:]}")
+        r[phase] = json.loads(lines[-1][6:])
+    pd, ph = r["paper_default"], r["paper_heap"]
+    limit_s = pd["gflop"] / peak
+    print(f"paper configuration, one 64^3 patch: {pd['gflop']:.0f} GFLOP (dense); authors' execution (dense, "
+          f"default layout) {pd['dense_s']:.2f} s, sparse in the default layout {pd['plain_sparse_s']:.2f} s, ours "
+          f"(sparse, token layout) {pd['sparse_default_heap_s']:.2f} s with glibc's default heap settings and "
+          f"{ph['sparse_s']:.2f} s reusing freed memory (as synthesize; peak RSS {pd['peak_rss_gb']:.2f} vs "
+          f"{ph['peak_rss_gb']:.2f} GB); machine peak {peak:.0f} GFLOP/s -> limit {limit_s:.2f} s, ours at "
+          f"{ph['sparse_s'] / limit_s:.2f}x the limit", flush=True)
+    b, n = r["wholebody_before"], r["wholebody_after"]
+    print(f"whole-body stack {n['shape']} at 2 mm; before (overlap 0.5, every patch, default heap): {b['s']:.1f} s, "
+          f"PSNR {b['psnr']:.3f} dB, peak RSS {b['peak_rss_gb']:.2f} GB; now: {n['s']:.1f} s, PSNR {n['psnr']:.3f} dB, "
+          f"peak RSS {n['peak_rss_gb']:.2f} GB; input PSNR {n['psnr_input']:.3f} dB", flush=True)
+    kv = {"patch_s_paper": ph["sparse_s"], "dense_patch_s_paper": pd["dense_s"], "wholebody_s_before": b["s"],
+          "wholebody_s": n["s"], "wholebody_psnr_change": n["psnr"] - b["psnr"], "peak_rss_gb": n["peak_rss_gb"],
+          "limit_ratio": ph["sparse_s"] / limit_s, "patch_s_paper_default_heap": pd["sparse_default_heap_s"],
+          "peak_rss_gb_paper_patch": ph["peak_rss_gb"], "peak_gflops": peak, "speedup": b["s"] / n["s"],
+          "wholebody_shape": n["shape"], "threads": a.threads}
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in kv.items()))
 
 
