@@ -1,8 +1,9 @@
 """The main job, end to end, for one study: low-dose PET in; full-dose estimate, organs, uptake and alignment out.
 
 Steps (each writes into ``<out>/<study id>/`` and can be run alone; a step whose outputs exist is not redone,
-unless they were made with other model weights: ``models.json`` records the weights' checksums, and outputs of
-older weights are moved to ``superseded/<time>/`` and recomputed):
+unless they were made with other model weights or PET -> CT settings: ``models.json`` records the weights'
+checksums and a fingerprint of the registration settings, and outputs of older ones are moved to
+``superseded/<time>/`` and recomputed):
 
 ``simulate``    (only for studies made from anatomy) whole-body pseudo-PET on real CT anatomy, full-dose and
                 low-dose (DRF 10) OSEM reconstructions, and a CT carrying a known breathing-like misalignment
@@ -380,7 +381,17 @@ MODEL_OUTPUTS = {
                   "pet_on_ct.nii.gz", "registration.json") + _REPORT_FILES,
     "segmentation": ("organs_low.nii.gz", "organs_synth.nii.gz", "uptake.json", "lesion_changes.json",
                      "lesion_changes.csv") + _REPORT_FILES,
+    "registration": ("field.nii.gz", "pet_on_ct.nii.gz", "registration.json") + _REPORT_FILES,
 }
+
+
+def registration_fingerprint():
+    """'pet-ct@<16 hex digits>' of the main job's PET -> CT settings (``PET_CT_REGISTRATION``, the CT smoothing), so
+    that a study registered with other settings is registered again, like outputs of other model weights."""
+    import hashlib
+    settings = dict(PET_CT_REGISTRATION, ct_sigma_mm=PET_CT_CT_SIGMA_MM)
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=list).encode()).hexdigest()
+    return f"pet-ct@{digest[:16]}"
 
 
 def model_fingerprint(model):
@@ -417,8 +428,9 @@ _RECORDS = ("models.json", "inputs.json", "FAILED.json", "superseded")
 
 
 def _supersede_stale_outputs(st, fingerprints, inputs=None):
-    """Move the outputs made with other model weights than ``fingerprints`` (or from other ``inputs``) into
-    ``superseded/<time>/`` (never deleted) so that they are recomputed. Returns what changed."""
+    """Move the outputs made with other model weights or registration settings than ``fingerprints`` (or from
+    other ``inputs``) into ``superseded/<time>/`` (never deleted) so that they are recomputed. Returns what
+    changed."""
     import shutil
     from PETWorkbenchLib.imageio import write_json
 
@@ -431,8 +443,9 @@ def _supersede_stale_outputs(st, fingerprints, inputs=None):
     before_models, before_inputs = previous("models.json"), previous("inputs.json")
     had_results = st.has("DONE.json") or any(st.path(n).exists() for fam in MODEL_OUTPUTS for n in MODEL_OUTPUTS[fam])
     changed = []
-    if before_models is not None:
-        changed = [fam for fam, fp in fingerprints.items() if before_models.get(fam) not in (None, fp)]
+    if before_models is not None:   # a family not recorded but with outputs present: made by unknown settings
+        changed = [fam for fam, fp in fingerprints.items() if before_models.get(fam) != fp and (
+            before_models.get(fam) is not None or any(st.path(n).exists() for n in MODEL_OUTPUTS[fam]))]
     elif st.has("DONE.json"):  # a run from before fingerprints were recorded: weights unknown
         changed = list(fingerprints)
     if inputs is None:
@@ -473,7 +486,8 @@ def run_study(spec, out_root, steps=None, device="cpu", seed=0, models=None, pro
     for family in ("synthesis", "segmentation"):
         models[family] = models.get(family) or default_model(family)
     fingerprints = {"synthesis": model_fingerprint(models["synthesis"]),
-                    "segmentation": model_fingerprint(models["segmentation"])}
+                    "segmentation": model_fingerprint(models["segmentation"]),
+                    "registration": registration_fingerprint()}
     if not st.spec.get("low_dose") and not st.spec.get("anatomy"):
         raise InputError(f"Study {st.id} names no low_dose PET (and no anatomy to simulate from)")
     _supersede_stale_outputs(st, fingerprints, input_fingerprints(st, seed))

@@ -195,3 +195,29 @@ def test_scene_written_from_a_relative_folder_moves_with_it(tmp_path, monkeypatc
     monkeypatch.chdir("/")
     scene = load_scene(tmp_path / "moved" / "scene" / "Scene.mrml")
     assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") >= 3
+
+
+def test_a_registration_made_with_other_settings_is_superseded(tmp_path, monkeypatch):
+    from PETWorkbenchApp import pipeline
+    from PETWorkbenchApp.pipeline import Study, _supersede_stale_outputs, registration_fingerprint
+    st = Study({"id": "s1"}, tmp_path / "out")
+    names = ["low_dose.nii.gz", "synthesized.nii.gz", "field.nii.gz", "registration.json", "pet_on_ct.nii.gz",
+             "DONE.json"]
+    for n in names:
+        st.path(n).write_text(n)
+    fp = {"synthesis": "m@1", "segmentation": "m@2"}
+    # a study recorded before the settings were fingerprinted: its registration's settings are unknown
+    st.path("models.json").write_text(json.dumps(fp))
+    changed = _supersede_stale_outputs(st, dict(fp, registration=registration_fingerprint()))
+    assert changed == ["registration"] and not st.has("field.nii.gz") and not st.has("DONE.json")
+    assert st.has("synthesized.nii.gz", "low_dose.nii.gz")
+    assert len(list((st.dir / "superseded").glob("*/field.nii.gz"))) == 1
+    # same settings again: kept; other settings (e.g. a new CT smoothing): superseded
+    for n in ("field.nii.gz", "registration.json", "DONE.json"):
+        st.path(n).write_text(n)
+    now = dict(fp, registration=registration_fingerprint())
+    assert _supersede_stale_outputs(st, now) == [] and st.has("field.nii.gz", "DONE.json")
+    monkeypatch.setattr(pipeline, "PET_CT_CT_SIGMA_MM", 3.0)
+    assert registration_fingerprint() != now["registration"]
+    assert _supersede_stale_outputs(st, dict(fp, registration=registration_fingerprint())) == ["registration"]
+    assert not st.has("field.nii.gz") and st.has("synthesized.nii.gz")
