@@ -194,8 +194,6 @@ def main(argv=None):
         return run_phase(a.phase, a)
     import json
     import subprocess
-    import torch
-    torch.set_num_threads(a.threads)
     r = {}
     for phase in PHASES:            # each in a fresh process: glibc's heap state is the process's own
         cmd = [sys.executable, __file__, "--phase", phase, "--threads", str(a.threads), "--model", a.model,

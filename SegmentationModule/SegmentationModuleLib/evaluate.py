@@ -107,16 +107,12 @@ def with_postprocessing(model: str | Path | dict, decision: dict, out: str | Pat
     never one of ``inputs``), atomically. Returns the path."""
     from pathlib import Path as _Path
     from PETWorkbenchLib.imageio import check_output
-    from PETWorkbenchLib.models import load_checkpoint, load_model_checkpoint, save_checkpoint
+    from PETWorkbenchLib.models import save_checkpoint
+    from .infer import read_checkpoint
     from .postprocess import check_postprocessing
     decision = check_postprocessing(decision)
     check_output(out, list(inputs), overwrite, "model weights")
-    if isinstance(model, dict):
-        ckpt = model
-    elif _Path(str(model)).is_file():
-        ckpt = load_checkpoint(model)
-    else:
-        ckpt = load_model_checkpoint(str(model))
+    ckpt = read_checkpoint(model)
     cfg = dict(ckpt["config"])
     cfg["inference"] = dict(cfg.get("inference", {}), postprocessing=decision)
     extra = {k: v for k, v in ckpt.items() if k not in ("config", "state_dict")}

@@ -20,18 +20,23 @@ if TYPE_CHECKING:
     from .model import LDOSNet
 
 
+def read_checkpoint(checkpoint: str | Path | dict,
+                    progress: Callable[[float, str], None] | None = None) -> dict:
+    """The checkpoint dict of a weights file, a registry id (verified, fetched if needed) or a loaded dict."""
+    from PETWorkbenchLib.models import load_checkpoint, load_model_checkpoint
+    if isinstance(checkpoint, dict):
+        return checkpoint
+    if isinstance(checkpoint, (str, Path)) and Path(checkpoint).is_file():
+        return load_checkpoint(checkpoint)
+    return load_model_checkpoint(str(checkpoint), progress=progress)
+
+
 def load_model(checkpoint: str | Path | dict, device: str | torch.device = "cpu",
                progress: Callable[[float, str], None] | None = None) -> tuple[LDOSNet, dict]:
     """Checkpoint (path, registry id or loaded dict) -> (network in eval mode, config)."""
     from PETWorkbenchLib.device import torch_device
-    from PETWorkbenchLib.models import load_checkpoint, load_model_checkpoint
     from .model import build_network
-    if isinstance(checkpoint, dict):
-        ckpt = checkpoint
-    elif isinstance(checkpoint, (str, Path)) and Path(checkpoint).is_file():
-        ckpt = load_checkpoint(checkpoint)
-    else:
-        ckpt = load_model_checkpoint(str(checkpoint), progress=progress)
+    ckpt = read_checkpoint(checkpoint, progress)
     cfg = ckpt.get("config")
     if not isinstance(cfg, dict) or "network" not in cfg:
         raise ModelError("The checkpoint has no network configuration")
