@@ -94,6 +94,8 @@ def load_studies(source):
 
 def _client(scheduler, timeout_s=10):
     """Dask client for ``local:N`` or a scheduler address; InputError with one line when neither works."""
+    if not timeout_s > 0:
+        raise InputError(f"--scheduler-timeout must be a positive number of seconds, not {timeout_s}")
     try:
         from dask.distributed import Client, LocalCluster
     except ImportError:
@@ -107,9 +109,9 @@ def _client(scheduler, timeout_s=10):
     if "://" not in scheduler and ":" not in scheduler:
         raise InputError(f"Scheduler {scheduler!r} is neither local:N nor an address like tcp://host:8786")
     try:
-        return Client(scheduler, timeout=f"{timeout_s}s"), None
+        return Client(scheduler, timeout=f"{timeout_s:g}s"), None
     except (OSError, TimeoutError, ValueError) as e:
-        raise InputError(f"Cannot reach the Dask scheduler at {scheduler} within {timeout_s} s "
+        raise InputError(f"Cannot reach the Dask scheduler at {scheduler} within {timeout_s:g} s "
                          f"({type(e).__name__}); check the address and that the scheduler is running") from None
 
 
@@ -144,8 +146,10 @@ def _run_one(spec, out_root, steps, device, seed, models=None):
 
 
 def run_batch(studies, out_root, steps=None, device="cpu", seed=0, scheduler=None, models=None, progress=None,
-              cancel=None):
-    """Run the pipeline on every study. Returns {"studies": [status...], "done", "skipped", "failed"}."""
+              cancel=None, scheduler_timeout_s=10):
+    """Run the pipeline on every study. Returns {"studies": [status...], "done", "skipped", "failed"}.
+
+    ``scheduler_timeout_s``: how long to try to reach a scheduler address before refusing (exit code 2)."""
     from PETWorkbenchLib.errors import ResourceError, os_error_reason
     from PETWorkbenchLib.imageio import write_json
     from .pipeline import check_steps
@@ -159,7 +163,7 @@ def run_batch(studies, out_root, steps=None, device="cpu", seed=0, scheduler=Non
     results = []
     if scheduler:
         from dask.distributed import as_completed
-        client, cluster = _client(scheduler)
+        client, cluster = _client(scheduler, scheduler_timeout_s)
         try:
             futures = [client.submit(_run_one, s, str(out_root), steps, device, seed, models, key=f"study-{s['id']}",
                                      pure=False) for s in studies]

@@ -49,7 +49,8 @@ def _cmd_pipeline(args, rep):
 def _cmd_batch(args, rep):
     from .batch import format_table, load_studies, run_batch
     summary = run_batch(load_studies(args.studies), args.out, steps=_steps(args.steps), device=args.device,
-                        seed=args.seed, scheduler=args.scheduler, progress=rep)
+                        seed=args.seed, scheduler=args.scheduler, progress=rep,
+                        scheduler_timeout_s=args.scheduler_timeout)
     if not args.json:
         print(format_table(summary))
         return {"done": summary["done"], "skipped": summary["skipped"], "failed": summary["failed"]}
@@ -119,6 +120,8 @@ def build_parser():
     p.add_argument("--out", required=True)
     p.add_argument("--steps", help="comma-separated subset of the pipeline steps")
     p.add_argument("--scheduler", help="Dask scheduler address (tcp://host:8786) or local:N for N local workers")
+    p.add_argument("--scheduler-timeout", type=float, default=10.0, metavar="S",
+                   help="seconds to try to reach a scheduler address before giving up (default 10)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_batch)

@@ -61,7 +61,9 @@ def test_cancel_kills_process_tree_quickly():
     job.cancel()
     with pytest.raises(Cancelled):
         job.wait(timeout=10)
-    assert time.monotonic() - t1 < 2.0
+    # cancel() waits at most its 1 s grace before SIGKILL; a Slicer user must not wait for the job to finish
+    # (it has ~100 s left). 5 s leaves room for a loaded machine and still catches a cancel that waits.
+    assert time.monotonic() - t1 < 5.0
     assert not _alive(job.proc.pid)
     deadline = time.monotonic() + 2
     while _alive(child_pid) and time.monotonic() < deadline:

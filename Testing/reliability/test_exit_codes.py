@@ -20,7 +20,8 @@ def unreachable_scheduler(tmp_path_factory):
     (d / "studies.csv").write_text("id,low_dose\ns1,low.nii.gz\n")
     t0 = time.monotonic()
     proc = subprocess.Popen(PWB + ["batch", str(d / "studies.csv"), "--out", str(d / "out"), "--steps",
-                                   "synthesize", "--scheduler", "tcp://127.0.0.1:9"],
+                                   "synthesize", "--scheduler", "tcp://127.0.0.1:9",
+                                   "--scheduler-timeout", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     yield proc, t0, d
     if proc.poll() is None:
@@ -39,6 +40,8 @@ def _bad_inputs(tmp):
         "blank batch id": (2, ["batch", tmp / "blank.csv", "--out", tmp / "out"], "line 2"),
         "scheduler local:abc": (2, ["batch", tmp / "ok.csv", "--out", tmp / "out", "--scheduler", "local:abc"],
                                 "local:abc"),
+        "scheduler timeout 0": (2, ["batch", tmp / "ok.csv", "--out", tmp / "out", "--scheduler", "tcp://127.0.0.1:9",
+                                    "--scheduler-timeout", "0"], "scheduler-timeout"),
         "scheduler nonsense": (2, ["batch", tmp / "ok.csv", "--out", tmp / "out", "--scheduler", "nonsense"],
                                "nonsense"),
         "bad --iterations": (2, ["register", tmp / "low.nii.gz", tmp / "low.nii.gz", "-o", tmp / "f.nii.gz",
@@ -147,10 +150,14 @@ def test_read_only_output_folder_exits_4(tmp_path):
     assert list(ro.iterdir()) == []
 
 
-def test_unreachable_scheduler_is_refused_within_15_s(unreachable_scheduler):
+def test_unreachable_scheduler_is_refused_after_its_timeout(unreachable_scheduler):
+    # The process is told to give up after 2 s. Dask's own connect timeout is 30 s, so finishing within 25 s
+    # (2 s plus up to 23 s for starting Python and importing torch/dask while other tests load the machine)
+    # shows the timeout is ours; the bound is not a speed target.
     proc, t0, d = unreachable_scheduler
-    out, err = proc.communicate(timeout=max(1.0, 20 - (time.monotonic() - t0)))
-    assert time.monotonic() - t0 < 17, "more than ~15 s to give up on an unreachable scheduler"
+    out, err = proc.communicate(timeout=max(1.0, 40 - (time.monotonic() - t0)))
+    assert time.monotonic() - t0 < 25, "did not give up within its 2 s scheduler timeout"
     assert proc.returncode == 2, (proc.returncode, err)
-    assert "scheduler" in assert_one_error_line(err, "tcp://127.0.0.1:9").lower()
+    line = assert_one_error_line(err, "tcp://127.0.0.1:9")
+    assert "scheduler" in line.lower() and "within 2" in line
     assert not (d / "out" / "s1" / "DONE.json").exists()
