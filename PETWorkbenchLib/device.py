@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from .errors import InputError
 
 CHOICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,29 @@ def torch_device(device="auto"):
     if isinstance(device, DeviceChoice):
         return device.torch()
     return choose_device(str(device or "auto")).torch()
+
+
+def inference_precision(device, precision="float32"):
+    """Check a network's inference arithmetic for ``device``: "float32", or "bfloat16" (``torch.autocast``: matrix
+    products and convolutions in bfloat16 with float32 accumulation, everything else in float32). bfloat16 needs
+    a CPU or CUDA device (autocast has no bfloat16 path elsewhere); on a CPU without native bfloat16 it is emulated
+    and slower."""
+    precision = (precision or "float32").strip().lower()
+    if precision not in PRECISIONS:
+        raise InputError(f"Unknown precision '{precision}': choose one of {', '.join(PRECISIONS)}")
+    if precision == "bfloat16" and torch_device(device).type not in ("cpu", "cuda"):
+        raise InputError(f"bfloat16 inference needs a CPU or CUDA device, not {torch_device(device).type}")
+    return precision
+
+
+def autocast(device, precision):
+    """Context manager for :func:`inference_precision`'s result on ``device`` (a no-op for float32)."""
+    import contextlib
+
+    import torch
+    if precision == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch_device(device).type, dtype=torch.bfloat16)
 
 
 def describe():

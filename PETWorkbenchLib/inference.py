@@ -10,11 +10,12 @@ from .progress import Reporter
 
 
 def sliding_window(predictor, image, roi_size, overlap=0.5, sw_batch_size=4, mode="gaussian", device=None,
-                   progress=None, cancel=None, padding_mode="constant", cval=0.0):
+                   progress=None, cancel=None, padding_mode="constant", cval=0.0, sigma_scale=0.125):
     """Run ``predictor`` (tensor (B,C,*roi) -> tensor or tuple/dict of tensors) over ``image`` (N,C,*spatial).
 
     Returns the blended prediction on the CPU with the spatial size of ``image``. ``device`` is where patches are
-    computed (a torch.device or name; default: the image's device).
+    computed (a torch.device or name; default: the image's device). ``sigma_scale``: the Gaussian blending
+    weight's standard deviation as a fraction of the patch size (MONAI's and nnU-Net's 0.125 by default).
     """
     import torch
     from monai.inferers import sliding_window_inference
@@ -31,6 +32,8 @@ def sliding_window(predictor, image, roi_size, overlap=0.5, sw_batch_size=4, mod
         raise InputError(f"overlap must be in [0, 1), got {overlap}")
     if sw_batch_size < 1:
         raise InputError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
+    if not sigma_scale > 0:
+        raise InputError(f"sigma_scale must be > 0, got {sigma_scale}")
     rep = Reporter(progress, cancel)
     compute = torch.device(device) if device is not None else image.device
     state = {"done": 0, "total": None}
@@ -56,6 +59,7 @@ def sliding_window(predictor, image, roi_size, overlap=0.5, sw_batch_size=4, mod
     with torch.no_grad(), reuse_freed_memory():   # the patches' intermediates reuse freed pages (allocator.py)
         out = sliding_window_inference(image.cpu(), roi_size=tuple(roi_size), sw_batch_size=sw_batch_size,
                                        predictor=wrapped, overlap=overlap, mode=mode, padding_mode=padding_mode,
-                                       cval=cval, sw_device=compute, device=torch.device("cpu"))
+                                       cval=cval, sw_device=compute, device=torch.device("cpu"),
+                                       sigma_scale=sigma_scale)
     rep(1.0, f"{state['done']} patches done")
     return out

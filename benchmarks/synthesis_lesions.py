@@ -87,7 +87,7 @@ def main(argv=None):
     ap.add_argument("--nema", default=str(NEMA))
     ap.add_argument("--drf", type=float, default=10.0)
     ap.add_argument("--model", default="synthesis-drmc-cpu")
-    ap.add_argument("--overlap", type=float, default=0.25)
+    ap.add_argument("--overlap", type=float, default=None, help="default: synthesize()'s")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / ".cache" / "synthesis" / "nema"))
     ap.add_argument("--quick", action="store_true", help="skip the low-dose synthesis (round trip only)")
@@ -100,6 +100,9 @@ def main(argv=None):
     from SynthesisModuleLib.lesions import lesion_change_report, model_calibration
     if not Path(a.nema).is_file():
         sys.exit(f"NEMA phantom not found: {a.nema}")
+    if a.overlap is None:
+        from SynthesisModuleLib import DEFAULT_OVERLAP
+        a.overlap = DEFAULT_OVERLAP           # as a user's `petworkbench synthesize` runs
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     full, bg, spheres = load_nema(a.nema)

@@ -14,15 +14,17 @@
    patch runs.
 2. Whole body: four held-out simulated patients of the standard set, each resampled to 2 mm, padded to a common
    in-plane size of at least 200 x 200 and stacked head to foot (padded with air to at least 400 slices); the
-   low-dose stack through ``synthesize`` with the earlier execution (default memory layout, overlap 0.5, every
-   patch through the network, default heap settings) and with today's (token layout, overlap 0.375, air patches
-   skipped, freed memory reused); PSNR of each
-   against the full-dose stack (R = its max).
-3. Peak resident memory of each measurement. Each of the four measurements (paper patch with and without the heap
-   setting, whole body before and now) runs in a fresh process, since glibc's heap settings stay once set.
+   low-dose stack through ``synthesize`` with the earlier execution (default memory layout, overlap 0.5, Gaussian
+   blending sigma 0.125 x patch, every patch through the network, default heap settings, float32) and with
+   today's defaults (token layout, overlap 0.3 with Gaussian blending sigma 0.25 x patch, air patches skipped,
+   freed memory reused, float32), and today's with ``precision="bfloat16"`` (autocast) for comparison; PSNR of
+   each against the full-dose stack (R = its max).
+3. Peak resident memory of each measurement. Each of the five measurements (paper patch with and without the heap
+   setting, whole body before, now and now in bfloat16) runs in a fresh process, since glibc's heap settings stay
+   once set.
 
 Last line: patch_s_paper dense_patch_s_paper wholebody_s_before wholebody_s wholebody_psnr_change peak_rss_gb
-(plus limit_ratio, peak_gflops, wholebody_shape, speedup).
+(plus limit_ratio, peak_gflops, wholebody_shape, speedup, wholebody_s_bfloat16, wholebody_psnr_change_bfloat16).
 """
 
 import argparse
@@ -140,10 +142,11 @@ def wholebody_stack(manifest, n=4, min_inplane=200, min_slices=400):
     return imgs[0], imgs[1]
 
 
-def wholebody(manifest, model, quick, before):
-    """One whole-body synthesis: the earlier execution (``before``: default memory layout, overlap 0.5, every patch,
-    glibc's default heap settings) or today's (token layout, the default overlap, air patches skipped, freed memory
-    reused). Returns seconds, PSNR of output and input against the full-dose stack, and the stack's size."""
+def wholebody(manifest, model, quick, before, precision="float32"):
+    """One whole-body synthesis: the earlier execution (``before``: default memory layout, overlap 0.5, blending
+    sigma 0.125 x patch, every patch, glibc's default heap settings, float32) or today's (token layout, the
+    default overlap and blending, air patches skipped, freed memory reused, ``precision``). Returns seconds, PSNR
+    of output and input against the full-dose stack, the stack's size and the precision used."""
     import SimpleITK as sitk
     import PETWorkbenchLib.allocator as allocator
     from PETWorkbenchLib.metrics import psnr
@@ -154,15 +157,16 @@ def wholebody(manifest, model, quick, before):
     net, _ = load_model(model)
     net.token_layout = not before
     allocator.ENABLED = not before
-    kw = {"overlap": 0.5, "skip_air": False} if before else {}
+    kw = ({"overlap": 0.5, "blend_sigma": 0.125, "skip_air": False, "precision": "float32"} if before
+          else {"precision": precision})
     t = time.perf_counter()
-    out, _ = synthesize(low, net, device="cpu", **kw)
+    out, summary = synthesize(low, net, device="cpu", **kw)
     dt = time.perf_counter() - t
     return {"s": dt, "psnr": psnr(sitk.GetArrayFromImage(out), fa), "psnr_input": psnr(sitk.GetArrayFromImage(low), fa),
-            "shape": "x".join(str(v) for v in low.GetSize())}
+            "shape": "x".join(str(v) for v in low.GetSize()), "precision": summary["precision"]}
 
 
-PHASES = ("paper_default", "paper_heap", "wholebody_before", "wholebody_after")
+PHASES = ("paper_default", "paper_heap", "wholebody_before", "wholebody_after", "wholebody_bfloat16")
 
 
 def run_phase(name, a):
@@ -176,7 +180,8 @@ def run_phase(name, a):
         res["peak_gflops"] = peak_gflops(repeats=5)   # the machine's limit in this process, right after the patch
     else:
         from common import standard_manifest
-        res = wholebody(standard_manifest(a.manifest), a.model, a.quick, before=name == "wholebody_before")
+        res = wholebody(standard_manifest(a.manifest), a.model, a.quick, before=name == "wholebody_before",
+                        precision="bfloat16" if name == "wholebody_bfloat16" else "float32")
     res["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
     print("PHASE " + json.dumps(res), flush=True)
 
@@ -213,15 +218,17 @@ def main(argv=None):
           f"{ph['sparse_s']:.2f} s reusing freed memory (as synthesize; peak RSS {pd['peak_rss_gb']:.2f} vs "
           f"{ph['peak_rss_gb']:.2f} GB); machine peak {peak:.0f} GFLOP/s -> limit {limit_s:.2f} s, ours at "
           f"{ph['sparse_s'] / limit_s:.2f}x the limit", flush=True)
-    b, n = r["wholebody_before"], r["wholebody_after"]
-    print(f"whole-body stack {n['shape']} at 2 mm; before (overlap 0.5, every patch, default heap): {b['s']:.1f} s, "
-          f"PSNR {b['psnr']:.3f} dB, peak RSS {b['peak_rss_gb']:.2f} GB; now: {n['s']:.1f} s, PSNR {n['psnr']:.3f} dB, "
-          f"peak RSS {n['peak_rss_gb']:.2f} GB; input PSNR {n['psnr_input']:.3f} dB", flush=True)
+    b, n, f = r["wholebody_before"], r["wholebody_after"], r["wholebody_bfloat16"]
+    print(f"whole-body stack {n['shape']} at 2 mm; before (overlap 0.5, every patch, default heap, float32): "
+          f"{b['s']:.1f} s, PSNR {b['psnr']:.4f} dB, peak RSS {b['peak_rss_gb']:.2f} GB; now: "
+          f"{n['s']:.1f} s, PSNR {n['psnr']:.4f} dB, peak RSS {n['peak_rss_gb']:.2f} GB; now in bfloat16: "
+          f"{f['s']:.1f} s, PSNR {f['psnr']:.4f} dB; input PSNR {n['psnr_input']:.3f} dB", flush=True)
     kv = {"patch_s_paper": ph["sparse_s"], "dense_patch_s_paper": pd["dense_s"], "wholebody_s_before": b["s"],
           "wholebody_s": n["s"], "wholebody_psnr_change": n["psnr"] - b["psnr"], "peak_rss_gb": n["peak_rss_gb"],
           "limit_ratio": ph["sparse_s"] / limit_s, "patch_s_paper_default_heap": pd["sparse_default_heap_s"],
           "peak_rss_gb_paper_patch": ph["peak_rss_gb"], "peak_gflops": peak, "speedup": b["s"] / n["s"],
-          "wholebody_shape": n["shape"], "threads": a.threads}
+          "wholebody_shape": n["shape"], "threads": a.threads,
+          "wholebody_s_bfloat16": f["s"], "wholebody_psnr_change_bfloat16": f["psnr"] - b["psnr"]}
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in kv.items()))
 
 

@@ -4,14 +4,19 @@ Importing this package is cheap (no torch); the functions below import their sub
 
 Engine API
 ----------
-``synthesize(image, model, device="auto", patch=None, overlap=DEFAULT_OVERLAP (0.375), sw_batch_size=2,
-units="SUV", progress=None, cancel=None, skip_air=True) -> (SimpleITK.Image, dict)``
+``synthesize(image, model, device="auto", patch=None, overlap=DEFAULT_OVERLAP (0.3), sw_batch_size=2,
+units="SUV", progress=None, cancel=None, skip_air=True, precision="float32", blend_sigma=BLEND_SIGMA (0.25))
+-> (SimpleITK.Image, dict)``
     ``image``: low-dose PET, 3D ``SimpleITK.Image`` in SUV (body weight). Bq/ml must be converted first
     (``PETWorkbenchLib.units``); ``units`` other than SUV raise ``InputError``, as do 2D, empty, NaN/inf images and
     implausible SUV maxima (> 1e4, i.e. probably Bq/ml).
     ``model``: registry id (e.g. ``"synthesis-drmc-cpu"``), weights file (``{config, state_dict}``), checkpoint dict
     or a ``Generator``. ``patch``: sliding-window size in voxels at 2 mm (default: the model's training patch);
-    ``overlap`` in [0, 1); ``sw_batch_size`` bounds memory (only that many patches on the device at a time).
+    ``overlap`` in [0, 1) and ``blend_sigma`` (Gaussian blending weight's sigma / patch size);
+    ``sw_batch_size`` bounds memory (only that many patches on the device at a time).
+    ``precision``: the network's arithmetic, "float32" (default) or "bfloat16" (autocast on CPU or CUDA; the input,
+    the blending and the predicted change added to the input stay float32; METHOD.md: no consistent gain on a
+    2-core CPU with native bfloat16, whole-body PSNR within 0.002 dB).
     Pipeline: float32 -> resample to 2 mm isotropic (linear) -> clip negatives, / ``suv_scale`` -> sliding window
     with Gaussian blending (PETWorkbenchLib.inference; patches of air returned as they are) -> x ``suv_scale`` ->
     the predicted change (output - input on the 2 mm grid) back to the input grid (linear) and added to the
@@ -19,7 +24,7 @@ units="SUV", progress=None, cancel=None, skip_air=True) -> (SimpleITK.Image, dic
     full-dose estimate in SUV on the input grid (metadata copied) and a routing
     summary: ``{"routed", "n_patches", "banks": ["block1.attention", "block1.ffn", ...], "mean_weight" (banks x M),
     "top1_fraction" (banks x M), "active_fraction", "all_zero_fraction", "model", "device", "patch", "overlap",
-    "grid_2mm"}`` (``routed`` False for the baseline).
+    "grid_2mm", "precision", "blend_sigma"}`` (``routed`` False for the baseline).
     Raises ``InputError`` (bad input), ``ModelError`` (weights), ``Cancelled``.
 
 ``load_model(model, device) -> (Generator, config)``; ``build_model(config)``; ``train(config, manifest, out_dir,
@@ -34,10 +39,11 @@ Manifest (training / evaluation): ``manifest.csv`` with columns case_id, patient
 split, full_dose, low_dose, low_dose_drf20, ct, labels, lesions, spacing_mm, units; paths relative to the manifest.
 """
 
-DEFAULT_OVERLAP = 0.375  # sliding-window overlap of synthesize(), the CLI and the module (synthesis_speed.py)
+DEFAULT_OVERLAP = 0.3  # sliding-window overlap of synthesize(), the CLI and the module (synthesis_speed.py)
+BLEND_SIGMA = 0.25    # Gaussian blending width / patch size of synthesize() (METHOD.md, Inference)
 
-__all__ = ["DEFAULT_OVERLAP", "synthesize", "load_model", "build_model", "train", "evaluate", "interference",
-           "load_config"]
+__all__ = ["DEFAULT_OVERLAP", "BLEND_SIGMA", "synthesize", "load_model", "build_model", "train", "evaluate",
+           "interference", "load_config"]
 
 _WHERE = {"synthesize": "infer", "load_model": "infer", "build_model": "model", "train": "train",
           "load_config": "train", "evaluate": "evaluate", "interference": "metrics"}

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from PETWorkbenchLib.device import PRECISIONS
 from PETWorkbenchLib.errors import InputError
 from PETWorkbenchLib.requests import option
 from PETWorkbenchLib.units import PETUnits
@@ -36,6 +37,8 @@ class SynthesizeRequest(PETUnits):
     patch: int = option(None, parse=int, help="sliding-window patch size (default: training size)")
     overlap: float = option(DEFAULT_OVERLAP, help="sliding-window overlap in [0, 1)")
     sw_batch_size: int = option(2, help="patches per forward pass")
+    precision: str = option("float32", choices=PRECISIONS, help="the network's arithmetic: float32 (default) or "
+                            "bfloat16 (autocast, for CPUs or GPUs with native bfloat16)")
     routing_json: str = option(None, help="write the routing summary here")
     lesions: str = option(None, help="write the lesion-change report here (.json; .csv for the table only)")
     liver_mask: str = option(None, help="liver mask, or an organ label map of `petworkbench segment` (liver = its "
@@ -63,7 +66,7 @@ def _cmd_synthesize(args, rep):
     model = req.model or default_model("synthesis")
     out, summary = synthesize(image, model, device=req.device, patch=req.patch,
                               overlap=req.overlap, sw_batch_size=req.sw_batch_size, units="SUV",
-                              progress=rep.sub(0.0, 0.95))
+                              precision=req.precision, progress=rep.sub(0.0, 0.95))
     rep(0.95, "lesion-change report")
     from .lesions import CSV_COLUMNS, lesion_change_report, model_calibration, report_rows
     report = lesion_change_report(image, out, liver_mask=liver, threshold_suv=req.lesion_threshold,

@@ -149,7 +149,10 @@ def evaluate(models: dict[str, str | Path | dict | Generator], manifest: str | P
             p = patch or cfg["train"]["patch_size"]
             est, log = predict_array(net, normalise(low, scale), p, overlap, sw_batch_size, dev,
                                      progress=r0.sub(k / len(nets), (k + 1) / len(nets)),
-                                     empty_level=EMPTY_PATCH_SUV / scale)  # as synthesize() runs it
+                                     empty_level=EMPTY_PATCH_SUV / scale,  # air skipped as in synthesize()
+                                     precision="float32", sigma_scale=0.125)
+            # float32 and MONAI's blending width on every machine, as the recorded metrics were measured (with the
+            # evaluation's overlap, 0.5 by default); synthesize()'s bfloat16 and wider blending: METHOD.md
             est = np.clip(est * scale, 0.0, None)
             results.append({**base, "method": name, **case_metrics(est, full, les)})
             if log:

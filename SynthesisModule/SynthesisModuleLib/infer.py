@@ -11,13 +11,13 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from PETWorkbenchLib.device import torch_device
+from PETWorkbenchLib.device import autocast, inference_precision, torch_device
 from PETWorkbenchLib.errors import Cancelled, InputError, ModelError
 from PETWorkbenchLib.imageio import resample_like, resample_to_spacing
 from PETWorkbenchLib.progress import Reporter
 from PETWorkbenchLib.units import check_pet_image
 
-from . import DEFAULT_OVERLAP
+from . import BLEND_SIGMA, DEFAULT_OVERLAP
 from .data import TARGET_SPACING, normalise
 from .model import build_model
 from .train import load_config
@@ -84,11 +84,11 @@ def load_model(model: str | Path | dict | Generator, device: str | torch.device 
 def sliding_window(predictor: Callable[[torch.Tensor], Prediction], image_tensor: torch.Tensor,
                    roi_size: Sequence[int], overlap: float = 0.5, sw_batch_size: int = 4, mode: str = "gaussian",
                    device: str | torch.device | None = None, progress: Callable[[float, str], None] | None = None,
-                   cancel: Callable[[], bool] | None = None) -> Prediction:
+                   cancel: Callable[[], bool] | None = None, sigma_scale: float = 0.125) -> Prediction:
     """Thin indirection to PETWorkbenchLib.inference.sliding_window (MONAI sliding_window_inference)."""
     from PETWorkbenchLib.inference import sliding_window as shared
     return shared(predictor, image_tensor, roi_size, overlap=overlap, sw_batch_size=sw_batch_size, mode=mode,
-                  device=device, progress=progress, cancel=cancel)
+                  device=device, progress=progress, cancel=cancel, sigma_scale=sigma_scale)
 
 
 def skip_empty(model: Callable[[torch.Tensor], torch.Tensor], level: float) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -109,19 +109,24 @@ def predict_array(model: Generator, arr: np.ndarray, patch: int | Sequence[int] 
                   overlap: float = DEFAULT_OVERLAP, sw_batch_size: int = 2, device: str | torch.device = "cpu",
                   progress: Callable[[float, str], None] | None = None,
                   cancel: Callable[[], bool] | None = None,
-                  empty_level: float | None = None) -> tuple[np.ndarray, list[torch.Tensor] | None]:
+                  empty_level: float | None = None,
+                  precision: str = "float32",
+                  sigma_scale: float = BLEND_SIGMA) -> tuple[np.ndarray, list[torch.Tensor] | None]:
     """Run the network on a normalised (z, y, x) array on the 2 mm grid; returns (array, routing_log).
-    ``empty_level``: patches at most this bright are returned unchanged (see :func:`skip_empty`); None: all run."""
+    ``empty_level``: patches at most this bright are returned unchanged (see :func:`skip_empty`); None: all run.
+    ``precision``: "float32" or "bfloat16" (``PETWorkbenchLib.device.inference_precision``); the
+    blending and the returned array are float32 either way. ``sigma_scale``: Gaussian blending width / patch."""
     dev = torch_device(device)
+    amp = autocast(dev, inference_precision(dev, precision))
     model = model.to(dev).eval()
     x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None, None]
     roi = (int(patch),) * 3 if np.isscalar(patch) else tuple(int(p) for p in patch)
     model.routing_log = [] if model.num_banks else None
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), amp:
             predictor = model if empty_level is None else skip_empty(model, float(empty_level))
             y = sliding_window(predictor, x, roi, overlap=overlap, sw_batch_size=sw_batch_size, mode="gaussian",
-                               device=dev, progress=progress, cancel=cancel)
+                               device=dev, progress=progress, cancel=cancel, sigma_scale=sigma_scale)
         log = model.routing_log
     finally:
         model.routing_log = None
@@ -152,10 +157,13 @@ def routing_summary(log: list[torch.Tensor] | None, num_banks: int) -> dict:
 def synthesize(image: sitk.Image, model: str | Path | dict | Generator, device: str | torch.device = "auto",
                patch: int | Sequence[int] | None = None, overlap: float = DEFAULT_OVERLAP, sw_batch_size: int = 2,
                units: str = "SUV", progress: Callable[[float, str], None] | None = None,
-               cancel: Callable[[], bool] | None = None, skip_air: bool = True) -> tuple[sitk.Image, dict]:
+               cancel: Callable[[], bool] | None = None, skip_air: bool = True,
+               precision: str = "float32", blend_sigma: float = BLEND_SIGMA) -> tuple[sitk.Image, dict]:
     """Full-dose estimate of a low-dose PET ``image`` (SUV). Returns (SimpleITK.Image SUV on the input grid,
     routing summary dict). ``skip_air``: patches of air (every voxel <= EMPTY_PATCH_SUV) are returned as they
-    are instead of going through the network. See the package docstring."""
+    are instead of going through the network. ``precision``: the network's arithmetic, "float32" or "bfloat16"
+    (autocast; the input, the blending and the change added to the input stay float32). ``blend_sigma``: the
+    Gaussian blending weight's sigma as a fraction of the patch. See the package docstring."""
     rep = Reporter(progress, cancel)
     check_pet_image(image, "input PET", units=units)
     if not 0.0 <= float(overlap) < 1.0:
@@ -163,6 +171,7 @@ def synthesize(image: sitk.Image, model: str | Path | dict | Generator, device: 
     if int(sw_batch_size) < 1:
         raise InputError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
     dev = torch_device(device)
+    precision = inference_precision(dev, precision)
     rep(0.0, "loading model")
     net, cfg = load_model(model, dev)
     if patch is None:
@@ -181,7 +190,8 @@ def synthesize(image: sitk.Image, model: str | Path | dict | Generator, device: 
     scale = float(cfg["train"]["suv_scale"])
     arr = normalise(sitk.GetArrayViewFromImage(img2), scale)
     out, log = predict_array(net, arr, patch, overlap, sw_batch_size, dev, progress=rep.sub(0.1, 0.9), cancel=None,
-                             empty_level=EMPTY_PATCH_SUV / scale if skip_air else None)
+                             empty_level=EMPTY_PATCH_SUV / scale if skip_air else None, precision=precision,
+                             sigma_scale=blend_sigma)
     rep(0.9, "resampling back to the input grid")
     if on_grid:
         out *= scale
@@ -204,7 +214,8 @@ def synthesize(image: sitk.Image, model: str | Path | dict | Generator, device: 
         res.SetMetaData(key, image.GetMetaData(key))
     summary = routing_summary(log, net.num_banks)
     summary.update({"model": cfg.get("name"), "device": str(dev), "patch": int(np.min(patch)),
-                    "overlap": float(overlap), "grid_2mm": list(img2.GetSize())})
+                    "overlap": float(overlap), "grid_2mm": list(img2.GetSize()), "precision": precision,
+                    "blend_sigma": float(blend_sigma)})
     rep(1.0, "done")
     return res, summary
 

@@ -360,6 +360,11 @@ class Generator(nn.Module):
             out = out.contiguous(memory_format=torch.channels_last_3d)
         for blk in self.body:
             out, hidden = blk(out, hidden, self.sparse, self.routing_log)
+        if torch.is_autocast_enabled(x.device.type):
+            # under reduced-precision autocast the body runs in bfloat16; the predicted change added to the input
+            # is computed in the input's precision, so the output keeps the input's resolution of values
+            with torch.autocast(x.device.type, enabled=False):
+                return self.tail_conv(out.to(x.dtype)) + x
         return self.tail_conv(out) + x
 
 

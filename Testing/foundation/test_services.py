@@ -66,6 +66,29 @@ def test_sliding_window_blends_bounds_batch_and_reports():
     assert progress[-1] == pytest.approx(1.0) and progress == sorted(progress)
 
 
+def test_sliding_window_blending_width():
+    import torch
+    from PETWorkbenchLib.inference import sliding_window
+    img = torch.zeros(1, 1, 24, 16, 16)
+    img[..., :12, :, :] = 1.0        # the two patches along the first axis see different means
+
+    def patch_mean(x):               # each patch's output is its own mean: the blend shows the weights
+        return x.mean(dim=(2, 3, 4), keepdim=True).expand_as(x).clone()
+    outs = {s: sliding_window(patch_mean, img, (16, 16, 16), overlap=0.5, sw_batch_size=1, sigma_scale=s)[0, 0]
+            for s in (0.125, 0.25, 4.0)}
+    # patches [0, 16) and [8, 24) along the first axis (centres 7.5 and 15.5), their outputs:
+    first, second = float(img[..., :16, :, :].mean()), float(img[..., 8:, :, :].mean())
+    # half-way between the centres both weights are equal whatever the width
+    mid = {s: float(o[11:13, 8, 8].mean()) for s, o in outs.items()}
+    assert all(abs(v - (first + second) / 2) < 1e-5 for v in mid.values())
+    # nearer the first centre, a wider weight averages the two patches more evenly (towards the plain mean)
+    near = {s: float(o[10, 8, 8]) for s, o in outs.items()}
+    assert first > near[0.125] > near[0.25] > near[4.0] > second
+    assert abs(near[4.0] - (first + second) / 2) < 0.02
+    with pytest.raises(InputError, match="sigma_scale"):
+        sliding_window(patch_mean, img, (16, 16, 16), sigma_scale=0.0)
+
+
 def test_sliding_window_cancel_and_bad_input():
     import torch
     from PETWorkbenchLib.inference import sliding_window

@@ -315,3 +315,42 @@ def test_air_patches_skip_the_network_and_return_the_input():
     diff = np.abs(sitk.GetArrayFromImage(a) - sitk.GetArrayFromImage(b))
     assert diff[:, :14].max() < 1e-5  # tissue patches identical
     assert np.abs(sitk.GetArrayFromImage(a)[:, 34:]).max() == 0.0  # air stays air
+
+
+def test_precision_choice_and_its_errors():
+    from PETWorkbenchLib import device as devmod
+    assert devmod.inference_precision("cpu") == "float32"
+    assert devmod.inference_precision("cpu", "BFloat16") == "bfloat16"
+    with pytest.raises(InputError, match="half"):
+        devmod.inference_precision("cpu", "half")
+    with pytest.raises(InputError, match="half"):
+        synthesize(_image(), _ckpt(), device="cpu", precision="half")
+    assert synthesize(_image(), _ckpt(), device="cpu")[1]["precision"] == "float32"
+
+
+def test_bfloat16_body_keeps_the_change_added_to_the_input_in_float32():
+    net = build_model(TINY_MODEL).eval()
+    with torch.no_grad():
+        net.tail_conv.weight.normal_(0, 0.3)   # a real predicted change, not the zero-initialised tail
+    seen = []
+    net.tail_conv.register_forward_hook(lambda m, i, o: seen.append((i[0].dtype, o.dtype)))
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 12, 12, 12) * 5
+    with torch.inference_mode():
+        ref = net(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = net(x)
+    assert seen == [(torch.float32, torch.float32)] * 2 and y.dtype == torch.float32
+    change, ref_change = y - x, ref - x
+    rel = (change - ref_change).norm() / ref_change.norm()
+    assert 0 < rel < 0.02          # the body ran in bfloat16 (not bit-equal), close to float32
+
+
+def test_synthesize_in_bfloat16_is_close_to_float32_and_says_so():
+    img = _image()
+    a, sa = synthesize(img, _ckpt(seed=2), device="cpu", precision="float32")
+    b, sb = synthesize(img, _ckpt(seed=2), device="cpu", precision="bfloat16")
+    assert sa["precision"] == "float32" and sb["precision"] == "bfloat16"
+    fa, fb = sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b)
+    assert fb.dtype == np.float32 and not np.array_equal(fa, fb)
+    assert np.abs(fb - fa).max() < 0.02 * fa.max()
