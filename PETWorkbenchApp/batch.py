@@ -23,6 +23,7 @@ folder in a study folder, or its path in the CSV); their SUV comes from the DICO
 """
 
 import csv
+import math
 import traceback
 from pathlib import Path
 
@@ -94,7 +95,7 @@ def load_studies(source):
 
 def _client(scheduler, timeout_s=10):
     """Dask client for ``local:N`` or a scheduler address; InputError with one line when neither works."""
-    if not timeout_s > 0:
+    if not (math.isfinite(timeout_s) and timeout_s > 0):
         raise InputError(f"--scheduler-timeout must be a positive number of seconds, not {timeout_s}")
     try:
         from dask.distributed import Client, LocalCluster

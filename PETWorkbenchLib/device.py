@@ -77,12 +77,16 @@ def inference_precision(device, precision="float32"):
     products and convolutions in bfloat16 with float32 accumulation, everything else in float32). bfloat16 needs
     a CPU or CUDA device (autocast has no bfloat16 path elsewhere); on a CPU without native bfloat16 it is emulated
     and slower."""
-    precision = (precision or "float32").strip().lower()
-    if precision not in PRECISIONS:
+    import torch
+    name = str(precision or "float32").strip().lower().removeprefix("torch.")
+    if name not in PRECISIONS:
         raise InputError(f"Unknown precision '{precision}': choose one of {', '.join(PRECISIONS)}")
-    if precision == "bfloat16" and torch_device(device).type not in ("cpu", "cuda"):
-        raise InputError(f"bfloat16 inference needs a CPU or CUDA device, not {torch_device(device).type}")
-    return precision
+    dev = torch_device(device)
+    if name == "bfloat16" and dev.type not in ("cpu", "cuda"):
+        raise InputError(f"bfloat16 inference needs a CPU or CUDA device, not {dev.type}")
+    if name == "bfloat16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise InputError(f"this GPU ({torch.cuda.get_device_name(dev)}) does not support bfloat16; use float32")
+    return name
 
 
 def autocast(device, precision):

@@ -16,6 +16,7 @@ from PETWorkbenchLib.errors import InputError
 from PETWorkbenchLib.imageio import resample_like
 from PETWorkbenchLib.progress import Reporter
 
+from . import BLEND_SIGMA, DEFAULT_OVERLAP
 from .data import normalise, read_manifest, select, to_2mm_array
 from .infer import EMPTY_PATCH_SUV, load_model, predict_array, routing_summary
 from .metrics import lesion_suv_errors, psnr, routing_plot, ssim, suv_bias_from_errors
@@ -152,7 +153,7 @@ def evaluate(models: dict[str, str | Path | dict | Generator], manifest: str | P
                                      empty_level=EMPTY_PATCH_SUV / scale,  # air skipped as in synthesize()
                                      precision="float32", sigma_scale=0.125)
             # float32 and MONAI's blending width on every machine, as the recorded metrics were measured (with the
-            # evaluation's overlap, 0.5 by default); synthesize()'s bfloat16 and wider blending: METHOD.md
+            # evaluation's overlap, 0.5 by default); synthesize()'s wider blending, optional bfloat16: METHOD.md
             est = np.clip(est * scale, 0.0, None)
             results.append({**base, "method": name, **case_metrics(est, full, les)})
             if log:
@@ -253,4 +254,6 @@ def lesion_calibration(model: str | Path | dict | Generator, manifest: str | Pat
     return {**calibration_from_hot_spots(found), "n_cases": len(rows), "split": split,
             "weights_sha256": entry.sha256 if entry is not None else None,
             "threshold": "PERCIST liver threshold from the case's labels (else the fixed 2.5 SUV); hot-spot "
-                         "volume above it", "synthesis": "synthesize() defaults (overlap, patch, air skip)"}
+                         "volume above it",
+            "synthesis": f"synthesize() defaults: overlap {DEFAULT_OVERLAP}, Gaussian blending sigma {BLEND_SIGMA} x "
+                         "patch, float32, the training patch, air patches skipped"}

@@ -95,6 +95,14 @@ def qk_norms(qk: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     return qk.to(acc).square().sum(dim=1).clamp_min(1e-24).sqrt()
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for this device type (torch >= 2.4 takes the type; older: the CPU/CUDA forms)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
 def pointwise(conv: nn.Conv3d, t: torch.Tensor) -> torch.Tensor:
     """A 1x1x1 convolution applied to tokens (B, ..., C_in) as the matrix product it is."""
     return F.linear(t, conv.weight.flatten(1), conv.bias)
@@ -360,7 +368,7 @@ class Generator(nn.Module):
             out = out.contiguous(memory_format=torch.channels_last_3d)
         for blk in self.body:
             out, hidden = blk(out, hidden, self.sparse, self.routing_log)
-        if torch.is_autocast_enabled(x.device.type):
+        if autocast_enabled(x.device.type):
             # under reduced-precision autocast the body runs in bfloat16; the predicted change added to the input
             # is computed in the input's precision, so the output keeps the input's resolution of values
             with torch.autocast(x.device.type, enabled=False):

@@ -42,6 +42,8 @@ def _bad_inputs(tmp):
                                 "local:abc"),
         "scheduler timeout 0": (2, ["batch", tmp / "ok.csv", "--out", tmp / "out", "--scheduler", "tcp://127.0.0.1:9",
                                     "--scheduler-timeout", "0"], "scheduler-timeout"),
+        "scheduler timeout inf": (2, ["batch", tmp / "ok.csv", "--out", tmp / "out", "--scheduler",
+                                      "tcp://127.0.0.1:9", "--scheduler-timeout", "inf"], "scheduler-timeout"),
         "scheduler nonsense": (2, ["batch", tmp / "ok.csv", "--out", tmp / "out", "--scheduler", "nonsense"],
                                "nonsense"),
         "bad --iterations": (2, ["register", tmp / "low.nii.gz", tmp / "low.nii.gz", "-o", tmp / "f.nii.gz",

@@ -321,6 +321,7 @@ def test_precision_choice_and_its_errors():
     from PETWorkbenchLib import device as devmod
     assert devmod.inference_precision("cpu") == "float32"
     assert devmod.inference_precision("cpu", "BFloat16") == "bfloat16"
+    assert devmod.inference_precision("cpu", torch.bfloat16) == "bfloat16"
     with pytest.raises(InputError, match="half"):
         devmod.inference_precision("cpu", "half")
     with pytest.raises(InputError, match="half"):
