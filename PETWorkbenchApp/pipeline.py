@@ -1,8 +1,9 @@
 """The main job, end to end, for one study: low-dose PET in; full-dose estimate, organs, uptake and alignment out.
 
 Steps (each writes into ``<out>/<study id>/`` and can be run alone; a step whose outputs exist is not redone,
-unless they were made with other model weights or PET -> CT settings: ``models.json`` records the weights'
-checksums and a fingerprint of the registration settings, and outputs of older ones are moved to
+unless they were made with other model weights, synthesis settings or PET -> CT settings: ``models.json`` records
+the weights' checksums with the synthesis settings and a fingerprint of the registration settings, and outputs of
+older ones are moved to
 ``superseded/<time>/`` and recomputed):
 
 ``simulate``    (only for studies made from anatomy) whole-body pseudo-PET on real CT anatomy, full-dose and
@@ -394,6 +395,14 @@ def registration_fingerprint():
     return f"pet-ct@{digest[:16]}"
 
 
+def synthesis_fingerprint(model):
+    """The synthesis model's fingerprint plus the inference settings the main job synthesizes with (synthesize()'s
+    defaults: overlap, blending width, precision), so that a study synthesized with other settings is synthesized
+    again (and everything made from its synthesized PET), like outputs of other model weights."""
+    from SynthesisModuleLib import BLEND_SIGMA, DEFAULT_OVERLAP
+    return f"{model_fingerprint(model)}+overlap={DEFAULT_OVERLAP:g},sigma={BLEND_SIGMA:g},float32"
+
+
 def model_fingerprint(model):
     """'<id or file name>@<first 16 hex digits of the weights' SHA-256>' of a registered model id or a file."""
     model = str(model)
@@ -485,7 +494,7 @@ def run_study(spec, out_root, steps=None, device="cpu", seed=0, models=None, pro
     from PETWorkbenchLib.models import default_model
     for family in ("synthesis", "segmentation"):
         models[family] = models.get(family) or default_model(family)
-    fingerprints = {"synthesis": model_fingerprint(models["synthesis"]),
+    fingerprints = {"synthesis": synthesis_fingerprint(models["synthesis"]),
                     "segmentation": model_fingerprint(models["segmentation"]),
                     "registration": registration_fingerprint()}
     if not st.spec.get("low_dose") and not st.spec.get("anatomy"):

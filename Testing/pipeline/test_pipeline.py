@@ -221,3 +221,24 @@ def test_a_registration_made_with_other_settings_is_superseded(tmp_path, monkeyp
     assert registration_fingerprint() != now["registration"]
     assert _supersede_stale_outputs(st, dict(fp, registration=registration_fingerprint())) == ["registration"]
     assert not st.has("field.nii.gz") and st.has("synthesized.nii.gz")
+
+
+def test_a_synthesis_made_with_other_inference_settings_is_superseded(tmp_path, monkeypatch):
+    import SynthesisModuleLib
+    from PETWorkbenchApp.pipeline import Study, _supersede_stale_outputs, synthesis_fingerprint
+    st = Study({"id": "s1"}, tmp_path / "out")
+    names = ["low_dose.nii.gz", "synthesized.nii.gz", "organs_low.nii.gz", "organs_synth.nii.gz", "field.nii.gz",
+             "DONE.json"]
+    for n in names:
+        st.path(n).write_text(n)
+    fp = {"synthesis": synthesis_fingerprint("synthesis-drmc-cpu"), "segmentation": "m@2", "registration": "r@3"}
+    st.path("models.json").write_text(json.dumps(fp))
+    assert _supersede_stale_outputs(st, fp) == [] and st.has("synthesized.nii.gz", "DONE.json")
+    # the same weights synthesized with another default overlap: the synthesis and what was made from it go
+    monkeypatch.setattr(SynthesisModuleLib, "DEFAULT_OVERLAP", 0.5)
+    now = dict(fp, synthesis=synthesis_fingerprint("synthesis-drmc-cpu"))
+    assert now["synthesis"] != fp["synthesis"] and now["synthesis"].startswith("synthesis-drmc-cpu@")
+    assert _supersede_stale_outputs(st, now) == ["synthesis"]
+    assert not st.has("synthesized.nii.gz") and not st.has("organs_synth.nii.gz") and not st.has("field.nii.gz")
+    assert not st.has("DONE.json") and st.has("low_dose.nii.gz", "organs_low.nii.gz")
+    assert len(list((st.dir / "superseded").glob("*/synthesized.nii.gz"))) == 1
