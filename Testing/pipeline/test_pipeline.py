@@ -197,17 +197,23 @@ def test_scene_written_from_a_relative_folder_moves_with_it(tmp_path, monkeypatc
     assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") >= 3
 
 
-def test_a_registration_made_with_other_settings_is_superseded(tmp_path, monkeypatch):
-    from PETWorkbenchApp import pipeline
-    from PETWorkbenchApp.pipeline import Study, _supersede_stale_outputs, registration_fingerprint
-    st = Study({"id": "s1"}, tmp_path / "out")
-    names = ["low_dose.nii.gz", "synthesized.nii.gz", "field.nii.gz", "registration.json", "pet_on_ct.nii.gz",
-             "DONE.json"]
+def _recorded_study(root, names, fingerprints):
+    """A study folder holding files ``names`` (each containing its name) and ``fingerprints`` in models.json."""
+    from PETWorkbenchApp.pipeline import Study
+    st = Study({"id": "s1"}, root / "out")
     for n in names:
         st.path(n).write_text(n)
+    st.path("models.json").write_text(json.dumps(fingerprints))
+    return st
+
+
+def test_a_registration_made_with_other_settings_is_superseded(tmp_path, monkeypatch):
+    from PETWorkbenchApp import pipeline
+    from PETWorkbenchApp.pipeline import _supersede_stale_outputs, registration_fingerprint
     fp = {"synthesis": "m@1", "segmentation": "m@2"}
     # a study recorded before the settings were fingerprinted: its registration's settings are unknown
-    st.path("models.json").write_text(json.dumps(fp))
+    st = _recorded_study(tmp_path, ["low_dose.nii.gz", "synthesized.nii.gz", "field.nii.gz", "registration.json",
+                                    "pet_on_ct.nii.gz", "DONE.json"], fp)
     changed = _supersede_stale_outputs(st, dict(fp, registration=registration_fingerprint()))
     assert changed == ["registration"] and not st.has("field.nii.gz") and not st.has("DONE.json")
     assert st.has("synthesized.nii.gz", "low_dose.nii.gz")
@@ -225,14 +231,10 @@ def test_a_registration_made_with_other_settings_is_superseded(tmp_path, monkeyp
 
 def test_a_synthesis_made_with_other_inference_settings_is_superseded(tmp_path, monkeypatch):
     import SynthesisModuleLib
-    from PETWorkbenchApp.pipeline import Study, _supersede_stale_outputs, synthesis_fingerprint
-    st = Study({"id": "s1"}, tmp_path / "out")
-    names = ["low_dose.nii.gz", "synthesized.nii.gz", "organs_low.nii.gz", "organs_synth.nii.gz", "field.nii.gz",
-             "DONE.json"]
-    for n in names:
-        st.path(n).write_text(n)
+    from PETWorkbenchApp.pipeline import _supersede_stale_outputs, synthesis_fingerprint
     fp = {"synthesis": synthesis_fingerprint("synthesis-drmc-cpu"), "segmentation": "m@2", "registration": "r@3"}
-    st.path("models.json").write_text(json.dumps(fp))
+    st = _recorded_study(tmp_path, ["low_dose.nii.gz", "synthesized.nii.gz", "organs_low.nii.gz",
+                                    "organs_synth.nii.gz", "field.nii.gz", "DONE.json"], fp)
     assert _supersede_stale_outputs(st, fp) == [] and st.has("synthesized.nii.gz", "DONE.json")
     # the same weights synthesized with another default overlap: the synthesis and what was made from it go
     monkeypatch.setattr(SynthesisModuleLib, "DEFAULT_OVERLAP", 0.5)
