@@ -3,8 +3,7 @@
 Steps (each writes into ``<out>/<study id>/`` and can be run alone; a step whose outputs exist is not redone,
 unless they were made with other model weights, synthesis settings or PET -> CT settings: ``models.json`` records
 the weights' checksums with the synthesis settings and a fingerprint of the registration settings, and outputs of
-older ones are moved to
-``superseded/<time>/`` and recomputed):
+older ones are moved to ``superseded/<time>/`` and recomputed):
 
 ``simulate``    (only for studies made from anatomy) whole-body pseudo-PET on real CT anatomy, full-dose and
                 low-dose (DRF 10) OSEM reconstructions, and a CT carrying a known breathing-like misalignment
@@ -399,8 +398,8 @@ def synthesis_fingerprint(model):
     """The synthesis model's fingerprint plus the inference settings the main job synthesizes with (synthesize()'s
     defaults: overlap, blending width, precision), so that a study synthesized with other settings is synthesized
     again (and everything made from its synthesized PET), like outputs of other model weights."""
-    from SynthesisModuleLib import BLEND_SIGMA, DEFAULT_OVERLAP
-    return f"{model_fingerprint(model)}+overlap={DEFAULT_OVERLAP:g},sigma={BLEND_SIGMA:g},float32"
+    from SynthesisModuleLib import BLEND_SIGMA, DEFAULT_OVERLAP, DEFAULT_PRECISION
+    return f"{model_fingerprint(model)}+overlap={DEFAULT_OVERLAP:g},sigma={BLEND_SIGMA:g},{DEFAULT_PRECISION}"
 
 
 def model_fingerprint(model):
@@ -437,8 +436,8 @@ _RECORDS = ("models.json", "inputs.json", "FAILED.json", "superseded")
 
 
 def _supersede_stale_outputs(st, fingerprints, inputs=None):
-    """Move the outputs made with other model weights or registration settings than ``fingerprints`` (or from
-    other ``inputs``) into ``superseded/<time>/`` (never deleted) so that they are recomputed. Returns what
+    """Move the outputs made with other model weights, synthesis or registration settings than ``fingerprints`` (or
+    from other ``inputs``) into ``superseded/<time>/`` (never deleted) so that they are recomputed. Returns what
     changed."""
     import shutil
     from PETWorkbenchLib.imageio import write_json

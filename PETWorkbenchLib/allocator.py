@@ -57,13 +57,13 @@ def glibc() -> ctypes.CDLL | None:
 
 
 @contextlib.contextmanager
-def reuse_freed_memory(enabled: bool | None = None) -> Iterator[bool]:
+def reuse_freed_memory() -> Iterator[bool]:
     """Within the block, and from then on in this process, freed heap memory is reused rather than returned to the
     system; when the last open block ends, the freed memory is handed back (module docstring). Yields True when the
-    settings are in effect, False where they do not apply, could not be made, or are switched off (``enabled``
-    False, or None and the module's ``ENABLED`` False)."""
+    settings are in effect, False where they do not apply, could not be made, or are switched off (the module's
+    ``ENABLED`` False)."""
     global _depth, _set
-    libc = glibc() if (ENABLED if enabled is None else enabled) else None
+    libc = glibc() if ENABLED else None
     if libc is None:
         yield False
         return

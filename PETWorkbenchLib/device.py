@@ -99,6 +99,15 @@ def autocast(device, precision):
     return torch.autocast(torch_device(device).type, dtype=torch.bfloat16)
 
 
+def autocast_enabled(device_type):
+    """Whether autocast is on for this device type (torch >= 2.4 takes the type; older: the CPU/CUDA forms)."""
+    import torch
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
 def describe():
     """Versions and devices, for `petworkbench info` and bug reports."""
     import platform

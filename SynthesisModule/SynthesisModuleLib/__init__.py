@@ -5,7 +5,8 @@ Importing this package is cheap (no torch); the functions below import their sub
 Engine API
 ----------
 ``synthesize(image, model, device="auto", patch=None, overlap=DEFAULT_OVERLAP (0.3), sw_batch_size=2,
-units="SUV", progress=None, cancel=None, skip_air=True, precision="float32", blend_sigma=BLEND_SIGMA (0.25))
+units="SUV", progress=None, cancel=None, skip_air=True, precision=DEFAULT_PRECISION ("float32"),
+blend_sigma=BLEND_SIGMA (0.25))
 -> (SimpleITK.Image, dict)``
     ``image``: low-dose PET, 3D ``SimpleITK.Image`` in SUV (body weight). Bq/ml must be converted first
     (``PETWorkbenchLib.units``); ``units`` other than SUV raise ``InputError``, as do 2D, empty, NaN/inf images and
@@ -41,9 +42,10 @@ split, full_dose, low_dose, low_dose_drf20, ct, labels, lesions, spacing_mm, uni
 
 DEFAULT_OVERLAP = 0.3  # sliding-window overlap of synthesize(), the CLI and the module (synthesis_speed.py)
 BLEND_SIGMA = 0.25    # Gaussian blending width / patch size of synthesize() (METHOD.md, Inference)
+DEFAULT_PRECISION = "float32"  # the network's arithmetic in synthesize() (bfloat16: an option; METHOD.md)
 
-__all__ = ["DEFAULT_OVERLAP", "BLEND_SIGMA", "synthesize", "load_model", "build_model", "train", "evaluate",
-           "interference", "load_config"]
+__all__ = ["DEFAULT_OVERLAP", "BLEND_SIGMA", "DEFAULT_PRECISION", "synthesize", "load_model", "build_model",
+           "train", "evaluate", "interference", "load_config"]
 
 _WHERE = {"synthesize": "infer", "load_model": "infer", "build_model": "model", "train": "train",
           "load_config": "train", "evaluate": "evaluate", "interference": "metrics"}

@@ -16,7 +16,7 @@ from PETWorkbenchLib.errors import InputError
 from PETWorkbenchLib.requests import option
 from PETWorkbenchLib.units import PETUnits
 
-from . import DEFAULT_OVERLAP
+from . import DEFAULT_OVERLAP, DEFAULT_PRECISION
 
 if TYPE_CHECKING:
     import argparse
@@ -37,8 +37,8 @@ class SynthesizeRequest(PETUnits):
     patch: int = option(None, parse=int, help="sliding-window patch size (default: training size)")
     overlap: float = option(DEFAULT_OVERLAP, help="sliding-window overlap in [0, 1)")
     sw_batch_size: int = option(2, help="patches per forward pass")
-    precision: str = option("float32", choices=PRECISIONS, help="the network's arithmetic: float32 (default) or "
-                            "bfloat16 (autocast, for CPUs or GPUs with native bfloat16)")
+    precision: str = option(DEFAULT_PRECISION, choices=PRECISIONS, help="the network's arithmetic: float32 "
+                            "(default) or bfloat16 (autocast, for CPUs or GPUs with native bfloat16)")
     routing_json: str = option(None, help="write the routing summary here")
     lesions: str = option(None, help="write the lesion-change report here (.json; .csv for the table only)")
     liver_mask: str = option(None, help="liver mask, or an organ label map of `petworkbench segment` (liver = its "

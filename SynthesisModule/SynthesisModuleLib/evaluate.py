@@ -16,7 +16,7 @@ from PETWorkbenchLib.errors import InputError
 from PETWorkbenchLib.imageio import resample_like
 from PETWorkbenchLib.progress import Reporter
 
-from . import BLEND_SIGMA, DEFAULT_OVERLAP
+from . import BLEND_SIGMA, DEFAULT_OVERLAP, DEFAULT_PRECISION
 from .data import normalise, read_manifest, select, to_2mm_array
 from .infer import EMPTY_PATCH_SUV, load_model, predict_array, routing_summary
 from .metrics import lesion_suv_errors, psnr, routing_plot, ssim, suv_bias_from_errors
@@ -256,4 +256,4 @@ def lesion_calibration(model: str | Path | dict | Generator, manifest: str | Pat
             "threshold": "PERCIST liver threshold from the case's labels (else the fixed 2.5 SUV); hot-spot "
                          "volume above it",
             "synthesis": f"synthesize() defaults: overlap {DEFAULT_OVERLAP}, Gaussian blending sigma {BLEND_SIGMA} x "
-                         "patch, float32, the training patch, air patches skipped"}
+                         f"patch, {DEFAULT_PRECISION}, the training patch, air patches skipped"}

@@ -17,7 +17,7 @@ from PETWorkbenchLib.imageio import resample_like, resample_to_spacing
 from PETWorkbenchLib.progress import Reporter
 from PETWorkbenchLib.units import check_pet_image
 
-from . import BLEND_SIGMA, DEFAULT_OVERLAP
+from . import BLEND_SIGMA, DEFAULT_OVERLAP, DEFAULT_PRECISION
 from .data import TARGET_SPACING, normalise
 from .model import build_model
 from .train import load_config
@@ -110,7 +110,7 @@ def predict_array(model: Generator, arr: np.ndarray, patch: int | Sequence[int] 
                   progress: Callable[[float, str], None] | None = None,
                   cancel: Callable[[], bool] | None = None,
                   empty_level: float | None = None,
-                  precision: str = "float32",
+                  precision: str = DEFAULT_PRECISION,
                   sigma_scale: float = BLEND_SIGMA) -> tuple[np.ndarray, list[torch.Tensor] | None]:
     """Run the network on a normalised (z, y, x) array on the 2 mm grid; returns (array, routing_log).
     ``empty_level``: patches at most this bright are returned unchanged (see :func:`skip_empty`); None: all run.
@@ -158,7 +158,7 @@ def synthesize(image: sitk.Image, model: str | Path | dict | Generator, device: 
                patch: int | Sequence[int] | None = None, overlap: float = DEFAULT_OVERLAP, sw_batch_size: int = 2,
                units: str = "SUV", progress: Callable[[float, str], None] | None = None,
                cancel: Callable[[], bool] | None = None, skip_air: bool = True,
-               precision: str = "float32", blend_sigma: float = BLEND_SIGMA) -> tuple[sitk.Image, dict]:
+               precision: str = DEFAULT_PRECISION, blend_sigma: float = BLEND_SIGMA) -> tuple[sitk.Image, dict]:
     """Full-dose estimate of a low-dose PET ``image`` (SUV). Returns (SimpleITK.Image SUV on the input grid,
     routing summary dict). ``skip_air``: patches of air (every voxel <= EMPTY_PATCH_SUV) are returned as they
     are instead of going through the network. ``precision``: the network's arithmetic, "float32" or "bfloat16"

@@ -29,6 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from PETWorkbenchLib.device import autocast_enabled
+
 DEFAULT_CONFIG = {
     "arch": "drmc",
     "n_feats": 64,
@@ -93,14 +95,6 @@ def qk_norms(qk: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     A sum of squares over the token rows (one pass over contiguous memory); ``vector_norm`` along the voxel axis of
     a strided column slice is about 4x slower on CPU. Its gradient at a zero norm is zero, as F.normalize's."""
     return qk.to(acc).square().sum(dim=1).clamp_min(1e-24).sqrt()
-
-
-def autocast_enabled(device_type: str) -> bool:
-    """Whether autocast is on for this device type (torch >= 2.4 takes the type; older: the CPU/CUDA forms)."""
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:
-        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
 def pointwise(conv: nn.Conv3d, t: torch.Tensor) -> torch.Tensor:

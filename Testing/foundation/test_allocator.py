@@ -115,9 +115,9 @@ def test_concurrent_blocks_are_counted():
 
 
 def test_switched_off_or_elsewhere_it_does_nothing(monkeypatch):
-    with reuse_freed_memory(enabled=False) as active:
-        assert active is False and allocator._depth == 0
     monkeypatch.setattr(allocator, "ENABLED", False)
+    with reuse_freed_memory() as active:
+        assert active is False and allocator._depth == 0
     with reuse_freed_memory() as active:
         assert active is False
     monkeypatch.setattr(allocator, "ENABLED", True)
