@@ -396,10 +396,12 @@ def registration_fingerprint():
 
 def synthesis_fingerprint(model):
     """The synthesis model's fingerprint plus the inference settings the main job synthesizes with (synthesize()'s
-    defaults: overlap, blending width, precision), so that a study synthesized with other settings is synthesized
-    again (and everything made from its synthesized PET), like outputs of other model weights."""
+    defaults: overlap, blending width, precision, windows over the body's bounding box only), so that a study
+    synthesized with other settings is synthesized again (and everything made from its synthesized PET), like
+    outputs of other model weights."""
     from SynthesisModuleLib import BLEND_SIGMA, DEFAULT_OVERLAP, DEFAULT_PRECISION
-    return f"{model_fingerprint(model)}+overlap={DEFAULT_OVERLAP:g},sigma={BLEND_SIGMA:g},{DEFAULT_PRECISION}"
+    return (f"{model_fingerprint(model)}+overlap={DEFAULT_OVERLAP:g},sigma={BLEND_SIGMA:g},{DEFAULT_PRECISION},"
+            f"body-box")
 
 
 def model_fingerprint(model):

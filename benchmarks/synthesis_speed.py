@@ -4,7 +4,7 @@
 
 1. Paper configuration (C=64, M=3, N=5, random weights) on one 64^3 patch: the authors' style of execution (every
    expert computed and weighted, ``model.sparse = False``, default memory layout, ``model.token_layout = False``),
-   the sparse experts alone, and ours (zero-weight experts skipped, channels-last token layout), all in
+   the sparse experts alone, and ours (zero-weight experts skipped, channels-last token layout, fused inference), all in
    ``torch.inference_mode``, and ours inside ``PETWorkbenchLib.allocator.reuse_freed_memory`` as ``synthesize``
    runs it (freed memory reused instead of faulted in again; ours without it is reported too); best of
    ``--repeats``. The arithmetic is about 277 GFLOP per patch with every expert
@@ -16,9 +16,9 @@
    in-plane size of at least 200 x 200 and stacked head to foot (padded with air to at least 400 slices); the
    low-dose stack through ``synthesize`` with the earlier execution (default memory layout, overlap 0.5, Gaussian
    blending sigma 0.125 x patch, every patch through the network, default heap settings, float32) and with
-   today's defaults (token layout, overlap 0.3 with Gaussian blending sigma 0.25 x patch, air patches skipped,
-   freed memory reused, float32), and today's with ``precision="bfloat16"`` (autocast) for comparison; PSNR of
-   each against the full-dose stack (R = its max).
+   today's defaults (token layout with fused inference, overlap 0.3 with Gaussian blending sigma 0.25 x patch,
+   windows over the body's bounding box, air patches skipped, freed memory reused, float32), and today's with
+   ``precision="bfloat16"`` (autocast) for comparison; PSNR of each against the full-dose stack (R = its max).
 3. Peak resident memory of each measurement. Each of the five measurements (paper patch with and without the heap
    setting, whole body before, now and now in bfloat16) runs in a fresh process, since glibc's heap settings stay
    once set.
@@ -144,8 +144,9 @@ def wholebody_stack(manifest, n=4, min_inplane=200, min_slices=400):
 
 def wholebody(manifest, model, quick, before, precision="float32"):
     """One whole-body synthesis: the earlier execution (``before``: default memory layout, overlap 0.5, blending
-    sigma 0.125 x patch, every patch, glibc's default heap settings, float32) or today's (token layout, the
-    default overlap and blending, air patches skipped, freed memory reused, ``precision``). Returns seconds, PSNR
+    sigma 0.125 x patch, every patch, glibc's default heap settings, float32) or today's (token layout with fused
+    inference, the default overlap and blending, windows over the body's box, air patches skipped, freed memory
+    reused, ``precision``). Returns seconds, PSNR
     of output and input against the full-dose stack, and the stack's size."""
     import SimpleITK as sitk
     import PETWorkbenchLib.allocator as allocator

@@ -19,13 +19,13 @@ blend_sigma=BLEND_SIGMA (0.25))
     the blending and the predicted change added to the input stay float32; METHOD.md: no consistent gain on a
     2-core CPU with native bfloat16, whole-body PSNR within 0.002 dB).
     Pipeline: float32 -> resample to 2 mm isotropic (linear) -> clip negatives, / ``suv_scale`` -> sliding window
-    with Gaussian blending (PETWorkbenchLib.inference; patches of air returned as they are) -> x ``suv_scale`` ->
-    the predicted change (output - input on the 2 mm grid) back to the input grid (linear) and added to the
-    native input, so the round trip costs the input none of its detail -> negatives clipped. Returns the
-    full-dose estimate in SUV on the input grid (metadata copied) and a routing
-    summary: ``{"routed", "n_patches", "banks": ["block1.attention", "block1.ffn", ...], "mean_weight" (banks x M),
-    "top1_fraction" (banks x M), "active_fraction", "all_zero_fraction", "model", "device", "patch", "overlap",
-    "grid_2mm", "precision", "blend_sigma"}`` (``routed`` False for the baseline).
+    over the body's bounding box with Gaussian blending (PETWorkbenchLib.inference; air outside the box and patches
+    of air inside it returned as they are) -> x ``suv_scale`` -> the predicted change (output - input on the 2 mm
+    grid) back to the input grid (linear) and added to the native input, so the round trip costs the input none of
+    its detail -> negatives clipped. Returns the full-dose estimate in SUV on the input grid (metadata copied) and
+    a routing summary: ``{"routed", "n_patches", "banks": ["block1.attention", "block1.ffn", ...],
+    "mean_weight" (banks x M), "top1_fraction" (banks x M), "active_fraction", "all_zero_fraction", "model",
+    "device", "patch", "overlap", "grid_2mm", "precision", "blend_sigma"}`` (``routed`` False for the baseline).
     Raises ``InputError`` (bad input), ``ModelError`` (weights), ``Cancelled``.
 
 ``load_model(model, device) -> (Generator, config)``; ``build_model(config)``; ``train(config, manifest, out_dir,

@@ -256,4 +256,5 @@ def lesion_calibration(model: str | Path | dict | Generator, manifest: str | Pat
             "threshold": "PERCIST liver threshold from the case's labels (else the fixed 2.5 SUV); hot-spot "
                          "volume above it",
             "synthesis": f"synthesize() defaults: overlap {DEFAULT_OVERLAP}, Gaussian blending sigma {BLEND_SIGMA} x "
-                         f"patch, {DEFAULT_PRECISION}, the training patch, air patches skipped"}
+                         f"patch, {DEFAULT_PRECISION}, the training patch, windows over the body's bounding box, air "
+                         f"patches skipped"}

@@ -105,17 +105,41 @@ def skip_empty(model: Callable[[torch.Tensor], torch.Tensor], level: float) -> C
     return run
 
 
+def body_box(arr: np.ndarray, level: float) -> tuple[slice, ...] | None:
+    """Bounding box (one slice per axis) of the voxels brighter than ``level``; None when no voxel is."""
+    box = []
+    for ax in range(arr.ndim):
+        hit = np.flatnonzero((arr > level).any(axis=tuple(a for a in range(arr.ndim) if a != ax)))
+        if hit.size == 0:
+            return None
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(box)
+
+
 def predict_array(model: Generator, arr: np.ndarray, patch: int | Sequence[int] = 64,
                   overlap: float = DEFAULT_OVERLAP, sw_batch_size: int = 2, device: str | torch.device = "cpu",
                   progress: Callable[[float, str], None] | None = None,
                   cancel: Callable[[], bool] | None = None,
                   empty_level: float | None = None,
                   precision: str = DEFAULT_PRECISION,
-                  sigma_scale: float = BLEND_SIGMA) -> tuple[np.ndarray, list[torch.Tensor] | None]:
+                  sigma_scale: float = BLEND_SIGMA,
+                  crop: bool = False) -> tuple[np.ndarray, list[torch.Tensor] | None]:
     """Run the network on a normalised (z, y, x) array on the 2 mm grid; returns (array, routing_log).
     ``empty_level``: patches at most this bright are returned unchanged (see :func:`skip_empty`); None: all run.
+    ``crop`` (with ``empty_level``): the windows cover only the bounding box of the voxels brighter than
+    ``empty_level`` (:func:`body_box`, as nnU-Net crops to the non-zero region); outside it the input is returned.
     ``precision``: "float32" or "bfloat16" (``PETWorkbenchLib.device.inference_precision``); the
     blending and the returned array are float32 either way. ``sigma_scale``: Gaussian blending width / patch."""
+    if crop and empty_level is not None:
+        box = body_box(arr, float(empty_level))
+        if box is None:                       # nothing but air: every patch would be returned as it is
+            return np.array(arr, dtype=np.float32, copy=True), ([] if model.num_banks else None)
+        if any(b.stop - b.start < s for b, s in zip(box, arr.shape)):
+            y, log = predict_array(model, arr[box], patch, overlap, sw_batch_size, device, progress, cancel,
+                                   empty_level, precision, sigma_scale, crop=False)
+            out = np.array(arr, dtype=np.float32, copy=True)
+            out[box] = y
+            return out, log
     dev = torch_device(device)
     amp = autocast(dev, inference_precision(dev, precision))
     model = model.to(dev).eval()
@@ -160,8 +184,10 @@ def synthesize(image: sitk.Image, model: str | Path | dict | Generator, device: 
                cancel: Callable[[], bool] | None = None, skip_air: bool = True,
                precision: str = DEFAULT_PRECISION, blend_sigma: float = BLEND_SIGMA) -> tuple[sitk.Image, dict]:
     """Full-dose estimate of a low-dose PET ``image`` (SUV). Returns (SimpleITK.Image SUV on the input grid,
-    routing summary dict). ``skip_air``: patches of air (every voxel <= EMPTY_PATCH_SUV) are returned as they
-    are instead of going through the network. ``precision``: the network's arithmetic, "float32" or "bfloat16"
+    routing summary dict). ``skip_air``: the sliding window covers only the bounding box of the voxels above
+    EMPTY_PATCH_SUV (the body), and patches of air inside it (every voxel <= EMPTY_PATCH_SUV) are returned as they
+    are instead of going through the network; air outside the box is returned as it is. ``precision``: the
+    network's arithmetic, "float32" or "bfloat16"
     (autocast; the input, the blending and the change added to the input stay float32). ``blend_sigma``: the
     Gaussian blending weight's sigma as a fraction of the patch. See the package docstring."""
     rep = Reporter(progress, cancel)
@@ -191,7 +217,7 @@ def synthesize(image: sitk.Image, model: str | Path | dict | Generator, device: 
     arr = normalise(sitk.GetArrayViewFromImage(img2), scale)
     out, log = predict_array(net, arr, patch, overlap, sw_batch_size, dev, progress=rep.sub(0.1, 0.9), cancel=None,
                              empty_level=EMPTY_PATCH_SUV / scale if skip_air else None, precision=precision,
-                             sigma_scale=blend_sigma)
+                             sigma_scale=blend_sigma, crop=skip_air)
     rep(0.9, "resampling back to the input grid")
     if on_grid:
         out *= scale

@@ -61,9 +61,11 @@ def test_bank_output_is_weighted_sum_of_experts():
     assert h_new.shape == (2, 4, 1, 1, 1)
 
 
-def test_sparse_execution_skips_zero_weight_experts_and_matches_dense():
+def test_sparse_execution_skips_zero_weight_experts_and_matches_dense(monkeypatch):
+    import SynthesisModuleLib.model as model
     torch.manual_seed(1)
     net = Generator(SMALL).eval()
+    net.fused = False             # the experts one by one (as in training); the fused path below
     with torch.no_grad():  # switch off expert 0 of every bank for every input, and expert 2 of the first bank
         for blk in net.body:
             for bank in (blk.attention, blk.mlp):
@@ -88,6 +90,19 @@ def test_sparse_execution_skips_zero_weight_experts_and_matches_dense():
     assert "body.1.mlp.mpl_experts.0" not in calls
     assert calls["body.0.attention.att_experts.1"] == 1
     assert len(net.routing_log) == net.num_banks and all(torch.all(w >= 0) for w in net.routing_log)
+    # fused inference: only the experts of non-zero weight go into the mixed products
+    names = {id(m): n for n, m in net.named_modules()}
+    mixed = []
+    for fn in ("mixed_attention", "mixed_mlp"):
+        orig = getattr(model, fn)
+        monkeypatch.setattr(model, fn, lambda experts, *a, orig=orig: (
+            mixed.append([names[id(e)] for e in experts]), orig(experts, *a))[1])
+    net.fused = True
+    with torch.no_grad():
+        fused = net(x)
+    assert torch.max(torch.abs(dense - fused)) < 1e-5
+    assert mixed[0] == ["body.0.attention.att_experts.1"]
+    assert all(not n.endswith("experts.0") for ex in mixed for n in ex) and len(mixed) == net.num_banks
 
 
 def test_sparse_per_sample_routing_matches_dense():
@@ -236,3 +251,80 @@ def test_token_layout_and_plain_layout_give_the_same_network(cfg):
         assert (a is None) == (b is None)
         if a is not None:
             assert torch.allclose(a, b, rtol=1e-3, atol=1e-5)
+
+
+def _partly_routed_net(cfg, x):
+    """A float64 network with random weights whose relu routing gives some expert a zero weight for some samples
+    of ``x`` and not for others (the case the fused path computes for all and multiplies by 0)."""
+    for seed in range(50):
+        torch.manual_seed(seed)
+        net = Generator(cfg).double().eval()
+        for p in net.parameters():
+            torch.nn.init.normal_(p, std=0.4)
+        net.routing_log = []
+        with torch.no_grad():
+            net(x)
+        log, net.routing_log = net.routing_log, None
+        partly = any(((w != 0).any(0) & (w == 0).any(0)).any() for w in log)
+        if cfg.get("arch") == "baseline" or cfg.get("gating") == "softmax" or partly:
+            return net
+    raise AssertionError("no seed gives a partly routed network")
+
+
+@pytest.mark.parametrize("cfg", [dict(SMALL), dict(SMALL, gating="softmax"), dict(SMALL, gating="top2"),
+                                 dict(SMALL, use_hidden=False), dict(SMALL, arch="baseline"),
+                                 dict(SMALL, qk_norm=False)])
+def test_fused_inference_is_the_same_network(cfg):
+    """Inference mixes each bank's active experts in a few large products (mixed_attention, mixed_mlp) and calls
+    oneDNN's convolution directly: the same outputs and routing as the experts one by one."""
+    x = torch.rand(3, 1, 6, 7, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * \
+        torch.tensor([0.2, 1.0, 5.0], dtype=torch.float64).view(3, 1, 1, 1, 1)
+    x[0] = torch.linspace(0, 1, x[0].numel(), dtype=torch.float64).view(x[0].shape)   # a ramp routes otherwise
+    net = _partly_routed_net(cfg, x)
+    outs, logs = [], []
+    for fused in (True, False):
+        net.fused = fused
+        net.routing_log = [] if net.num_banks else None
+        with torch.no_grad():
+            assert net.uses_fused(x) == fused
+            outs.append(net(x))
+        logs.append(net.routing_log)
+    assert torch.allclose(outs[0], outs[1], rtol=0, atol=1e-12)
+    if net.num_banks:
+        assert len(logs[0]) == len(logs[1]) == net.num_banks
+        assert all(torch.allclose(a, b, rtol=0, atol=1e-12) and torch.equal(a == 0, b == 0) for a, b in zip(*logs))
+    # float32 on the CPU (oneDNN's convolution called directly), one patch and several
+    net = net.float()
+    for xb in (x[:1].float(), x.float()):
+        with torch.no_grad():
+            net.fused = False
+            ref = net(xb)
+            net.fused = True
+            assert torch.allclose(net(xb), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_path_only_at_inference():
+    net = Generator(SMALL)
+    x = _x(b=1, n=6)
+    assert not net.uses_fused(x)                      # gradients on: training takes the experts one by one
+    with torch.no_grad():
+        assert net.uses_fused(x)
+        net.sparse = False
+        assert not net.uses_fused(x)                  # dense execution (the authors') is never fused
+        net.sparse, net.token_layout = True, False
+        assert not net.uses_fused(x)
+        net.token_layout = True
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not net.uses_fused(x)
+
+
+def test_conv3x3_equals_conv3d():
+    from SynthesisModuleLib.model import conv3x3
+    g = torch.Generator().manual_seed(0)
+    for b, cin, cout, groups in ((1, 16, 1, 1), (2, 1, 16, 1), (1, 12, 12, 12)):
+        x = torch.rand(b, cin, 9, 10, 11, generator=g).contiguous(memory_format=torch.channels_last_3d)
+        w = torch.rand(cout, cin // groups, 3, 3, 3, generator=g)
+        bias = torch.rand(cout, generator=g)
+        with torch.no_grad():
+            assert torch.allclose(conv3x3(x, w, bias, groups), torch.nn.functional.conv3d(x, w, bias, padding=1,
+                                                                                          groups=groups), atol=1e-5)
