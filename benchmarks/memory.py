@@ -44,12 +44,13 @@ img = sitk.GetImageFromArray(a)
 img.SetSpacing((sp, sp, 2.0))
 del a
 if run and engine == "synthesis":
-    def fake(model, arr, patch=64, overlap=0.5, sw_batch_size=2, device="cpu", progress=None, cancel=None,
-             empty_level=None):
-        x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None, None]
-        y = sinf.sliding_window(lambda p: p * 1.0, x, (int(patch),) * 3, overlap=overlap,
-                                sw_batch_size=sw_batch_size, mode="gaussian", device="cpu")
-        return y[0, 0].numpy(), []
+    real = sinf.predict_array
+    class Same(torch.nn.Module):
+        num_banks = 0
+        def forward(self, x):
+            return x * 1.0
+    def fake(model, arr, *a, **k):   # the engine's own predict_array (body box, sliding window), network replaced
+        return real(Same(), arr, *a, **k)
     sinf.predict_array = fake
     sinf.synthesize(img, "synthesis-drmc-cpu", device="cpu")
 elif run and engine == "registration":

@@ -108,8 +108,9 @@ def skip_empty(model: Callable[[torch.Tensor], torch.Tensor], level: float) -> C
 def body_box(arr: np.ndarray, level: float) -> tuple[slice, ...] | None:
     """Bounding box (one slice per axis) of the voxels brighter than ``level``; None when no voxel is."""
     box = []
+    above = arr > level
     for ax in range(arr.ndim):
-        hit = np.flatnonzero((arr > level).any(axis=tuple(a for a in range(arr.ndim) if a != ax)))
+        hit = np.flatnonzero(above.any(axis=tuple(a for a in range(arr.ndim) if a != ax)))
         if hit.size == 0:
             return None
         box.append(slice(int(hit[0]), int(hit[-1]) + 1))
@@ -143,7 +144,9 @@ def predict_array(model: Generator, arr: np.ndarray, patch: int | Sequence[int] 
     dev = torch_device(device)
     amp = autocast(dev, inference_precision(dev, precision))
     model = model.to(dev).eval()
-    x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None, None]
+    # a view where torch can take one (the body box of a larger array is not copied), else a float32 copy
+    view_ok = arr.dtype == np.float32 and arr.flags.writeable and all(s > 0 for s in arr.strides)
+    x = torch.from_numpy(arr if view_ok else np.ascontiguousarray(arr, dtype=np.float32))[None, None]
     roi = (int(patch),) * 3 if np.isscalar(patch) else tuple(int(p) for p in patch)
     model.routing_log = [] if model.num_banks else None
     try:

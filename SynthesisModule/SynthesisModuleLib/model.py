@@ -108,7 +108,7 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gr
     batch x C x D x H <= 20480), picks its reference convolution instead, about 5x slower for the tail convolution of
     a 32^3 demo patch and 7x for the head (measured). Same arithmetic either way (tested)."""
     if (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-            and not autocast_enabled("cpu")):
+            and torch.backends.mkldnn.enabled and hasattr(torch, "mkldnn_convolution") and not autocast_enabled("cpu")):
         return torch.mkldnn_convolution(x, weight, bias, (1, 1, 1), (1, 1, 1), (1, 1, 1), groups)
     return F.conv3d(x, weight, bias, padding=1, groups=groups)
 
@@ -272,7 +272,8 @@ def mixed_attention(experts: list[Attention_Expert], w: torch.Tensor | None, n1:
     q and k in one product; the attention is linear in v, so each expert's v projection and attention are one
     (C, C) matrix per sample, and all experts' attention outputs one product; one depth-wise convolution over all
     experts' channels; the projections, weighted by w (B, M) per sample (None: one expert of weight 1), and the
-    residual in one product. An expert of weight 0 for some samples is computed for all and multiplied by 0."""
+    residual in one product. An expert of weight 0 for some samples is computed for all and multiplied by 0 (the
+    same result for finite activations; synthesize() refuses non-finite input)."""
     b, d, h, wd, c = n1.shape
     n, a = d * h * wd, len(experts)
     t = n1.reshape(b, n, c)
@@ -452,9 +453,11 @@ class Generator(nn.Module):
 
     def uses_fused(self, x: torch.Tensor) -> bool:
         """Whether forward(x) runs the fused inference path: ``fused`` (default True) with the token layout, sparse
-        execution, no gradient, no autocast and no biases in the attention experts (the models built here have
-        none)."""
+        execution, no gradient, float32 (or float64) on the CPU (where it was measured; it holds every active expert's
+        intermediates at once, more memory than a small GPU may have), no autocast and no biases in the attention
+        experts (the models built here have none)."""
         return (getattr(self, "fused", True) and self.token_layout and self.sparse and not torch.is_grad_enabled()
+                and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
                 and not autocast_enabled(x.device.type)
                 and all(m.qkv.bias is None and m.dwconv.bias is None and m.project_out.bias is None
                         for m in self.modules() if isinstance(m, Attention_Expert)))

@@ -348,6 +348,19 @@ def test_the_windows_cover_only_the_body_box_and_air_outside_it_is_returned():
     infer.predict_array(counted, arr, 8, 0.25, 4, empty_level=0.02)
     assert sum(calls) > n_crop           # without cropping, windows partly in air run as well
     calls.clear()
+    # a box thinner than the patch and touching the array's edge; crop without an air level does not crop
+    thin = np.zeros((20, 30, 40), np.float32)
+    thin[0:3, 25:30, 2:6] = 1.5
+    assert infer.body_box(thin, 0.02) == (slice(0, 3), slice(25, 30), slice(2, 6))
+    y_thin, _ = infer.predict_array(counted, thin, 8, 0.25, 4, empty_level=0.02, crop=True)
+    assert sum(calls) == 1 and y_thin.shape == thin.shape and np.isfinite(y_thin).all()
+    outside = np.ones(thin.shape, bool)
+    outside[0:3, 25:30, 2:6] = False
+    np.testing.assert_array_equal(y_thin[outside], thin[outside])
+    calls.clear()
+    infer.predict_array(counted, thin, 8, 0.25, 4, crop=True)
+    assert sum(calls) == math.prod(math.ceil((s - 8) / 6) + 1 for s in thin.shape)   # every window (stride 6)
+    calls.clear()
     air = np.full((10, 10, 10), 0.01, np.float32)
     y_air, _ = infer.predict_array(counted, air, 8, 0.25, 4, empty_level=0.02, crop=True)
     assert calls == [] and np.array_equal(y_air, air)

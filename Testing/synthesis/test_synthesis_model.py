@@ -328,3 +328,41 @@ def test_conv3x3_equals_conv3d():
         with torch.no_grad():
             assert torch.allclose(conv3x3(x, w, bias, groups), torch.nn.functional.conv3d(x, w, bias, padding=1,
                                                                                           groups=groups), atol=1e-5)
+
+
+@pytest.mark.parametrize("bank", ["attention", "mlp"])
+def test_fused_inference_with_a_bank_whose_experts_are_all_off(bank):
+    torch.manual_seed(3)
+    net = Generator(SMALL).double().eval()
+    with torch.no_grad():
+        getattr(net.body[0], bank).routing.conv3.bias.fill_(-100.0)   # every weight of that bank is 0
+    x = _x(b=2, n=6).double()
+    outs = []
+    for fused in (True, False):
+        net.fused, net.routing_log = fused, []
+        with torch.no_grad():
+            outs.append(net(x))
+        assert bool((net.routing_log[0 if bank == "attention" else 1] == 0).all())
+    assert torch.allclose(outs[0], outs[1], rtol=0, atol=1e-12)
+
+
+def test_fused_path_is_cpu_float32_or_float64_only(monkeypatch):
+    from SynthesisModuleLib.model import conv3x3
+    net = Generator(SMALL).bfloat16()
+    with torch.no_grad():
+        assert not net.uses_fused(_x(b=1, n=6).bfloat16())
+        assert net.double().uses_fused(_x(b=1, n=6).double())
+        assert net.float().uses_fused(_x(b=1, n=6))
+    x, w = torch.rand(1, 4, 5, 5, 5), torch.rand(4, 1, 3, 3, 3)
+    ref = torch.nn.functional.conv3d(x, w, None, padding=1, groups=4)
+    direct = []
+    real = torch.mkldnn_convolution
+    monkeypatch.setattr(torch, "mkldnn_convolution", lambda *a: (direct.append(1), real(*a))[1])
+    with torch.no_grad():
+        assert torch.allclose(conv3x3(x, w, None, 4), ref, atol=1e-6) and direct == [1]
+        enabled = torch.backends.mkldnn.enabled
+        torch.backends.mkldnn.enabled = False            # the user's oneDNN switch is respected
+        try:
+            assert torch.allclose(conv3x3(x, w, None, 4), ref, atol=1e-6) and direct == [1]
+        finally:
+            torch.backends.mkldnn.enabled = enabled
