@@ -400,8 +400,7 @@ def synthesis_fingerprint(model):
     synthesized with other settings is synthesized again (and everything made from its synthesized PET), like
     outputs of other model weights."""
     from SynthesisModuleLib import BLEND_SIGMA, DEFAULT_OVERLAP, DEFAULT_PRECISION
-    return (f"{model_fingerprint(model)}+overlap={DEFAULT_OVERLAP:g},sigma={BLEND_SIGMA:g},{DEFAULT_PRECISION},"
-            f"body-box")
+    return f"{model_fingerprint(model)}+overlap={DEFAULT_OVERLAP:g},sigma={BLEND_SIGMA:g},{DEFAULT_PRECISION},body-box"
 
 
 def model_fingerprint(model):

@@ -140,18 +140,19 @@ class Routing_Module(nn.Module):  # noqa: N801 (name kept for state-dict compati
 
 
 class Attention_Expert(nn.Module):  # noqa: N801 - the authors' class name, so their state-dict keys map one to one
-    """Global channel attention (linear in the number of voxels) followed by a depth-wise 3x3x3 convolution."""
+    """Global channel attention (linear in the number of voxels) followed by a depth-wise 3x3x3 convolution; its
+    three convolutions have no biases (mixed_attention relies on it)."""
 
     token_layout = True   # False: the authors' formulation in the default layout (forward_plain), same result
 
-    def __init__(self, n_feats, num_heads=16, bias=False, qk_norm=True):
+    def __init__(self, n_feats, num_heads=16, qk_norm=True):
         super().__init__()
         self.num_heads = num_heads
         self.qk_norm = qk_norm
         self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1))
-        self.qkv = nn.Conv3d(n_feats, n_feats * 3, kernel_size=1, bias=bias)
-        self.dwconv = nn.Conv3d(n_feats, n_feats, kernel_size=3, padding=1, groups=n_feats, bias=bias)
-        self.project_out = nn.Conv3d(n_feats, n_feats, kernel_size=1, bias=bias)
+        self.qkv = nn.Conv3d(n_feats, n_feats * 3, kernel_size=1, bias=False)
+        self.dwconv = nn.Conv3d(n_feats, n_feats, kernel_size=3, padding=1, groups=n_feats, bias=False)
+        self.project_out = nn.Conv3d(n_feats, n_feats, kernel_size=1, bias=False)
 
     def forward(self, x):
         if not self.token_layout:
@@ -267,11 +268,11 @@ class _ExpertBank(nn.Module):
 
 def mixed_attention(experts: list[Attention_Expert], w: torch.Tensor | None, n1: torch.Tensor, x: torch.Tensor,
                     beta: torch.Tensor) -> torch.Tensor:
-    """sum_m w_m E_m(n1) + beta * x for attention experts E_m (no biases), tokens in and out (B, D, H, W, C), at
-    inference. The same operation as the experts one by one, in fewer and larger matrix products: every expert's
-    q and k in one product; the attention is linear in v, so each expert's v projection and attention are one
-    (C, C) matrix per sample, and all experts' attention outputs one product; one depth-wise convolution over all
-    experts' channels; the projections, weighted by w (B, M) per sample (None: one expert of weight 1), and the
+    """sum_m w_m E_m(n1) + beta * x for attention experts E_m (which have no biases), tokens in and out (B, D, H, W,
+    C), at inference. The same operation as the experts one by one, in fewer and larger matrix products: every
+    expert's q and k in one product; the attention is linear in v, so each expert's v projection and attention are
+    one (C, C) matrix per sample, and all experts' attention outputs one product; one depth-wise convolution over
+    all experts' channels; the projections, weighted by w (B, M) per sample (None: one expert of weight 1), and the
     residual in one product. An expert of weight 0 for some samples is computed for all and multiplied by 0 (the
     same result for finite activations; synthesize() refuses non-finite input)."""
     b, d, h, wd, c = n1.shape
@@ -279,11 +280,12 @@ def mixed_attention(experts: list[Attention_Expert], w: torch.Tensor | None, n1:
     t = n1.reshape(b, n, c)
     qk = F.linear(t, torch.cat([e.qkv.weight.flatten(1)[:2 * c] for e in experts]))     # (B, N, 2CA): q1 k1 q2 k2
     acc = torch.promote_types(qk.dtype, torch.float32)
-    norms = qk_norms(qk, acc) if experts[0].qk_norm else None
+    norms = qk_norms(qk, acc).view(b, a, 2, c) if experts[0].qk_norm else None
+    qk = qk.view(b, n, a, 2, c)
     mats = []
     for i, e in enumerate(experts):
-        q, k = qk[..., 2 * c * i:2 * c * i + c], qk[..., 2 * c * i + c:2 * c * (i + 1)]
-        nrm = None if norms is None else (norms[:, 2 * c * i:2 * c * i + c], norms[:, 2 * c * i + c:2 * c * (i + 1)])
+        q, k = qk[:, :, i, 0], qk[:, :, i, 1]
+        nrm = None if norms is None else (norms[:, i, 0], norms[:, i, 1])
         mats.append(e.qkv.weight.flatten(1)[2 * c:].t() @ e.attention_blocks(q, k, nrm).to(t.dtype))  # (B, C, C)
     u = torch.bmm(t, torch.cat(mats, dim=2)).view(b, d, h, wd, a * c)                  # every expert's attn @ v
     dw = conv3x3(from_tokens(u), torch.cat([e.dwconv.weight for e in experts]), None, groups=a * c)
@@ -454,13 +456,10 @@ class Generator(nn.Module):
     def uses_fused(self, x: torch.Tensor) -> bool:
         """Whether forward(x) runs the fused inference path: ``fused`` (default True) with the token layout, sparse
         execution, no gradient, float32 (or float64) on the CPU (where it was measured; it holds every active expert's
-        intermediates at once, more memory than a small GPU may have), no autocast and no biases in the attention
-        experts (the models built here have none)."""
+        intermediates at once, more memory than a small GPU may have) and no autocast."""
         return (getattr(self, "fused", True) and self.token_layout and self.sparse and not torch.is_grad_enabled()
                 and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-                and not autocast_enabled(x.device.type)
-                and all(m.qkv.bias is None and m.dwconv.bias is None and m.project_out.bias is None
-                        for m in self.modules() if isinstance(m, Attention_Expert)))
+                and not autocast_enabled(x.device.type))
 
     def forward(self, x):
         if x.dim() != 5 or x.shape[1] != 1:
