@@ -223,7 +223,12 @@ def test_a_registration_made_with_other_settings_is_superseded(tmp_path, monkeyp
         st.path(n).write_text(n)
     now = dict(fp, registration=registration_fingerprint())
     assert _supersede_stale_outputs(st, now) == [] and st.has("field.nii.gz", "DONE.json")
-    monkeypatch.setattr(pipeline, "PET_CT_CT_SIGMA_MM", 3.0)
+    mapping = pipeline.PET_CT_CT_MAPPING
+    monkeypatch.setattr(pipeline, "PET_CT_CT_MAPPING", dict(mapping, sigma_mm=mapping["sigma_mm"] + 10.0))
+    assert registration_fingerprint() != now["registration"]
+    monkeypatch.undo()
+    assert registration_fingerprint() == now["registration"]
+    monkeypatch.setattr(pipeline, "PET_CT_CT_SIGMA_MM", pipeline.PET_CT_CT_SIGMA_MM + 1.0)
     assert registration_fingerprint() != now["registration"]
     assert _supersede_stale_outputs(st, dict(fp, registration=registration_fingerprint())) == ["registration"]
     assert not st.has("field.nii.gz") and st.has("synthesized.nii.gz")
