@@ -269,33 +269,8 @@ def step_uptake(st, rep):
     return {"organs": len(rows)}
 
 
-# PET -> CT settings of the main job; how they were chosen: RegistrationModuleLib/METHOD.md, "PET -> CT in the main job"
-# (LNCC against the CT mapped to the PET's intensities, below; MIND on the CT itself until this round)
-PET_CT_REGISTRATION = {"similarity": "lncc", "regularizer": "diffusion", "smoothness": 8.0, "penalty": 3.0,
-                       "iterations": (200, 100, 50), "learning_rate": 2.0}
-# the CT is Gaussian-smoothed (sigma in mm, about 4.7 mm FWHM: a PET's resolution) so that its edges have the
-# PET's profile; the field is on the CT's grid either way
-PET_CT_CT_SIGMA_MM = 2.0
-# then mapped to the PET's intensities by their local conditional mean (RegistrationModuleLib.intensity): the CT
-# keeps its edges and takes the PET's contrast between them, so a same-modality similarity applies
-PET_CT_CT_MAPPING = {"bins": 16, "sigma_mm": 20.0}
-
-
-def register_pet_to_ct(ct, pet, body, device="cpu", progress=None):
-    """Deformable PET -> CT registration of the main job (fixed CT, smoothed to PET-like resolution and mapped to
-    the PET's intensities locally, moving PET, similarity inside the CT's body mask ``body``, a numpy array on the
-    CT grid); the benchmark scores the same call. The displacement is on the CT's grid (smoothing and mapping keep
-    the geometry)."""
-    import SimpleITK as sitk
-    from RegistrationModuleLib import check_inputs, register
-    from RegistrationModuleLib.intensity import local_intensity_map
-    check_inputs(ct, pet)                                # clear messages before the smoothing touches the CT
-    mask = sitk.GetImageFromArray(body.astype("uint8"))
-    mask.CopyInformation(ct)
-    fixed = sitk.SmoothingRecursiveGaussian(sitk.Cast(ct, sitk.sitkFloat32), PET_CT_CT_SIGMA_MM)
-    fixed = local_intensity_map(fixed, pet, body, **PET_CT_CT_MAPPING)
-    return register(fixed, pet, method="instance", fixed_mask=mask, prealign="none", device=device,
-                    progress=progress, **PET_CT_REGISTRATION)
+# PET -> CT registration of the main job: RegistrationModuleLib.petct (its settings, and how they were chosen:
+# RegistrationModuleLib/METHOD.md, "PET -> CT in the main job")
 
 
 def step_register(st, rep, device="cpu"):
@@ -315,6 +290,7 @@ def step_register(st, rep, device="cpu"):
     from RegistrationModuleLib.synthetic import body_mask
     body = body_mask(ct)
     t0 = time.perf_counter()
+    from RegistrationModuleLib.petct import register_pet_to_ct
     res = register_pet_to_ct(ct, pet, body, device=device, progress=rep)
     summary = dict(res.summary)
     summary["time_s"] = time.perf_counter() - t0
@@ -395,13 +371,11 @@ MODEL_OUTPUTS = {
 
 
 def registration_fingerprint():
-    """'pet-ct@<16 hex digits>' of the main job's PET -> CT settings (``PET_CT_REGISTRATION``, the CT smoothing and
-    mapping), so that a study registered with other settings is registered again, like outputs of other model
-    weights."""
-    import hashlib
-    settings = dict(PET_CT_REGISTRATION, ct_sigma_mm=PET_CT_CT_SIGMA_MM, ct_mapping=PET_CT_CT_MAPPING)
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=list).encode()).hexdigest()
-    return f"pet-ct@{digest[:16]}"
+    """'pet-ct@<16 hex digits>' of the main job's PET -> CT settings (``RegistrationModuleLib.petct``: the
+    registration, the CT smoothing and mapping), so that a study registered with other settings is registered
+    again, like outputs of other model weights."""
+    from RegistrationModuleLib import petct
+    return petct.fingerprint()
 
 
 def synthesis_fingerprint(model):

@@ -137,8 +137,12 @@ class RegistrationModuleLogic(ScriptedLoadableModuleLogic):
     def register(self, fixedVolumeNode, movingVolumeNode, outputTransformNode=None, method="instance",
                  similarity="lncc", smoothness=None, iterations=100, diffeomorphic=False, fixedMaskNode=None,
                  fixedLabelsNode=None, movingLabelsNode=None, outputVolumeNode=None, jacobianVolumeNode=None,
-                 warpVolume=False, jacobian=False, device="auto", wait=True, progress=None, log=None):
+                 warpVolume=False, jacobian=False, device="auto", preset=None, wait=True, progress=None, log=None):
         """Register moving to fixed. Returns the transform node (``wait=True``) or an EngineRun.
+
+        ``preset="pet-ct"``: fixed is a CT and moving a PET of the same PET/CT study; the main job's settings
+        (the CT smoothed and mapped to the PET's intensities locally, LNCC in the CT's body or ``fixedMaskNode``);
+        the method, similarity, smoothness and iteration arguments must then stay at their defaults.
 
         With ``warpVolume`` (or an output volume node) the moving volume is also resampled onto the fixed grid;
         with ``jacobian`` the Jacobian determinant volume is added. The summary (folding %, std(log J), Dice
@@ -185,7 +189,7 @@ class RegistrationModuleLogic(ScriptedLoadableModuleLogic):
             request = RegisterRequest(fixed=p("fixed.nii"), moving=p("moving.nii"), output=p("field.nii"),
                                       method=method, similarity=similarity,
                                       smoothness=None if smoothness is None else float(smoothness),
-                                      diffeomorphic=bool(diffeomorphic), device=device, **levels,
+                                      diffeomorphic=bool(diffeomorphic), device=device, preset=preset, **levels,
                                       warped=p("warped.nii") if warpVolume else None,
                                       jacobian=p("jacobian.nii") if jacobian else None, **files)
             return to_argv(request)

@@ -44,6 +44,9 @@ Engine API (no Slicer imports; images are SimpleITK, see docs/ARCHITECTURE.md)::
     res.summary                 # dict: folding_pct, std_log_j, jacobian_min/max, timings {prealign_s,
                                 #   network_s, deformable_s, total_s}, similarity per level, parameters
 
+PET -> CT with the main job's settings (the CT mapped to the PET's intensities locally, then LNCC in its body):
+``petct.register_pet_to_ct(ct, pet, body=None)`` (CLI ``--preset pet-ct``; METHOD.md §5).
+
 Errors: :class:`PETWorkbenchLib.errors.InputError` for bad input (different dimensionality, empty mask,
 non-overlapping images, colour images, unknown options...), ``ModelError`` for missing/corrupt TM-DCA weights,
 ``Cancelled`` when ``cancel()`` returns True.

@@ -61,6 +61,11 @@ class RegisterRequest:
     fixed_labels: str = option(None, help="fixed label map (label-driven terms, Dice)")
     moving_labels: str = option(None, help="moving label map")
     device: str = option("auto", help="auto, cpu, cuda[:N] or mps")
+    preset: str = option(None, choices=("pet-ct",),
+                         help="pet-ct: FIXED is a CT, MOVING a PET of the same PET/CT study; the main job's "
+                              "settings (the CT smoothed and mapped to the PET's intensities locally, LNCC in the "
+                              "CT's body or --fixed-mask, no pre-alignment); the method, similarity and "
+                              "optimisation options must stay at their defaults")
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -139,13 +144,17 @@ def run_register(args: argparse.Namespace, reporter: Callable[[float, str], None
     fixed = _read(args.fixed, "fixed image", voxel_limit=lambda spacing: budget)
     moving = _read(args.moving, "moving image")
     moving_labels = _read(args.moving_labels, "moving label map")
-    res = register(fixed, moving, method=args.method, model=args.model, similarity=args.similarity,
-                   regularizer=args.regularizer, smoothness=args.smoothness, penalty=args.penalty,
-                   iterations=args.iterations,
-                   diffeomorphic=args.diffeomorphic, prealign=args.prealign, interpolation=args.interpolation,
-                   fixed_mask=_read(args.fixed_mask, "fixed mask"), moving_mask=_read(args.moving_mask, "moving mask"),
-                   fixed_labels=_read(args.fixed_labels, "fixed label map"), moving_labels=moving_labels,
-                   device=args.device, progress=reporter)
+    if args.preset == "pet-ct":
+        res = _register_preset(args, fixed, moving, reporter)
+    else:
+        res = register(fixed, moving, method=args.method, model=args.model, similarity=args.similarity,
+                       regularizer=args.regularizer, smoothness=args.smoothness, penalty=args.penalty,
+                       iterations=args.iterations,
+                       diffeomorphic=args.diffeomorphic, prealign=args.prealign, interpolation=args.interpolation,
+                       fixed_mask=_read(args.fixed_mask, "fixed mask"),
+                       moving_mask=_read(args.moving_mask, "moving mask"),
+                       fixed_labels=_read(args.fixed_labels, "fixed label map"), moving_labels=moving_labels,
+                       device=args.device, progress=reporter)
     write = {"inputs": inputs, "overwrite": overwrite}
     res.save(args.output, **write)
     out = {"displacement": str(args.output)}
@@ -161,6 +170,24 @@ def run_register(args: argparse.Namespace, reporter: Callable[[float, str], None
     summary = dict(res.summary)
     summary["outputs"] = out
     return summary
+
+
+def _register_preset(args, fixed, moving, reporter):
+    """``--preset pet-ct``: RegistrationModuleLib.petct; options that the preset sets itself must not be given."""
+    from PETWorkbenchLib.errors import InputError
+    from .petct import register_pet_to_ct
+    defaults = RegisterRequest(fixed="", moving="", output="")
+    changed = [name for name in ("method", "model", "similarity", "regularizer", "smoothness", "penalty",
+                                 "iterations", "interpolation", "diffeomorphic", "prealign", "moving_mask",
+                                 "fixed_labels", "moving_labels")
+               if getattr(args, name) != getattr(defaults, name)]
+    if changed:
+        raise InputError("--preset pet-ct sets the registration itself; leave out "
+                         + ", ".join("--" + n.replace("_", "-") for n in changed))
+    body = _read(args.fixed_mask, "fixed mask")
+    res = register_pet_to_ct(fixed, moving, body, device=args.device, progress=reporter)
+    res.summary["preset"] = "pet-ct"
+    return res
 
 
 def _read_points(path):

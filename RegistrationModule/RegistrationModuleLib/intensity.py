@@ -29,14 +29,16 @@ def _smooth(a: np.ndarray, ref: sitk.Image, sigma_mm: float) -> np.ndarray:
     return sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(img, float(sigma_mm))).astype(np.float64)
 
 
-def local_intensity_map(fixed: sitk.Image, moving: sitk.Image, mask: np.ndarray | None = None, bins: int = 16,
-                        sigma_mm: float = 30.0) -> sitk.Image:
+def local_intensity_map(fixed: sitk.Image, moving: sitk.Image, mask: np.ndarray | sitk.Image | None = None,
+                        bins: int = 16, sigma_mm: float = 20.0) -> sitk.Image:
     """The fixed image mapped to the moving image's intensities by their local conditional mean.
 
     ``fixed``, ``moving``: scalar SimpleITK images of the same dimension (the moving one is resampled onto the
-    fixed grid, linearly, zero outside it); ``mask``: numpy array on the fixed grid (array order), the region
-    whose voxels estimate the mapping (default: all voxels of the fixed image that the moving image covers).
-    Returns a float32 image on the fixed grid; outside the mask it is 0.
+    fixed grid, linearly, zero outside it); ``mask``: numpy array on the fixed grid (array order) or a label map
+    on it, the region whose voxels estimate the mapping (default: all voxels of the fixed image that the moving
+    image covers). Returns a float32 image on the fixed grid; outside the mask, and where the moving image does not
+    cover the fixed grid, it is 0 (the registration excludes points outside the moving image by itself).
+    Where a bin has (almost) no voxel in a neighbourhood, the bin's mean over the whole region is used.
     """
     if bins < 2:
         raise InputError(f"bins must be at least 2, got {bins}")
@@ -51,7 +53,10 @@ def local_intensity_map(fixed: sitk.Image, moving: sitk.Image, mask: np.ndarray 
     m = sitk.GetArrayFromImage(sitk.Resample(sitk.Cast(moving, sitk.sitkFloat32), fixed, sitk.Transform(),
                                              sitk.sitkLinear, 0.0)).astype(np.float64)
     region = sitk.GetArrayFromImage(covered) > 0
+    if isinstance(mask, sitk.Image):
+        mask = sitk.GetArrayFromImage(mask)
     if mask is not None:
+        mask = np.asarray(mask)
         if mask.shape != f.shape:
             raise InputError(f"mask shape {mask.shape} does not match the fixed image {f.shape}")
         region &= mask > 0
@@ -60,6 +65,9 @@ def local_intensity_map(fixed: sitk.Image, moving: sitk.Image, mask: np.ndarray 
     if not (np.isfinite(f[region]).all() and np.isfinite(m[region]).all()):
         raise InputError("the images contain NaN or infinite values inside the mask")
     lo, hi = np.percentile(f[region], [1.0, 99.0])
+    # values outside the region take no part (a NaN there must not spread through the smoothing)
+    f = np.where(region, f, lo)
+    m = np.where(region, m, 0.0)
     t = np.clip((f - lo) / max(hi - lo, 1e-12), 0.0, 1.0) * (bins - 1)
     w = region.astype(np.float64)
     out = np.zeros_like(f)
@@ -67,9 +75,11 @@ def local_intensity_map(fixed: sitk.Image, moving: sitk.Image, mask: np.ndarray 
         member = np.clip(1.0 - np.abs(t - k), 0.0, 1.0)          # triangular memberships, summing to 1
         if not member[region].any():
             continue
+        # the smoothing preserves constants, so ``count`` is the bin's share of the neighbourhood (0..1)
         count = _smooth(member * w, fixed, sigma_mm)
         total = _smooth(member * w * m, fixed, sigma_mm)
-        out += member * (total / np.maximum(count, 1e-6))
+        overall = float((member * w * m).sum() / (member * w).sum())
+        out += member * np.where(count > 1e-6, total / np.maximum(count, 1e-6), overall)
     out[~region] = 0.0
     img = sitk.GetImageFromArray(out.astype(np.float32))
     img.CopyInformation(fixed)

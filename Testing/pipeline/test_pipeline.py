@@ -208,7 +208,7 @@ def _recorded_study(root, names, fingerprints):
 
 
 def test_a_registration_made_with_other_settings_is_superseded(tmp_path, monkeypatch):
-    from PETWorkbenchApp import pipeline
+    from RegistrationModuleLib import petct
     from PETWorkbenchApp.pipeline import _supersede_stale_outputs, registration_fingerprint
     fp = {"synthesis": "m@1", "segmentation": "m@2"}
     # a study recorded before the settings were fingerprinted: its registration's settings are unknown
@@ -223,12 +223,12 @@ def test_a_registration_made_with_other_settings_is_superseded(tmp_path, monkeyp
         st.path(n).write_text(n)
     now = dict(fp, registration=registration_fingerprint())
     assert _supersede_stale_outputs(st, now) == [] and st.has("field.nii.gz", "DONE.json")
-    mapping = pipeline.PET_CT_CT_MAPPING
-    monkeypatch.setattr(pipeline, "PET_CT_CT_MAPPING", dict(mapping, sigma_mm=mapping["sigma_mm"] + 10.0))
+    mapping = petct.CT_MAPPING
+    monkeypatch.setattr(petct, "CT_MAPPING", dict(mapping, sigma_mm=mapping["sigma_mm"] + 10.0))
     assert registration_fingerprint() != now["registration"]
     monkeypatch.undo()
     assert registration_fingerprint() == now["registration"]
-    monkeypatch.setattr(pipeline, "PET_CT_CT_SIGMA_MM", pipeline.PET_CT_CT_SIGMA_MM + 1.0)
+    monkeypatch.setattr(petct, "CT_SIGMA_MM", petct.CT_SIGMA_MM + 1.0)
     assert registration_fingerprint() != now["registration"]
     assert _supersede_stale_outputs(st, dict(fp, registration=registration_fingerprint())) == ["registration"]
     assert not st.has("field.nii.gz") and st.has("synthesized.nii.gz")
