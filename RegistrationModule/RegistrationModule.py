@@ -63,6 +63,7 @@ class RegistrationModuleParameterNode:
     smoothness: Annotated[float, WithinRange(0.0, 500.0)] = 64.0
     iterations: Annotated[int, WithinRange(10, 2000)] = 100
     diffeomorphic: bool = False
+    petCtPreset: bool = False
     outputTransform: vtkMRMLTransformNode
     outputVolume: vtkMRMLScalarVolumeNode
     jacobianVolume: vtkMRMLScalarVolumeNode
@@ -102,10 +103,18 @@ class RegistrationModuleWidget(ModuleWidgetMixin, ScriptedLoadableModuleWidget, 
             return False, "Fixed and moving volumes must differ"
         if bool(p.fixedLabels) != bool(p.movingLabels):
             return False, "Give label maps for both images, or for neither"
+        if p.petCtPreset and (p.fixedLabels or p.movingLabels):
+            return False, "The PET to CT preset does not use label maps"
         return True, ""
 
     def startRun(self):
         p = self._parameterNode
+        if p.petCtPreset:       # the preset sets the registration itself; only the mask and the outputs are ours
+            return self.logic.register(p.fixedVolume, p.movingVolume, p.outputTransform, preset="pet-ct",
+                                       fixedMaskNode=p.fixedMask, outputVolumeNode=p.outputVolume,
+                                       jacobianVolumeNode=p.jacobianVolume, warpVolume=bool(p.outputVolume),
+                                       jacobian=bool(p.jacobianVolume), device=p.device, wait=False,
+                                       progress=self.controller.progress)
         return self.logic.register(p.fixedVolume, p.movingVolume, p.outputTransform, method=p.method,
                                    similarity=p.similarity, smoothness=p.smoothness, iterations=p.iterations,
                                    diffeomorphic=p.diffeomorphic, fixedMaskNode=p.fixedMask,

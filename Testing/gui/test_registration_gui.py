@@ -1,5 +1,7 @@
 """PET Registration module as Slicer runs it."""
 
+import json
+
 import numpy as np
 
 from guitools import add_volume, pump, run_apply, scene_state
@@ -56,3 +58,19 @@ def test_nan_input_shows_error_and_keeps_scene(widget, scene, errors):
     pump(lambda: not widget.controller.busy, 120)
     assert errors.records, "no error shown"
     assert scene_state(scene) == before
+
+
+def test_pet_ct_preset_runs_the_main_jobs_settings(widget, scene):
+    # the checkbox is bound to the parameter node, and the run uses the preset, not the panel's similarity
+    add_volume(blob(), "CT")
+    add_volume(blob(1.5), "PET")
+    widget.ui.fixedSelector._userSelect("CT")
+    widget.ui.movingSelector._userSelect("PET")
+    widget.ui.petCtPresetCheckBox.click()
+    assert widget._parameterNode.petCtPreset is True
+    widget._parameterNode.similarity = "mind"          # ignored under the preset
+    widget._parameterNode.device = "cpu"
+    run_apply(widget)
+    assert "Done" in widget.ui.statusLabel.text, widget.ui.statusLabel.text
+    summary = json.loads(widget._parameterNode.outputTransform.GetAttribute("PETWorkbench.summary"))
+    assert summary["preset"] == "pet-ct" and summary["similarity"] == "lncc"
