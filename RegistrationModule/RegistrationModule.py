@@ -83,6 +83,13 @@ class RegistrationModuleWidget(ModuleWidgetMixin, ScriptedLoadableModuleWidget, 
         ScriptedLoadableModuleWidget.setup(self)
         self.setupModuleUi()
         self.ui.similarityComboBox.connect("currentTextChanged(QString)", self.onSimilarityChanged)
+        self.ui.petCtPresetCheckBox.connect("toggled(bool)", self.onPresetToggled)
+
+    def onPresetToggled(self, on):
+        """Under the PET to CT preset the panel's own registration settings are not used: they are disabled."""
+        for name in ("methodComboBox", "similarityComboBox", "smoothnessSliderWidget", "iterationsSpinBox",
+                     "diffeomorphicCheckBox"):
+            getattr(self.ui, name).enabled = not on
 
     def onSimilarityChanged(self, name):
         """The smoothness slider follows the chosen term's default (curvature 64; diffusion 1 for mind)."""
@@ -151,7 +158,8 @@ class RegistrationModuleLogic(ScriptedLoadableModuleLogic):
 
         ``preset="pet-ct"``: fixed is a CT and moving a PET of the same PET/CT study; the main job's settings
         (the CT smoothed and mapped to the PET's intensities locally, LNCC in the CT's body or ``fixedMaskNode``);
-        the method, similarity, smoothness and iteration arguments must then stay at their defaults.
+        the method, similarity, smoothness, iterations, diffeomorphic and label-map arguments must then stay at
+        their defaults.
 
         With ``warpVolume`` (or an output volume node) the moving volume is also resampled onto the fixed grid;
         with ``jacobian`` the Jacobian determinant volume is added. The summary (folding %, std(log J), Dice

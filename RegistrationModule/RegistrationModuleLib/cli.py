@@ -64,8 +64,8 @@ class RegisterRequest:
     preset: str = option(None, choices=("pet-ct",),
                          help="pet-ct: FIXED is a CT, MOVING a PET of the same PET/CT study; the main job's "
                               "settings (the CT smoothed and mapped to the PET's intensities locally, LNCC in the "
-                              "CT's body or --fixed-mask, no pre-alignment); the method, similarity and "
-                              "optimisation options must stay at their defaults")
+                              "CT's body or --fixed-mask, no pre-alignment); the method, similarity, "
+                              "optimisation, label and moving-mask options must stay at their defaults")
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -185,9 +185,7 @@ def _register_preset(args, fixed, moving, reporter):
         raise InputError("--preset pet-ct sets the registration itself; leave out "
                          + ", ".join("--" + n.replace("_", "-") for n in changed))
     body = _read(args.fixed_mask, "fixed mask")
-    res = register_pet_to_ct(fixed, moving, body, device=args.device, progress=reporter)
-    res.summary["preset"] = "pet-ct"
-    return res
+    return register_pet_to_ct(fixed, moving, body, device=args.device, progress=reporter)
 
 
 def _read_points(path):

@@ -44,25 +44,34 @@ def register_pet_to_ct(ct: sitk.Image, pet: sitk.Image, body: np.ndarray | sitk.
     import numpy as np
     import SimpleITK as sitk
 
-    from PETWorkbenchLib.errors import InputError
+    from PETWorkbenchLib.errors import Cancelled, InputError
     from .infer import check_inputs, register
     from .intensity import local_intensity_map
     from .synthetic import body_mask
 
     check_inputs(ct, pet)                                # clear messages before the smoothing touches the CT
     if body is None:
+        if float(np.min(sitk.GetArrayViewFromImage(ct))) > -500.0:
+            raise InputError("the fixed image does not look like a CT in HU (no air below -500 HU, so no body "
+                             "outline); the pet-ct preset needs fixed = CT, moving = PET, or a body mask")
         body = body_mask(ct)
-    elif isinstance(body, sitk.Image):
-        check_inputs(ct, pet, fixed_mask=body)
-        body = sitk.GetArrayFromImage(body) > 0
-    body = np.asarray(body)
+    elif isinstance(body, sitk.Image):                   # a label map, on the CT's grid or not
+        body = sitk.GetArrayFromImage(sitk.Resample(body, ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
+    body = np.asarray(body) > 0
     if body.shape != sitk.GetArrayViewFromImage(ct).shape:
         raise InputError(f"the body mask has shape {body.shape}, the CT {sitk.GetArrayViewFromImage(ct).shape}")
     if not body.any():
         raise InputError("the CT's body mask is empty (no voxel above -500 HU, or an empty mask was given)")
     mask = sitk.GetImageFromArray(body.astype("uint8"))
     mask.CopyInformation(ct)
+    if progress is not None:
+        progress(0.0, "mapping the CT to the PET's intensities")
     fixed = sitk.SmoothingRecursiveGaussian(sitk.Cast(ct, sitk.sitkFloat32), CT_SIGMA_MM)
     fixed = local_intensity_map(fixed, pet, body, **CT_MAPPING)
-    return register(fixed, pet, method="instance", fixed_mask=mask, device=device, progress=progress,
-                    cancel=cancel, **SETTINGS)
+    if cancel is not None and cancel():
+        raise Cancelled("cancelled")
+    res = register(fixed, pet, method="instance", fixed_mask=mask, device=device, progress=progress,
+                   cancel=cancel, **SETTINGS)
+    res.summary["preset"] = "pet-ct"
+    res.summary["preset_settings"] = fingerprint()
+    return res

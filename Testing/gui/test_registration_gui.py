@@ -62,15 +62,18 @@ def test_nan_input_shows_error_and_keeps_scene(widget, scene, errors):
 
 def test_pet_ct_preset_runs_the_main_jobs_settings(widget, scene):
     # the checkbox is bound to the parameter node, and the run uses the preset, not the panel's similarity
-    add_volume(blob(), "CT")
+    add_volume(blob() * 1500.0 - 1000.0, "CT")         # HU: air around a body
     add_volume(blob(1.5), "PET")
     widget.ui.fixedSelector._userSelect("CT")
     widget.ui.movingSelector._userSelect("PET")
     widget.ui.petCtPresetCheckBox.click()
     assert widget._parameterNode.petCtPreset is True
+    assert not widget.ui.similarityComboBox.enabled and not widget.ui.iterationsSpinBox.enabled
     widget._parameterNode.similarity = "mind"          # ignored under the preset
     widget._parameterNode.device = "cpu"
     run_apply(widget)
     assert "Done" in widget.ui.statusLabel.text, widget.ui.statusLabel.text
     summary = json.loads(widget._parameterNode.outputTransform.GetAttribute("PETWorkbench.summary"))
     assert summary["preset"] == "pet-ct" and summary["similarity"] == "lncc"
+    widget.ui.petCtPresetCheckBox.click()
+    assert widget.ui.similarityComboBox.enabled and widget.ui.iterationsSpinBox.enabled

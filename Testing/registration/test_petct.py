@@ -51,7 +51,23 @@ def test_cli_preset_registers_with_the_main_jobs_settings(tmp_path):
     assert summary["iterations"] == list(petct.SETTINGS["iterations"])
     u = sitk.ReadImage(str(out))
     assert u.GetSize() == ct.GetSize() and u.GetSpacing() == ct.GetSpacing()
-    assert summary["folding_pct"] == 0
+    assert summary["folding_pct"] == 0 and summary["preset_settings"] == petct.fingerprint()
+
+
+def test_swapped_images_and_masks_on_another_grid():
+    ct, pet = _pair(12)
+    with pytest.raises(InputError, match="does not look like a CT"):
+        petct.register_pet_to_ct(pet, ct)
+    body = np.zeros((12, 12, 12), np.uint8)
+    body[2:10, 2:10, 2:10] = 1
+    label = sitk.GetImageFromArray(body[::2, ::2, ::2].repeat(2, 0).repeat(2, 1).repeat(2, 2))
+    label.CopyInformation(ct)
+    coarse = sitk.GetImageFromArray(body[::2, ::2, ::2])        # the same region on a grid of twice the spacing
+    coarse.SetSpacing((8.0, 8.0, 8.0))
+    coarse.SetOrigin((2.0, 2.0, 2.0))
+    a = petct.register_pet_to_ct(ct, pet, label, progress=None)
+    b = petct.register_pet_to_ct(ct, pet, coarse)
+    assert a.summary["preset"] == b.summary["preset"] == "pet-ct"
 
 
 def test_cli_preset_refuses_options_it_sets_itself_and_writes_nothing(tmp_path):
