@@ -269,13 +269,9 @@ def step_uptake(st, rep):
     return {"organs": len(rows)}
 
 
-# PET -> CT registration of the main job: RegistrationModuleLib.petct (its settings, and how they were chosen:
-# RegistrationModuleLib/METHOD.md, "PET -> CT in the main job")
-
-
 def step_register(st, rep, device="cpu"):
     """Moving = synthesized (or low-dose) PET, fixed = CT mapped to the PET's intensities locally; LNCC inside the
-    CT's body mask (``register_pet_to_ct``)."""
+    CT's body mask (``RegistrationModuleLib.petct``, whose METHOD.md §5 says how its settings were chosen)."""
     if st.has_valid("field.nii.gz", "registration.json"):
         return {"skipped": True}
     ct_path = st.input("ct")
@@ -287,10 +283,10 @@ def step_register(st, rep, device="cpu"):
         pet = read_image(st.path("synthesized.nii.gz"), "PET")
     else:
         pet = st.read_pet("low_dose", "PET")
-    from RegistrationModuleLib.synthetic import body_mask
-    body = body_mask(ct)
-    t0 = time.perf_counter()
     from RegistrationModuleLib.petct import register_pet_to_ct
+    from RegistrationModuleLib.synthetic import body_mask
+    body = body_mask(ct)                                 # passed on, and kept to score against a known field
+    t0 = time.perf_counter()
     res = register_pet_to_ct(ct, pet, body, device=device, progress=rep)
     summary = dict(res.summary)
     summary["time_s"] = time.perf_counter() - t0
