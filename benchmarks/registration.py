@@ -11,6 +11,9 @@ Cases (the known pull-back field ``u`` is exact: ``x_moving = x_fixed + u(x_fixe
    ``numpy.random.default_rng(0)``, each with a random unit direction and a random amplitude in [0.5, 1], the sum
    scaled so that its largest magnitude is 8 mm.  Fixed = the image, moving = the image warped by the inverse field
    (``moving(x + u(x)) = fixed(x)``; inverse by fixed-point iteration to < 1e-3 mm), labels likewise (nearest).
+   ``ct_noise`` (opt in with ``--cases``; not in the last line): the ``ct`` case with independent Gaussian noise
+   of 10 HU added to fixed and moving (``default_rng(1)``): in ``ct`` the static body of the moving image is a
+   sample-exact copy of the fixed one, noise included, which two acquisitions never are.
 3. ``petct``: the demo's PET -> CT case: the main job's simulate + synthesize steps on the sample anatomy (seed 0);
    fixed = the CT acquired with a known breathing-like misalignment, moving = the synthesized PET; registered
    with the main job's settings (``RegistrationModuleLib.petct.register_pet_to_ct``); error = mean |u - u_true| in the
@@ -44,7 +47,7 @@ Last line: ``mni_err_ours mni_err_best_peer mni_time_ours_s mni_time_best_peer_s
 ct_err_best_peer ct_time_ours_s ct_time_best_peer_s fold_pct_ours petct_err_before_mm petct_err_ours_mm``
 (best peer = the peer with the lowest error in this run; fold_pct_ours = the largest over the cases).
 
-Usage: python benchmarks/registration.py [--quick] [--threads 2] [--cases mni,ct,petct] [--methods ...]
+Usage: python benchmarks/registration.py [--quick] [--threads 2] [--cases mni,ct,petct[,ct_noise]] [--methods ...]
 [--petct-seeds 0,1,2]
 ``--quick`` skips nothing but runs elastix with 250 iterations per level (< 15 min on 2 cores); the full run uses
 the 1000 iterations above.
@@ -182,6 +185,29 @@ def ct_case():
     lab = sitk.ReadImage(str(d / "example_seg_fast_force_split.nii.gz"), sitk.sitkUInt8)
     lab.CopyInformation(ct)
     return make_case(ct, lab, body_mask(ct), "ct")
+
+
+NOISE_HU = 10.0
+
+
+def ct_noise_case():
+    """The ``ct`` case with independent Gaussian noise (``NOISE_HU`` HU, ``default_rng(1)``) added to the fixed and
+    to the moving image, as two acquisitions have.  In the ``ct`` case the static body of the moving image is a
+    sample-exact copy of the fixed one, noise included, which linear interpolation holds in place by its cusp at
+    whole-voxel shifts; here the noise differs.  Not in the last line (opt in with ``--cases``)."""
+    case = ct_case()
+    rng = np.random.default_rng(1)
+    for k in ("fixed", "moving"):
+        a = sitk.GetArrayFromImage(case[k])
+        img = sitk.GetImageFromArray((a + rng.normal(0.0, NOISE_HU, a.shape)).astype(a.dtype))
+        img.CopyInformation(case[k])
+        case[k] = img
+    case["name"] = "ct_noise"
+    print(f"ct_noise: the ct case with independent noise of {NOISE_HU:g} HU added to fixed and moving", flush=True)
+    return case
+
+
+CASES = {"mni": mni_case, "ct": ct_case, "ct_noise": ct_noise_case}
 
 
 # --------------------------------------------------------------------------------------------- metrics
@@ -415,7 +441,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="elastix 250 iterations per level (< 15 min on 2 cores)")
     p.add_argument("--threads", type=int, default=2, help="threads of every method (ITK, ANTs, torch; default 2)")
     p.add_argument("--torch-threads", type=int, default=None, help="threads of ours (default: --threads)")
-    p.add_argument("--cases", default="mni,ct,petct")
+    p.add_argument("--cases", default="mni,ct,petct", help="comma-separated: mni, ct, petct, ct_noise")
     p.add_argument("--methods", default="ours,ants,elastix,fireants")
     p.add_argument("--petct-seeds", default="0", help="studies of the petct case (0 = the demo's, whose numbers "
                    "the last line reports; e.g. 0,1,2 to check the settings on studies they were not chosen on)")
@@ -425,6 +451,9 @@ def main(argv=None):
         args.torch_threads = args.threads
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
+    unknown = [c for c in args.cases.split(",") if c not in CASES and c != "petct"]
+    if unknown:
+        p.error(f"unknown case {unknown[0]!r}: choose from {', '.join(list(CASES) + ['petct'])}")
     methods = args.methods.split(",")
     for name in [m for m in methods if m in PEERS]:
         why = peer_available(name, args)
@@ -447,7 +476,7 @@ def main(argv=None):
                 print(f"petct over seeds {args.petct_seeds}: error/before " + " ".join(f"{v:.3f}" for v in ratio)
                       + f", mean error {np.mean([r['petct_err_ours_mm'] for r in runs.values()]):.3f} mm", flush=True)
             continue
-        case = mni_case() if cname == "mni" else ct_case()
+        case = CASES[cname]()
         results[cname] = {}
         for m in methods:
             try:
