@@ -11,9 +11,10 @@ Cases (the known pull-back field ``u`` is exact: ``x_moving = x_fixed + u(x_fixe
    ``numpy.random.default_rng(0)``, each with a random unit direction and a random amplitude in [0.5, 1], the sum
    scaled so that its largest magnitude is 8 mm.  Fixed = the image, moving = the image warped by the inverse field
    (``moving(x + u(x)) = fixed(x)``; inverse by fixed-point iteration to < 1e-3 mm), labels likewise (nearest).
-   ``ct_noise`` (opt in with ``--cases``; not in the last line): the ``ct`` case with independent Gaussian noise
-   of 10 HU added to fixed and moving (``default_rng(1)``): in ``ct`` the static body of the moving image is a
-   sample-exact copy of the fixed one, noise included, which two acquisitions never are.
+   ``ct_noise``, ``mni_noise`` (opt in with ``--cases``; not in the last line): the same pairs with independent
+   Gaussian noise added to fixed and moving (CT 10 HU, MNI 0.02 of the template's 0-1 range; ``default_rng(1)``):
+   in the plain cases the static part of the moving image is a sample-exact copy of the fixed one, noise
+   included, which two acquisitions never are.
 3. ``petct``: the demo's PET -> CT case: the main job's simulate + synthesize steps on the sample anatomy (seed 0);
    fixed = the CT acquired with a known breathing-like misalignment, moving = the synthesized PET; registered
    with the main job's settings (``RegistrationModuleLib.petct.register_pet_to_ct``); error = mean |u - u_true| in the
@@ -47,8 +48,8 @@ Last line: ``mni_err_ours mni_err_best_peer mni_time_ours_s mni_time_best_peer_s
 ct_err_best_peer ct_time_ours_s ct_time_best_peer_s fold_pct_ours petct_err_before_mm petct_err_ours_mm``
 (best peer = the peer with the lowest error in this run; fold_pct_ours = the largest over the cases).
 
-Usage: python benchmarks/registration.py [--quick] [--threads 2] [--cases mni,ct,petct[,ct_noise]] [--methods ...]
-[--petct-seeds 0,1,2]
+Usage: python benchmarks/registration.py [--quick] [--threads 2] [--cases mni,ct,petct[,ct_noise,mni_noise]]
+[--methods ...] [--petct-seeds 0,1,2]
 ``--quick`` skips nothing but runs elastix with 250 iterations per level (< 15 min on 2 cores); the full run uses
 the 1000 iterations above.
 """
@@ -187,27 +188,29 @@ def ct_case():
     return make_case(ct, lab, body_mask(ct), "ct")
 
 
-NOISE_HU = 10.0
+# noisy variants: the case, the standard deviation of the added noise (image units) and how to say it
+NOISY = {"ct_noise": ("ct", 10.0, "10 HU"), "mni_noise": ("mni", 0.02, "0.02 (the template spans 0-1; brain 0.4-0.9)")}
 
 
-def ct_noise_case():
-    """The ``ct`` case with independent Gaussian noise (``NOISE_HU`` HU, ``default_rng(1)``) added to the fixed and
-    to the moving image, as two acquisitions have.  In the ``ct`` case the static body of the moving image is a
-    sample-exact copy of the fixed one, noise included, which linear interpolation holds in place by its cusp at
-    whole-voxel shifts; here the noise differs.  Not in the last line (opt in with ``--cases``)."""
-    case = ct_case()
+def noisy_case(name: str) -> dict:
+    """A case with independent Gaussian noise (``NOISY``, ``default_rng(1)``) added to the fixed and to the moving
+    image, as two acquisitions have.  In the plain cases the static part of the moving image is a sample-exact copy
+    of the fixed one, noise included, which linear interpolation holds in place by its cusp at whole-voxel shifts;
+    here the noise differs.  Not in the last line (opt in with ``--cases``)."""
+    base, sigma, say = NOISY[name]
+    case = mni_case() if base == "mni" else ct_case()
     rng = np.random.default_rng(1)
     for k in ("fixed", "moving"):
         a = sitk.GetArrayFromImage(case[k])
-        img = sitk.GetImageFromArray((a + rng.normal(0.0, NOISE_HU, a.shape)).astype(a.dtype))
+        img = sitk.GetImageFromArray((a + rng.normal(0.0, sigma, a.shape)).astype(a.dtype))
         img.CopyInformation(case[k])
         case[k] = img
-    case["name"] = "ct_noise"
-    print(f"ct_noise: the ct case with independent noise of {NOISE_HU:g} HU added to fixed and moving", flush=True)
+    case["name"] = name
+    print(f"{name}: the {base} case with independent Gaussian noise of {say} added to fixed and moving", flush=True)
     return case
 
 
-CASES = {"mni": mni_case, "ct": ct_case, "ct_noise": ct_noise_case}
+CASES = {"mni": mni_case, "ct": ct_case, **{n: (lambda n=n: noisy_case(n)) for n in NOISY}}
 
 
 # --------------------------------------------------------------------------------------------- metrics
@@ -441,7 +444,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="elastix 250 iterations per level (< 15 min on 2 cores)")
     p.add_argument("--threads", type=int, default=2, help="threads of every method (ITK, ANTs, torch; default 2)")
     p.add_argument("--torch-threads", type=int, default=None, help="threads of ours (default: --threads)")
-    p.add_argument("--cases", default="mni,ct,petct", help="comma-separated: mni, ct, petct, ct_noise")
+    p.add_argument("--cases", default="mni,ct,petct", help="comma-separated: mni, ct, petct, ct_noise, mni_noise")
     p.add_argument("--methods", default="ours,ants,elastix,fireants")
     p.add_argument("--petct-seeds", default="0", help="studies of the petct case (0 = the demo's, whose numbers "
                    "the last line reports; e.g. 0,1,2 to check the settings on studies they were not chosen on)")
