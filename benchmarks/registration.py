@@ -57,6 +57,7 @@ the 1000 iterations above.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -188,7 +189,8 @@ def ct_case():
     return make_case(ct, lab, body_mask(ct), "ct")
 
 
-# noisy variants: the case, the standard deviation of the added noise (image units) and how to say it
+PLAIN_CASES = {"mni": mni_case, "ct": ct_case}
+# noisy variants: the plain case, the standard deviation of the added noise (image units) and how to say it
 NOISY = {"ct_noise": ("ct", 10.0, "10 HU"), "mni_noise": ("mni", 0.02, "0.02 (the template spans 0-1; brain 0.4-0.9)")}
 
 
@@ -198,7 +200,7 @@ def noisy_case(name: str) -> dict:
     of the fixed one, noise included, which linear interpolation holds in place by its cusp at whole-voxel shifts;
     here the noise differs.  Not in the last line (opt in with ``--cases``)."""
     base, sigma, say = NOISY[name]
-    case = mni_case() if base == "mni" else ct_case()
+    case = PLAIN_CASES[base]()
     rng = np.random.default_rng(1)
     for k in ("fixed", "moving"):
         a = sitk.GetArrayFromImage(case[k])
@@ -210,7 +212,7 @@ def noisy_case(name: str) -> dict:
     return case
 
 
-CASES = {"mni": mni_case, "ct": ct_case, **{n: (lambda n=n: noisy_case(n)) for n in NOISY}}
+CASES = {**PLAIN_CASES, **{name: functools.partial(noisy_case, name) for name in NOISY}}
 
 
 # --------------------------------------------------------------------------------------------- metrics

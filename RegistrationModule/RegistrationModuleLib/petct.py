@@ -44,11 +44,13 @@ def register_pet_to_ct(ct: sitk.Image, pet: sitk.Image, body: np.ndarray | sitk.
     import numpy as np
     import SimpleITK as sitk
 
-    from PETWorkbenchLib.errors import Cancelled, InputError
+    from PETWorkbenchLib.errors import InputError
+    from PETWorkbenchLib.progress import Reporter
     from .infer import check_inputs, register
     from .intensity import local_intensity_map
     from .synthetic import body_mask
 
+    rep = Reporter(progress, cancel)
     check_inputs(ct, pet)                                # clear messages before the smoothing touches the CT
     if body is None:
         if float(np.min(sitk.GetArrayViewFromImage(ct))) > -500.0:
@@ -64,12 +66,10 @@ def register_pet_to_ct(ct: sitk.Image, pet: sitk.Image, body: np.ndarray | sitk.
         raise InputError("the CT's body mask is empty (no voxel above -500 HU, or an empty mask was given)")
     mask = sitk.GetImageFromArray(body.astype("uint8"))
     mask.CopyInformation(ct)
-    if progress is not None:
-        progress(0.0, "mapping the CT to the PET's intensities")
+    rep(0.0, "mapping the CT to the PET's intensities")
     fixed = sitk.SmoothingRecursiveGaussian(sitk.Cast(ct, sitk.sitkFloat32), CT_SIGMA_MM)
     fixed = local_intensity_map(fixed, pet, body, **CT_MAPPING)
-    if cancel is not None and cancel():
-        raise Cancelled("cancelled")
+    rep.check()
     res = register(fixed, pet, method="instance", fixed_mask=mask, device=device, progress=progress,
                    cancel=cancel, **SETTINGS)
     res.summary["preset"] = "pet-ct"

@@ -106,3 +106,17 @@ def test_fingerprint_follows_every_setting(monkeypatch):
         assert petct.fingerprint() != now
         monkeypatch.undo()
     assert petct.fingerprint() == now
+
+
+def test_cancel_after_the_mapping_stops_before_the_registration():
+    from PETWorkbenchLib.errors import Cancelled
+    ct, pet = _pair()
+    asked, messages = [], []
+
+    def cancel():
+        asked.append(True)
+        return len(asked) > 1                           # not at the start: after the CT mapping
+
+    with pytest.raises(Cancelled):
+        petct.register_pet_to_ct(ct, pet, progress=lambda f, m: messages.append(m), cancel=cancel)
+    assert messages == ["mapping the CT to the PET's intensities"]
