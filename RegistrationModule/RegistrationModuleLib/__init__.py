@@ -17,8 +17,9 @@ Engine API (no Slicer imports; images are SimpleITK, see docs/ARCHITECTURE.md)::
                                                # default (lncc 1.5, others 1.0)
                    regularizer=None,           # "curvature" | "diffusion" | "elastic" (DCT/FFT implicit solve);
                                                # None: the similarity's default (curvature 64; mind: diffusion 1)
-                   iterations=(100, 60, 30),   # Adam iterations per pyramid level, coarse -> fine (the NIO
-                                               # paper's schedule); the number of entries is the number of levels
+                   iterations=(100, 60, 25),   # Adam iterations per pyramid level, coarse -> fine (the NIO
+                                               # paper's schedule with 25 instead of 30 at full resolution:
+                                               # METHOD.md); the number of entries is the number of levels
                                                # (factor 2 each); with "dca" only the last entry is used (refinement
                                                # at full resolution; 0 = the network's field as predicted)
                    final_scale=1,              # 1: finest level at full resolution; 2 (or 4): stop the pyramid at
@@ -27,6 +28,8 @@ Engine API (no Slicer imports; images are SimpleITK, see docs/ARCHITECTURE.md)::
                                                # "corrected" (linear without its sub-voxel-dependent blur),
                                                # "cubic" (B-spline, ~2x the time), "linear" (biased towards
                                                # whole-voxel shifts); coarser levels are linear (METHOD.md)
+                   lncc_eps=None,              # LNCC's stabiliser cov²/(var_f var_w + eps) on the images scaled
+                                               # to 0..1; None: similarity.LNCC_EPS (1e-7; METHOD.md)
                    diffeomorphic=False,        # True: optimise a stationary velocity field, scaling and squaring
                                                # (with "dca": starting from the network's own velocity field)
                    prealign="affine",          # "affine" | "rigid" | "none" | "center" (MI, SimpleITK)

@@ -46,14 +46,17 @@ class RegisterRequest:
     penalty: float = option(None, parse=float,
                             help="weight σ of the coupling between the field and its regularised version (default: "
                                  "1.5 with lncc, 1.0 otherwise)")
-    iterations: tuple = option((100, 60, 30), parse=_levels, format=_levels_text,
-                               help="Adam iterations per pyramid level, coarse to fine (default 100,60,30); with "
+    iterations: tuple = option((100, 60, 25), parse=_levels, format=_levels_text,
+                               help="Adam iterations per pyramid level, coarse to fine (default 100,60,25); with "
                               "--method dca only the last number is used: refinement iterations at full "
                               "resolution, 0 = none")
     interpolation: str = option("corrected", choices=INTERPOLATIONS,
                                 help="how the similarity samples the moving image at full resolution: corrected "
                                      "(default: linear without its sub-voxel-dependent blur), cubic (B-spline, "
                                      "slower) or linear (biased towards whole-voxel shifts)")
+    lncc_eps: float = option(None, parse=float,
+                             help="LNCC's stabiliser on the images scaled to 0..1 (default 1e-7); a larger value, "
+                                  "e.g. 1e-5, makes flat, noisy regions count less (METHOD.md)")
     diffeomorphic: bool = option(flag=True, help="integrate the field as a stationary velocity")
     prealign: str = option("affine", choices=("affine", "rigid", "none", "center"), help="pre-alignment")
     fixed_mask: str = option(None, help="fixed mask (label map)")
@@ -151,6 +154,7 @@ def run_register(args: argparse.Namespace, reporter: Callable[[float, str], None
                        regularizer=args.regularizer, smoothness=args.smoothness, penalty=args.penalty,
                        iterations=args.iterations,
                        diffeomorphic=args.diffeomorphic, prealign=args.prealign, interpolation=args.interpolation,
+                       lncc_eps=args.lncc_eps,
                        fixed_mask=_read(args.fixed_mask, "fixed mask"),
                        moving_mask=_read(args.moving_mask, "moving mask"),
                        fixed_labels=_read(args.fixed_labels, "fixed label map"), moving_labels=moving_labels,
@@ -178,7 +182,8 @@ def _register_preset(args, fixed, moving, reporter):
     from .petct import register_pet_to_ct
     defaults = RegisterRequest(fixed="", moving="", output="")
     changed = [name for name in ("method", "model", "similarity", "regularizer", "smoothness", "penalty",
-                                 "iterations", "interpolation", "diffeomorphic", "prealign", "moving_mask",
+                                 "iterations", "interpolation", "lncc_eps", "diffeomorphic", "prealign",
+                                 "moving_mask",
                                  "fixed_labels", "moving_labels")
                if getattr(args, name) != getattr(defaults, name)]
     if changed:

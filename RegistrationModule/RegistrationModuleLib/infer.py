@@ -141,7 +141,7 @@ def prealign_transform(fixed: sitk.Image, moving: sitk.Image, mode: str = "affin
             R.SetMetricFixedMask(sitk.Cast(fixed_mask > 0, sitk.sitkUInt8))
         if moving_mask is not None:
             R.SetMetricMovingMask(sitk.Cast(moving_mask > 0, sitk.sitkUInt8))
-        R.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4, numberOfIterations=100,
+        R.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-2, numberOfIterations=100,
                                                    relaxationFactor=0.5, gradientMagnitudeTolerance=1e-6)
         R.SetOptimizerScalesFromPhysicalShift()
         # no full-resolution level: the deformable stage samples the moving image through this transform and
@@ -255,7 +255,7 @@ def _is_identity(affine, nd):
 
 # ----------------------------------------------------------------------------------------------- main entry
 def register(fixed: sitk.Image, moving: sitk.Image, method: str = "instance", similarity: str = "lncc",
-             smoothness: float | None = None, iterations: int | Sequence[int] = (100, 60, 30),
+             smoothness: float | None = None, iterations: int | Sequence[int] = (100, 60, 25),
              diffeomorphic: bool = False,
              fixed_mask: sitk.Image | None = None, moving_mask: sitk.Image | None = None,
              fixed_labels: sitk.Image | None = None, moving_labels: sitk.Image | None = None, device: str = "auto",
@@ -264,13 +264,14 @@ def register(fixed: sitk.Image, moving: sitk.Image, method: str = "instance", si
              learning_rate: float = 0.5, penalty: float | None = None, label_weight: float = 1.0,
              lncc_window: int = 7,
              model: str | Path | torch.nn.Module | None = None, output_field: str = "smooth", final_scale: int = 1,
-             seed: int = 0, interpolation: str = "corrected") -> RegistrationResult:
+             seed: int = 0, interpolation: str = "corrected", lncc_eps: float | None = None) -> RegistrationResult:
     """Register ``moving`` to ``fixed``; see the package docstring for the parameters."""
     import torch
 
     from PETWorkbenchLib.device import choose_device
     from . import instance
     from .result import RegistrationResult
+    from .similarity import LNCC_EPS
 
     t0 = time.perf_counter()
     rep = Reporter(progress, cancel)
@@ -296,6 +297,8 @@ def register(fixed: sitk.Image, moving: sitk.Image, method: str = "instance", si
         raise InputError(f"iterations must be non-negative integers (one per pyramid level), got {iterations}")
     if interpolation not in INTERPOLATIONS:
         raise InputError(f"unknown interpolation '{interpolation}': choose one of {', '.join(INTERPOLATIONS)}")
+    if lncc_eps is not None and not (isinstance(lncc_eps, (int, float)) and lncc_eps > 0 and math.isfinite(lncc_eps)):
+        raise InputError(f"lncc_eps must be a finite number > 0, got {lncc_eps!r}")
     if final_scale not in (1, 2, 4):
         raise InputError(f"final_scale must be 1 (full resolution), 2 or 4, got {final_scale!r}")
     if not term.uses_images and fixed_labels is None:
@@ -374,7 +377,8 @@ def register(fixed: sitk.Image, moving: sitk.Image, method: str = "instance", si
             smoothness=smoothness, regularizer=regularizer, diffeomorphic=diffeomorphic, fixed_mask=fmask,
             moving_mask=mmask, sampler=sampler, fixed_labels=flab, moving_labels=mlab, label_weight=label_weight,
             learning_rate=learning_rate, penalty=penalty, lncc_window=lncc_window, device=tdev, rep=sub,
-            init_field=init_field, output_field=output_field, final_scale=final_scale, interpolation=interpolation)
+            init_field=init_field, output_field=output_field, final_scale=final_scale, interpolation=interpolation,
+            lncc_eps=lncc_eps)
     finally:
         torch.set_num_threads(n_threads)
     t_def = time.perf_counter() - t1
@@ -392,6 +396,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, method: str = "instance", si
                # the full-resolution level is where the interpolation applies; final_scale > 1 never reaches it
                "interpolation": interpolation if final_scale == 1 else "linear",
                "diffeomorphic": bool(diffeomorphic),
+               "lncc_eps": (LNCC_EPS if lncc_eps is None else float(lncc_eps)) if similarity == "lncc" else None,
                "prealign": "center" if center else prealign, "device": str(dev), "timings": timings}
     summary.update(info)
     res = RegistrationResult(disp, fixed=fixed, affine=affine, summary=summary)

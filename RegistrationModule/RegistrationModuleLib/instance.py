@@ -95,14 +95,14 @@ def _pyramid(t0, shapes, n_levels, final_scale):
 
 
 def optimise(F_np: np.ndarray, M_np: np.ndarray, spacing: Sequence[float], extent: Sequence[float],
-             iterations: Sequence[int] = (100, 60, 30), similarity: str = "lncc", smoothness: float = 1.0,
+             iterations: Sequence[int] = (100, 60, 25), similarity: str = "lncc", smoothness: float = 1.0,
              regularizer: str = "diffusion", diffeomorphic: bool = False, fixed_mask: np.ndarray | None = None,
              moving_mask: np.ndarray | None = None, sampler: ops.Sampler | None = None,
              fixed_labels: np.ndarray | None = None, moving_labels: np.ndarray | None = None,
              label_weight: float = 1.0, learning_rate: float = 0.5, penalty: float = 1.0, lncc_window: int = 7,
              device: str | torch.device = "cpu", rep: Reporter | None = None, init_field: np.ndarray | None = None,
              output_field: str = "smooth", final_scale: int = 1,
-             interpolation: str = "corrected") -> tuple[np.ndarray, dict]:
+             interpolation: str = "corrected", lncc_eps: float | None = None) -> tuple[np.ndarray, dict]:
     """Return ``(field, info)``: field ``(ndim, *spatial)`` float64 numpy in mm along the fixed index axes.
 
     ``M_np`` (and ``moving_mask`` / ``moving_labels``) lie on the moving image's own grid and ``sampler`` maps the
@@ -113,6 +113,7 @@ def optimise(F_np: np.ndarray, M_np: np.ndarray, spacing: Sequence[float], exten
     :func:`ops.sample_cubic`, about twice the time) or "linear"; coarser levels are always linear.  Linear
     interpolation blurs by a variance ``f(1 - f)`` voxel² that depends on the sub-voxel position ``f``, so the
     similarity prefers grid-aligned displacements (a bias towards whole-voxel shifts, towards zero for small ones).
+    ``lncc_eps``: LNCC's stabiliser on the [0, 1]-normalised images (None: :data:`similarity.LNCC_EPS`).
     """
     if interpolation not in SAMPLER_MODE:
         raise ValueError(f"unknown interpolation {interpolation!r}; expected one of {INTERPOLATIONS}")
@@ -127,8 +128,9 @@ def optimise(F_np: np.ndarray, M_np: np.ndarray, spacing: Sequence[float], exten
         sampler = ops.Sampler.identity(full, extent, device)
     fm0 = _t(fixed_mask > 0, device) if fixed_mask is not None else None
     mm0 = _t(moving_mask > 0, device) if moving_mask is not None else None
-    if mm0 is None and not sampler.covers():
-        mm0 = torch.ones_like(M0)                     # the moving image's support: points outside it get no weight
+    # without a moving mask, points that fall outside the moving image get no weight (its support, computed in
+    # closed form: Sampler.support)
+    support = mm0 is None and not sampler.covers()
     labels = None
     if fixed_labels is not None:
         labels = _onehot(fixed_labels, moving_labels, device)
@@ -162,7 +164,7 @@ def optimise(F_np: np.ndarray, M_np: np.ndarray, spacing: Sequence[float], exten
         if not label_only:
             # the similarity's fixed side on the fixed grid; its moving side (image or descriptor) is computed on
             # the moving grid and sampled
-            image_loss = sim.image_term(similarity, F, M, win, mode=mode)
+            image_loss = sim.image_term(similarity, F, M, win, mode=mode, lncc_eps=lncc_eps)
         if u is None:
             u0 = torch.zeros((1, nd) + shape, device=device)
         else:
@@ -175,11 +177,11 @@ def optimise(F_np: np.ndarray, M_np: np.ndarray, spacing: Sequence[float], exten
 
         def similarity_loss(disp):
             weight = fm
-            if mm is not None:
+            if mm is not None or support:
                 # a weight, not a term to optimise: without the detach the field is pulled to move points in or
                 # out of the moving support (measured on MNI with an affine pre-alignment: error 0.32 -> 0.20 voxel)
                 with torch.no_grad():
-                    wm = samp(mm, disp, padding_mode="zeros")
+                    wm = samp(mm, disp, padding_mode="zeros") if mm is not None else samp.support(disp, mshapes[lv])
                 weight = wm if weight is None else weight * wm
             loss = 0.0
             if image_loss is not None:

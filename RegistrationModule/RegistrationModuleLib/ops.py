@@ -81,6 +81,20 @@ class Sampler:
         """True when every fixed-grid point maps inside the moving grid (no padding needed)."""
         return bool(self.base.abs().max() <= 1 + tol)
 
+    def support(self, field: torch.Tensor | None, shape: Sequence[int]) -> torch.Tensor:
+        """The moving grid's support at the sampling points: what sampling an image of ones of ``shape`` with zero
+        padding gives (``self(ones, field, padding_mode="zeros")``), in closed form, per axis
+        ``clamp(min(i + 1, n - i), 0, 1)`` at the index coordinate ``i`` (bilinear weights of the nodes inside),
+        multiplied over the axes: ``(1, 1, *fixed_shape)``, without gradient."""
+        with torch.no_grad():
+            g = self.base if field is None else self.base + field.movedim(1, -1) @ self.K.T
+            out = None
+            for a, n in enumerate(tuple(shape)[::-1]):            # grid axis a (x, y, z) is array axis nd - 1 - a
+                i = (g[..., a] + 1.0) * 0.5 * max(n - 1, 1)
+                w = torch.minimum(i + 1.0, n - i).clamp(0.0, 1.0)
+                out = w if out is None else out * w
+            return out.unsqueeze(1)
+
     def __call__(self, image: torch.Tensor, field: torch.Tensor | None, mode: str = "bilinear",
                  padding_mode: str = "border") -> torch.Tensor:
         """``mode`` "bilinear" / "nearest" (grid_sample); "bspline": ``image`` holds cubic B-spline coefficients

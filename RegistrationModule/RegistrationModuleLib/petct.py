@@ -22,8 +22,10 @@ if TYPE_CHECKING:
 
     from .result import RegistrationResult
 
+# lncc_eps: the engine's earlier LNCC stabiliser; the default's lower floor (similarity.LNCC_EPS) lets the PET's
+# noise count as structure (demo study 2.18 -> 2.24 mm, seeds 3 / 4: 2.54 / 2.29 -> 2.63 / 2.38 mm)
 SETTINGS = {"similarity": "lncc", "regularizer": "diffusion", "smoothness": 8.0, "penalty": 3.0,
-            "iterations": (200, 100, 50), "learning_rate": 2.0, "prealign": "none"}
+            "iterations": (200, 100, 50), "learning_rate": 2.0, "prealign": "none", "lncc_eps": 1e-5}
 CT_SIGMA_MM = 2.0
 CT_MAPPING = {"bins": 16, "sigma_mm": 20.0}
 

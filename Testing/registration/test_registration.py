@@ -533,3 +533,20 @@ def test_defaults_follow_the_similarity_term():
     assert (own.summary["regularizer"], own.summary["smoothness"], own.summary["penalty"]) == ("elastic", 3.0, 2.0)
     with pytest.raises(InputError, match="penalty"):
         register(f, f, penalty=0.0, iterations=(2,), prealign="none", device="cpu")
+    from RegistrationModuleLib.similarity import LNCC_EPS
+    assert lncc["lncc_eps"] == LNCC_EPS and mind["lncc_eps"] is None
+    for bad in (0.0, -1e-7, float("nan")):
+        with pytest.raises(InputError, match="lncc_eps"):
+            register(f, f, lncc_eps=bad, iterations=(2,), prealign="none", device="cpu")
+
+
+def test_lncc_sees_low_contrast_structure():
+    """LNCC's stabiliser floors the product of the local variances: with the default, a texture whose standard
+    deviation is 5 % of the intensity range (4 % within the 7-voxel window; soft-tissue contrast on a CT scaled to
+    0..1) still correlates with itself and not with another texture; VoxelMorph's 1e-5 flattens it."""
+    from RegistrationModuleLib.similarity import lncc
+    a = torch.from_numpy(blobs((40, 40), seed=1))[None, None]
+    b = torch.from_numpy(blobs((40, 40), seed=2))[None, None]
+    a, b = 0.5 + 0.05 * (a - a.mean()) / a.std(), 0.5 + 0.05 * (b - b.mean()) / b.std()
+    assert float(lncc(a, a)) < -0.85 and float(lncc(a, b)) > -0.3
+    assert float(lncc(a, a, eps=1e-5)) > -0.3
