@@ -195,8 +195,10 @@ class RegistrationModuleLogic(ScriptedLoadableModuleLogic):
                 levels = tuple(int(v) for v in iterations.split(",") if v.strip())
             elif hasattr(iterations, "__len__"):
                 levels = tuple(int(i) for i in iterations)
-            else:       # one number: the coarsest level's count, the finer levels 60 % and 25 % of it (the
-                n = int(iterations)   # engine's default schedule for 100)
+            else:
+                # one number: the coarsest level's count, the finer levels 60 % and 25 % of it (100: the engine's
+                # default schedule)
+                n = int(iterations)
                 levels = (n, max(n * 6 // 10, 1), max(n // 4, 1))
             levels = {"iterations": levels} if levels else {}
             files = {}

@@ -28,8 +28,8 @@ Engine API (no Slicer imports; images are SimpleITK, see docs/ARCHITECTURE.md)::
                                                # "corrected" (linear without its sub-voxel-dependent blur),
                                                # "cubic" (B-spline, ~2x the time), "linear" (biased towards
                                                # whole-voxel shifts); coarser levels are linear (METHOD.md)
-                   lncc_eps=None,              # LNCC's stabiliser cov²/(var_f var_w + eps) on the images scaled
-                                               # to 0..1; None: similarity.LNCC_EPS (1e-7; METHOD.md)
+                   lncc_eps=None,              # lncc only: LNCC's stabiliser cov²/(var_f var_w + eps) on the
+                                               # images scaled to 0..1; None: similarity.LNCC_EPS (1e-7; METHOD.md)
                    diffeomorphic=False,        # True: optimise a stationary velocity field, scaling and squaring
                                                # (with "dca": starting from the network's own velocity field)
                    prealign="affine",          # "affine" | "rigid" | "none" | "center" (MI, SimpleITK)

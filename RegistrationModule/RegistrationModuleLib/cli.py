@@ -55,8 +55,8 @@ class RegisterRequest:
                                      "(default: linear without its sub-voxel-dependent blur), cubic (B-spline, "
                                      "slower) or linear (biased towards whole-voxel shifts)")
     lncc_eps: float = option(None, parse=float,
-                             help="LNCC's stabiliser on the images scaled to 0..1 (default 1e-7); a larger value, "
-                                  "e.g. 1e-5, makes flat, noisy regions count less (METHOD.md)")
+                             help="lncc only: LNCC's stabiliser on the images scaled to 0..1 (default 1e-7); a "
+                                  "larger value, e.g. 1e-5, makes flat, noisy regions count less (METHOD.md)")
     diffeomorphic: bool = option(flag=True, help="integrate the field as a stationary velocity")
     prealign: str = option("affine", choices=("affine", "rigid", "none", "center"), help="pre-alignment")
     fixed_mask: str = option(None, help="fixed mask (label map)")

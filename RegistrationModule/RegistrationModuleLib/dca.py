@@ -274,9 +274,14 @@ def spatial_transform(img: torch.Tensor, flow_vox: torch.Tensor) -> torch.Tensor
     return F.grid_sample(img, grid, mode="bilinear", padding_mode="border", align_corners=True)
 
 
+# the stabiliser of the TM-DCA training loss: VoxelMorph's 1e-5, with which the network was trained (the engine's
+# default similarity.LNCC_EPS is lower, METHOD.md §1)
+NCC_LOSS_EPS = 1e-5
+
+
 def ncc_loss(a: torch.Tensor, b: torch.Tensor, win: int = 9) -> torch.Tensor:
     from . import similarity
-    return similarity.lncc(a, b, win)
+    return similarity.lncc(a, b, win, eps=NCC_LOSS_EPS)
 
 
 def diffusion_loss(flow: torch.Tensor) -> torch.Tensor:

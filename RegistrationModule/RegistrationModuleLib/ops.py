@@ -90,7 +90,7 @@ class Sampler:
             g = self.base if field is None else self.base + field.movedim(1, -1) @ self.K.T
             out = None
             for a, n in enumerate(tuple(shape)[::-1]):            # grid axis a (x, y, z) is array axis nd - 1 - a
-                i = (g[..., a] + 1.0) * 0.5 * max(n - 1, 1)
+                i = (g[..., a] + 1.0) * 0.5 * (n - 1)               # a size-1 axis: index 0, weight 1
                 w = torch.minimum(i + 1.0, n - i).clamp(0.0, 1.0)
                 out = w if out is None else out * w
             return out.unsqueeze(1)

@@ -2,7 +2,8 @@
 user interface read. Torch-free, so that Slicer can list the terms before PyTorch is installed.
 
 Adding a term is one entry here plus its builder in :mod:`RegistrationModuleLib.similarity`:
-``builder(fixed, moving, window, mode) -> loss(warp, weight)``, where ``warp(tensor)`` resamples a moving-side
+``builder(fixed, moving, window, mode) -> loss(warp, weight)`` (``lncc_term`` also takes ``eps``, LNCC's
+stabiliser), where ``warp(tensor)`` resamples a moving-side
 tensor with the current deformation (prepared for the sampler ``mode``, see ``_moving_side``) and
 ``weight`` is the voxel weight map (masks) or None.
 """

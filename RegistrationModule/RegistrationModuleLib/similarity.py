@@ -31,9 +31,9 @@ EPS = 1e-5
 # It acts as a floor on the product of the local variances, i.e. on local standard deviations of about
 # LNCC_EPS ** 0.25 of the intensity range: 1e-5 (VoxelMorph's value) floors them at 5.6 % (about 140 HU on a CT),
 # which flattens soft-tissue contrast and leaves most of a CT body to the regulariser; 1e-7 floors them at 1.8 %.
-# Measured on the registration benchmark (METHOD.md, "LNCC's stabiliser"): CT 0.068 -> 0.039 voxel, MNI 0.081 ->
-# 0.069; with independent noise added to both images it costs a little (ct_noise 0.085 -> 0.091, mni_noise 0.112
-# -> 0.127), as a lower floor lets more of the noise count as structure.
+# Measured on the registration benchmark (METHOD.md, "LNCC's stabiliser"; iterations (100, 60, 30)): CT 0.068 ->
+# 0.039 voxel, MNI 0.081 -> 0.069; with independent noise added to both images it costs (ct_noise 0.085 -> 0.091,
+# mni_noise 0.112 -> 0.127), as a lower floor lets more of the noise count as structure.
 LNCC_EPS = 1e-7
 
 
@@ -46,7 +46,7 @@ def _wmean(x, weight):
 class LNCC:
     """LNCC against a fixed image whose local statistics are computed once (3 box filters per evaluation)."""
 
-    def __init__(self, fixed, window=7, eps=None):
+    def __init__(self, fixed: torch.Tensor, window: int = 7, eps: float | None = None):
         self.f, self.window = fixed, window
         self.eps = LNCC_EPS if eps is None else float(eps)
         self.mu_f = ops.box_filter(fixed, window)

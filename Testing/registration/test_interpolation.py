@@ -139,18 +139,45 @@ def test_sampler_refuses_prepared_modes_with_zero_padding():
         s(torch.zeros(1, 4, 4, 4, 4), None, mode="corrected", padding_mode="zeros")
 
 
-@pytest.mark.parametrize("shape, moving_shape", [((9, 8, 7), (6, 10, 5)), ((12, 11), (7, 13))])
+@pytest.mark.parametrize("shape, moving_shape", [((9, 8, 7), (6, 10, 5)), ((12, 11), (7, 13)),
+                                                 ((9, 8, 7), (1, 10, 2)), ((12, 11), (2, 1))])
 def test_moving_support_in_closed_form_is_the_sampled_image_of_ones(shape, moving_shape):
     torch.manual_seed(0)
     nd = len(shape)
     s = ops.Sampler.identity(shape, [float(n - 1) for n in shape[::-1]], "cpu")
     s = ops.Sampler(s.base * 1.3 + 0.05, s.K * 0.9)            # a map that reaches outside the moving grid
     u = torch.randn(1, nd, *shape) * 3
-    sampled = s(torch.ones(1, 1, *moving_shape), u, padding_mode="zeros")
+    for field in (u, None):
+        sampled = s(torch.ones(1, 1, *moving_shape), field, padding_mode="zeros")
+        closed = s.support(field, moving_shape)
+        assert closed.shape == sampled.shape
+        assert torch.allclose(closed, sampled, atol=1e-6)
     closed = s.support(u, moving_shape)
-    assert closed.shape == sampled.shape
-    assert torch.allclose(closed, sampled, atol=1e-6)
-    assert 0 < float((closed == 0).float().mean()) < 1 and float(((closed > 0) & (closed < 1)).float().sum()) > 0
+    if min(moving_shape) > 2:                                   # the cases cover outside, border and inside
+        assert 0 < float((closed == 0).float().mean()) < 1
+        assert float(((closed > 0) & (closed < 1)).float().sum()) > 0
+
+
+def test_the_engine_weights_by_the_moving_support_on_the_moving_levels_unless_a_mask_is_given(monkeypatch):
+    from RegistrationModuleLib import instance
+    calls = []
+    real = ops.Sampler.support
+
+    def spy(self, field, shape):
+        calls.append(tuple(shape))
+        return real(self, field, shape)
+    monkeypatch.setattr(ops.Sampler, "support", spy)
+    rng = np.random.default_rng(0)
+    fixed = rng.random((20, 24)).astype(np.float32)
+    moving = rng.random((14, 30)).astype(np.float32)
+    s = ops.Sampler.identity((20, 24), (23.0, 19.0), "cpu")
+    s = ops.Sampler(s.base * 1.2, s.K)                          # part of the fixed grid falls outside the moving one
+    instance.optimise(fixed, moving, (1.0, 1.0), (23.0, 19.0), iterations=(2, 2), sampler=s)
+    assert calls and set(calls) == set(instance._shapes(moving.shape, 2, 1))
+    calls.clear()
+    instance.optimise(fixed, moving, (1.0, 1.0), (23.0, 19.0), iterations=(2, 2), sampler=s,
+                      moving_mask=np.ones_like(moving))
+    assert not calls
 
 
 def _pair_2d():

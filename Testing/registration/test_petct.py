@@ -49,6 +49,7 @@ def test_cli_preset_registers_with_the_main_jobs_settings(tmp_path):
     assert summary["preset"] == "pet-ct"
     assert summary["similarity"] == petct.SETTINGS["similarity"] and summary["prealign"] == "none"
     assert summary["iterations"] == list(petct.SETTINGS["iterations"])
+    assert summary["lncc_eps"] == petct.SETTINGS["lncc_eps"]
     u = sitk.ReadImage(str(out))
     assert u.GetSize() == ct.GetSize() and u.GetSpacing() == ct.GetSpacing()
     assert summary["folding_pct"] == 0 and summary["preset_settings"] == petct.fingerprint()
@@ -77,8 +78,8 @@ def test_cli_preset_refuses_options_it_sets_itself_and_writes_nothing(tmp_path):
     sitk.WriteImage(pet, str(mp))
     before = sorted(p.name for p in tmp_path.iterdir())
     args = _parse(["register", str(fp), str(mp), "-o", str(tmp_path / "u.nii.gz"), "--preset", "pet-ct",
-                   "--similarity", "mind", "--iterations", "10,10"])
-    with pytest.raises(InputError, match="leave out --similarity, --iterations"):
+                   "--similarity", "mind", "--iterations", "10,10", "--lncc-eps", "1e-5"])
+    with pytest.raises(InputError, match="leave out --similarity, --iterations, --lncc-eps"):
         args.func(args, None)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 

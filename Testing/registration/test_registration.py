@@ -538,6 +538,23 @@ def test_defaults_follow_the_similarity_term():
     for bad in (0.0, -1e-7, float("nan")):
         with pytest.raises(InputError, match="lncc_eps"):
             register(f, f, lncc_eps=bad, iterations=(2,), prealign="none", device="cpu")
+    with pytest.raises(InputError, match="lncc similarity only"):
+        register(f, f, similarity="mind", lncc_eps=1e-5, iterations=(2,), prealign="none", device="cpu")
+    # the value reaches the similarity: a different stabiliser gives a different similarity before registration
+    g = make_image(blobs((24, 24), seed=21))
+    before = [register(f, g, lncc_eps=eps, iterations=(1,), prealign="none", device="cpu").summary["similarity_before"]
+              for eps in (None, 1e-2)]
+    assert before[0] != before[1]
+
+
+def test_default_schedules_agree():
+    import inspect
+
+    from RegistrationModuleLib import infer, instance
+    from RegistrationModuleLib.cli import RegisterRequest
+    default = inspect.signature(infer.register).parameters["iterations"].default
+    assert tuple(default) == tuple(inspect.signature(instance.optimise).parameters["iterations"].default)
+    assert tuple(default) == tuple(RegisterRequest(fixed="", moving="", output="").iterations)
 
 
 def test_lncc_sees_low_contrast_structure():
@@ -548,5 +565,5 @@ def test_lncc_sees_low_contrast_structure():
     a = torch.from_numpy(blobs((40, 40), seed=1))[None, None]
     b = torch.from_numpy(blobs((40, 40), seed=2))[None, None]
     a, b = 0.5 + 0.05 * (a - a.mean()) / a.std(), 0.5 + 0.05 * (b - b.mean()) / b.std()
-    assert float(lncc(a, a)) < -0.85 and float(lncc(a, b)) > -0.3
+    assert float(lncc(a, a)) < -0.85 and float(lncc(a, b)) > -0.3 and float(lncc(a, a)) < float(lncc(a, b)) - 0.5
     assert float(lncc(a, a, eps=1e-5)) > -0.3
