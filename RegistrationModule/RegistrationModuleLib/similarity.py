@@ -29,8 +29,9 @@ if TYPE_CHECKING:
 EPS = 1e-5
 # LNCC's stabiliser in ``cov² / (var_f var_w + LNCC_EPS)`` on images normalised to [0, 1] (0.5-99.5 percentiles).
 # It acts as a floor on the product of the local variances, i.e. on local standard deviations of about
-# LNCC_EPS ** 0.25 of the intensity range: 1e-5 (VoxelMorph's value) floors them at 5.6 % (about 140 HU on a CT),
-# which flattens soft-tissue contrast and leaves most of a CT body to the regulariser; 1e-7 floors them at 1.8 %.
+# LNCC_EPS ** 0.25 of the intensity range: 1e-5 (VoxelMorph's value) floors them at 5.6 % (about 80 HU on the
+# benchmark's abdomen CT), which flattens soft-tissue contrast and leaves most of a CT body to the regulariser;
+# 1e-7 floors them at 1.8 % (about 26 HU).
 # Measured on the registration benchmark (METHOD.md, "LNCC's stabiliser"; iterations (100, 60, 30)): CT 0.068 ->
 # 0.039 voxel, MNI 0.081 -> 0.069; with independent noise added to both images it costs (ct_noise 0.085 -> 0.091,
 # mni_noise 0.112 -> 0.127), as a lower floor lets more of the noise count as structure.
