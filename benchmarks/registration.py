@@ -259,7 +259,7 @@ def run_ours(case, threads):
     return sitk.GetArrayFromImage(res.displacement), dt
 
 
-def _ants_image(img):
+def ants_image(img):
     import ants
     nd = img.GetDimension()
     return ants.from_numpy(sitk.GetArrayFromImage(img).T.astype(np.float32), origin=list(img.GetOrigin()),
@@ -269,13 +269,13 @@ def _ants_image(img):
 def run_ants(case, threads):
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
     import ants
-    f, m = _ants_image(case["fixed"]), _ants_image(case["moving"])
+    f, m = ants_image(case["fixed"]), ants_image(case["moving"])
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         out = ants.registration(f, m, type_of_transform="SyN", outprefix=os.path.join(tmp, "syn_"))
         dt = time.perf_counter() - t
         coords, x = coordinate_images(case["fixed"])
-        y = np.stack([ants.apply_transforms(f, _ants_image(c), out["fwdtransforms"]).numpy().T for c in coords], -1)
+        y = np.stack([ants.apply_transforms(f, ants_image(c), out["fwdtransforms"]).numpy().T for c in coords], -1)
     return y - x, dt
 
 

@@ -37,6 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "RegistrationModule"))
 DATA = Path(os.environ.get("PETWORKBENCH_DATA", ROOT.parent / "shared" / "data")) / "antspy_2d_brain_slices"
+
+from RegistrationModuleLib.metrics import dice  # noqa: E402 - after the sys.path set-up above
 NAMES = ("r16", "r27", "r30", "r62", "r64", "r85")
 BRAIN = 10.0        # intensity (0-255) above which a pixel is brain
 OURS = {"ours": {}, "ours_eps1e5": {"lncc_eps": 1e-5},
@@ -61,20 +63,17 @@ def intensity_classes(img: sitk.Image) -> sitk.Image:
 
 
 def mean_dice(fixed: sitk.Image, warped: sitk.Image) -> float:
-    f, w = sitk.GetArrayViewFromImage(fixed), sitk.GetArrayViewFromImage(warped)
-    return float(np.mean([2 * np.sum((f == k) & (w == k)) / (np.sum(f == k) + np.sum(w == k)) for k in (1, 2, 3)]))
+    return dice(fixed, warped, values=(1, 2, 3))[1]
 
 
 def run_ants(images, labels, pairs):
     import ants
 
-    def to_ants(img):
-        return ants.from_numpy(sitk.GetArrayFromImage(img).astype(np.float32).T.copy(),
-                               origin=list(img.GetOrigin()), spacing=list(img.GetSpacing()))
+    from registration import ants_image
     dices, t0 = [], time.perf_counter()
     for f, m in pairs:
-        tx = ants.registration(to_ants(images[f]), to_ants(images[m]), type_of_transform="SyN")
-        w = ants.apply_transforms(to_ants(labels[f]), to_ants(labels[m]), tx["fwdtransforms"],
+        tx = ants.registration(ants_image(images[f]), ants_image(images[m]), type_of_transform="SyN")
+        w = ants.apply_transforms(ants_image(labels[f]), ants_image(labels[m]), tx["fwdtransforms"],
                                   interpolator="nearestNeighbor")
         warped = sitk.GetImageFromArray(w.numpy().T.astype(np.uint8))
         warped.CopyInformation(labels[f])

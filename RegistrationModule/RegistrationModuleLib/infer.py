@@ -297,8 +297,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, method: str = "instance", si
         raise InputError(f"iterations must be non-negative integers (one per pyramid level), got {iterations}")
     if interpolation not in INTERPOLATIONS:
         raise InputError(f"unknown interpolation '{interpolation}': choose one of {', '.join(INTERPOLATIONS)}")
-    uses_lncc = term.builder == "lncc_term"
-    if lncc_eps is not None and not uses_lncc:
+    if lncc_eps is not None and not term.uses_lncc:
         raise InputError(f"lncc_eps applies to the lncc similarity only, not to '{similarity}'")
     if lncc_eps is not None and not (isinstance(lncc_eps, (int, float)) and lncc_eps > 0 and math.isfinite(lncc_eps)):
         raise InputError(f"lncc_eps must be a finite number > 0, got {lncc_eps!r}")
@@ -399,7 +398,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, method: str = "instance", si
                # the full-resolution level is where the interpolation applies; final_scale > 1 never reaches it
                "interpolation": interpolation if final_scale == 1 else "linear",
                "diffeomorphic": bool(diffeomorphic),
-               "lncc_eps": (LNCC_EPS if lncc_eps is None else float(lncc_eps)) if uses_lncc else None,
+               "lncc_eps": (LNCC_EPS if lncc_eps is None else float(lncc_eps)) if term.uses_lncc else None,
                "prealign": "center" if center else prealign, "device": str(dev), "timings": timings}
     summary.update(info)
     res = RegistrationResult(disp, fixed=fixed, affine=affine, summary=summary)

@@ -81,13 +81,17 @@ class Sampler:
         """True when every fixed-grid point maps inside the moving grid (no padding needed)."""
         return bool(self.base.abs().max() <= 1 + tol)
 
+    def points(self, field: torch.Tensor | None) -> torch.Tensor:
+        """The normalised moving-grid coordinates ``base + K u`` of the fixed-grid points moved by ``field``."""
+        return self.base if field is None else self.base + field.movedim(1, -1) @ self.K.T
+
     def support(self, field: torch.Tensor | None, shape: Sequence[int]) -> torch.Tensor:
         """The moving grid's support at the sampling points: what sampling an image of ones of ``shape`` with zero
         padding gives (``self(ones, field, padding_mode="zeros")``), in closed form, per axis
         ``clamp(min(i + 1, n - i), 0, 1)`` at the index coordinate ``i`` (bilinear weights of the nodes inside),
         multiplied over the axes: ``(1, 1, *fixed_shape)``, without gradient."""
         with torch.no_grad():
-            g = self.base if field is None else self.base + field.movedim(1, -1) @ self.K.T
+            g = self.points(field)
             out = None
             for a, n in enumerate(tuple(shape)[::-1]):            # grid axis a (x, y, z) is array axis nd - 1 - a
                 i = (g[..., a] + 1.0) * 0.5 * (n - 1)               # a size-1 axis: index 0, weight 1
@@ -100,7 +104,7 @@ class Sampler:
         """``mode`` "bilinear" / "nearest" (grid_sample); "bspline": ``image`` holds cubic B-spline coefficients
         (:func:`bspline_coefficients`), interpolated by :func:`sample_cubic`; "corrected": ``image`` is a
         :func:`second_differences` stack, interpolated by :func:`sample_corrected` (both border padding only)."""
-        g = self.base if field is None else self.base + field.movedim(1, -1) @ self.K.T
+        g = self.points(field)
         if mode in PREPARED_MODES:
             if padding_mode != "border":
                 raise ValueError(f"{mode} sampling supports border padding only")

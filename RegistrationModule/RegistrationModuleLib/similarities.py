@@ -39,6 +39,11 @@ class SimilarityTerm:
     def uses_images(self):
         return bool(self.builder)
 
+    @property
+    def uses_lncc(self):
+        """Built on LNCC, so LNCC's stabiliser (``lncc_eps``) applies."""
+        return self.builder == "lncc_term"
+
 
 SIMILARITIES = {t.name: t for t in (
     SimilarityTerm("lncc", "local normalised cross-correlation: same modality", "lncc_term", penalty=1.5),

@@ -145,5 +145,5 @@ def image_term(name: str, fixed: torch.Tensor, moving: torch.Tensor, window: int
     term = similarity_term(name)
     if not term.uses_images:
         return None
-    extra = {"eps": lncc_eps} if term.builder == "lncc_term" else {}
+    extra = {"eps": lncc_eps} if term.uses_lncc else {}
     return globals()[term.builder](fixed, moving, window, mode, **extra)
